@@ -1,0 +1,7 @@
+//! x86-64 specifics: memory layout, boot, CPUID, registers, MP table.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

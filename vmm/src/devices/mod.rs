@@ -1,0 +1,8 @@
+//! Devices emulated in the VMM itself: only what a guest needs to boot,
+//! print and power off. Disk and network live in vhost-user backends.
+
+pub mod bus;
+pub mod legacy;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice};

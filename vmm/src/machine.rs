@@ -1,0 +1,376 @@
+//! Builds a VM from a [`VmConfig`] and runs its event loop until the guest
+//! resets or powers off, a vCPU fails, or SIGINT/SIGTERM arrives.
+//!
+//! The event loop (this thread) owns stdin and the exit sources; vCPU
+//! threads only touch the buses. Tokens name every event source.
+
+use std::io::{self, Read};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_superio::I8042Device;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
+use crate::arch::x86_64::cpuid::{self, feature_by_name, Topology};
+use crate::arch::x86_64::layout::ram_ranges;
+use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::arch::x86_64::regs::{self, RegsError};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::console::{serial_sink, ConsoleError, RawStdin};
+use crate::devices::bus::{lock, Bus, BusError};
+use crate::devices::legacy::{DebugCon, ResetTrigger, DEBUGCON_PORT, I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{Serial, COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::memory::{Memory, MemoryError};
+use crate::vcpu::{VcpuContext, VcpuError, VcpuHandle, VcpuMetrics, VcpuState};
+use crate::vm::{self, VmError};
+
+/// Errors building or running the VM.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    #[error("Invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("Cannot create guest memory")]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("Cannot set up vCPU boot state")]
+    Regs(#[from] RegsError),
+    #[error("Cannot write the MP table")]
+    MpTable(#[from] MpTableError),
+    #[error("Cannot place a device")]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("Cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    #[error("Cannot {0}")]
+    Io(&'static str, #[source] io::Error),
+}
+
+type Result<T> = std::result::Result<T, MachineError>;
+
+/// Event sources of the VMM event loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+enum Token {
+    Exit = 1,
+    Signal,
+    Stdin,
+    SerialDrained,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Self> {
+        [Self::Exit, Self::Signal, Self::Stdin, Self::SerialDrained]
+            .into_iter()
+            .find(|t| *t as u64 == v)
+    }
+}
+
+/// How the VM ended and what it did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub reason: ExitReason,
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+}
+
+/// A built VM, ready to run. Field order is drop order: the VM (and its
+/// memory slots) goes before the guest memory it maps.
+pub struct Machine {
+    vcpus: Vec<VcpuHandle>,
+    _vm: VmFd,
+    memory: Memory,
+    serial: Arc<Mutex<Serial>>,
+    serial_drained: EventFd,
+    exit: Arc<ExitNotifier>,
+    metrics: Arc<VcpuMetrics>,
+    stdin_input: bool,
+    pub kernel: LoadedKernel,
+}
+
+impl Machine {
+    /// Builds the VM: memory, kernel, boot tables, devices, vCPU threads.
+    pub fn new(cfg: &VmConfig) -> Result<Self> {
+        cfg.validate()?;
+        let kvm = vm::open_kvm()?;
+        let vm = vm::create_vm(&kvm, cfg.cpus)?;
+        let memory = Memory::new(cfg.memory, cfg.hugepages)?;
+        vm::register_memory(&vm, &memory.guest)?;
+
+        let kernel = boot::load(
+            &memory.guest,
+            memory.size,
+            &cfg.kernel,
+            cfg.initramfs.as_deref(),
+            &cfg.cmdline,
+            cfg.boot,
+        )?;
+        regs::write_gdt(&memory.guest)?;
+        let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
+        regs::write_page_tables(&memory.guest, ram_end)?;
+        mptable::write(&memory.guest, cfg.cpus)?;
+
+        let exit =
+            Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
+        let (pio, serial, serial_drained) = legacy_devices(&vm, cfg, &exit)?;
+        let metrics = Arc::new(VcpuMetrics::default());
+        let ctx = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new("mmio")),
+            exit: exit.clone(),
+            metrics: metrics.clone(),
+        };
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| MachineError::Kvm("get supported CPUID", e))?;
+        let hidden: Vec<_> = cfg
+            .hidden_cpu_features
+            .iter()
+            .map(|n| feature_by_name(n))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut vcpus = Vec::with_capacity(cfg.cpus.into());
+        for id in 0..cfg.cpus {
+            let fd = create_vcpu(&kvm, &vm, id, cfg.cpus, &supported, &hidden, &kernel)?;
+            vcpus.push(VcpuHandle::spawn(id, fd, ctx.clone())?);
+        }
+        Ok(Self {
+            vcpus,
+            _vm: vm,
+            memory,
+            serial,
+            serial_drained,
+            exit,
+            metrics,
+            stdin_input: cfg.serial == SerialConfig::Stdio,
+            kernel,
+        })
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.memory.size
+    }
+
+    /// Runs the VM until it ends; stops and joins every vCPU thread.
+    pub fn run(mut self) -> Result<Outcome> {
+        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM])?;
+        let _raw = self.stdin_input.then(RawStdin::enable);
+        for v in &self.vcpus {
+            v.set_state(VcpuState::Running);
+        }
+        let reason = self.event_loop(&signals);
+        let mut result: Result<()> = Ok(());
+        for v in self.vcpus.drain(..) {
+            if let Err(e) = v.join() {
+                result = Err(e.into());
+            }
+        }
+        let reason = reason?;
+        result?;
+        Ok(Outcome {
+            reason,
+            pio_exits: self.metrics.pio_exits.load(Ordering::Relaxed),
+            mmio_exits: self.metrics.mmio_exits.load(Ordering::Relaxed),
+        })
+    }
+
+    fn event_loop(&self, signals: &SignalFd) -> Result<ExitReason> {
+        let epoll = Epoll::new().map_err(|e| MachineError::Io("create epoll", e))?;
+        let add = |fd: RawFd, t: Token| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, t as u64),
+            )
+        };
+        add(self.exit.evt.as_raw_fd(), Token::Exit)
+            .map_err(|e| MachineError::Io("poll exit", e))?;
+        add(signals.fd.as_raw_fd(), Token::Signal)
+            .map_err(|e| MachineError::Io("poll signals", e))?;
+        add(self.serial_drained.as_raw_fd(), Token::SerialDrained)
+            .map_err(|e| MachineError::Io("poll serial", e))?;
+        // stdin may be /dev/null or a file, which epoll refuses: no input then.
+        let mut stdin_on = self.stdin_input && add(0, Token::Stdin).is_ok();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(MachineError::Io("wait for events", e)),
+            };
+            for ev in &events[..n] {
+                match Token::from_u64(ev.data()) {
+                    Some(Token::Exit) => {
+                        let _ = self.exit.evt.read();
+                        if let Some(r) = self.exit.reason() {
+                            return Ok(r);
+                        }
+                    }
+                    Some(Token::Signal) => return Ok(ExitReason::Signal(signals.read())),
+                    Some(Token::Stdin) => {
+                        let mut buf = [0u8; 64];
+                        match io::stdin().lock().read(&mut buf) {
+                            Ok(0) | Err(_) => {
+                                let _ =
+                                    epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
+                                stdin_on = false;
+                            }
+                            Ok(k) => pending.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    Some(Token::SerialDrained) => {
+                        let _ = self.serial_drained.read();
+                    }
+                    None => {}
+                }
+            }
+            // Feed what the FIFO takes; stop reading stdin while input waits.
+            if !pending.is_empty() {
+                let k = lock(&self.serial).enqueue(&pending);
+                pending.drain(..k);
+            }
+            let want_stdin = stdin_on && pending.is_empty();
+            let op = if want_stdin {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            if stdin_on {
+                let _ = epoll.ctl(
+                    ControlOperation::Modify,
+                    0,
+                    EpollEvent::new(op, Token::Stdin as u64),
+                );
+            }
+        }
+    }
+}
+
+/// COM1, the i8042 and the debug console on the PIO bus.
+fn legacy_devices(
+    vm: &VmFd,
+    cfg: &VmConfig,
+    exit: &Arc<ExitNotifier>,
+) -> Result<(Bus, Arc<Mutex<Serial>>, EventFd)> {
+    let evt = || {
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| MachineError::Io("create eventfd", e))
+    };
+    let irq = evt()?;
+    vm.register_irqfd(&irq, COM1_GSI)
+        .map_err(|e| MachineError::Kvm("register serial irqfd", e))?;
+    let drained = evt()?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        irq,
+        drained
+            .try_clone()
+            .map_err(|e| MachineError::Io("clone eventfd", e))?,
+        serial_sink(&cfg.serial)?,
+    )));
+    let mut pio = Bus::new("pio");
+    pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
+    pio.insert(
+        I8042_BASE,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
+            exit.clone(),
+        ))))),
+    )?;
+    pio.insert(DEBUGCON_PORT, 1, Arc::new(Mutex::new(DebugCon::default())))?;
+    Ok((pio, serial, drained))
+}
+
+fn create_vcpu(
+    kvm: &Kvm,
+    vm: &VmFd,
+    id: u8,
+    cpus: u8,
+    supported: &kvm_bindings::CpuId,
+    hidden: &[&'static cpuid::Feature],
+    kernel: &LoadedKernel,
+) -> Result<VcpuFd> {
+    let _ = kvm;
+    let fd = vm
+        .create_vcpu(id.into())
+        .map_err(|e| MachineError::Kvm("create vCPU", e))?;
+    let entries = cpuid::vcpu_cpuid(supported, Topology { apic_id: id, cpus }, hidden);
+    let cpuid = kvm_bindings::CpuId::from_entries(&entries).map_err(|_| {
+        MachineError::Io("build CPUID", io::Error::from(io::ErrorKind::InvalidData))
+    })?;
+    fd.set_cpuid2(&cpuid)
+        .map_err(|e| MachineError::Kvm("set CPUID", e))?;
+    regs::setup_msrs(&fd)?;
+    regs::setup_fpu(&fd)?;
+    regs::setup_lint(&fd)?;
+    if id == 0 {
+        regs::setup_boot_regs(&fd, kernel.entry)?;
+    }
+    Ok(fd)
+}
+
+/// SIGINT/SIGTERM as a pollable fd. The signals are blocked in this thread
+/// before any vCPU thread starts, so every thread inherits the mask.
+struct SignalFd {
+    fd: OwnedFd,
+}
+
+impl SignalFd {
+    fn new(signals: &[libc::c_int]) -> Result<Self> {
+        let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: `set` is a valid out-pointer; sigemptyset initialises it.
+        unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+        // SAFETY: initialised just above.
+        let mut set = unsafe { set.assume_init() };
+        for s in signals {
+            // SAFETY: `set` is initialised and `s` a valid signal number.
+            unsafe { libc::sigaddset(&mut set, *s) };
+        }
+        // SAFETY: `set` is a valid sigset; the old mask is not needed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(MachineError::Io(
+                "block signals",
+                io::Error::from_raw_os_error(rc),
+            ));
+        }
+        // SAFETY: `set` is valid; -1 asks for a new fd.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(MachineError::Io(
+                "create signalfd",
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd })
+    }
+
+    /// The number of the pending signal (0 if none could be read).
+    fn read(&self) -> i32 {
+        let mut info = MaybeUninit::<libc::signalfd_siginfo>::zeroed();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is a writable buffer of `size` bytes.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), info.as_mut_ptr().cast(), size) };
+        if n as usize == size {
+            // SAFETY: the kernel filled the whole struct.
+            unsafe { info.assume_init() }.ssi_signo as i32
+        } else {
+            0
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! `vmm`: boots a kernel in a KVM VM. See `vmm --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Boot a Linux kernel (bzImage or ELF/PVH) in a KVM virtual machine"
+)]
+struct Cli {
+    /// Kernel image: bzImage, or ELF vmlinux (PVH entry used when present).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed) loaded at the top of low RAM.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = config::DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM, e.g. 512M, 2G.
+    #[arg(long, default_value = "512M", value_parser = config::parse_size)]
+    memory: u64,
+    /// Back guest RAM with 2 MiB huge pages (hugetlbfs memfd).
+    #[arg(long)]
+    hugepages: bool,
+    /// COM1: stdio, off, or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialConfig,
+    /// Boot protocol for ELF kernels.
+    #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
+    boot: BootProtocol,
+    /// CPUID features to hide from the guest, e.g. -cx16,-clwb.
+    #[arg(long, allow_hyphen_values = true, value_parser = config::parse_cpu_features)]
+    cpu_features: Option<Vec<String>>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        initramfs: cli.initramfs,
+        cmdline: cli.cmdline,
+        cpus: u8::try_from(cli.cpus).unwrap_or(0),
+        memory: cli.memory,
+        hugepages: cli.hugepages,
+        serial: cli.serial,
+        boot: cli.boot,
+        hidden_cpu_features: cli.cpu_features.unwrap_or_default(),
+    };
+    match vmm::Machine::new(&cfg).and_then(|m| m.run()) {
+        Ok(out) if out.reason.is_clean() => {
+            tracing::info!(reason = %out.reason, pio_exits = out.pio_exits, mmio_exits = out.mmio_exits, "VM stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(out) => {
+            eprintln!("vmm: {}", out.reason);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vmm: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "outer: inner: innermost" on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -1,0 +1,267 @@
+//! vCPU threads: one per vCPU (named `vcpu<N>`), each driven by an explicit
+//! state machine. PIO and MMIO exits go to the device buses; a state
+//! change kicks the thread out of `KVM_RUN` with `immediate_exit` plus a
+//! signal.
+//!
+//! ```text
+//! Created --start--> Running <--pause/resume--> Paused
+//!    |                  |                          |
+//!    +-------stop-------+----------stop------------+--> Stopped
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use thiserror::Error;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::bus::{lock, Bus};
+use crate::exit::{ExitNotifier, ExitReason};
+
+/// Errors managing vCPU threads.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("Cannot install the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("Cannot spawn thread for vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    #[error("vCPU {0} thread panicked")]
+    Panicked(u8),
+}
+
+/// The life cycle of a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl VcpuState {
+    /// Whether `self -> next` is a legal transition.
+    pub fn can_become(self, next: VcpuState) -> bool {
+        use VcpuState::*;
+        matches!(
+            (self, next),
+            (Created, Running) | (Running, Paused) | (Paused, Running) | (_, Stopped)
+        ) && self != Stopped
+    }
+}
+
+/// Exit counters, shared by all vCPUs.
+#[derive(Debug, Default)]
+pub struct VcpuMetrics {
+    pub pio_exits: AtomicU64,
+    pub mmio_exits: AtomicU64,
+}
+
+/// What the vCPU thread and its controller share.
+struct Control {
+    state: Mutex<VcpuState>,
+    changed: Condvar,
+    /// `kvm_run.immediate_exit` of this vCPU: the mapping lives as long as
+    /// the `VcpuFd`, which the thread hands back only when it ends.
+    immediate_exit: *mut u8,
+}
+
+// SAFETY: `immediate_exit` points into the vCPU's kvm_run mapping, which
+// stays mapped until the thread returns its VcpuFd at join time; it is
+// written only with the `state` mutex held.
+unsafe impl Send for Control {}
+// SAFETY: as above; all access to the pointee is serialised by `state`.
+unsafe impl Sync for Control {}
+
+impl Control {
+    fn set_immediate_exit(&self, _guard: &VcpuState, v: u8) {
+        // SAFETY: see the field's invariant; the caller holds the state lock.
+        unsafe { self.immediate_exit.write_volatile(v) };
+    }
+}
+
+/// Buses and notifier shared by all vCPU threads.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<ExitNotifier>,
+    pub metrics: Arc<VcpuMetrics>,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    ctl: Arc<Control>,
+    thread: Option<JoinHandle<VcpuFd>>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that interrupts `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| res = register_signal_handler(kick_signal(), kick_handler));
+    res.map_err(VcpuError::SignalHandler)
+}
+
+impl VcpuHandle {
+    /// Spawns the thread for a configured vCPU; it waits in `Created`.
+    pub fn spawn(id: u8, mut fd: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        install_kick_handler()?;
+        let ctl = Arc::new(Control {
+            state: Mutex::new(VcpuState::Created),
+            changed: Condvar::new(),
+            immediate_exit: &mut fd.get_kvm_run().immediate_exit,
+        });
+        let c = ctl.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                run_loop(id, &mut fd, &c, &ctx);
+                fd
+            })
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(Self {
+            id,
+            ctl,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn state(&self) -> VcpuState {
+        *lock(&self.ctl.state)
+    }
+
+    /// Moves to `next` if legal, kicking the thread out of `KVM_RUN`.
+    pub fn set_state(&self, next: VcpuState) -> bool {
+        let mut s = lock(&self.ctl.state);
+        if !s.can_become(next) {
+            return false;
+        }
+        *s = next;
+        if next != VcpuState::Running {
+            self.ctl.set_immediate_exit(&s, 1);
+        }
+        drop(s);
+        self.ctl.changed.notify_all();
+        if next != VcpuState::Running {
+            if let Some(t) = &self.thread {
+                // The thread may be gone already; immediate_exit covers
+                // the window before it re-enters KVM_RUN.
+                let _ = t.kill(kick_signal());
+            }
+        }
+        true
+    }
+
+    /// Stops the vCPU and waits for its thread.
+    pub fn join(mut self) -> Result<(), VcpuError> {
+        self.set_state(VcpuState::Stopped);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Err(_)) => Err(VcpuError::Panicked(self.id)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Waits while Created or Paused; returns false once Stopped.
+fn wait_runnable(ctl: &Control) -> bool {
+    let mut s = lock(&ctl.state);
+    loop {
+        match *s {
+            VcpuState::Running => {
+                ctl.set_immediate_exit(&s, 0);
+                return true;
+            }
+            VcpuState::Stopped => return false,
+            VcpuState::Created | VcpuState::Paused => {
+                s = ctl.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+}
+
+fn run_loop(id: u8, fd: &mut VcpuFd, ctl: &Control, ctx: &VcpuContext) {
+    while wait_runnable(ctl) {
+        let fail = |detail: String| Some(ExitReason::KvmFailure { cpu: id, detail });
+        let stop = match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctx.metrics.pio_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.pio.read(port.into(), data);
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.metrics.pio_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.pio.write(port.into(), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctx.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.mmio.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.metrics.mmio_exits.fetch_add(1, Ordering::Relaxed);
+                ctx.mmio.write(addr, data);
+                None
+            }
+            // The in-kernel LAPIC handles HLT; nothing to do if one leaks out.
+            Ok(VcpuExit::Hlt) => None,
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { cpu: id }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::GuestShutdown),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::GuestReset),
+                other => fail(format!("unexpected system event {other}")),
+            },
+            Ok(VcpuExit::FailEntry(reason, cpu)) => fail(format!(
+                "KVM entry failure, reason {reason:#x} on host CPU {cpu}"
+            )),
+            Ok(VcpuExit::InternalError) => {
+                let internal = fd.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so
+                // `internal` is the active member of the exit union.
+                let suberror = unsafe { internal.__bindgen_anon_1.internal.suberror };
+                fail(format!(
+                    "KVM internal error {suberror}{}",
+                    if suberror == 1 {
+                        " (emulation failure)"
+                    } else {
+                        ""
+                    }
+                ))
+            }
+            Ok(other) => fail(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => fail(format!("KVM_RUN failed: {e}")),
+        };
+        if let Some(reason) = stop {
+            ctx.exit.notify(reason);
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VcpuState::*;
+
+    #[test]
+    fn state_machine_allows_only_legal_transitions() {
+        assert!(Created.can_become(Running));
+        assert!(Running.can_become(Paused));
+        assert!(Paused.can_become(Running));
+        assert!(Paused.can_become(Stopped));
+        assert!(Created.can_become(Stopped));
+        assert!(!Created.can_become(Paused));
+        assert!(!Stopped.can_become(Running));
+        assert!(!Stopped.can_become(Stopped));
+        assert!(!Running.can_become(Created));
+    }
+}

@@ -1,0 +1,110 @@
+//! The KVM VM: opening /dev/kvm with clear errors, the capabilities we rely
+//! on, the in-kernel irqchip and PIT, and guest memory slots.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
+use crate::memory::GuestMemory;
+
+/// Errors setting up the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("/dev/kvm does not exist: KVM is not available on this host")]
+    NoKvm,
+    #[error("Permission denied opening /dev/kvm (add the user to the kvm group)")]
+    KvmPermission,
+    #[error("Cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    ApiVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM supports at most {max} vCPUs, {wanted} requested")]
+    TooManyCpus { max: usize, wanted: u8 },
+    #[error("Guest memory region has no host mapping")]
+    HostAddress(#[source] vm_memory::GuestMemoryError),
+    #[error("Cannot {0}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// Capabilities the VMM uses, with the names shown in errors.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+    (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::MpState, "KVM_CAP_MP_STATE"),
+];
+
+/// Opens /dev/kvm and checks the API version and every capability used.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::NoKvm,
+        libc::EACCES | libc::EPERM => VmError::KvmPermission,
+        _ => VmError::OpenKvm(e),
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::ApiVersion(version));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM with its in-kernel irqchip and PIT.
+pub fn create_vm(kvm: &Kvm, cpus: u8) -> Result<VmFd, VmError> {
+    let max = kvm.get_max_vcpus();
+    if usize::from(cpus) > max {
+        return Err(VmError::TooManyCpus { max, wanted: cpus });
+    }
+    let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create VM", e))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(|e| VmError::Kvm("set TSS address", e))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(|e| VmError::Kvm("set identity map address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Kvm("create irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Kvm("create PIT", e))?;
+    Ok(vm)
+}
+
+/// Registers every guest RAM region as a KVM memory slot.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(VmError::HostAddress)?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of `len` bytes owned by
+        // `mem`, which outlives the VM (both are dropped together at exit,
+        // the VM first).
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmError::Kvm("register memory slot", e))?;
+    }
+    Ok(())
+}
