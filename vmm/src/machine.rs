@@ -16,6 +16,7 @@ use vm_superio::I8042Device;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
 use crate::arch::x86_64::cpuid::{self, feature_by_name, Topology};
 use crate::arch::x86_64::layout::ram_ranges;
@@ -44,6 +45,8 @@ pub enum MachineError {
     Boot(#[from] BootError),
     #[error("Cannot set up vCPU boot state")]
     Regs(#[from] RegsError),
+    #[error("Cannot write the ACPI tables")]
+    Acpi(#[from] AcpiError),
     #[error("Cannot write the MP table")]
     MpTable(#[from] MpTableError),
     #[error("Cannot place a device")]
@@ -109,6 +112,7 @@ impl Machine {
         let memory = Memory::new(cfg.memory, cfg.hugepages)?;
         vm::register_memory(&vm, &memory.guest)?;
 
+        let rsdp = acpi::write(&memory.guest, cfg.cpus)?;
         let kernel = boot::load(
             &memory.guest,
             memory.size,
@@ -116,6 +120,7 @@ impl Machine {
             cfg.initramfs.as_deref(),
             &cfg.cmdline,
             cfg.boot,
+            rsdp,
         )?;
         regs::write_gdt(&memory.guest)?;
         let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());

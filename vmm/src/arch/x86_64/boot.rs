@@ -100,6 +100,7 @@ pub fn load(
     initramfs: Option<&Path>,
     cmdline: &str,
     protocol: BootProtocol,
+    rsdp: u64,
 ) -> Result<LoadedKernel, BootError> {
     let kname = kernel.display().to_string();
     let mut file = File::open(kernel).map_err(|e| BootError::Open(kname.clone(), e))?;
@@ -135,7 +136,7 @@ pub fn load(
     let cmdline_len = cl.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
     match (format, protocol, pvh_entry) {
         (Format::Elf, BootProtocol::Auto | BootProtocol::Pvh, Some(rip)) => {
-            write_pvh(mem, &map, initrd)?;
+            write_pvh(mem, &map, initrd, rsdp)?;
             Ok(LoadedKernel {
                 entry: Entry::Pvh {
                     rip,
@@ -150,7 +151,7 @@ pub fn load(
                 (Format::BzImage, Some(h)) => (h, result.kernel_load.0 + BZIMAGE_ENTRY64_OFFSET),
                 _ => (elf_setup_header(), result.kernel_load.0),
             };
-            write_zero_page(mem, hdr, &map, initrd, cmdline_len)?;
+            write_zero_page(mem, hdr, &map, initrd, cmdline_len, rsdp)?;
             Ok(LoadedKernel {
                 entry: Entry::Linux64 {
                     rip,
@@ -220,9 +221,11 @@ fn write_zero_page(
     map: &[MemMapEntry],
     initrd: Option<(u64, u64)>,
     cmdline_len: usize,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let mut params = boot_params {
         hdr,
+        acpi_rsdp_addr: rsdp,
         ..Default::default()
     };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
@@ -253,6 +256,7 @@ fn write_pvh(
     mem: &GuestMemory,
     map: &[MemMapEntry],
     initrd: Option<(u64, u64)>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let info_size = std::mem::size_of::<hvm_start_info>() as u64;
     let modlist_addr = PVH_INFO_ADDR + info_size;
@@ -263,6 +267,7 @@ fn write_pvh(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: memmap_addr,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     let entries: Vec<hvm_memmap_table_entry> = map
@@ -362,7 +367,7 @@ mod tests {
     fn text_file_is_not_a_kernel() {
         let m = Memory::new(64 << 20, false).unwrap();
         let f = tmp(b"hello, I am not a kernel\n");
-        let err = load(&m.guest, m.size, &f.0, None, "", BootProtocol::Auto).unwrap_err();
+        let err = load(&m.guest, m.size, &f.0, None, "", BootProtocol::Auto, 0).unwrap_err();
         assert!(matches!(err, BootError::UnknownKernelFormat(_)), "{err}");
     }
 
@@ -370,7 +375,7 @@ mod tests {
     fn elf_with_pvh_note_boots_pvh_with_memmap_and_cmdline() {
         let m = Memory::new(64 << 20, false).unwrap();
         let f = tmp(&elf(true));
-        let k = load(&m.guest, m.size, &f.0, None, "a=b", BootProtocol::Auto).unwrap();
+        let k = load(&m.guest, m.size, &f.0, None, "a=b", BootProtocol::Auto, 0).unwrap();
         assert_eq!(
             k.entry,
             Entry::Pvh {
@@ -391,7 +396,7 @@ mod tests {
     fn elf_forced_to_linux_protocol_gets_a_zero_page() {
         let m = Memory::new(64 << 20, false).unwrap();
         let f = tmp(&elf(true));
-        let k = load(&m.guest, m.size, &f.0, None, "", BootProtocol::Linux).unwrap();
+        let k = load(&m.guest, m.size, &f.0, None, "", BootProtocol::Linux, 0).unwrap();
         assert_eq!(
             k.entry,
             Entry::Linux64 {
@@ -410,7 +415,7 @@ mod tests {
     fn pvh_requested_without_note_is_an_error() {
         let m = Memory::new(64 << 20, false).unwrap();
         let f = tmp(&elf(false));
-        let err = load(&m.guest, m.size, &f.0, None, "", BootProtocol::Pvh).unwrap_err();
+        let err = load(&m.guest, m.size, &f.0, None, "", BootProtocol::Pvh, 0).unwrap_err();
         assert!(matches!(err, BootError::NoPvhEntry(_)));
     }
 
@@ -419,7 +424,16 @@ mod tests {
         let m = Memory::new(64 << 20, false).unwrap();
         let k = tmp(&elf(false));
         let i = tmp(&[0x5a; 10_000]);
-        load(&m.guest, m.size, &k.0, Some(&i.0), "", BootProtocol::Linux).unwrap();
+        load(
+            &m.guest,
+            m.size,
+            &k.0,
+            Some(&i.0),
+            "",
+            BootProtocol::Linux,
+            0,
+        )
+        .unwrap();
         let bp: boot_params = m.guest.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         let addr = u64::from(bp.hdr.ramdisk_image);
         assert_eq!(addr % 4096, 0);
@@ -432,7 +446,7 @@ mod tests {
         let m = Memory::new(64 << 20, false).unwrap();
         let f = tmp(&elf(false));
         let long = "x".repeat(CMDLINE_MAX + 1);
-        let err = load(&m.guest, m.size, &f.0, None, &long, BootProtocol::Auto).unwrap_err();
+        let err = load(&m.guest, m.size, &f.0, None, &long, BootProtocol::Auto, 0).unwrap_err();
         assert!(matches!(err, BootError::CmdlineTooLong(_)));
     }
 }

@@ -8,6 +8,7 @@
 //! 0x0000_9000  PML4, then PDPT, then page directories (2 MiB pages)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved)
+//! 0x000e_0000  ACPI tables, RSDP first (reserved, where Linux scans)
 //! 0x000f_0000  MP table (reserved, the BIOS area Linux scans)
 //! 0x0010_0000  kernel (its own load address), initramfs at the top of low RAM
 //! 0xc000_0000  MMIO hole (PCI, IOAPIC at 0xfec0_0000, LAPIC at 0xfee0_0000)
@@ -25,6 +26,8 @@ pub const PAGE_TABLES_END: u64 = CMDLINE_ADDR;
 pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = MPTABLE_ADDR;
 pub const MPTABLE_ADDR: u64 = 0xf0000;
 pub const BIOS_END: u64 = 0x10_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -103,8 +106,8 @@ pub fn memory_map(size: u64) -> Vec<MemMapEntry> {
             kind: E820_RESERVED,
         },
         MemMapEntry {
-            addr: MPTABLE_ADDR,
-            size: BIOS_END - MPTABLE_ADDR,
+            addr: ACPI_START,
+            size: BIOS_END - ACPI_START,
             kind: E820_RESERVED,
         },
         MemMapEntry {

@@ -1,5 +1,6 @@
 //! x86-64 specifics: memory layout, boot, CPUID, registers, MP table.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
