@@ -1,0 +1,252 @@
+//! Test guest for the VMM: checks the boot contract and the devices, prints
+//! `TG: ...` lines on COM1 and powers off through the i8042. See README.md.
+#![no_std]
+#![no_main]
+
+mod asm;
+mod boot;
+mod cpu;
+mod serial;
+mod smp;
+mod x86;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use boot::{BootInfo, PROTO_LINUX};
+use serial::{line, out};
+use x86::{cpuid, inb, mmio_read32, outb};
+
+/// Incremented by the serial interrupt handler (asm.rs).
+#[no_mangle]
+static SERIAL_IRQ_COUNT: AtomicU32 = AtomicU32::new(0);
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+const MIB: u64 = 1 << 20;
+const E820_RAM: u32 = 1;
+const DEBUGCON: u16 = 0xE9;
+const UNASSIGNED_MMIO: u64 = 0xFEB0_0000;
+
+/// Prints `TG: FAIL <what>` and powers off.
+fn fail(what: &str) -> ! {
+    out().s("TG: FAIL ").s(what).nl();
+    x86::power_off()
+}
+
+#[no_mangle]
+extern "C" fn tg_main(proto: u64, info: u64) -> ! {
+    serial::puts_raw("TG: hello\n");
+    cpu::load_gdt();
+    cpu::build_idt();
+    cpu::load_idt();
+
+    let linux = proto == PROTO_LINUX;
+    line(if linux {
+        "TG: boot protocol=linux"
+    } else {
+        "TG: boot protocol=pvh"
+    });
+    if let Err(what) = boot::check_entry(proto, info) {
+        fail(what);
+    }
+    let bi = boot::parse(proto, info);
+    out().s("TG: cmdline=").bytes(bi.cmdline).nl();
+
+    let top = memory_map(&bi);
+    let (mapped, huge) = cpu::setup_paging(top);
+    memory_test(&bi, mapped, huge);
+
+    let bsp = check_cpuid();
+    io_exits();
+    serial_irq(bsp);
+
+    match smp::start_aps(bsp) {
+        Ok(Some(n)) => {
+            out().s("TG: cpus=").dec(u64::from(n)).nl();
+        }
+        Ok(None) => line("TG: cpus=1 (no mp table)"),
+        Err((up, total)) => {
+            out()
+                .s("TG: FAIL smp ")
+                .dec(u64::from(up))
+                .s("/")
+                .dec(u64::from(total))
+                .nl();
+            x86::power_off();
+        }
+    }
+
+    line("TG: PASS");
+    x86::power_off()
+}
+
+/// Prints the memory map and the usable total; returns the highest RAM address.
+fn memory_map(bi: &BootInfo) -> u64 {
+    if bi.entries == 0 {
+        fail("e820 empty");
+    }
+    let mut ram = 0u64;
+    let mut top = 0u64;
+    for i in 0..bi.entries {
+        let e = bi.entry(i);
+        let end = e.addr.wrapping_add(e.size);
+        out()
+            .s("TG: e820 ")
+            .hex(e.addr)
+            .s(" ")
+            .hex(end)
+            .s(" ")
+            .dec(u64::from(e.kind))
+            .nl();
+        if e.kind == E820_RAM {
+            ram += e.size;
+            top = top.max(end);
+        }
+    }
+    out().s("TG: ram=").dec(ram).nl();
+    top
+}
+
+/// Writes and reads back the first and last 8 bytes of each usable region above
+/// 1 MiB, outside the guest image.
+fn memory_test(bi: &BootInfo, mapped: u64, huge: bool) {
+    let img_lo = core::ptr::addr_of!(__image_start) as u64;
+    let img_hi = core::ptr::addr_of!(__image_end) as u64;
+    for i in 0..bi.entries {
+        let e = bi.entry(i);
+        if e.kind != E820_RAM {
+            continue;
+        }
+        let end = (e.addr + e.size) & !7;
+        let mut lo = (e.addr.max(MIB) + 7) & !7;
+        if lo < img_hi && end > img_lo {
+            lo = lo.max(img_hi);
+        }
+        if lo + 8 > end {
+            continue;
+        }
+        if end > mapped {
+            out()
+                .s("TG: FAIL memory not mapped ")
+                .hex(end)
+                .s(if huge { " (1G pages)" } else { " (2M pages)" })
+                .nl();
+            x86::power_off();
+        }
+        for a in [lo, end - 8] {
+            let p = a as *mut u64;
+            let pat = 0xA55A_3CC3_0000_0000 ^ a;
+            // SAFETY: `a` is 8-byte aligned usable RAM from the memory map, identity mapped,
+            // outside this image; the old value is restored.
+            let ok = unsafe {
+                let old = core::ptr::read_volatile(p);
+                core::ptr::write_volatile(p, pat);
+                let ok = core::ptr::read_volatile(p) == pat;
+                core::ptr::write_volatile(p, old);
+                ok
+            };
+            if !ok {
+                out().s("TG: FAIL memory at ").hex(a).nl();
+                x86::power_off();
+            }
+        }
+    }
+    line("TG: memory ok");
+}
+
+/// Prints the BSP's CPUID APIC IDs and checks them against the LAPIC; returns the ID.
+fn check_cpuid() -> u32 {
+    let lapic = cpu::lapic_id();
+    let apic = cpuid(1, 0).1 >> 24;
+    let max = cpuid(0, 0).0;
+    let mut o = out();
+    o.s("TG: cpuid apic=").dec(u64::from(apic)).s(" x2apic=");
+    let x2 = if max >= 0xB {
+        Some(cpuid(0xB, 0).3)
+    } else {
+        None
+    };
+    match x2 {
+        Some(v) => o.dec(u64::from(v)),
+        None => o.s("none"),
+    };
+    o.nl();
+    drop(o);
+    if apic != lapic || x2.is_some_and(|v| v != lapic) {
+        out()
+            .s("TG: FAIL cpuid apic id != lapic id ")
+            .dec(u64::from(lapic))
+            .nl();
+        x86::power_off();
+    }
+    lapic
+}
+
+/// One PIO read of the debug port and one MMIO read of an unassigned address.
+fn io_exits() {
+    let v = inb(DEBUGCON);
+    if v != 0xE9 {
+        out().s("TG: FAIL pio read ").hex(u64::from(v)).nl();
+        x86::power_off();
+    }
+    line("TG: pio ok");
+    let m = mmio_read32(UNASSIGNED_MMIO);
+    if m != 0xFFFF_FFFF && cfg!(feature = "qemu") {
+        out()
+            .s("TG: mmio read ")
+            .hex(u64::from(m))
+            .s(" (qemu feature: not checked)")
+            .nl();
+        return;
+    }
+    if m != 0xFFFF_FFFF {
+        out().s("TG: FAIL mmio read ").hex(u64::from(m)).nl();
+        x86::power_off();
+    }
+    line("TG: mmio ok");
+}
+
+/// Routes COM1 (IOAPIC pin 4) to the BSP, enables the THR-empty interrupt and
+/// waits for it with `sti; hlt` (a LAPIC one-shot timer bounds each halt).
+fn serial_irq(bsp: u32) {
+    // Mask the legacy 8259s: firmware (QEMU/SeaBIOS) may leave the PIT unmasked.
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
+    cpu::lapic_enable();
+    cpu::ioapic_route(4, cpu::VEC_SERIAL, bsp, false);
+    outb(serial::MCR, 0x0B); // DTR | RTS | OUT2
+    outb(serial::IER, 0x02); // THR empty
+                             // Output while the interrupt is enabled: the THR-empty condition re-arms per byte.
+    serial::puts_raw("TG: irq ");
+    let mut tries = 0;
+    while SERIAL_IRQ_COUNT.load(Ordering::Acquire) == 0 && tries < 20 {
+        cpu::lapic_timer_oneshot(10_000_000);
+        x86::wait_for_interrupt();
+        tries += 1;
+    }
+    cpu::lapic_timer_stop();
+    outb(serial::IER, 0);
+    cpu::ioapic_route(4, cpu::VEC_SERIAL, bsp, true);
+    if SERIAL_IRQ_COUNT.load(Ordering::Acquire) == 0 {
+        serial::puts_raw("\n");
+        fail("irq (no serial interrupt)");
+    }
+    serial::puts_raw("ok\n");
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    let mut o = serial::Out::unlocked();
+    o.s("TG: FAIL panic ");
+    if let Some(m) = info.message().as_str() {
+        o.s(m);
+    }
+    if let Some(l) = info.location() {
+        o.s(" at ").s(l.file()).s(":").dec(u64::from(l.line()));
+    }
+    o.nl();
+    x86::power_off()
+}

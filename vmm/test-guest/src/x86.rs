@@ -1,0 +1,112 @@
+//! Thin wrappers over the privileged instructions the guest uses.
+
+use core::arch::asm;
+
+/// Writes a byte to an I/O port.
+#[inline(always)]
+pub fn outb(port: u16, val: u8) {
+    // SAFETY: port I/O has no memory effects visible to Rust; the guest owns the machine.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a byte from an I/O port.
+#[inline(always)]
+pub fn inb(port: u16) -> u8 {
+    let val: u8;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in al, dx", out("al") val, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    val
+}
+
+/// Volatile 32-bit read of an identity-mapped physical address.
+#[inline(always)]
+pub fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: callers pass identity-mapped, 4-byte aligned MMIO or RAM addresses.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+/// Volatile 32-bit write to an identity-mapped physical address.
+#[inline(always)]
+pub fn mmio_write32(addr: u64, val: u32) {
+    // SAFETY: as in `mmio_read32`.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, val) }
+}
+
+/// CPUID leaf/subleaf: (eax, ebx, ecx, edx).
+#[inline(always)]
+pub fn cpuid(leaf: u32, sub: u32) -> (u32, u32, u32, u32) {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// Time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc only reads the counter.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// `pause` (spin-loop hint).
+#[inline(always)]
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Loads CR3.
+///
+/// # Safety
+/// `pml4` must be a valid top-level table that maps the running code and stack.
+#[inline(always)]
+pub unsafe fn write_cr3(pml4: u64) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) }
+}
+
+/// Reads CR3.
+#[inline(always)]
+pub fn read_cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Reads CR2 (page-fault address).
+#[inline(always)]
+pub fn read_cr2() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// `sti; hlt; cli`: wait for one interrupt with interrupts enabled only around the halt.
+#[inline(always)]
+pub fn wait_for_interrupt() {
+    // SAFETY: the IDT is loaded before this is called; handlers preserve all registers.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack)) }
+}
+
+/// Powers the machine off through the i8042 reset line, then halts forever.
+pub fn power_off() -> ! {
+    outb(0x64, 0xFE);
+    loop {
+        // SAFETY: halting with interrupts off just stops this CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+/// Halts this CPU forever with interrupts off.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: as in `power_off`.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
