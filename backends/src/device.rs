@@ -1,0 +1,64 @@
+//! What a device plugs into the generic vhost-user layer.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vm_memory::GuestAddress;
+
+use crate::memory::GuestMemRef;
+use crate::metrics::QueueMetrics;
+
+/// A finished request: the chain head and the bytes written into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// Head descriptor index of the chain.
+    pub head: u16,
+    /// Bytes the device wrote into the chain's buffers.
+    pub len: u32,
+}
+
+/// The device model a backend daemon serves.
+pub trait Device: Send + Sync + 'static {
+    /// Number of virtqueues offered.
+    fn num_queues(&self) -> usize;
+    /// Largest queue size accepted.
+    fn max_queue_size(&self) -> u16;
+    /// Virtio feature bits offered (the vhost-user layer adds PROTOCOL_FEATURES).
+    fn features(&self) -> u64;
+    /// vhost-user protocol features handled (REPLY_ACK is added by the protocol layer).
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    /// Fills `buf` with config space bytes starting at `offset` (zeros past the end).
+    fn read_config(&self, offset: u32, buf: &mut [u8]);
+    /// Builds the request processor for one queue; called in the control
+    /// thread each time the queue starts.
+    fn queue_handler(
+        &self,
+        queue_index: usize,
+        metrics: Arc<QueueMetrics>,
+    ) -> io::Result<Box<dyn QueueHandler>>;
+}
+
+/// Per-queue request processing, driven by the queue's worker thread.
+pub trait QueueHandler: Send {
+    /// Eventfd the worker polls for completions, if the handler is asynchronous.
+    fn completion_fd(&self) -> Option<RawFd>;
+    /// Starts the request whose chain begins at `head`. Returns the used
+    /// length when the request finished at once (including every malformed one).
+    fn start(
+        &mut self,
+        mem: &GuestMemRef,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+    ) -> Option<u32>;
+    /// Hands the requests started since the last call to storage in one batch.
+    fn submit(&mut self);
+    /// Appends finished requests to `done`.
+    fn reap(&mut self, done: &mut Vec<Used>);
+    /// Requests started and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// Blocks until a completion can be reaped.
+    fn wait(&mut self);
+}

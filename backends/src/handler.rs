@@ -1,0 +1,479 @@
+//! Our vhost-user request handler: the layer between the `vhost` crate's
+//! protocol code and the device. It owns guest memory mappings, vring
+//! configuration, inflight tracking (GET/SET_INFLIGHT_FD) and the worker
+//! threads, one per started queue.
+//!
+//! A queue starts when it has addresses, a kick eventfd and is enabled; it
+//! stops (draining in-flight requests) on GET_VRING_BASE, disable, a new kick
+//! eventfd, reset or disconnect.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::GpuBackend;
+use vhost::vhost_user::{
+    Backend, Error as VhostUserError, Result as VhostUserResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::Device;
+use crate::inflight::InflightRegion;
+use crate::memory::GuestMemoryShared;
+use crate::metrics::QueueMetrics;
+use crate::vring::{CallFd, Vring, VringConfig};
+use crate::worker::{self, Worker, WorkerHandle};
+
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const MAX_MEM_SLOTS: u64 = 32;
+
+#[derive(Clone)]
+struct Mapping {
+    vmm_addr: u64,
+    size: u64,
+    gpa: u64,
+    region: Arc<GuestRegionMmap<()>>,
+}
+
+#[derive(Default)]
+struct VringSlot {
+    size: u16,
+    addrs: Option<(GuestAddress, GuestAddress, GuestAddress)>,
+    next_avail: u16,
+    kick: Option<EventFd>,
+    call: CallFd,
+    enabled: bool,
+    worker: Option<WorkerHandle>,
+}
+
+/// The per-connection vhost-user state of one device.
+pub struct Handler<D: Device> {
+    device: Arc<D>,
+    metrics: Arc<Vec<Arc<QueueMetrics>>>,
+    mem: GuestMemoryShared,
+    mappings: Vec<Mapping>,
+    owned: bool,
+    features: Option<u64>,
+    protocol: VhostUserProtocolFeatures,
+    vrings: Vec<VringSlot>,
+    inflight: Option<Arc<InflightRegion>>,
+}
+
+fn invalid(msg: &'static str) -> VhostUserError {
+    VhostUserError::InvalidOperation(msg)
+}
+
+fn internal(e: impl std::error::Error + Send + Sync + 'static) -> VhostUserError {
+    VhostUserError::ReqHandlerError(std::io::Error::other(e))
+}
+
+impl<D: Device> Handler<D> {
+    /// A fresh handler for a new connection.
+    pub fn new(device: Arc<D>, metrics: Arc<Vec<Arc<QueueMetrics>>>) -> Self {
+        let vrings = (0..device.num_queues())
+            .map(|_| VringSlot::default())
+            .collect();
+        Handler {
+            device,
+            metrics,
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            mappings: Vec::new(),
+            owned: false,
+            features: None,
+            protocol: VhostUserProtocolFeatures::empty(),
+            vrings,
+            inflight: None,
+        }
+    }
+
+    fn slot(&mut self, index: u32) -> VhostUserResult<&mut VringSlot> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or(VhostUserError::InvalidParam)
+    }
+
+    fn va_to_gpa(&self, va: u64) -> VhostUserResult<GuestAddress> {
+        self.mappings
+            .iter()
+            .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
+            .map(|m| GuestAddress(m.gpa + (va - m.vmm_addr)))
+            .ok_or(VhostUserError::InvalidParam)
+    }
+
+    fn rebuild_memory(&mut self) -> VhostUserResult<()> {
+        let regions = self
+            .mappings
+            .iter()
+            .map(|m| m.region.clone())
+            .collect::<Vec<_>>();
+        let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(internal)?;
+        self.mem
+            .lock()
+            .map_err(|_| invalid("memory lock poisoned"))?
+            .replace(mem);
+        Ok(())
+    }
+
+    fn stop_worker(&mut self, index: usize) {
+        let Some(slot) = self.vrings.get_mut(index) else {
+            return;
+        };
+        if let Some(w) = slot.worker.take() {
+            if let Some(next) = w.stop() {
+                slot.next_avail = next;
+            }
+            tracing::debug!(queue = index, next_avail = slot.next_avail, "queue stopped");
+        }
+    }
+
+    /// Stops every worker, draining in-flight requests.
+    pub fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_worker(i);
+        }
+    }
+
+    fn try_start(&mut self, index: usize) -> VhostUserResult<()> {
+        let Some(features) = self.features else {
+            return Ok(());
+        };
+        let slot = &self.vrings[index];
+        let (Some(kick), Some((desc, avail, used)), true, None) = (
+            slot.kick.as_ref(),
+            slot.addrs,
+            slot.enabled,
+            slot.worker.as_ref(),
+        ) else {
+            return Ok(());
+        };
+        let cfg = VringConfig {
+            size: slot.size,
+            desc_table: desc,
+            avail_ring: avail,
+            used_ring: used,
+            next_avail: slot.next_avail,
+            event_idx: features & VIRTIO_RING_F_EVENT_IDX != 0,
+        };
+        let kick = kick.try_clone().map_err(VhostUserError::ReqHandlerError)?;
+        let metrics = self.metrics[index].clone();
+        let inflight = self.inflight.as_ref().and_then(|r| r.queue(index));
+        let mem = self.mem.memory();
+        let (vring, resubmit) =
+            Vring::new(&cfg, &mem, slot.call.clone(), inflight, metrics.clone())
+                .map_err(internal)?;
+        let handler = self
+            .device
+            .queue_handler(index, metrics)
+            .map_err(VhostUserError::ReqHandlerError)?;
+        let worker = Worker {
+            vring,
+            kick,
+            mem: self.mem.clone(),
+            handler,
+            resubmit,
+        };
+        let handle = worker::spawn(format!("queue{index}"), worker).map_err(internal)?;
+        tracing::debug!(queue = index, size = cfg.size, "queue started");
+        self.vrings[index].worker = Some(handle);
+        Ok(())
+    }
+
+    fn try_start_all(&mut self) -> VhostUserResult<()> {
+        (0..self.vrings.len()).try_for_each(|i| self.try_start(i))
+    }
+}
+
+impl<D: Device> Drop for Handler<D> {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn eventfd_from(file: File) -> EventFd {
+    // SAFETY: `into_raw_fd` transfers ownership of a valid fd the frontend sent us.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
+    fn set_owner(&mut self) -> VhostUserResult<()> {
+        if self.owned {
+            return Err(invalid("already owned"));
+        }
+        self.owned = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostUserResult<()> {
+        self.stop_all();
+        self.owned = false;
+        self.features = None;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostUserResult<()> {
+        self.stop_all();
+        for slot in &mut self.vrings {
+            slot.enabled = false;
+            slot.next_avail = 0;
+        }
+        self.features = None;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostUserResult<u64> {
+        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
+        let offered = self.get_features()?;
+        if features & !offered != 0 {
+            return Err(VhostUserError::InvalidParam);
+        }
+        self.features = Some(features);
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+            self.vrings.iter_mut().for_each(|s| s.enabled = true);
+        }
+        self.try_start_all()
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy: Option<bool>,
+    ) -> VhostUserResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy.is_some() {
+            return Err(invalid("postcopy not supported"));
+        }
+        let mut mappings = Vec::with_capacity(ctx.len());
+        for (region, file) in ctx.iter().zip(files) {
+            let map = region.mmap_region::<()>(file)?;
+            let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
+                .ok_or(VhostUserError::InvalidParam)?;
+            mappings.push(Mapping {
+                vmm_addr: region.user_addr,
+                size: region.memory_size,
+                gpa: region.guest_phys_addr,
+                region: Arc::new(guest),
+            });
+        }
+        self.mappings = mappings;
+        self.rebuild_memory()?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostUserResult<()> {
+        let max = self.device.max_queue_size();
+        let slot = self.slot(index)?;
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            return Err(VhostUserError::InvalidParam);
+        }
+        slot.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostUserResult<()> {
+        let addrs = (
+            self.va_to_gpa(descriptor)?,
+            self.va_to_gpa(available)?,
+            self.va_to_gpa(used)?,
+        );
+        self.slot(index)?.addrs = Some(addrs);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
+        self.slot(index)?.next_avail = base as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostUserResult<VhostUserVringState> {
+        self.slot(index)?;
+        self.stop_worker(index as usize);
+        let slot = self.slot(index)?;
+        slot.kick = None;
+        Ok(VhostUserVringState::new(index, u32::from(slot.next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        self.slot(u32::from(index))?;
+        self.stop_worker(index as usize);
+        self.slot(u32::from(index))?.kick = fd.map(eventfd_from);
+        self.try_start(index as usize)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
+        let slot = self.slot(u32::from(index))?;
+        *slot
+            .call
+            .lock()
+            .map_err(|_| invalid("call lock poisoned"))? = fd.map(eventfd_from);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostUserResult<()> {
+        self.slot(u32::from(index)).map(|_| ())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
+        Ok(self.device.protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
+        self.protocol = VhostUserProtocolFeatures::from_bits_truncate(features);
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostUserResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
+        self.slot(index)?.enabled = enable;
+        if enable {
+            self.try_start(index as usize)
+        } else {
+            self.stop_worker(index as usize);
+            Ok(())
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        self.device.read_config(offset, &mut buf);
+        Ok(buf)
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostUserResult<()> {
+        Err(invalid("config space is read-only"))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostUserResult<()> {
+        Err(invalid("gpu socket not supported"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostUserResult<File> {
+        Err(invalid("shared objects not supported"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VhostUserResult<(VhostUserInflight, File)> {
+        let (region, file) =
+            InflightRegion::create(inflight.num_queues, inflight.queue_size).map_err(internal)?;
+        let reply = VhostUserInflight {
+            mmap_size: region.size(),
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        Ok((reply, file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        let region = InflightRegion::map(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(internal)?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        postcopy: Option<bool>,
+    ) -> VhostUserResult<Option<VhostUserMemoryRegionBase>> {
+        if postcopy.is_some() {
+            return Err(invalid("postcopy not supported"));
+        }
+        if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(VhostUserError::InvalidParam);
+        }
+        let map = region.mmap_region::<()>(fd)?;
+        let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
+            .ok_or(VhostUserError::InvalidParam)?;
+        self.mappings.push(Mapping {
+            vmm_addr: region.user_addr,
+            size: region.memory_size,
+            gpa: region.guest_phys_addr,
+            region: Arc::new(guest),
+        });
+        self.rebuild_memory()?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
+        let before = self.mappings.len();
+        self.mappings
+            .retain(|m| !(m.gpa == region.guest_phys_addr && m.size == region.memory_size));
+        if self.mappings.len() == before {
+            return Err(VhostUserError::InvalidParam);
+        }
+        self.rebuild_memory()
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostUserResult<Option<File>> {
+        Err(invalid("device state transfer not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VhostUserResult<()> {
+        Err(invalid("device state transfer not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {
+        Err(invalid("shared memory regions not supported"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
+        Err(invalid("dirty logging not supported"))
+    }
+}
+
+/// Shared handler type the protocol layer drives.
+pub type SharedHandler<D> = Arc<Mutex<Handler<D>>>;

@@ -1,0 +1,29 @@
+//! Shared plumbing for vhost-user backend daemons.
+//!
+//! - [`server`]: listen on a unix socket and serve one frontend after another.
+//! - [`handler`]: our vhost-user request handler (memory table, vrings,
+//!   inflight tracking) over the `vhost` crate's protocol layer.
+//! - [`worker`]: one thread per queue, an epoll loop over the kick eventfd, the
+//!   device's completion eventfd and a stop eventfd.
+//! - [`uring`]: the io_uring engine, one ring per worker thread.
+//! - [`inflight`]: the shared inflight-tracking region (GET/SET_INFLIGHT_FD).
+//! - [`metrics`]: per-queue atomic counters.
+//! - [`frontend`]: a synthetic vhost-user frontend (VMM + guest driver in one
+//!   host process) used by tests and benchmarks.
+
+pub mod desc;
+pub mod device;
+pub mod frontend;
+pub mod handler;
+pub mod inflight;
+pub mod memory;
+pub mod metrics;
+pub mod ratelimit;
+pub mod server;
+pub mod uring;
+pub mod vring;
+pub mod worker;
+
+pub use device::{Device, QueueHandler, Used};
+pub use memory::{GuestMem, GuestMemoryShared};
+pub use metrics::QueueMetrics;

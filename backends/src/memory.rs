@@ -1,0 +1,59 @@
+//! Guest memory types shared by backends and the synthetic frontend.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
+
+/// The guest memory a backend sees, as mapped from SET_MEM_TABLE.
+pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory that the control thread can swap while workers use it.
+pub type GuestMemoryShared = GuestMemoryAtomic<GuestMem>;
+/// A snapshot of guest memory kept alive by in-flight requests.
+pub type GuestMemRef = Arc<GuestMem>;
+
+/// Errors building guest memory.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// memfd_create failed.
+    #[error("Cannot create memfd")]
+    Memfd(#[source] std::io::Error),
+    /// Resizing the memfd failed.
+    #[error("Cannot size memfd")]
+    Truncate(#[source] std::io::Error),
+    /// Mapping failed.
+    #[error("Cannot map guest memory")]
+    Mmap(#[source] vm_memory::mmap::MmapRegionError),
+    /// The region set is invalid.
+    #[error("Invalid guest memory layout")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// Creates a memfd of `size` bytes, mapped shared at guest address 0.
+pub fn memfd_memory(size: usize) -> Result<(GuestMem, File), MemoryError> {
+    let memfd = memfd_create("guest-ram")?;
+    memfd.set_len(size as u64).map_err(MemoryError::Truncate)?;
+    let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
+    let region =
+        MmapRegion::from_file(FileOffset::new(file, 0), size).map_err(MemoryError::Mmap)?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Layout(
+        vm_memory::GuestRegionCollectionError::NoMemoryRegion,
+    ))?;
+    let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Layout)?;
+    Ok((mem, memfd))
+}
+
+/// Creates an anonymous memory file (sealed nowhere, close-on-exec).
+pub fn memfd_create(name: &str) -> Result<File, MemoryError> {
+    let name = std::ffi::CString::new(name).unwrap_or_default();
+    // SAFETY: `name` is a valid NUL-terminated string; the flags are valid.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}

@@ -1,0 +1,166 @@
+//! A virtqueue as a worker owns it: the `virtio-queue` state, the call
+//! eventfd, inflight tracking and metrics.
+
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::Used;
+use crate::inflight::InflightQueue;
+use crate::memory::GuestMem;
+use crate::metrics::QueueMetrics;
+
+/// The call eventfd, replaceable while the worker runs.
+pub type CallFd = Arc<Mutex<Option<EventFd>>>;
+
+/// Errors setting up a vring.
+#[derive(Debug, Error)]
+pub enum VringError {
+    /// The frontend's vring configuration is invalid.
+    #[error("Invalid vring configuration")]
+    Config(#[source] virtio_queue::Error),
+    /// The used ring cannot be read.
+    #[error("Cannot read the used ring")]
+    UsedRing(#[source] virtio_queue::Error),
+}
+
+/// Addresses and state the frontend configured for a queue.
+#[derive(Clone, Copy, Debug)]
+pub struct VringConfig {
+    /// Queue size.
+    pub size: u16,
+    /// Descriptor table guest address.
+    pub desc_table: GuestAddress,
+    /// Available ring guest address.
+    pub avail_ring: GuestAddress,
+    /// Used ring guest address.
+    pub used_ring: GuestAddress,
+    /// First available index to process (SET_VRING_BASE).
+    pub next_avail: u16,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+}
+
+/// A running virtqueue.
+pub struct Vring {
+    queue: Queue,
+    call: CallFd,
+    inflight: Option<InflightQueue>,
+    metrics: Arc<QueueMetrics>,
+}
+
+impl Vring {
+    /// Builds the queue; with inflight tracking, also returns the heads to
+    /// resubmit, oldest first.
+    pub fn new(
+        cfg: &VringConfig,
+        mem: &GuestMem,
+        call: CallFd,
+        mut inflight: Option<InflightQueue>,
+        metrics: Arc<QueueMetrics>,
+    ) -> Result<(Self, Vec<u16>), VringError> {
+        let mut queue = Queue::new(cfg.size).map_err(VringError::Config)?;
+        queue.try_set_size(cfg.size).map_err(VringError::Config)?;
+        queue
+            .try_set_desc_table_address(cfg.desc_table)
+            .map_err(VringError::Config)?;
+        queue
+            .try_set_avail_ring_address(cfg.avail_ring)
+            .map_err(VringError::Config)?;
+        queue
+            .try_set_used_ring_address(cfg.used_ring)
+            .map_err(VringError::Config)?;
+        queue.set_event_idx(cfg.event_idx);
+        queue.set_ready(true);
+        let used = queue
+            .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(VringError::UsedRing)?
+            .0;
+        queue.set_next_used(used);
+        let resubmit = match inflight.as_mut() {
+            Some(q) => q.recover(used),
+            None => Vec::new(),
+        };
+        let next_avail = match inflight {
+            Some(_) => used.wrapping_add(resubmit.len() as u16),
+            None => cfg.next_avail,
+        };
+        queue.set_next_avail(next_avail);
+        QueueMetrics::add(&metrics.in_flight, resubmit.len() as u64);
+        Ok((
+            Vring {
+                queue,
+                call,
+                inflight,
+                metrics,
+            },
+            resubmit,
+        ))
+    }
+
+    /// Size of the queue.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// Descriptor table address.
+    pub fn desc_table(&self) -> GuestAddress {
+        GuestAddress(self.queue.desc_table())
+    }
+
+    /// Next available index to process.
+    pub fn next_avail(&self) -> u16 {
+        self.queue.next_avail()
+    }
+
+    /// Takes the next available chain head and marks it in flight.
+    pub fn pop(&mut self, mem: &GuestMem) -> Option<u16> {
+        let head = self.queue.pop_descriptor_chain(mem)?.head_index();
+        if let Some(q) = self.inflight.as_mut() {
+            q.start(head);
+        }
+        QueueMetrics::add(&self.metrics.requests, 1);
+        QueueMetrics::add(&self.metrics.in_flight, 1);
+        Some(head)
+    }
+
+    /// Suppresses guest notifications while draining the available ring.
+    pub fn disable_notification(&mut self, mem: &GuestMem) {
+        let _ = self.queue.disable_notification(mem);
+    }
+
+    /// Re-enables notifications; true if more buffers arrived meanwhile.
+    pub fn enable_notification(&mut self, mem: &GuestMem) -> bool {
+        self.queue.enable_notification(mem).unwrap_or(false)
+    }
+
+    /// Publishes a finished request in the used ring.
+    pub fn complete(&mut self, mem: &GuestMem, used: Used) {
+        if let Some(q) = self.inflight.as_mut() {
+            q.complete_begin(used.head);
+        }
+        if self.queue.add_used(mem, used.head, used.len).is_err() {
+            tracing::warn!(head = used.head, "cannot write used ring");
+        }
+        if let Some(q) = self.inflight.as_mut() {
+            q.complete_end(used.head, self.queue.next_used());
+        }
+        QueueMetrics::sub(&self.metrics.in_flight, 1);
+    }
+
+    /// Signals the call eventfd if the driver asked for it.
+    pub fn notify(&mut self, mem: &GuestMem) {
+        if !self.queue.needs_notification(mem).unwrap_or(true) {
+            return;
+        }
+        if let Ok(call) = self.call.lock() {
+            if let Some(fd) = call.as_ref() {
+                let _ = fd.write(1);
+                QueueMetrics::add(&self.metrics.notifications, 1);
+            }
+        }
+    }
+}

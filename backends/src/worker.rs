@@ -1,0 +1,187 @@
+//! One worker thread per queue: an epoll loop over the queue's kick eventfd,
+//! the handler's completion eventfd and a stop eventfd.
+//!
+//! Kick: pop every available chain, start it, submit the batch once.
+//! Completion: reap, publish in the used ring, notify once.
+//! Stop: drain what is in flight, then return the next available index.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{QueueHandler, Used};
+use crate::memory::GuestMemoryShared;
+use crate::vring::Vring;
+
+/// Errors starting a worker.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// epoll or eventfd setup failed.
+    #[error("Cannot set up worker polling")]
+    Poll(#[source] std::io::Error),
+    /// The thread could not be spawned.
+    #[error("Cannot spawn worker thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    Kick,
+    Completion,
+    Stop,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Token> {
+        [Token::Kick, Token::Completion, Token::Stop]
+            .into_iter()
+            .find(|t| *t as u64 == v)
+    }
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    stop: EventFd,
+    thread: JoinHandle<u16>,
+}
+
+impl WorkerHandle {
+    /// Drains in-flight requests, stops the thread and returns the next available index.
+    pub fn stop(self) -> Option<u16> {
+        let _ = self.stop.write(1);
+        self.thread.join().ok()
+    }
+}
+
+/// Everything a worker owns.
+pub struct Worker {
+    /// The queue.
+    pub vring: Vring,
+    /// The queue's kick eventfd.
+    pub kick: EventFd,
+    /// Guest memory, swapped by the control thread on SET_MEM_TABLE.
+    pub mem: GuestMemoryShared,
+    /// The device's request processing.
+    pub handler: Box<dyn QueueHandler>,
+    /// Heads recovered from the inflight region, to start first.
+    pub resubmit: Vec<u16>,
+}
+
+/// Starts a worker thread named `name`.
+pub fn spawn(name: String, worker: Worker) -> Result<WorkerHandle, WorkerError> {
+    let stop = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Poll)?;
+    let epoll = Epoll::new().map_err(WorkerError::Poll)?;
+    let mut fds: Vec<(RawFd, Token)> = vec![
+        (worker.kick.as_raw_fd(), Token::Kick),
+        (stop.as_raw_fd(), Token::Stop),
+    ];
+    if let Some(fd) = worker.handler.completion_fd() {
+        fds.push((fd, Token::Completion));
+    }
+    for (fd, token) in fds {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token as u64),
+            )
+            .map_err(WorkerError::Poll)?;
+    }
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || worker.run(epoll))
+        .map_err(WorkerError::Spawn)?;
+    Ok(WorkerHandle { stop, thread })
+}
+
+impl Worker {
+    fn run(mut self, epoll: Epoll) -> u16 {
+        let mut done = Vec::new();
+        let resubmit = std::mem::take(&mut self.resubmit);
+        if !resubmit.is_empty() {
+            tracing::info!(count = resubmit.len(), "resubmitting inflight requests");
+        }
+        self.start_heads(&resubmit, &mut done);
+        self.process_avail(&mut done);
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "worker epoll failed");
+                    return self.drain(&mut done);
+                }
+            };
+            for ev in &events[..n] {
+                match Token::from_u64(ev.data()) {
+                    Some(Token::Kick) => {
+                        let _ = self.kick.read();
+                        self.process_avail(&mut done);
+                    }
+                    Some(Token::Completion) => self.reap(&mut done),
+                    Some(Token::Stop) => return self.drain(&mut done),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn start_heads(&mut self, heads: &[u16], done: &mut Vec<Used>) {
+        let mem = self.mem.memory().into_inner();
+        let (table, size) = (self.vring.desc_table(), self.vring.size());
+        for &head in heads {
+            if let Some(len) = self.handler.start(&mem, table, size, head) {
+                done.push(Used { head, len });
+            }
+        }
+        self.handler.submit();
+        self.publish(done);
+    }
+
+    fn process_avail(&mut self, done: &mut Vec<Used>) {
+        let mem = self.mem.memory().into_inner();
+        let (table, size) = (self.vring.desc_table(), self.vring.size());
+        loop {
+            self.vring.disable_notification(&mem);
+            while let Some(head) = self.vring.pop(&mem) {
+                if let Some(len) = self.handler.start(&mem, table, size, head) {
+                    done.push(Used { head, len });
+                }
+            }
+            if !self.vring.enable_notification(&mem) {
+                break;
+            }
+        }
+        self.handler.submit();
+        self.publish(done);
+    }
+
+    fn reap(&mut self, done: &mut Vec<Used>) {
+        self.handler.reap(done);
+        self.publish(done);
+    }
+
+    fn publish(&mut self, done: &mut Vec<Used>) {
+        if done.is_empty() {
+            return;
+        }
+        let mem = self.mem.memory();
+        for used in done.drain(..) {
+            self.vring.complete(&mem, used);
+        }
+        self.vring.notify(&mem);
+    }
+
+    fn drain(&mut self, done: &mut Vec<Used>) -> u16 {
+        while self.handler.in_flight() > 0 {
+            self.handler.wait();
+            self.reap(done);
+        }
+        self.vring.next_avail()
+    }
+}

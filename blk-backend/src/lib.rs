@@ -1,0 +1,68 @@
+//! blk-backend: a vhost-user-blk daemon on io_uring with a pluggable storage trait.
+//!
+//! - [`storage`]: the completion-based [`storage::Storage`] trait and its
+//!   io_uring-file and RAM implementations.
+//! - [`request`]: parsing descriptor chains into virtio-blk requests.
+//! - [`event_handler`]: executing one queue's requests on storage.
+//! - [`device`]: features, config space, queue processors.
+//! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
+
+pub mod config;
+pub mod device;
+pub mod event_handler;
+pub mod request;
+pub mod storage;
+
+use std::sync::Arc;
+
+use backends::server::{Server, ServerError};
+use thiserror::Error;
+
+pub use config::{BlkConfig, StorageKind};
+pub use device::{BlkDevice, BlkOptions};
+
+/// Errors running the daemon.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The configuration is inconsistent.
+    #[error("Invalid configuration")]
+    Config(#[from] config::ConfigError),
+    /// The image could not be opened.
+    #[error("Cannot open the disk image")]
+    Open(#[source] std::io::Error),
+    /// Serving failed.
+    #[error("Serving vhost-user failed")]
+    Serve(#[from] ServerError),
+}
+
+/// Opens the storage the configuration names.
+pub fn open_storage(cfg: &BlkConfig) -> Result<Arc<dyn storage::Storage>, Error> {
+    cfg.validate()?;
+    Ok(match (&cfg.storage, &cfg.image) {
+        (StorageKind::Memory(size), _) => Arc::new(storage::MemoryStorage::new(*size)),
+        (StorageKind::File, Some(path)) => Arc::new(
+            storage::FileStorage::open(path, cfg.read_only, cfg.direct, u32::from(cfg.queue_size))
+                .map_err(Error::Open)?,
+        ),
+        (StorageKind::File, None) => return Err(config::ConfigError::NoImage.into()),
+    })
+}
+
+/// Runs the daemon until a fatal error: serves one frontend after another.
+pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
+    let storage = open_storage(cfg)?;
+    let opts = BlkOptions {
+        read_only: cfg.read_only,
+        queues: cfg.queues,
+        queue_size: cfg.queue_size,
+        serial: cfg.serial.clone(),
+    };
+    tracing::info!(capacity = storage.capacity(), queues = cfg.queues, socket = %cfg.socket.display(), "blk-backend starting");
+    let server = Server::new(Arc::new(BlkDevice::new(storage, opts)));
+    if cfg.client {
+        server.serve_client(&cfg.socket);
+    }
+    let listener = Server::<BlkDevice>::bind(&cfg.socket)?;
+    server.serve(&listener)?;
+    Ok(())
+}

@@ -1,0 +1,73 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blk_backend::{BlkConfig, StorageKind};
+use clap::Parser;
+
+/// vhost-user-blk daemon on io_uring.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// vhost-user socket path (listened on, unless --client).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Connect to the socket instead of listening on it.
+    #[arg(long)]
+    client: bool,
+    /// Disk image or block device.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Read-only disk.
+    #[arg(long)]
+    readonly: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    #[arg(long)]
+    direct: bool,
+    /// Number of queues, one worker thread each.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
+    /// Largest queue size accepted.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
+    /// Device id returned to GET_ID (20 bytes max).
+    #[arg(long, default_value = "blk-backend")]
+    serial: String,
+    /// `file` (io_uring on --image) or `memory:SIZE` (e.g. memory:1G).
+    #[arg(long, default_value = "file")]
+    storage: StorageKind,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = BlkConfig {
+        socket: a.socket,
+        client: a.client,
+        image: a.image,
+        storage: a.storage,
+        read_only: a.readonly,
+        direct: a.direct,
+        queues: a.queues.max(1),
+        queue_size: a.queue_size,
+        serial: a.serial,
+    };
+    match blk_backend::run(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            tracing::error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

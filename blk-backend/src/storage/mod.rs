@@ -1,0 +1,88 @@
+//! The storage trait: how blk-backend reaches the bytes of a disk.
+//!
+//! Storage is completion-based so that io_uring, a network protocol or
+//! anything else asynchronous fits without threads:
+//!
+//! 1. [`Storage::open_queue`] gives each queue worker its own
+//!    [`StorageQueue`] (for io_uring: its own ring).
+//! 2. The worker calls `read`/`write`/`flush`/`discard`/`write_zeroes`, each
+//!    with a caller-chosen `token`, then [`StorageQueue::submit`] once per batch.
+//! 3. When the eventfd returned by [`StorageQueue::notifier`] becomes
+//!    readable, the worker calls [`StorageQueue::reap`] and gets a
+//!    [`Completion`] per finished operation, carrying its token.
+//!
+//! A synchronous implementation may finish operations inside the submitting
+//! call: it queues the completion and writes its eventfd (see
+//! [`memory::MemoryStorage`]). To plug in your own storage, implement both
+//! traits and pass an `Arc<dyn Storage>` to [`crate::BlkDevice::new`]; see
+//! `examples/cow_overlay.rs`.
+
+pub mod file;
+pub mod memory;
+
+use std::io;
+use std::os::fd::RawFd;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+/// A finished operation.
+#[derive(Debug)]
+pub struct Completion {
+    /// The token passed at submission.
+    pub token: u64,
+    /// Bytes transferred, or the error.
+    pub result: io::Result<u32>,
+}
+
+/// A disk: its size and a way to open per-worker queues.
+pub trait Storage: Send + Sync {
+    /// Size in bytes (a multiple of 512).
+    fn capacity(&self) -> u64;
+    /// A new submission/completion queue for one worker thread.
+    fn open_queue(&self) -> io::Result<Box<dyn StorageQueue>>;
+    /// True if discard and write-zeroes-with-unmap may deallocate.
+    fn supports_discard(&self) -> bool {
+        true
+    }
+}
+
+/// One worker's view of a disk. Operations complete asynchronously.
+pub trait StorageQueue: Send {
+    /// Eventfd that becomes readable when completions are ready.
+    fn notifier(&self) -> RawFd;
+
+    /// Reads at `offset` into the buffers of `iovecs`.
+    ///
+    /// # Safety
+    /// The memory the iovecs describe must stay valid and unaliased by Rust
+    /// references until the completion for `token` is reaped.
+    unsafe fn read(&mut self, offset: u64, iovecs: &[libc::iovec], token: u64) -> io::Result<()>;
+
+    /// Writes the buffers of `iovecs` at `offset`.
+    ///
+    /// # Safety
+    /// As for [`StorageQueue::read`].
+    unsafe fn write(&mut self, offset: u64, iovecs: &[libc::iovec], token: u64) -> io::Result<()>;
+
+    /// Makes completed writes durable.
+    fn flush(&mut self, token: u64) -> io::Result<()>;
+
+    /// Deallocates `len` bytes at `offset`; later reads return zeroes.
+    fn discard(&mut self, offset: u64, len: u64, token: u64) -> io::Result<()>;
+
+    /// Zeroes `len` bytes at `offset`, deallocating them if `unmap`.
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool, token: u64) -> io::Result<()>;
+
+    /// Hands the operations queued since the last call to the storage.
+    fn submit(&mut self) -> io::Result<()>;
+
+    /// Appends finished operations to `out`; never blocks.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+
+    /// Blocks until at least one completion can be reaped.
+    fn wait(&mut self) -> io::Result<()>;
+}
+
+#[cfg(test)]
+mod tests;

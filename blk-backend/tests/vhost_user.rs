@@ -1,0 +1,329 @@
+//! Integration tests: blk-backend as a real process, driven by the synthetic
+//! frontend over a real vhost-user socket with memfd memory and eventfds.
+
+mod common;
+
+use backends::frontend::blk::{
+    BlkReq, Done, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_WRITE_ZEROES,
+};
+use backends::frontend::Seg;
+use blk_backend::device::features;
+use common::*;
+use vm_memory::GuestAddress;
+
+#[test]
+fn pattern_written_on_each_queue_reads_back() {
+    let dir = TempDir::new("rw");
+    let (backend, _) = Backend::with_image(&dir, DISK, &["--queues", "2"]);
+    let mut drv = driver(&backend.socket, config(2));
+
+    for q in 0..2 {
+        let data = pattern(q as u8, 64 << 10);
+        assert_eq!(drv.write(q, 128 * q as u64, &data, TIMEOUT).unwrap(), S_OK);
+    }
+    for q in 0..2 {
+        let (st, back) = drv.read(1 - q, 128 * q as u64, 64 << 10, TIMEOUT).unwrap();
+        assert_eq!((st, back == pattern(q as u8, 64 << 10)), (S_OK, true));
+    }
+}
+
+#[test]
+fn written_data_lands_in_the_host_file() {
+    let dir = TempDir::new("host");
+    let (backend, image) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    let data = pattern(7, 4096);
+
+    let st = drv.write(0, 10, &data, TIMEOUT).unwrap();
+
+    let file = std::fs::read(image).unwrap();
+    assert_eq!((st, &file[5120..5120 + 4096]), (S_OK, &data[..]));
+}
+
+#[test]
+fn flush_succeeds() {
+    let dir = TempDir::new("flush");
+    let (backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    drv.write(0, 0, &pattern(1, 4096), TIMEOUT).unwrap();
+
+    let done = drv
+        .run(
+            0,
+            &BlkReq {
+                kind: T_FLUSH,
+                sector: 0,
+                len: 0,
+                data: None,
+                flags: 0,
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+
+    assert_eq!(done.status, S_OK);
+}
+
+#[test]
+fn discard_then_read_returns_zeroes() {
+    let dir = TempDir::new("discard");
+    let (backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    drv.write(0, 64, &pattern(3, 8192), TIMEOUT).unwrap();
+
+    let done = drv
+        .run(
+            0,
+            &BlkReq {
+                kind: T_DISCARD,
+                sector: 64,
+                len: 16,
+                data: None,
+                flags: 0,
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+    let (st, back) = drv.read(0, 64, 8192, TIMEOUT).unwrap();
+
+    assert_eq!((done.status, st), (S_OK, S_OK));
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn write_zeroes_with_and_without_unmap_clear_data() {
+    let dir = TempDir::new("wz");
+    let (backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    drv.write(0, 0, &pattern(9, 16384), TIMEOUT).unwrap();
+
+    let a = drv
+        .run(
+            0,
+            &BlkReq {
+                kind: T_WRITE_ZEROES,
+                sector: 0,
+                len: 16,
+                data: None,
+                flags: 0,
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+    let b = drv
+        .run(
+            0,
+            &BlkReq {
+                kind: T_WRITE_ZEROES,
+                sector: 16,
+                len: 16,
+                data: None,
+                flags: 1,
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+    let (st, back) = drv.read(0, 0, 16384, TIMEOUT).unwrap();
+
+    assert_eq!((a.status, b.status, st), (S_OK, S_OK, S_OK));
+    assert!(back.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn read_only_disk_rejects_writes_and_advertises_ro() {
+    let dir = TempDir::new("ro");
+    let (backend, _) = Backend::with_image(&dir, DISK, &["--readonly"]);
+    let mut drv = driver(&backend.socket, config(1));
+
+    let st = drv.write(0, 0, &pattern(1, 512), TIMEOUT).unwrap();
+    let (read_st, _) = drv.read(0, 0, 512, TIMEOUT).unwrap();
+
+    assert_eq!((st, read_st), (S_IOERR, S_OK));
+    assert_ne!(drv.frontend().acked_features() & features::RO, 0);
+}
+
+#[test]
+fn out_of_range_sector_gets_ioerr_and_daemon_stays_up() {
+    let dir = TempDir::new("oor");
+    let (mut backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    let last = DISK / 512;
+
+    let past_end = drv.read(0, last - 1, 1024, TIMEOUT).unwrap().0;
+    let overflow = drv.read(0, u64::MAX, 512, TIMEOUT).unwrap().0;
+    let in_range = drv.read(0, last - 1, 512, TIMEOUT).unwrap().0;
+
+    assert_eq!((past_end, overflow, in_range), (S_IOERR, S_IOERR, S_OK));
+    assert!(backend.is_running());
+}
+
+#[test]
+fn get_id_returns_the_serial() {
+    let dir = TempDir::new("id");
+    let (backend, _) = Backend::with_image(&dir, DISK, &["--serial", "disk-42"]);
+    let mut drv = driver(&backend.socket, config(1));
+
+    let done = drv
+        .run(
+            0,
+            &BlkReq {
+                kind: T_GET_ID,
+                sector: 0,
+                len: 20,
+                data: None,
+                flags: 0,
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+    let id = drv.slot_data(0, done.slot, 20).unwrap();
+
+    assert_eq!((done.status, &id[..8]), (S_OK, &b"disk-42\0"[..]));
+}
+
+#[test]
+fn unknown_request_type_gets_unsupp() {
+    let dir = TempDir::new("unsupp");
+    let (backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+
+    let done = drv
+        .run(
+            0,
+            &BlkReq {
+                kind: 99,
+                sector: 0,
+                len: 0,
+                data: None,
+                flags: 0,
+            },
+            TIMEOUT,
+        )
+        .unwrap();
+
+    assert_eq!(done.status, S_UNSUPP);
+}
+
+/// Puts a raw chain on queue 0, kicks, and returns (status byte, used len).
+fn raw_chain(
+    drv: &mut backends::frontend::blk::BlkDriver,
+    segs: &[Seg],
+    status: GuestAddress,
+) -> (u8, u32) {
+    use vm_memory::Bytes;
+    let fe = drv.frontend();
+    fe.mem().write_obj(0xffu8, status).unwrap();
+    let (vq, mem) = fe.queue(0);
+    vq.add(mem, segs).unwrap().unwrap();
+    vq.notify();
+    let mut used = Vec::new();
+    vq.wait_used(mem, TIMEOUT, &mut used).unwrap();
+    (mem.read_obj(status).unwrap(), used[0].len)
+}
+
+#[test]
+fn malformed_chains_get_ioerr_and_the_queue_goes_on() {
+    use vm_memory::Bytes;
+    let dir = TempDir::new("malformed");
+    let (mut backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    let fe = drv.frontend();
+    let hdr = fe.alloc(16, 16).unwrap();
+    let buf = fe.alloc(4096, 4096).unwrap();
+    let st = fe.alloc(1, 1).unwrap();
+    fe.mem().write_slice(&[0u8; 16], hdr).unwrap(); // IN, sector 0
+    let outside = GuestAddress(fe.mem_size() + 0x1000);
+    let seg = |addr, len, writable| Seg {
+        addr,
+        len,
+        writable,
+    };
+
+    let no_header = raw_chain(&mut drv, &[seg(st, 1, true)], st);
+    let wrong_dir = raw_chain(
+        &mut drv,
+        &[seg(hdr, 16, false), seg(buf, 512, false), seg(st, 1, true)],
+        st,
+    );
+    let out_of_mem = raw_chain(
+        &mut drv,
+        &[
+            seg(hdr, 16, false),
+            seg(outside, 512, true),
+            seg(st, 1, true),
+        ],
+        st,
+    );
+    let header_outside = raw_chain(&mut drv, &[seg(outside, 16, false), seg(st, 1, true)], st);
+    let no_status = raw_chain(&mut drv, &[seg(hdr, 16, false), seg(buf, 512, false)], st);
+    let (ok, _) = drv.read(0, 0, 512, TIMEOUT).unwrap();
+
+    assert_eq!(no_header.0, S_IOERR);
+    assert_eq!(wrong_dir.0, S_IOERR);
+    assert_eq!(out_of_mem.0, S_IOERR);
+    assert_eq!(header_outside.0, S_IOERR);
+    assert_eq!(no_status, (0xff, 1));
+    assert_eq!(ok, S_OK);
+    assert!(backend.is_running());
+}
+
+#[test]
+fn a_new_frontend_is_served_after_a_disconnect() {
+    let dir = TempDir::new("reconnect");
+    let (mut backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut first = driver(&backend.socket, config(1));
+    first.write(0, 8, &pattern(5, 4096), TIMEOUT).unwrap();
+    drop(first);
+
+    let mut second = driver(&backend.socket, config(1));
+    let (st, back) = second.read(0, 8, 4096, TIMEOUT).unwrap();
+
+    assert_eq!((st, back == pattern(5, 4096)), (S_OK, true));
+    assert!(backend.is_running());
+}
+
+#[test]
+fn queue_depth_32_random_writes_read_back() {
+    let dir = TempDir::new("qd32");
+    let (backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    let blocks: Vec<u64> = (0..256u64).map(|i| (i * 97) % 2048).collect();
+    let mut done: Vec<Done> = Vec::new();
+    let mut submitted = 0;
+    while done.len() < blocks.len() {
+        while submitted < blocks.len() && drv.free_slots(0) > 0 {
+            let b = blocks[submitted];
+            let data = pattern(b as u8, 4096);
+            let req = BlkReq {
+                kind: backends::frontend::blk::T_OUT,
+                sector: b * 8,
+                len: 4096,
+                data: Some(&data),
+                flags: 0,
+            };
+            drv.submit(0, &req).unwrap().unwrap();
+            submitted += 1;
+        }
+        drv.kick(0);
+        drv.wait(0, TIMEOUT, &mut done).unwrap();
+    }
+
+    assert!(done.iter().all(|d| d.status == S_OK));
+    for &b in &blocks[blocks.len() - 64..] {
+        let (st, back) = drv.read(0, b * 8, 4096, TIMEOUT).unwrap();
+        assert_eq!((st, back == pattern(b as u8, 4096)), (S_OK, true));
+    }
+}
+
+#[test]
+fn memory_storage_serves_requests() {
+    let dir = TempDir::new("mem");
+    let socket = dir.path("blk.sock");
+    let backend = Backend::spawn(&socket, &["--storage", "memory:4M"]);
+    let mut drv = driver(&backend.socket, config(1));
+
+    let st = drv.write(0, 0, &pattern(2, 8192), TIMEOUT).unwrap();
+    let (rst, back) = drv.read(0, 0, 8192, TIMEOUT).unwrap();
+
+    assert_eq!((st, rst, back == pattern(2, 8192)), (S_OK, S_OK, true));
+}
