@@ -184,6 +184,14 @@ impl InflightQueue {
         }
     }
 
+    /// Number of descriptors currently marked in flight.
+    pub fn count(&self) -> usize {
+        (0..self.size)
+            .filter_map(|h| self.desc(h))
+            .filter(|&d| self.region.get::<u8>(d) == 1)
+            .count()
+    }
+
     /// Repairs the last batch against the used ring index the guest sees and
     /// returns the heads still in flight, oldest first.
     pub fn recover(&mut self, ring_used_idx: u16) -> Vec<u16> {

@@ -139,6 +139,7 @@ impl Vring {
 
     /// Publishes a finished request in the used ring.
     pub fn complete(&mut self, mem: &GuestMem, used: Used) {
+        QueueMetrics::sub(&self.metrics.in_flight, 1);
         if let Some(q) = self.inflight.as_mut() {
             q.complete_begin(used.head);
         }
@@ -148,7 +149,6 @@ impl Vring {
         if let Some(q) = self.inflight.as_mut() {
             q.complete_end(used.head, self.queue.next_used());
         }
-        QueueMetrics::sub(&self.metrics.in_flight, 1);
     }
 
     /// Signals the call eventfd if the driver asked for it.
@@ -158,8 +158,8 @@ impl Vring {
         }
         if let Ok(call) = self.call.lock() {
             if let Some(fd) = call.as_ref() {
-                let _ = fd.write(1);
                 QueueMetrics::add(&self.metrics.notifications, 1);
+                let _ = fd.write(1);
             }
         }
     }

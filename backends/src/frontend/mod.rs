@@ -118,6 +118,7 @@ pub struct VirtQueue {
     last_used: u16,
     event_idx: bool,
     outstanding: usize,
+    spurious: u64,
 }
 
 impl VirtQueue {
@@ -140,6 +141,7 @@ impl VirtQueue {
             last_used: 0,
             event_idx: false,
             outstanding: 0,
+            spurious: 0,
         };
         Ok((q, end))
     }
@@ -152,6 +154,11 @@ impl VirtQueue {
     /// Chains added and not yet returned.
     pub fn outstanding(&self) -> usize {
         self.outstanding
+    }
+
+    /// Used entries naming a chain that was not outstanding (a device bug).
+    pub fn spurious_used(&self) -> u64 {
+        self.spurious
     }
 
     /// Free descriptors.
@@ -451,6 +458,11 @@ impl SyntheticFrontend {
     /// The vhost-user connection, for protocol-level tests.
     pub fn vhost(&mut self) -> Option<&mut Frontend> {
         self.vu.as_mut()
+    }
+
+    /// The inflight region the backend handed out (GET_INFLIGHT_FD), kept across reconnects.
+    pub fn inflight(&self) -> Option<(&VhostUserInflight, &File)> {
+        self.inflight.as_ref().map(|(i, f)| (i, f))
     }
 
     /// Guest memory size.

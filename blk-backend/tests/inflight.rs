@@ -1,0 +1,135 @@
+//! Inflight tracking: the backend is killed with SIGKILL while writes are in
+//! flight, restarted on the same socket and image, and the frontend
+//! reconnects with the inflight region it kept. Every write must complete
+//! with OK and be on disk.
+
+mod common;
+
+use backends::frontend::blk::{BlkReq, Done, S_OK, T_OUT};
+use backends::frontend::FrontendConfig;
+use backends::inflight::InflightRegion;
+use common::*;
+
+const BLOCK: u32 = 64 << 10;
+const WRITES: u64 = 192;
+
+#[test]
+fn writes_in_flight_at_kill_9_complete_after_restart() {
+    let dir = TempDir::new("inflight");
+    let (mut backend, image) = Backend::with_image(&dir, WRITES * u64::from(BLOCK), &["--direct"]);
+    let cfg = FrontendConfig {
+        inflight: true,
+        ..config(1)
+    };
+    let mut drv = driver(&backend.socket, cfg);
+    let mut done: Vec<Done> = Vec::new();
+    let mut next = 0u64;
+    let submit_batch = |drv: &mut backends::frontend::blk::BlkDriver, next: &mut u64| {
+        while *next < WRITES && drv.free_slots(0) > 0 {
+            let data = pattern(*next as u8, BLOCK as usize);
+            let req = BlkReq {
+                kind: T_OUT,
+                sector: *next * u64::from(BLOCK / 512),
+                len: BLOCK,
+                data: Some(&data),
+                flags: 0,
+            };
+            drv.submit(0, &req).unwrap().unwrap();
+            *next += 1;
+        }
+        drv.kick(0);
+    };
+    while done.len() < 64 {
+        submit_batch(&mut drv, &mut next);
+        drv.wait(0, TIMEOUT, &mut done).unwrap();
+    }
+    while done.len() < next as usize {
+        drv.wait(0, TIMEOUT, &mut done).unwrap();
+    }
+    // A full queue of O_DIRECT writes; kill once the backend has taken some.
+    let (info, file) = drv.frontend().inflight().unwrap();
+    let region =
+        InflightRegion::map(file, info.mmap_offset, info.mmap_size, 1, info.queue_size).unwrap();
+    let tracked = std::sync::Arc::new(region).queue(0).unwrap();
+    submit_batch(&mut drv, &mut next);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while tracked.count() == 0 && std::time::Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+
+    backend.child.kill().unwrap();
+    backend.child.wait().unwrap();
+    let restarted = Backend::spawn(
+        &backend.socket,
+        &["--image", image.to_str().unwrap(), "--direct"],
+    );
+    drv.frontend().reconnect(&restarted.socket).unwrap();
+    drv.kick(0);
+    while done.len() < WRITES as usize {
+        drv.wait(0, TIMEOUT, &mut done).unwrap();
+        submit_batch(&mut drv, &mut next);
+    }
+
+    assert_eq!(next, WRITES);
+    assert!(done.iter().all(|d| d.status == S_OK));
+    assert_eq!(drv.frontend().queue(0).0.spurious_used(), 0);
+    let disk = std::fs::read(&image).unwrap();
+    for (i, chunk) in disk.chunks(BLOCK as usize).enumerate() {
+        assert!(chunk == pattern(i as u8, BLOCK as usize), "block {i} lost");
+    }
+}
+
+/// The state a backend leaves when killed after popping requests: they are
+/// in the available ring and marked in flight in the region. A new backend
+/// must run each of them exactly once.
+#[test]
+fn requests_marked_in_flight_by_a_dead_backend_run_exactly_once() {
+    let dir = TempDir::new("inflight-det");
+    let (mut first, image) = Backend::with_image(&dir, 8 << 20, &[]);
+    let mut drv = driver(
+        &first.socket,
+        FrontendConfig {
+            inflight: true,
+            ..config(1)
+        },
+    );
+    drv.frontend().disconnect();
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let (info, file) = drv.frontend().inflight().unwrap();
+    let region =
+        InflightRegion::map(file, info.mmap_offset, info.mmap_size, 1, info.queue_size).unwrap();
+    let mut tracked = std::sync::Arc::new(region).queue(0).unwrap();
+    for i in 0..8u64 {
+        let data = pattern(i as u8 + 100, 4096);
+        let req = BlkReq {
+            kind: T_OUT,
+            sector: i * 8,
+            len: 4096,
+            data: Some(&data),
+            flags: 0,
+        };
+        drv.submit(0, &req).unwrap().unwrap();
+    }
+    // Each request takes three descriptors from a fresh ring: heads 0, 3, 6, ...
+    for head in (0..8u16).map(|i| i * 3) {
+        tracked.start(head);
+    }
+
+    let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
+    drv.frontend().reconnect(&second.socket).unwrap();
+    let mut done = Vec::new();
+    while done.len() < 8 {
+        drv.wait(0, TIMEOUT, &mut done).unwrap();
+    }
+
+    assert!(done.iter().all(|d| d.status == S_OK));
+    assert_eq!(drv.frontend().queue(0).0.spurious_used(), 0);
+    let disk = std::fs::read(&image).unwrap();
+    for i in 0..8usize {
+        assert_eq!(
+            &disk[i * 4096..(i + 1) * 4096],
+            &pattern(i as u8 + 100, 4096)[..]
+        );
+    }
+}
