@@ -100,6 +100,7 @@ pub struct Machine {
     exit: Arc<ExitNotifier>,
     metrics: Arc<VcpuMetrics>,
     stdin_input: bool,
+    signals: SignalFd,
     pub kernel: LoadedKernel,
 }
 
@@ -107,6 +108,8 @@ impl Machine {
     /// Builds the VM: memory, kernel, boot tables, devices, vCPU threads.
     pub fn new(cfg: &VmConfig) -> Result<Self> {
         cfg.validate()?;
+        // Before any thread exists, so that every vCPU thread inherits the mask.
+        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM])?;
         let kvm = vm::open_kvm()?;
         let vm = vm::create_vm(&kvm, cfg.cpus)?;
         let memory = Memory::new(cfg.memory, cfg.hugepages)?;
@@ -160,6 +163,7 @@ impl Machine {
             exit,
             metrics,
             stdin_input: cfg.serial == SerialConfig::Stdio,
+            signals,
             kernel,
         })
     }
@@ -171,12 +175,11 @@ impl Machine {
 
     /// Runs the VM until it ends; stops and joins every vCPU thread.
     pub fn run(mut self) -> Result<Outcome> {
-        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM])?;
         let _raw = self.stdin_input.then(RawStdin::enable);
         for v in &self.vcpus {
             v.set_state(VcpuState::Running);
         }
-        let reason = self.event_loop(&signals);
+        let reason = self.event_loop(&self.signals);
         let mut result: Result<()> = Ok(());
         for v in self.vcpus.drain(..) {
             if let Err(e) = v.join() {

@@ -37,8 +37,16 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = BootProtocol::Auto)]
     boot: BootProtocol,
     /// CPUID features to hide from the guest, e.g. -cx16,-clwb.
-    #[arg(long, allow_hyphen_values = true, value_parser = config::parse_cpu_features)]
-    cpu_features: Option<Vec<String>>,
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_hidden)]
+    cpu_features: Option<Hidden>,
+}
+
+/// Feature names to hide (a newtype: clap treats a bare `Vec` as many values).
+#[derive(Clone, Debug)]
+struct Hidden(Vec<String>);
+
+fn parse_hidden(s: &str) -> Result<Hidden, config::ConfigError> {
+    config::parse_cpu_features(s).map(Hidden)
 }
 
 fn main() -> ExitCode {
@@ -48,6 +56,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let cfg = VmConfig {
@@ -59,7 +68,7 @@ fn main() -> ExitCode {
         hugepages: cli.hugepages,
         serial: cli.serial,
         boot: cli.boot,
-        hidden_cpu_features: cli.cpu_features.unwrap_or_default(),
+        hidden_cpu_features: cli.cpu_features.map(|h| h.0).unwrap_or_default(),
     };
     match vmm::Machine::new(&cfg).and_then(|m| m.run()) {
         Ok(out) if out.reason.is_clean() => {

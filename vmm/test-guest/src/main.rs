@@ -54,6 +54,14 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     }
     let bi = boot::parse(proto, info);
     out().s("TG: cmdline=").bytes(bi.cmdline).nl();
+    let has = |w: &[u8]| bi.cmdline.split(|b| *b == b' ').any(|t| t == w);
+    if has(b"tg.hold") {
+        x86::HOLD.store(true, Ordering::Relaxed);
+    }
+    if has(b"tg.triplefault") {
+        line("TG: triple fault");
+        x86::triple_fault();
+    }
 
     let top = memory_map(&bi);
     let (mapped, huge) = cpu::setup_paging(top);
@@ -80,7 +88,26 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     }
 
     line("TG: PASS");
+    if has(b"tg.echo") {
+        echo_line();
+    }
     x86::power_off()
+}
+
+/// Reads one line of serial input and prints it back as `TG: got <line>`.
+fn echo_line() {
+    line("TG: ready for input");
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    // Each poll is a VM exit (~10 us here): allow about 10 s in all.
+    while let Some(b) = serial::getc(1_000_000) {
+        if b == b'\n' || b == b'\r' || n == buf.len() {
+            break;
+        }
+        buf[n] = b;
+        n += 1;
+    }
+    out().s("TG: got ").bytes(&buf[..n]).nl();
 }
 
 /// Prints the memory map and the usable total; returns the highest RAM address.
@@ -173,6 +200,12 @@ fn check_cpuid() -> u32 {
         Some(v) => o.dec(u64::from(v)),
         None => o.s("none"),
     };
+    let cx16 = (cpuid(1, 0).2 >> 13) & 1;
+    let gb = (cpuid(0x8000_0001, 0).3 >> 26) & 1;
+    o.s(" cx16=")
+        .dec(u64::from(cx16))
+        .s(" pdpe1gb=")
+        .dec(u64::from(gb));
     o.nl();
     drop(o);
     if apic != lapic || x2.is_some_and(|v| v != lapic) {

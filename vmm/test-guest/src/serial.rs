@@ -23,6 +23,17 @@ pub fn putc(b: u8) {
 }
 
 /// Writes a string without taking the lock (early boot, fatal paths).
+/// Reads one input byte, polling the line status (bounded: None when
+/// nothing arrives within `tries` polls).
+pub fn getc(tries: u64) -> Option<u8> {
+    for _ in 0..tries {
+        if crate::x86::inb(LSR) & 1 != 0 {
+            return Some(crate::x86::inb(THR));
+        }
+    }
+    None
+}
+
 pub fn puts_raw(s: &str) {
     for &b in s.as_bytes() {
         putc(b);

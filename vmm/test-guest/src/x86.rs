@@ -96,11 +96,42 @@ pub fn wait_for_interrupt() {
 
 /// Powers the machine off through the i8042 reset line, then halts forever.
 pub fn power_off() -> ! {
+    if HOLD.load(core::sync::atomic::Ordering::Relaxed) {
+        crate::serial::puts_raw("TG: HOLD\n");
+        halt_forever();
+    }
     outb(0x64, 0xFE);
     loop {
         // SAFETY: halting with interrupts off just stops this CPU.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
     }
+}
+
+/// Set by `tg.hold` on the command line: stay up, idle, instead of powering
+/// off (for measuring a running VMM, or stopping it from outside).
+pub static HOLD: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Triple-faults this CPU: an empty IDT, then a #GP from a non-canonical
+/// load, which cannot be delivered (#GP -> #DF -> shutdown).
+pub fn triple_fault() -> ! {
+    #[repr(C, packed)]
+    struct Empty {
+        limit: u16,
+        base: u64,
+    }
+    let empty = Empty { limit: 0, base: 0 };
+    // SAFETY: deliberately makes this CPU unrecoverable; nothing runs after.
+    unsafe {
+        asm!(
+            "lidt [{e}]",
+            "mov rax, [{bad}]",
+            e = in(reg) &empty,
+            bad = in(reg) 0x8000_0000_0000_0000u64,
+            out("rax") _,
+            options(nostack),
+        )
+    }
+    halt_forever()
 }
 
 /// Halts this CPU forever with interrupts off.

@@ -1,0 +1,175 @@
+//! Start-up and memory overhead of `vmm` against QEMU `-M microvm`, both
+//! booting the same test guest, in one run on the same machine.
+//!
+//! Start-up: from `exec` to the first byte the guest writes on its serial
+//! port. RSS overhead: the process's resident memory minus the resident
+//! part of guest RAM (every mapping of a `memfd:`, which both VMMs use
+//! for guest RAM here), read once the guest has printed its last line and
+//! is idle (`tg.hold` on its command line).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// The vmm binary.
+    #[arg(long, default_value = "target/release/vmm")]
+    vmm: PathBuf,
+    /// The test guest ELF.
+    #[arg(
+        long,
+        default_value = "vmm/test-guest/target/x86_64-unknown-none/release/test-guest"
+    )]
+    guest: PathBuf,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+    /// Repetitions per VMM.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+}
+
+/// One measured boot.
+struct Sample {
+    first_byte: Duration,
+    rss_overhead_kib: u64,
+}
+
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Resident KiB of the process, and of its memfd mappings (guest RAM).
+fn rss_split(pid: u32) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut total, mut guest, mut in_guest) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        match f.next() {
+            Some("Rss:") => {
+                let kib: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                total += kib;
+                if in_guest {
+                    guest += kib;
+                }
+            }
+            Some(first) if first.contains('-') && line.split_whitespace().count() >= 5 => {
+                in_guest = line.contains("/memfd:");
+            }
+            _ => {}
+        }
+    }
+    (total, guest)
+}
+
+fn measure(mut cmd: Command) -> Sample {
+    let start = Instant::now();
+    let mut child = spawn(&mut cmd);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).expect("guest wrote nothing");
+    let first_byte = start.elapsed();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("guest ended before finishing; is tg.hold supported?");
+        }
+        if line.contains("TG: PASS") || line.contains("TG: FAIL") || line.contains("TG: HOLD") {
+            break;
+        }
+    }
+    // Let the VMM settle after the guest went idle.
+    std::thread::sleep(Duration::from_millis(200));
+    let (total, guest) = rss_split(child.id());
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    Sample {
+        first_byte,
+        rss_overhead_kib: total - guest,
+    }
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+fn main() {
+    let a = Args::parse();
+    let mem = a.memory.to_string();
+    let ours = || {
+        let mut c = Command::new(&a.vmm);
+        c.arg("--kernel").arg(&a.guest).args([
+            "--memory",
+            &format!("{mem}M"),
+            "--cmdline",
+            "tg.hold",
+        ]);
+        c
+    };
+    let qemu = || {
+        let mut c = Command::new(&a.qemu);
+        c.args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-M",
+            "microvm",
+        ])
+        .args(["-m", &format!("{mem}M"), "-nodefaults", "-no-user-config"])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=ram,size={mem}M,share=on"),
+        ])
+        .args(["-machine", "memory-backend=ram"])
+        .args(["-display", "none", "-serial", "stdio", "-debugcon", "null"])
+        .arg("-kernel")
+        .arg(&a.guest)
+        .args(["-append", "tg.hold"]);
+        c
+    };
+    let mut results: Vec<(&str, Vec<Sample>)> = vec![("vmm", vec![]), ("qemu microvm", vec![])];
+    for _ in 0..a.runs {
+        // Interleave so that both see the same machine state.
+        results[0].1.push(measure(ours()));
+        results[1].1.push(measure(qemu()));
+    }
+    println!(
+        "startup: exec to first serial byte, {} runs each, {} MiB guest",
+        a.runs, a.memory
+    );
+    println!(
+        "{:<14} {:>9} {:>9} {:>9}   {:>10} {:>10} {:>10}",
+        "", "min ms", "med ms", "max ms", "min KiB", "med KiB", "max KiB"
+    );
+    let mut medians = vec![];
+    for (name, s) in &results {
+        let t = stats(s.iter().map(|x| x.first_byte.as_secs_f64() * 1e3).collect());
+        let r = stats(s.iter().map(|x| x.rss_overhead_kib as f64).collect());
+        println!(
+            "{name:<14} {:>9.2} {:>9.2} {:>9.2}   {:>10.0} {:>10.0} {:>10.0}",
+            t.0, t.1, t.2, r.0, r.1, r.2
+        );
+        medians.push((t.1, r.1));
+    }
+    println!(
+        "ratio vmm/qemu: start-up {:.3}x (goal <= 0.5x), RSS overhead {:.3}x; vmm RSS overhead {:.2} MiB (goal <= 5 MiB)",
+        medians[0].0 / medians[1].0,
+        medians[0].1 / medians[1].1,
+        medians[0].1 / 1024.0
+    );
+}

@@ -1,0 +1,147 @@
+//! Shared helpers for the integration tests: build the test guest, fetch the
+//! Debian guest image, run the real `vmm` binary with a deadline.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds the test guest (once per test binary) and returns its ELF.
+pub fn test_guest() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let manifest = root().join("vmm/test-guest/Cargo.toml");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "x86_64-unknown-none",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .status()
+            .expect("run cargo for the test guest");
+        assert!(status.success(), "test guest build failed");
+        root().join("vmm/test-guest/target/x86_64-unknown-none/release/test-guest")
+    })
+    .clone()
+}
+
+/// Builds (or finds cached) the Debian kernel + initramfs; returns the dir.
+pub fn guest_image() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new(root().join("scripts/guest-image"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/guest-image");
+        assert!(out.status.success(), "scripts/guest-image failed");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("guest-image prints its dir")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+/// What a finished `vmm` run left behind.
+pub struct Run {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// Lines of serial output, without carriage returns.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .collect()
+    }
+}
+
+pub fn vmm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `cmd` to completion or kills it after `limit`.
+pub fn run(mut cmd: Command, limit: Duration) -> Run {
+    let child = cmd.spawn().expect("spawn vmm");
+    wait(child, limit)
+}
+
+/// Waits for `child` for at most `limit`, collecting its output.
+pub fn wait(mut child: Child, limit: Duration) -> Run {
+    let t_out = drain(child.stdout.take());
+    let t_err = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().ok();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        timed_out,
+    }
+}
+
+/// Reads a pipe to its end in a thread (empty if already taken).
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut s);
+        }
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+/// Whether this host's CPU has hardware virtualization (vmx or svm).
+pub fn has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
