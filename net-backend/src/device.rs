@@ -1,0 +1,168 @@
+//! The virtio-net device: features, config space, and the processor of
+//! each queue (RX 2k, TX 2k+1 on tap queue k; the control queue last).
+
+use std::io;
+use std::sync::Arc;
+
+use backends::{Device, QueueHandler, QueueMetrics};
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
+use crate::config::MacAddr;
+use crate::event_handler::ctrl::CtrlQueue;
+use crate::event_handler::rx::RxQueue;
+use crate::event_handler::tx::{TxLimits, TxQueue};
+use crate::metrics::{NetQueueMetrics, NetQueueSnapshot};
+use crate::tap::Tap;
+use crate::vnet::{features, offload_features};
+
+/// Size of the config space we fill: mac, status, max_virtqueue_pairs, mtu.
+pub const CONFIG_LEN: usize = 12;
+/// VIRTIO_NET_S_LINK_UP.
+pub const S_LINK_UP: u16 = 1;
+
+/// Device options.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// MAC address in config space.
+    pub mac: MacAddr,
+    /// MTU in config space.
+    pub mtu: u16,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+    /// Offer checksum/segmentation offloads.
+    pub offloads: bool,
+    /// Offer mergeable RX buffers.
+    pub mrg_rxbuf: bool,
+}
+
+/// The kind of a queue, from its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueKind {
+    /// Receive queue of pair `n`.
+    Rx(usize),
+    /// Transmit queue of pair `n`.
+    Tx(usize),
+    /// The control queue.
+    Ctrl,
+}
+
+/// A virtio-net device over a multi-queue tap.
+pub struct NetDevice {
+    tap: Tap,
+    opts: NetOptions,
+    metrics: Vec<Arc<NetQueueMetrics>>,
+}
+
+impl NetDevice {
+    /// A device over `tap` (one tap queue per queue pair).
+    pub fn new(tap: Tap, opts: NetOptions) -> Self {
+        let metrics = (0..tap.num_queues() * 2 + 1)
+            .map(|_| Arc::default())
+            .collect();
+        NetDevice { tap, opts, metrics }
+    }
+
+    /// Queue pairs.
+    pub fn queue_pairs(&self) -> usize {
+        self.tap.num_queues()
+    }
+
+    /// The kind of queue `index`.
+    pub fn kind(&self, index: usize) -> QueueKind {
+        if index >= self.queue_pairs() * 2 {
+            QueueKind::Ctrl
+        } else if index % 2 == 0 {
+            QueueKind::Rx(index / 2)
+        } else {
+            QueueKind::Tx(index / 2)
+        }
+    }
+
+    /// Per-queue net counters, by queue index.
+    pub fn metrics(&self) -> Vec<NetQueueSnapshot> {
+        self.metrics.iter().map(|m| m.snapshot()).collect()
+    }
+
+    /// The config space (`struct virtio_net_config` up to `mtu`).
+    pub fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..6].copy_from_slice(&self.opts.mac.0);
+        c[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.queue_pairs() as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.opts.mtu.to_le_bytes());
+        c
+    }
+
+    /// The tap.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+}
+
+impl Device for NetDevice {
+    fn num_queues(&self) -> usize {
+        self.queue_pairs() * 2 + 1
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.opts.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        use features::*;
+        let mut f = VERSION_1 | MAC | MTU | STATUS | CTRL_VQ | MQ | EVENT_IDX | INDIRECT_DESC;
+        if self.opts.mrg_rxbuf {
+            f |= MRG_RXBUF;
+        }
+        if self.opts.offloads {
+            f |= offload_features(self.tap.offload());
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn read_config(&self, offset: u32, buf: &mut [u8]) {
+        let config = self.config();
+        let start = (offset as usize).min(CONFIG_LEN);
+        let n = (CONFIG_LEN - start).min(buf.len());
+        buf[..n].copy_from_slice(&config[start..start + n]);
+        buf[n..].fill(0);
+    }
+
+    fn queue_handler(
+        &self,
+        queue_index: usize,
+        metrics: Arc<QueueMetrics>,
+    ) -> io::Result<Box<dyn QueueHandler>> {
+        let net = self.metrics[queue_index.min(self.metrics.len() - 1)].clone();
+        let tap_queue = |pair: usize| {
+            self.tap
+                .queue(pair)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?
+                .try_clone()
+        };
+        Ok(match self.kind(queue_index) {
+            QueueKind::Rx(pair) => Box::new(RxQueue::new(tap_queue(pair)?, net, metrics)?),
+            QueueKind::Tx(pair) => {
+                let limits = TxLimits {
+                    mtu: self.opts.mtu,
+                    features: self.features(),
+                };
+                Box::new(TxQueue::new(
+                    tap_queue(pair)?,
+                    limits,
+                    self.opts.queue_size,
+                    net,
+                    metrics,
+                )?)
+            }
+            QueueKind::Ctrl => Box::new(CtrlQueue::new(self.queue_pairs() as u16, net)),
+        })
+    }
+}

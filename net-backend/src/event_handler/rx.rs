@@ -1,0 +1,475 @@
+//! Receive: frames read from the tap queue land in bounce buffers (several
+//! reads posted at once through io_uring), then are copied into the guest's
+//! RX chains in the order the guest posted them. A frame larger than one
+//! chain spans several (VIRTIO_NET_F_MRG_RXBUF) and the header's
+//! `num_buffers` says how many. Chains are consumed in order, so the used
+//! ring follows the available ring.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use backends::desc::{walk_chain, Descriptor};
+use backends::memory::{GuestMem, GuestMemRef};
+use backends::ratelimit::LogLimiter;
+use backends::uring::Uring;
+use backends::{QueueHandler, QueueMetrics, Used};
+use io_uring::{opcode, types};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::metrics::{DropReason as Why, NetQueueMetrics};
+use crate::vnet::{HDR_LEN, MAX_GSO_FRAME};
+
+/// Errors copying a frame into RX chains.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum ScatterError {
+    /// The chains offered cannot hold the frame.
+    #[error("Not enough RX buffer space")]
+    NotEnough,
+    /// A buffer lies outside guest memory.
+    #[error("RX buffer outside guest memory")]
+    BadAddress,
+}
+
+/// Bytes per bounce buffer: header plus the largest GSO frame.
+pub const BOUNCE_LEN: usize = HDR_LEN + MAX_GSO_FRAME;
+/// Tap reads kept posted per queue.
+pub const READS: usize = 16;
+const CANCEL: u64 = u64::MAX;
+
+/// Copies `packet` (virtio-net header + frame) into the writable buffers of
+/// `chains`, filling each chain before the next, and sets `num_buffers` to
+/// the number of chains used. `lens` receives the bytes written per chain.
+pub fn scatter<'a>(
+    mem: &GuestMem,
+    packet: &[u8],
+    chains: impl Iterator<Item = &'a [Descriptor]> + Clone,
+    lens: &mut Vec<u32>,
+) -> Result<(), ScatterError> {
+    lens.clear();
+    if packet.len() < HDR_LEN {
+        return Err(ScatterError::NotEnough);
+    }
+    let mut room = 0u64;
+    let mut needed = 0usize;
+    for chain in chains.clone() {
+        if room >= packet.len() as u64 {
+            break;
+        }
+        room += chain.iter().map(|d| u64::from(d.len)).sum::<u64>();
+        needed += 1;
+    }
+    if room < packet.len() as u64 {
+        return Err(ScatterError::NotEnough);
+    }
+    let mut hdr = [0u8; HDR_LEN];
+    hdr.copy_from_slice(&packet[..HDR_LEN]);
+    hdr[10..12].copy_from_slice(&(needed as u16).to_le_bytes());
+    let parts = [&hdr[..], &packet[HDR_LEN..]];
+    let (mut part, mut off) = (0usize, 0usize);
+    for chain in chains.take(needed) {
+        let mut used = 0u32;
+        for d in chain {
+            let mut pos = 0usize;
+            while pos < d.len as usize && part < parts.len() {
+                let src = &parts[part][off..];
+                let n = src.len().min(d.len as usize - pos);
+                let addr = d
+                    .addr
+                    .0
+                    .checked_add(pos as u64)
+                    .ok_or(ScatterError::BadAddress)?;
+                mem.write_slice(&src[..n], GuestAddress(addr))
+                    .map_err(|_| ScatterError::BadAddress)?;
+                pos += n;
+                off += n;
+                used += n as u32;
+                if off == parts[part].len() {
+                    part += 1;
+                    off = 0;
+                }
+            }
+        }
+        lens.push(used);
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Idle,
+    Reading,
+    Full,
+}
+
+/// The RX processor of one queue.
+pub struct RxQueue {
+    tap: File,
+    ring: Uring,
+    bufs: Vec<Box<[u8]>>,
+    slots: Vec<Slot>,
+    full: VecDeque<(usize, usize)>,
+    chains: VecDeque<(u16, Vec<Descriptor>)>,
+    spare: Vec<Vec<Descriptor>>,
+    ready: Vec<Used>,
+    lens: Vec<u32>,
+    cqes: Vec<(u64, i32)>,
+    mem: Option<GuestMemRef>,
+    queue_size: u16,
+    reading: usize,
+    stopping: bool,
+    net: Arc<NetQueueMetrics>,
+    metrics: Arc<QueueMetrics>,
+    log: LogLimiter,
+}
+
+impl RxQueue {
+    /// An RX processor reading from `tap` (one tap queue).
+    pub fn new(
+        tap: File,
+        net: Arc<NetQueueMetrics>,
+        metrics: Arc<QueueMetrics>,
+    ) -> std::io::Result<Self> {
+        let ring = Uring::new(READS as u32 * 2).map_err(std::io::Error::other)?;
+        Ok(RxQueue {
+            tap,
+            ring,
+            bufs: (0..READS)
+                .map(|_| vec![0u8; BOUNCE_LEN].into_boxed_slice())
+                .collect(),
+            slots: vec![Slot::Idle; READS],
+            full: VecDeque::with_capacity(READS),
+            chains: VecDeque::new(),
+            spare: Vec::new(),
+            ready: Vec::new(),
+            lens: Vec::new(),
+            cqes: Vec::new(),
+            mem: None,
+            queue_size: 0,
+            reading: 0,
+            stopping: false,
+            net,
+            metrics,
+            log: LogLimiter::default(),
+        })
+    }
+
+    fn post_reads(&mut self) {
+        if self.stopping {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            if self.slots[i] != Slot::Idle {
+                continue;
+            }
+            let buf = &mut self.bufs[i];
+            let entry = opcode::Read::new(
+                types::Fd(self.tap.as_raw_fd()),
+                buf.as_mut_ptr(),
+                buf.len() as u32,
+            )
+            .build()
+            .user_data(i as u64);
+            // SAFETY: `bufs[i]` is a heap buffer owned by self and never
+            // touched while its slot is Reading; every Reading slot is
+            // cancelled and reaped before the buffers are freed (Drop).
+            if unsafe { self.ring.push(&entry) }.is_err() {
+                return;
+            }
+            self.slots[i] = Slot::Reading;
+            self.reading += 1;
+        }
+    }
+
+    fn deliver(&mut self) {
+        while let Some(&(slot, len)) = self.full.front() {
+            let Some(mem) = self.mem.clone() else {
+                return;
+            };
+            let packet = &self.bufs[slot][..len];
+            let chains = self.chains.iter().map(|(_, d)| d.as_slice());
+            match scatter(&mem, packet, chains, &mut self.lens) {
+                Ok(()) => {
+                    for &len in &self.lens {
+                        if let Some((head, descs)) = self.chains.pop_front() {
+                            self.spare.push(descs);
+                            self.ready.push(Used { head, len });
+                        }
+                    }
+                    let frame = len - HDR_LEN;
+                    self.net.frame(frame);
+                    QueueMetrics::add(&self.metrics.read_bytes, frame as u64);
+                }
+                Err(ScatterError::NotEnough)
+                    if self.chains.len() < usize::from(self.queue_size) =>
+                {
+                    return;
+                }
+                Err(e) => {
+                    let why = match e {
+                        ScatterError::NotEnough => Why::NoBuffers,
+                        ScatterError::BadAddress => Why::BadAddress,
+                    };
+                    self.drop_frame(why, len);
+                    if let Some((head, descs)) = self.chains.pop_front() {
+                        self.spare.push(descs);
+                        self.ready.push(Used { head, len: 0 });
+                    }
+                }
+            }
+            self.full.pop_front();
+            self.slots[slot] = Slot::Idle;
+        }
+    }
+
+    fn drop_frame(&mut self, why: Why, len: usize) {
+        self.net.dropped(why);
+        QueueMetrics::add(&self.metrics.errors, 1);
+        if self.log.allow() {
+            tracing::warn!(?why, len, "RX frame dropped");
+        }
+    }
+
+    fn complete_read(&mut self, slot: usize, res: i32) {
+        self.reading = self.reading.saturating_sub(1);
+        let Some(state) = self.slots.get_mut(slot) else {
+            return;
+        };
+        *state = Slot::Idle;
+        if self.stopping {
+            return;
+        }
+        if res == -libc::EAGAIN || res == -libc::EINTR {
+            return;
+        }
+        if res < 0 {
+            self.net.dropped(Why::TapError);
+            if self.log.allow() {
+                tracing::warn!(error = %std::io::Error::from_raw_os_error(-res), "tap read failed");
+            }
+            return;
+        }
+        if (res as usize) < HDR_LEN {
+            self.net.dropped(Why::BadHeader);
+            return;
+        }
+        self.slots[slot] = Slot::Full;
+        self.full.push_back((slot, res as usize));
+    }
+
+    fn cancel_reads(&mut self) {
+        for i in 0..self.slots.len() {
+            if self.slots[i] == Slot::Reading {
+                let entry = opcode::AsyncCancel::new(i as u64).build().user_data(CANCEL);
+                // SAFETY: a cancel request references no buffer.
+                let _ = unsafe { self.ring.push(&entry) };
+            }
+        }
+        let _ = self.ring.submit();
+    }
+
+    fn reap_ring(&mut self) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        self.ring.reap(|ud, res| cqes.push((ud, res)));
+        for &(ud, res) in &cqes {
+            if ud != CANCEL {
+                self.complete_read(ud as usize, res);
+            }
+        }
+        cqes.clear();
+        self.cqes = cqes;
+    }
+}
+
+impl QueueHandler for RxQueue {
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.notifier())
+    }
+
+    fn start(
+        &mut self,
+        mem: &GuestMemRef,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+    ) -> Option<u32> {
+        self.queue_size = queue_size;
+        if !self.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem)) {
+            self.mem = Some(mem.clone());
+        }
+        let mut descs = self.spare.pop().unwrap_or_default();
+        let ok = walk_chain(mem.as_ref(), desc_table, queue_size, head, &mut descs).is_ok()
+            && descs.iter().all(|d| d.writable);
+        if !ok {
+            self.net.dropped(Why::BadChain);
+            QueueMetrics::add(&self.metrics.errors, 1);
+            if self.log.allow() {
+                tracing::warn!(head, "malformed RX chain dropped");
+            }
+            self.spare.push(descs);
+            return Some(0);
+        }
+        self.chains.push_back((head, descs));
+        None
+    }
+
+    fn submit(&mut self) {
+        self.deliver();
+        self.post_reads();
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(error = %e, "RX submit failed");
+        }
+        if !self.ready.is_empty() {
+            super::wake(self.ring.notifier());
+        }
+    }
+
+    fn reap(&mut self, done: &mut Vec<Used>) {
+        self.reap_ring();
+        self.deliver();
+        done.append(&mut self.ready);
+        self.post_reads();
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(error = %e, "RX submit failed");
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.chains.len() + self.ready.len() + self.reading
+    }
+
+    fn wait(&mut self) {
+        if !self.stopping {
+            self.stopping = true;
+            self.cancel_reads();
+            while let Some((head, descs)) = self.chains.pop_front() {
+                self.spare.push(descs);
+                self.ready.push(Used { head, len: 0 });
+            }
+        }
+        if self.ready.is_empty() && self.reading > 0 {
+            let _ = self.ring.wait();
+        }
+    }
+}
+
+impl Drop for RxQueue {
+    fn drop(&mut self) {
+        self.stopping = true;
+        self.cancel_reads();
+        while self.reading > 0 {
+            if self.ring.wait().is_err() {
+                break;
+            }
+            self.reap_ring();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap()
+    }
+
+    fn buf(addr: u64, len: u32) -> Vec<Descriptor> {
+        vec![Descriptor {
+            addr: GuestAddress(addr),
+            len,
+            writable: true,
+        }]
+    }
+
+    fn packet(frame_len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; HDR_LEN];
+        p.extend((0..frame_len).map(|i| i as u8));
+        p
+    }
+
+    #[test]
+    fn small_frame_uses_one_buffer_with_num_buffers_one() {
+        let m = mem();
+        let chains = [buf(0x1000, 1526), buf(0x2000, 1526)];
+        let p = packet(60);
+        let mut lens = Vec::new();
+
+        scatter(&m, &p, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+
+        let mut out = vec![0u8; 72];
+        m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
+        assert_eq!(lens, vec![72]);
+        assert_eq!(u16::from_le_bytes([out[10], out[11]]), 1);
+        assert_eq!(&out[HDR_LEN..], &p[HDR_LEN..]);
+    }
+
+    #[test]
+    fn large_frame_spans_buffers_in_order() {
+        let m = mem();
+        let chains: Vec<_> = (0..8).map(|i| buf(0x1000 + i * 0x1000, 1000)).collect();
+        let p = packet(2988);
+        let mut lens = Vec::new();
+
+        scatter(&m, &p, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+
+        let mut first = [0u8; HDR_LEN];
+        m.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
+        let mut third = vec![0u8; 1000];
+        m.read_slice(&mut third, GuestAddress(0x3000)).unwrap();
+        assert_eq!(lens, vec![1000, 1000, 1000]);
+        assert_eq!(u16::from_le_bytes([first[10], first[11]]), 3);
+        assert_eq!(&third[..], &p[2000..3000]);
+    }
+
+    #[test]
+    fn frame_larger_than_all_buffers_is_not_enough() {
+        let m = mem();
+        let chains = [buf(0x1000, 100)];
+        let mut lens = Vec::new();
+
+        let r = scatter(
+            &m,
+            &packet(200),
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+        );
+
+        assert_eq!(r, Err(ScatterError::NotEnough));
+    }
+
+    #[test]
+    fn buffer_outside_guest_memory_is_bad_address() {
+        let m = mem();
+        let chains = [buf(0x1_0000_0000, 2000)];
+        let mut lens = Vec::new();
+
+        let r = scatter(
+            &m,
+            &packet(100),
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+        );
+
+        assert_eq!(r, Err(ScatterError::BadAddress));
+    }
+
+    #[test]
+    fn chain_of_several_descriptors_is_filled_across_them() {
+        let m = mem();
+        let mut chain = buf(0x1000, HDR_LEN as u32);
+        chain.extend(buf(0x5000, 4096));
+        let p = packet(100);
+        let mut lens = Vec::new();
+
+        scatter(&m, &p, std::iter::once(chain.as_slice()), &mut lens).unwrap();
+
+        let mut data = vec![0u8; 100];
+        m.read_slice(&mut data, GuestAddress(0x5000)).unwrap();
+        assert_eq!(lens, vec![112]);
+        assert_eq!(&data[..], &p[HDR_LEN..]);
+    }
+}

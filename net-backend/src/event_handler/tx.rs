@@ -1,0 +1,238 @@
+//! Transmit: each chain (virtio-net header + frame, device-readable) is
+//! checked, turned into iovecs pointing straight into guest memory and
+//! written to the tap queue with io_uring; the header goes to the tap as is
+//! (its vnet header size is the guest's). Malformed chains complete at once
+//! and are counted.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use backends::desc::{walk_chain, Descriptor};
+use backends::memory::GuestMemRef;
+use backends::ratelimit::LogLimiter;
+use backends::uring::Uring;
+use backends::{QueueHandler, QueueMetrics, Used};
+use io_uring::{opcode, types};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::metrics::{DropReason as Why, NetQueueMetrics};
+use crate::vnet::{HdrError, VnetHdr, HDR_LEN};
+
+const MAX_IOVS: usize = 1024;
+
+struct Pending {
+    head: u16,
+    iovs: Vec<libc::iovec>,
+    frame_len: usize,
+    _mem: GuestMemRef,
+}
+
+// SAFETY: the iovecs point into guest memory kept alive by `_mem`; they are
+// only dereferenced by the kernel, never by another thread of ours.
+unsafe impl Send for Pending {}
+
+/// What TX checks frames against.
+#[derive(Clone, Copy, Debug)]
+pub struct TxLimits {
+    /// MTU; plain frames above it are dropped.
+    pub mtu: u16,
+    /// Features offered (GSO types allowed).
+    pub features: u64,
+}
+
+/// The TX processor of one queue.
+pub struct TxQueue {
+    tap: File,
+    ring: Uring,
+    limits: TxLimits,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    spare: Vec<Vec<libc::iovec>>,
+    descs: Vec<Descriptor>,
+    in_flight: usize,
+    net: Arc<NetQueueMetrics>,
+    metrics: Arc<QueueMetrics>,
+    log: LogLimiter,
+}
+
+// SAFETY: `spare` holds only empty iovec vectors (no live pointers); the
+// rest is Send.
+unsafe impl Send for TxQueue {}
+
+impl TxQueue {
+    /// A TX processor writing to `tap` (one tap queue).
+    pub fn new(
+        tap: File,
+        limits: TxLimits,
+        queue_size: u16,
+        net: Arc<NetQueueMetrics>,
+        metrics: Arc<QueueMetrics>,
+    ) -> std::io::Result<Self> {
+        let ring = Uring::new(u32::from(queue_size)).map_err(std::io::Error::other)?;
+        Ok(TxQueue {
+            tap,
+            ring,
+            limits,
+            pending: Vec::new(),
+            free: Vec::new(),
+            spare: Vec::new(),
+            descs: Vec::new(),
+            in_flight: 0,
+            net,
+            metrics,
+            log: LogLimiter::default(),
+        })
+    }
+
+    fn reject(&mut self, why: Why, head: u16) -> Option<u32> {
+        self.net.dropped(why);
+        QueueMetrics::add(&self.metrics.errors, 1);
+        if self.log.allow() {
+            tracing::warn!(?why, head, "TX frame dropped");
+        }
+        Some(0)
+    }
+
+    /// Reads the header from the start of the chain.
+    fn header(&self, mem: &GuestMemRef) -> Option<VnetHdr> {
+        let mut raw = [0u8; HDR_LEN];
+        let mut got = 0usize;
+        for d in &self.descs {
+            let n = (d.len as usize).min(HDR_LEN - got);
+            mem.read_slice(&mut raw[got..got + n], d.addr).ok()?;
+            got += n;
+            if got == HDR_LEN {
+                return Some(VnetHdr::parse(&raw));
+            }
+        }
+        None
+    }
+
+    fn iovecs(&mut self, mem: &GuestMemRef) -> Option<Vec<libc::iovec>> {
+        let mut iovs = self.spare.pop().unwrap_or_default();
+        for d in &self.descs {
+            for slice in mem.get_slices(d.addr, d.len as usize) {
+                let Ok(slice) = slice else {
+                    self.spare.push(iovs);
+                    return None;
+                };
+                iovs.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+        }
+        Some(iovs)
+    }
+}
+
+impl QueueHandler for TxQueue {
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.ring.notifier())
+    }
+
+    fn start(
+        &mut self,
+        mem: &GuestMemRef,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+    ) -> Option<u32> {
+        if walk_chain(mem.as_ref(), desc_table, queue_size, head, &mut self.descs).is_err()
+            || self.descs.iter().any(|d| d.writable)
+        {
+            return self.reject(Why::BadChain, head);
+        }
+        let total: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
+        let Some(hdr) = self.header(mem) else {
+            return self.reject(Why::BadHeader, head);
+        };
+        let frame_len = (total as usize).saturating_sub(HDR_LEN);
+        match hdr.check_tx(frame_len, self.limits.mtu, self.limits.features) {
+            Ok(()) => {}
+            Err(HdrError::Oversize(_)) => return self.reject(Why::Oversize, head),
+            Err(_) => return self.reject(Why::BadHeader, head),
+        }
+        let Some(iovs) = self.iovecs(mem) else {
+            return self.reject(Why::BadAddress, head);
+        };
+        if iovs.len() > MAX_IOVS {
+            self.spare.push(iovs);
+            return self.reject(Why::BadChain, head);
+        }
+        let token = self.free.pop().unwrap_or_else(|| {
+            self.pending.push(None);
+            self.pending.len() - 1
+        });
+        let entry = opcode::Writev::new(
+            types::Fd(self.tap.as_raw_fd()),
+            iovs.as_ptr(),
+            iovs.len() as u32,
+        )
+        .build()
+        .user_data(token as u64);
+        self.pending[token] = Some(Pending {
+            head,
+            iovs,
+            frame_len,
+            _mem: mem.clone(),
+        });
+        // SAFETY: the iovec array lives in `pending[token]` (its heap buffer
+        // does not move) and points into guest memory kept mapped by `_mem`;
+        // both stay until the completion for `token` is reaped.
+        if unsafe { self.ring.push(&entry) }.is_err() {
+            let p = self.pending[token].take();
+            self.free.push(token);
+            if let Some(mut p) = p {
+                p.iovs.clear();
+                self.spare.push(p.iovs);
+            }
+            return self.reject(Why::TapError, head);
+        }
+        self.in_flight += 1;
+        None
+    }
+
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::error!(error = %e, "TX submit failed");
+        }
+    }
+
+    fn reap(&mut self, done: &mut Vec<Used>) {
+        let mut cqes = Vec::new();
+        self.ring.reap(|ud, res| cqes.push((ud as usize, res)));
+        for (token, res) in cqes {
+            let Some(mut p) = self.pending.get_mut(token).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(token);
+            self.in_flight -= 1;
+            if res < 0 {
+                self.net.dropped(Why::TapError);
+                QueueMetrics::add(&self.metrics.errors, 1);
+                if self.log.allow() {
+                    tracing::warn!(error = %std::io::Error::from_raw_os_error(-res), "tap write failed");
+                }
+            } else {
+                self.net.frame(p.frame_len);
+                QueueMetrics::add(&self.metrics.write_bytes, p.frame_len as u64);
+            }
+            p.iovs.clear();
+            self.spare.push(p.iovs);
+            done.push(Used {
+                head: p.head,
+                len: 0,
+            });
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn wait(&mut self) {
+        let _ = self.ring.wait();
+    }
+}

@@ -1,0 +1,81 @@
+//! net-backend: a vhost-user-net daemon over a multi-queue tap, with io_uring
+//! and virtio-net offloads.
+//!
+//! - [`tap`]: opening/creating the multi-queue tap, vnet header, offloads.
+//! - [`vnet`]: feature bits, the virtio-net header, offload translation.
+//! - [`event_handler`]: RX, TX and control queue processing.
+//! - [`device`]: features, config space, queue processors.
+//! - [`metrics`]: per-queue frames, bytes and drops by reason.
+//! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
+
+pub mod config;
+pub mod device;
+pub mod event_handler;
+pub mod metrics;
+pub mod tap;
+pub mod vnet;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backends::server::{Server, ServerError};
+use thiserror::Error;
+
+pub use config::{MacAddr, NetConfig};
+pub use device::{NetDevice, NetOptions};
+
+/// Errors running the daemon.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The configuration is inconsistent.
+    #[error("Invalid configuration")]
+    Config(#[from] config::ConfigError),
+    /// The tap could not be opened.
+    #[error("Cannot set up the tap")]
+    Tap(#[from] tap::TapError),
+    /// Serving failed.
+    #[error("Serving vhost-user failed")]
+    Serve(#[from] ServerError),
+}
+
+/// Opens the tap and builds the device the configuration describes.
+pub fn build_device(cfg: &NetConfig) -> Result<NetDevice, Error> {
+    cfg.validate()?;
+    let wanted = if cfg.offloads {
+        vnet::tun_offload_for(u64::MAX)
+    } else {
+        0
+    };
+    let tap = tap::Tap::open(&cfg.tap, cfg.queue_pairs, cfg.create_tap, wanted)?;
+    let opts = NetOptions {
+        mac: cfg.mac,
+        mtu: cfg.mtu,
+        queue_size: cfg.queue_size,
+        offloads: cfg.offloads,
+        mrg_rxbuf: cfg.mrg_rxbuf,
+    };
+    Ok(NetDevice::new(tap, opts))
+}
+
+/// Runs the daemon until a fatal error: serves one frontend after another.
+pub fn run(cfg: &NetConfig) -> Result<(), Error> {
+    let device = Arc::new(build_device(cfg)?);
+    tracing::info!(tap = %cfg.tap, pairs = cfg.queue_pairs, mac = %cfg.mac, socket = %cfg.socket.display(), "net-backend starting");
+    if cfg.metrics_interval > 0 {
+        let dev = device.clone();
+        let every = Duration::from_secs(cfg.metrics_interval);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            for (q, m) in dev.metrics().iter().enumerate() {
+                tracing::info!(queue = q, kind = ?dev.kind(q), ?m, "net metrics");
+            }
+        });
+    }
+    let server = Server::new(device);
+    if cfg.client {
+        server.serve_client(&cfg.socket);
+    }
+    let listener = Server::<NetDevice>::bind(&cfg.socket)?;
+    server.serve(&listener)?;
+    Ok(())
+}

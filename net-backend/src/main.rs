@@ -1,0 +1,78 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use net_backend::{MacAddr, NetConfig};
+
+/// vhost-user-net daemon over a multi-queue tap, on io_uring.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// vhost-user socket path (listened on, unless --client).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Connect to the socket instead of listening on it.
+    #[arg(long)]
+    client: bool,
+    /// Tap interface name.
+    #[arg(long)]
+    tap: String,
+    /// Create the tap if it does not exist.
+    #[arg(long)]
+    create_tap: bool,
+    /// MAC address offered to the guest.
+    #[arg(long, default_value = "52:54:00:12:34:56")]
+    mac: MacAddr,
+    /// MTU offered to the guest.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u16,
+    /// Queue pairs (tap queues, two worker threads each).
+    #[arg(long, default_value_t = 1)]
+    queue_pairs: usize,
+    /// Largest queue size accepted.
+    #[arg(long, default_value_t = 1024)]
+    queue_size: u16,
+    /// Do not offer checksum and segmentation offloads.
+    #[arg(long)]
+    no_offloads: bool,
+    /// Do not offer mergeable RX buffers.
+    #[arg(long)]
+    no_mrg_rxbuf: bool,
+    /// Log per-queue metrics every N seconds (0: only at disconnect).
+    #[arg(long, default_value_t = 0)]
+    metrics_interval: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let mut cfg = NetConfig::new(a.socket, &a.tap);
+    cfg.client = a.client;
+    cfg.create_tap = a.create_tap;
+    cfg.mac = a.mac;
+    cfg.mtu = a.mtu;
+    cfg.queue_pairs = a.queue_pairs;
+    cfg.queue_size = a.queue_size;
+    cfg.offloads = !a.no_offloads;
+    cfg.mrg_rxbuf = !a.no_mrg_rxbuf;
+    cfg.metrics_interval = a.metrics_interval;
+    match net_backend::run(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            tracing::error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
