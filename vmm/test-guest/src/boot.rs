@@ -50,6 +50,8 @@ pub struct BootInfo {
     map: u64,
     stride: u64,
     pub entries: u32,
+    /// ACPI RSDP address from the boot structures (0 if not given).
+    pub rsdp: u64,
 }
 
 impl BootInfo {
@@ -128,6 +130,12 @@ pub fn parse(proto: u64, info: u64) -> BootInfo {
             map: info + 0x2D0,
             stride: 20,
             entries: u32::from(rd::<u8>(info + 0x1E8)).min(128),
+            // acpi_rsdp_addr, boot protocol 2.14+.
+            rsdp: if rd::<u16>(info + 0x206) >= 0x020E {
+                rd::<u64>(info + 0x070)
+            } else {
+                0
+            },
         }
     } else {
         BootInfo {
@@ -135,6 +143,7 @@ pub fn parse(proto: u64, info: u64) -> BootInfo {
             map: rd::<u64>(info + 40),
             stride: 24,
             entries: rd::<u32>(info + 48).min(128),
+            rsdp: rd::<u64>(info + 32),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::serial;
 use crate::x86::{self, cpuid, mmio_read32, mmio_write32};
@@ -20,8 +21,11 @@ pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
 pub const VEC_SERIAL: u8 = 0x24;
 pub const VEC_TIMER: u8 = 0x28;
 pub const VEC_SPURIOUS: u8 = 0x2F;
+/// First MSI-X vector (virtio.rs); each has its own counting stub in asm.rs.
+pub const VEC_MSIX_BASE: u8 = 0x40;
+pub const MSIX_VECTORS: usize = 32;
 /// Vectors 0..IDT_ENTRIES are described; anything above raises #GP.
-const IDT_ENTRIES: usize = 0x30;
+const IDT_ENTRIES: usize = VEC_MSIX_BASE as usize + MSIX_VECTORS;
 
 /// A page-aligned cell written only by the BSP before the APs start.
 #[repr(C, align(4096))]
@@ -48,6 +52,7 @@ struct DescPtr {
 extern "C" {
     static gdt_ptr: u8;
     static exc_stub_table: [u64; 32];
+    static msix_stub_table: [u64; MSIX_VECTORS];
     fn reload_segments();
     fn irq_serial();
     fn irq_other();
@@ -75,9 +80,14 @@ pub fn build_idt() {
     let idt = IDT.get();
     // SAFETY: the table is immutable data emitted in asm.rs.
     let stubs = unsafe { &exc_stub_table };
+    // SAFETY: as above.
+    let msix = unsafe { &msix_stub_table };
+    let msix_base = VEC_MSIX_BASE as usize;
     for v in 0..IDT_ENTRIES {
         let h = if v < stubs.len() {
             stubs[v]
+        } else if v >= msix_base {
+            msix[v - msix_base]
         } else if v == VEC_SERIAL as usize {
             irq_serial as *const () as u64
         } else if v == VEC_SPURIOUS as usize {
@@ -144,6 +154,11 @@ const MAX_1G_GIB: usize = 512;
 static PML4: Page<[u64; 512]> = Page::new([0; 512]);
 static PDPT: Page<[u64; 512]> = Page::new([0; 512]);
 static PDS: Page<[[u64; 512]; MAX_PD_GIB]> = Page::new([[0; 512]; MAX_PD_GIB]);
+/// Spare table pages for `map_mmio` (PDPTs above 512 GiB, or PDs without 1 GiB pages).
+const EXTRA_TABLES: usize = 4;
+static EXTRA: Page<[[u64; 512]; EXTRA_TABLES]> = Page::new([[0; 512]; EXTRA_TABLES]);
+static EXTRA_USED: AtomicUsize = AtomicUsize::new(0);
+static HUGE: AtomicBool = AtomicBool::new(false);
 
 /// Builds identity page tables covering `[0, max(limit, 4 GiB))` and loads them.
 /// Returns (bytes mapped, whether 1 GiB pages were used).
@@ -181,7 +196,62 @@ pub fn setup_paging(limit: u64) -> (u64, bool) {
         (*PML4.get())[0] = pdpt as u64 | PRESENT_RW;
         x86::write_cr3(PML4.get() as u64);
     }
+    HUGE.store(huge, Ordering::Relaxed);
     (gibs as u64 * GIB, huge)
+}
+
+/// Identity-maps, uncached, every 1 GiB slot of `[addr, addr + len)` that is
+/// not mapped yet (device BARs above RAM). Returns false when the address is
+/// beyond 48 bits or the spare table pages run out.
+pub fn map_mmio(addr: u64, len: u64) -> bool {
+    const GIB: u64 = 1 << 30;
+    const PRESENT_RW: u64 = 0x3;
+    const PS: u64 = 0x80;
+    const PCD_PWT: u64 = 0x18;
+    const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+    let end = addr.saturating_add(len.max(1));
+    if end > 1 << 47 {
+        return false;
+    }
+    let huge = HUGE.load(Ordering::Relaxed);
+    let alloc = || -> Option<*mut [u64; 512]> {
+        let i = EXTRA_USED.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: index i is handed out once; the page is zeroed static memory.
+        (i < EXTRA_TABLES).then(|| unsafe { (*EXTRA.get()).as_mut_ptr().add(i) })
+    };
+    let mut a = addr & !(GIB - 1);
+    let mut changed = false;
+    // SAFETY: only the BSP edits the tables; the APs are parked in `cli; hlt`
+    // and never touch these addresses. Present entries are never changed.
+    unsafe {
+        let pml4 = PML4.get();
+        while a < end {
+            let i4 = ((a >> 39) & 511) as usize;
+            if (*pml4)[i4] & 1 == 0 {
+                let Some(t) = alloc() else { return false };
+                (*pml4)[i4] = t as u64 | PRESENT_RW;
+            }
+            let pdpt = ((*pml4)[i4] & ADDR) as *mut [u64; 512];
+            let i3 = ((a >> 30) & 511) as usize;
+            if (*pdpt)[i3] & 1 == 0 {
+                if huge {
+                    (*pdpt)[i3] = a | PRESENT_RW | PS | PCD_PWT;
+                } else {
+                    let Some(pd) = alloc() else { return false };
+                    for (j, e) in (*pd).iter_mut().enumerate() {
+                        *e = (a + ((j as u64) << 21)) | PRESENT_RW | PS | PCD_PWT;
+                    }
+                    (*pdpt)[i3] = pd as u64 | PRESENT_RW;
+                }
+                changed = true;
+            }
+            a += GIB;
+        }
+        if changed {
+            x86::write_cr3(x86::read_cr3());
+        }
+    }
+    true
 }
 
 // ---------------------------------------------------------------------------

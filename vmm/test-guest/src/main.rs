@@ -6,8 +6,11 @@
 mod asm;
 mod boot;
 mod cpu;
+mod pci;
 mod serial;
 mod smp;
+mod vdev;
+mod virtio;
 mod x86;
 
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -87,11 +90,37 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
         }
     }
 
+    if has(b"tg.virtio") {
+        let param = |p: &[u8]| {
+            bi.cmdline
+                .split(|b| *b == b' ')
+                .find_map(|t| t.strip_prefix(p))
+                .map(parse_dec)
+        };
+        let opts = virtio::Opts {
+            seed: param(b"tg.seed=").unwrap_or(1),
+            burst: param(b"tg.blkburst=").unwrap_or(0),
+            netrx: has(b"tg.netrx"),
+            assign: has(b"tg.pciassign"),
+            apic: bsp,
+        };
+        virtio::run(&opts, bi.rsdp);
+    }
+
     line("TG: PASS");
     if has(b"tg.echo") {
         echo_line();
     }
     x86::power_off()
+}
+
+/// Parses a decimal number (stops at the first non-digit).
+fn parse_dec(s: &[u8]) -> u64 {
+    s.iter()
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0u64, |v, b| {
+            v.wrapping_mul(10).wrapping_add(u64::from(b - b'0'))
+        })
 }
 
 /// Reads one line of serial input and prints it back as `TG: got <line>`.

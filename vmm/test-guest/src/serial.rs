@@ -97,6 +97,15 @@ impl Out {
         self
     }
 
+    /// Exactly `digits` lowercase hex digits, no prefix.
+    pub fn hexw(&mut self, v: u64, digits: u32) -> &mut Self {
+        for i in (0..digits).rev() {
+            let d = ((v >> (i * 4)) & 0xF) as u8;
+            putc(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+        }
+        self
+    }
+
     pub fn dec(&mut self, mut v: u64) -> &mut Self {
         let mut buf = [0u8; 20];
         let mut i = buf.len();

@@ -22,6 +22,68 @@ pub fn inb(port: u16) -> u8 {
     val
 }
 
+/// Writes a dword to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, val: u32) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a dword from an I/O port.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let val: u32;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") val, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    val
+}
+
+/// Volatile 8-bit read of an identity-mapped physical address.
+#[inline(always)]
+pub fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: callers pass identity-mapped MMIO or RAM addresses.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Volatile 8-bit write to an identity-mapped physical address.
+#[inline(always)]
+pub fn mmio_write8(addr: u64, val: u8) {
+    // SAFETY: as in `mmio_read8`.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, val) }
+}
+
+/// Volatile 16-bit read of an identity-mapped physical address.
+#[inline(always)]
+pub fn mmio_read16(addr: u64) -> u16 {
+    // SAFETY: callers pass identity-mapped, 2-byte aligned MMIO or RAM addresses.
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+/// Volatile 16-bit write to an identity-mapped physical address.
+#[inline(always)]
+pub fn mmio_write16(addr: u64, val: u16) {
+    // SAFETY: as in `mmio_read16`.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, val) }
+}
+
+/// Volatile 64-bit read of identity-mapped, 8-byte aligned RAM.
+#[inline(always)]
+pub fn ram_read64(addr: u64) -> u64 {
+    // SAFETY: callers pass identity-mapped, 8-byte aligned RAM addresses.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+/// Volatile 64-bit write to identity-mapped, 8-byte aligned RAM.
+#[inline(always)]
+pub fn ram_write64(addr: u64, val: u64) {
+    // SAFETY: as in `ram_read64`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, val) }
+}
+
 /// Volatile 32-bit read of an identity-mapped physical address.
 #[inline(always)]
 pub fn mmio_read32(addr: u64) -> u32 {

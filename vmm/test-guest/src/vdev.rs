@@ -1,0 +1,354 @@
+//! virtio device drivers on top of virtio.rs: blk (type 2), net (type 1),
+//! rng (type 4). Each does a little real I/O and prints what it saw.
+
+use crate::cpu::Page;
+use crate::serial::{line, out};
+use crate::virtio::{fail_dev, Buf, Opts, Transport, Vq};
+use crate::x86::{self, mmio_read8, mmio_write32, mmio_write8, ram_read64};
+
+/// DMA buffers (identity mapped: guest virtual == guest physical).
+const BUF_PAGES: usize = 6;
+static BUFS: Page<[u8; BUF_PAGES * 4096]> = Page::new([0; BUF_PAGES * 4096]);
+
+const OFF_HDR: u64 = 0; // blk request header, 16 bytes
+const OFF_STATUS: u64 = 16; // blk status byte
+const OFF_ID: u64 = 64; // blk GET_ID, 20 bytes
+const OFF_RNG: u64 = 128; // rng, 64 bytes
+const OFF_WBUF: u64 = 4096; // blk write data, 4 KiB
+const OFF_RBUF: u64 = 8192; // blk read data, 4 KiB
+const OFF_NET_TX: u64 = 12288; // net TX: vnet header + frame
+const OFF_NET_RX: u64 = 16384; // net RX: 4 x 1600
+const NET_RX_STRIDE: u64 = 1600;
+
+fn buf(off: u64) -> u64 {
+    BUFS.get() as u64 + off
+}
+
+/// Every `wait` allows this many 10 ms halts (~3 s).
+const WAIT_NAPS: u32 = 300;
+
+// ---------------------------------------------------------------------------
+// virtio-blk.
+
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_T_IN: u32 = 0;
+const BLK_T_OUT: u32 = 1;
+const BLK_T_FLUSH: u32 = 4;
+const BLK_T_GET_ID: u32 = 8;
+const BLK_S_UNSUPP: u8 = 2;
+/// 4 KiB per data request.
+const BLK_LEN: u32 = 4096;
+const SECTOR: u64 = 512;
+/// First sector of the test data; the burst goes to 16, 24, ...
+const BLK_SECTOR: u64 = 8;
+const BURST_SECTOR: u64 = 16;
+
+/// The disk pattern: the little-endian u64 at disk byte offset `o` (a
+/// multiple of 8) is `(o | seed << 48) * 0x9E3779B97F4A7C15` (wrapping).
+pub fn pattern(seed: u64, o: u64) -> u64 {
+    (o | seed << 48).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn fill(at: u64, seed: u64, sector: u64) {
+    let disk = sector * SECTOR;
+    for i in (0..u64::from(BLK_LEN)).step_by(8) {
+        x86::ram_write64(at + i, pattern(seed, disk + i));
+    }
+}
+
+fn zero(at: u64, len: u64) {
+    for i in (0..len).step_by(8) {
+        x86::ram_write64(at + i, 0);
+    }
+}
+
+/// Compares the read buffer with the pattern; returns the first bad offset.
+fn check(at: u64, seed: u64, sector: u64) -> Option<u64> {
+    let disk = sector * SECTOR;
+    (0..u64::from(BLK_LEN))
+        .step_by(8)
+        .find(|&i| ram_read64(at + i) != pattern(seed, disk + i))
+}
+
+/// One request: header, optional data buffer, status. Returns the status byte.
+fn blk_req(q: &mut Vq, bdf_t: &Transport, typ: u32, sector: u64, data: Option<Buf>) -> u8 {
+    let hdr = buf(OFF_HDR);
+    mmio_write32(hdr, typ);
+    mmio_write32(hdr + 4, 0);
+    x86::ram_write64(hdr + 8, sector);
+    mmio_write8(buf(OFF_STATUS), 0xFF);
+    let h = (hdr, 16, false);
+    let st = (buf(OFF_STATUS), 1, true);
+    q.sync_irqs();
+    let head = match data {
+        Some(d) => q.push(&[h, d, st]),
+        None => q.push(&[h, st]),
+    };
+    q.kick();
+    let what = match typ {
+        BLK_T_IN => "blk read",
+        BLK_T_OUT => "blk write",
+        BLK_T_FLUSH => "blk flush",
+        _ => "blk get_id",
+    };
+    let (id, _len) = q.wait(what, WAIT_NAPS);
+    if id != u32::from(head) {
+        fail_dev("blk used id != head", bdf_t.bdf);
+    }
+    mmio_read8(buf(OFF_STATUS))
+}
+
+fn blk_status_fail(what: &str, st: u8) -> ! {
+    out()
+        .s("TG: FAIL ")
+        .s(what)
+        .s(" status=")
+        .dec(u64::from(st))
+        .nl();
+    x86::power_off()
+}
+
+fn blk_write(q: &mut Vq, t: &Transport, seed: u64, sector: u64) {
+    fill(buf(OFF_WBUF), seed, sector);
+    let st = blk_req(
+        q,
+        t,
+        BLK_T_OUT,
+        sector,
+        Some((buf(OFF_WBUF), BLK_LEN, false)),
+    );
+    if st != 0 {
+        blk_status_fail("blk write", st);
+    }
+}
+
+fn blk_read_check(q: &mut Vq, t: &Transport, seed: u64, sector: u64, what: &str) {
+    let st = blk_req(q, t, BLK_T_IN, sector, Some((buf(OFF_RBUF), BLK_LEN, true)));
+    if st != 0 {
+        blk_status_fail(what, st);
+    }
+    if let Some(off) = check(buf(OFF_RBUF), seed, sector) {
+        out()
+            .s("TG: FAIL ")
+            .s(what)
+            .s(" mismatch sector=")
+            .dec(sector)
+            .s(" offset=")
+            .dec(off)
+            .nl();
+        x86::power_off();
+    }
+}
+
+fn blk_setup(t: &Transport) -> (u64, Vq) {
+    let feats = t.init(BLK_F_FLUSH, 1);
+    let q = t.setup_queue(0);
+    t.driver_ok();
+    (feats, q)
+}
+
+pub fn blk(t: &Transport, o: &Opts) {
+    let (feats, mut q) = blk_setup(t);
+    let irq0 = q.irqs();
+    let cap = t.cfg_read64(0);
+    out().s("TG: blk capacity=").dec(cap).nl();
+    let need = BURST_SECTOR + o.burst * (u64::from(BLK_LEN) / SECTOR);
+    if cap < need {
+        fail_dev("blk capacity too small", t.bdf);
+    }
+
+    blk_write(&mut q, t, o.seed, BLK_SECTOR);
+    line("TG: blk write ok");
+    zero(buf(OFF_RBUF), u64::from(BLK_LEN));
+    blk_read_check(&mut q, t, o.seed, BLK_SECTOR, "blk read");
+    line("TG: blk read ok");
+
+    if feats & BLK_F_FLUSH != 0 {
+        let st = blk_req(&mut q, t, BLK_T_FLUSH, 0, None);
+        if st != 0 {
+            blk_status_fail("blk flush", st);
+        }
+        line("TG: blk flush ok");
+    } else {
+        line("TG: blk flush unsupported");
+    }
+
+    let id = buf(OFF_ID);
+    zero(id, 24);
+    let st = blk_req(&mut q, t, BLK_T_GET_ID, 0, Some((id, 20, true)));
+    match st {
+        0 => {
+            let mut s = out();
+            s.s("TG: blk id=");
+            for i in 0..20 {
+                let b = mmio_read8(id + i);
+                if b == 0 {
+                    break;
+                }
+                s.bytes(&[if (0x20..0x7F).contains(&b) { b } else { b'?' }]);
+            }
+            s.nl();
+        }
+        BLK_S_UNSUPP => line("TG: blk id unsupported"),
+        _ => blk_status_fail("blk get_id", st),
+    }
+    out()
+        .s("TG: blk irqs=")
+        .dec(u64::from(q.irqs().wrapping_sub(irq0)))
+        .nl();
+
+    if o.burst > 0 {
+        for k in 0..o.burst {
+            let sector = BURST_SECTOR + k * (u64::from(BLK_LEN) / SECTOR);
+            blk_write(&mut q, t, o.seed, sector);
+            blk_read_check(&mut q, t, o.seed, sector, "blk burst read");
+        }
+        out().s("TG: blk burst ok n=").dec(o.burst).nl();
+    }
+
+    // Device reset and a second initialisation: the data must still be there.
+    let (_, mut q) = blk_setup(t);
+    zero(buf(OFF_RBUF), u64::from(BLK_LEN));
+    blk_read_check(&mut q, t, o.seed, BLK_SECTOR, "blk reinit read");
+    line("TG: blk reinit ok");
+}
+
+// ---------------------------------------------------------------------------
+// virtio-rng.
+
+pub fn rng(t: &Transport) {
+    t.init(0, 1);
+    let mut q = t.setup_queue(0);
+    t.driver_ok();
+    let b = buf(OFF_RNG);
+    zero(b, 64);
+    q.sync_irqs();
+    let head = q.push(&[(b, 64, true)]);
+    q.kick();
+    let (id, len) = q.wait("rng read", WAIT_NAPS);
+    if id != u32::from(head) || len > 64 {
+        fail_dev("rng used element", t.bdf);
+    }
+    let nonzero = (0..u64::from(len))
+        .filter(|&i| mmio_read8(b + i) != 0)
+        .count();
+    out()
+        .s("TG: rng bytes=")
+        .dec(u64::from(len))
+        .s(" nonzero=")
+        .dec(nonzero as u64)
+        .nl();
+}
+
+// ---------------------------------------------------------------------------
+// virtio-net.
+
+const NET_F_MAC: u64 = 1 << 5;
+/// virtio_net_hdr with VERSION_1 (num_buffers included), no MRG_RXBUF.
+const VNET_HDR: u64 = 12;
+const NET_RX_BUFS: usize = 4;
+const NET_RX_LEN: u32 = 1526 + VNET_HDR as u32;
+const ETHERTYPE: u16 = 0x88B5;
+const PAYLOAD: &[u8] = b"TG virtio-net hello";
+/// Minimum Ethernet frame without FCS: the payload is zero-padded to it.
+const MIN_FRAME: u64 = 60;
+/// `tg.netrx` waits up to this many 10 ms halts (~5 s).
+const RX_NAPS: u32 = 500;
+
+pub fn net(t: &Transport, o: &Opts) {
+    let feats = t.init(NET_F_MAC, 2);
+    let mut rx = t.setup_queue(0);
+    let mut tx = t.setup_queue(1);
+    t.driver_ok();
+
+    let mut mac = [0x02, 0, 0, 0, 0, 0x01];
+    if feats & NET_F_MAC != 0 {
+        for (i, m) in mac.iter_mut().enumerate() {
+            *m = t.cfg_read8(i as u64);
+        }
+    }
+    {
+        let mut s = out();
+        s.s("TG: net mac=");
+        for (i, m) in mac.iter().enumerate() {
+            if i > 0 {
+                s.s(":");
+            }
+            s.hexw(u64::from(*m), 2);
+        }
+        if feats & NET_F_MAC == 0 {
+            s.s(" (MAC not offered)");
+        }
+        s.nl();
+    }
+
+    let mut heads = [0u16; NET_RX_BUFS];
+    for (i, h) in heads.iter_mut().enumerate() {
+        let b = buf(OFF_NET_RX) + i as u64 * NET_RX_STRIDE;
+        *h = rx.push(&[(b, NET_RX_LEN, true)]);
+    }
+    rx.sync_irqs();
+    rx.kick();
+
+    // TX: zeroed vnet header, then dst, src, ethertype, payload, padding.
+    let p = buf(OFF_NET_TX);
+    zero(p, VNET_HDR + MIN_FRAME + 4);
+    let f = p + VNET_HDR;
+    for i in 0..6 {
+        mmio_write8(f + i, 0xFF);
+        mmio_write8(f + 6 + i, mac[i as usize]);
+    }
+    mmio_write8(f + 12, (ETHERTYPE >> 8) as u8);
+    mmio_write8(f + 13, ETHERTYPE as u8);
+    for (i, b) in PAYLOAD.iter().enumerate() {
+        mmio_write8(f + 14 + i as u64, *b);
+    }
+    tx.sync_irqs();
+    let head = tx.push(&[(p, (VNET_HDR + MIN_FRAME) as u32, false)]);
+    tx.kick();
+    let (id, _) = tx.wait("net tx", WAIT_NAPS);
+    if id != u32::from(head) {
+        fail_dev("net tx used id != head", t.bdf);
+    }
+    line("TG: net tx ok");
+
+    if !o.netrx {
+        return;
+    }
+    let (id, len) = rx.wait("net rx", RX_NAPS);
+    let Some(i) = heads.iter().position(|&h| u32::from(h) == id) else {
+        fail_dev("net rx used id", t.bdf)
+    };
+    if u64::from(len) < VNET_HDR + 14 || len > NET_RX_LEN {
+        fail_dev("net rx length", t.bdf);
+    }
+    let frame = buf(OFF_NET_RX) + i as u64 * NET_RX_STRIDE + VNET_HDR;
+    let flen = u64::from(len) - VNET_HDR;
+    let etype = (u16::from(mmio_read8(frame + 12)) << 8) | u16::from(mmio_read8(frame + 13));
+    out()
+        .s("TG: net rx len=")
+        .dec(flen)
+        .s(" type=")
+        .hexw(u64::from(etype), 4)
+        .nl();
+    // Payload as text: trailing zero padding dropped, printable ASCII only.
+    let mut end = flen;
+    while end > 14 && mmio_read8(frame + end - 1) == 0 {
+        end -= 1;
+    }
+    let text = end > 14 && (14..end).all(|j| (0x20..0x7F).contains(&mmio_read8(frame + j)));
+    if text {
+        let mut s = out();
+        s.s("TG: net rx payload=");
+        for j in 14..end.min(14 + 80) {
+            s.bytes(&[mmio_read8(frame + j)]);
+        }
+        s.nl();
+    } else {
+        out()
+            .s("TG: net rx payload not text (")
+            .dec(flen - 14)
+            .s(" bytes)")
+            .nl();
+    }
+}
