@@ -57,6 +57,10 @@ pub trait QueueHandler: Send {
     fn submit(&mut self);
     /// Appends finished requests to `done`.
     fn reap(&mut self, done: &mut Vec<Used>);
+    /// True if [`Self::reap`] would find something; used when busy-polling.
+    fn has_completions(&mut self) -> bool {
+        true
+    }
     /// Requests started and not yet reaped.
     fn in_flight(&self) -> usize;
     /// Blocks until a completion can be reaped.

@@ -67,6 +67,7 @@ pub struct Handler<D: Device> {
     protocol: VhostUserProtocolFeatures,
     vrings: Vec<VringSlot>,
     inflight: Option<Arc<InflightRegion>>,
+    poll: std::time::Duration,
 }
 
 fn invalid(msg: &'static str) -> VhostUserError {
@@ -79,7 +80,11 @@ fn internal(e: impl std::error::Error + Send + Sync + 'static) -> VhostUserError
 
 impl<D: Device> Handler<D> {
     /// A fresh handler for a new connection.
-    pub fn new(device: Arc<D>, metrics: Arc<Vec<Arc<QueueMetrics>>>) -> Self {
+    pub fn new(
+        device: Arc<D>,
+        metrics: Arc<Vec<Arc<QueueMetrics>>>,
+        poll: std::time::Duration,
+    ) -> Self {
         let vrings = (0..device.num_queues())
             .map(|_| VringSlot::default())
             .collect();
@@ -93,6 +98,7 @@ impl<D: Device> Handler<D> {
             protocol: VhostUserProtocolFeatures::empty(),
             vrings,
             inflight: None,
+            poll,
         }
     }
 
@@ -181,6 +187,7 @@ impl<D: Device> Handler<D> {
             mem: self.mem.clone(),
             handler,
             resubmit,
+            poll: self.poll,
         };
         let handle = worker::spawn(format!("queue{index}"), worker).map_err(internal)?;
         tracing::debug!(queue = index, size = cfg.size, "queue started");

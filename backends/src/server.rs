@@ -29,7 +29,11 @@ pub enum ServerError {
 pub struct Server<D: Device> {
     device: Arc<D>,
     metrics: Arc<Vec<Arc<QueueMetrics>>>,
+    poll: Duration,
 }
+
+/// Default busy-poll window of queue workers.
+pub const DEFAULT_POLL: Duration = Duration::ZERO;
 
 impl<D: Device> Server<D> {
     /// Wraps `device`; metrics start at zero and survive reconnects.
@@ -38,7 +42,15 @@ impl<D: Device> Server<D> {
         Server {
             device,
             metrics: Arc::new(metrics),
+            poll: DEFAULT_POLL,
         }
+    }
+
+    /// Sets how long queue workers busy-poll after the last work found
+    /// (zero disables polling).
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
     }
 
     /// Per-queue counters.
@@ -80,6 +92,7 @@ impl<D: Device> Server<D> {
         let handler = Arc::new(Mutex::new(Handler::new(
             self.device.clone(),
             self.metrics.clone(),
+            self.poll,
         )));
         let mut req = BackendReqHandler::from_stream(stream, handler.clone());
         loop {

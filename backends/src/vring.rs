@@ -116,6 +116,13 @@ impl Vring {
         self.queue.next_avail()
     }
 
+    /// True if the driver published chains we have not taken yet.
+    pub fn has_avail(&self, mem: &GuestMem) -> bool {
+        self.queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+
     /// Takes the next available chain head and marks it in flight.
     pub fn pop(&mut self, mem: &GuestMem) -> Option<u16> {
         let head = self.queue.pop_descriptor_chain(mem)?.head_index();

@@ -73,6 +73,8 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// GET_ID answer.
     pub serial: String,
+    /// Busy-poll window of queue workers in microseconds (0: never poll).
+    pub poll_us: u64,
 }
 
 impl BlkConfig {

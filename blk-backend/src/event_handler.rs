@@ -304,6 +304,10 @@ impl QueueHandler for BlkQueue {
         self.completions = completions;
     }
 
+    fn has_completions(&mut self) -> bool {
+        self.storage.has_completions()
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }

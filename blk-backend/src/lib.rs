@@ -58,7 +58,8 @@ pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
         serial: cfg.serial.clone(),
     };
     tracing::info!(capacity = storage.capacity(), queues = cfg.queues, socket = %cfg.socket.display(), "blk-backend starting");
-    let server = Server::new(Arc::new(BlkDevice::new(storage, opts)));
+    let server = Server::new(Arc::new(BlkDevice::new(storage, opts)))
+        .with_poll(std::time::Duration::from_micros(cfg.poll_us));
     if cfg.client {
         server.serve_client(&cfg.socket);
     }

@@ -32,6 +32,10 @@ struct Args {
     /// Device id returned to GET_ID (20 bytes max).
     #[arg(long, default_value = "blk-backend")]
     serial: String,
+    /// Busy-poll window of queue workers in microseconds after the last work
+    /// found (0: never poll, sleep in epoll). Helps only with a spare CPU per queue.
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
     /// `file` (io_uring on --image) or `memory:SIZE` (e.g. memory:1G).
     #[arg(long, default_value = "file")]
     storage: StorageKind,
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         queues: a.queues.max(1),
         queue_size: a.queue_size,
         serial: a.serial,
+        poll_us: a.poll_us,
     };
     match blk_backend::run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,

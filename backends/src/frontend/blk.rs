@@ -209,6 +209,12 @@ impl BlkDriver {
         self.fe.queue(q).0.notify();
     }
 
+    /// Kicks queue `q` only if the device asked for it (EVENT_IDX).
+    pub fn kick_if_needed(&mut self, q: usize) {
+        let (vq, mem) = self.fe.queue(q);
+        vq.notify_if_needed(mem);
+    }
+
     /// Waits for completions on queue `q` and frees their slots. The data of
     /// a freed slot stays readable until the slot is reused.
     pub fn wait(

@@ -5,6 +5,7 @@
 //! to drive any vhost-user backend by socket path.
 
 pub mod blk;
+pub mod net;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -119,6 +120,7 @@ pub struct VirtQueue {
     event_idx: bool,
     outstanding: usize,
     spurious: u64,
+    kicked_avail: u16,
 }
 
 impl VirtQueue {
@@ -142,6 +144,7 @@ impl VirtQueue {
             event_idx: false,
             outstanding: 0,
             spurious: 0,
+            kicked_avail: 0,
         };
         Ok((q, end))
     }
@@ -209,6 +212,25 @@ impl VirtQueue {
     /// Kicks the backend.
     pub fn notify(&self) {
         let _ = self.kick.write(1);
+    }
+
+    /// Kicks the backend unless, with EVENT_IDX, it said it does not need a
+    /// kick for the chains published since `old_avail` (as Linux drivers do).
+    pub fn notify_if_needed(&mut self, mem: &GuestMem) {
+        let new = self.avail_idx;
+        let old = std::mem::replace(&mut self.kicked_avail, new);
+        if self.event_idx {
+            fence(Ordering::SeqCst);
+            let at = GuestAddress(self.used.0 + 4 + 8 * u64::from(self.size));
+            let event: u16 = mem
+                .load(at, Ordering::Acquire)
+                .unwrap_or(new.wrapping_sub(1));
+            // vring_need_event(event, new, old)
+            if new.wrapping_sub(event).wrapping_sub(1) >= new.wrapping_sub(old) {
+                return;
+            }
+        }
+        self.notify();
     }
 
     /// Appends returned chains to `out` without blocking.

@@ -158,6 +158,10 @@ impl StorageQueue for FileQueue {
         self.ring.submit().map(|_| ()).map_err(uring_io)
     }
 
+    fn has_completions(&mut self) -> bool {
+        self.ring.has_completions()
+    }
+
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let iovecs = &mut self.iovecs;
         self.ring.reap(|token, res| {

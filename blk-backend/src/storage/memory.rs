@@ -140,6 +140,10 @@ impl StorageQueue for MemoryQueue {
         Ok(())
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let _ = self.notifier.read();
         out.append(&mut self.done);

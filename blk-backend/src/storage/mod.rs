@@ -9,7 +9,9 @@
 //!    with a caller-chosen `token`, then [`StorageQueue::submit`] once per batch.
 //! 3. When the eventfd returned by [`StorageQueue::notifier`] becomes
 //!    readable, the worker calls [`StorageQueue::reap`] and gets a
-//!    [`Completion`] per finished operation, carrying its token.
+//!    [`Completion`] per finished operation, carrying its token. The worker
+//!    polls the eventfd edge-triggered: write it for every batch of
+//!    completions; reading it back is optional.
 //!
 //! A synchronous implementation may finish operations inside the submitting
 //! call: it queues the completion and writes its eventfd (see
@@ -76,6 +78,12 @@ pub trait StorageQueue: Send {
 
     /// Hands the operations queued since the last call to the storage.
     fn submit(&mut self) -> io::Result<()>;
+
+    /// True if [`Self::reap`] would return something; called when busy-polling,
+    /// so it should not make a system call.
+    fn has_completions(&mut self) -> bool {
+        true
+    }
 
     /// Appends finished operations to `out`; never blocks.
     fn reap(&mut self, out: &mut Vec<Completion>);

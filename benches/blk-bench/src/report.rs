@@ -1,0 +1,105 @@
+//! Tables from result lines: min/median/max per label and workload, then the
+//! subject's median IOPS as a ratio of every other label's.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::workload::{Sample, Workload};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Renders the tables for the samples in `text`.
+pub fn render(text: &str, subject: &str) -> String {
+    let samples: Vec<Sample> = text.lines().filter_map(Sample::from_line).collect();
+    let mut labels: Vec<String> = Vec::new();
+    let mut groups: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
+    for s in samples {
+        if !labels.contains(&s.label) {
+            labels.push(s.label.clone());
+        }
+        groups
+            .entry((s.workload.clone(), s.label.clone()))
+            .or_default()
+            .push(s);
+    }
+    let order: Vec<&str> = Workload::all().iter().map(|w| w.name).collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<22} {:>26} {:>9} {:>9} {:>9} {:>10}",
+        "workload", "label", "IOPS min/median/max", "MB/s", "p50 us", "p99 us", "cpu s/Mio"
+    );
+    let mut med_iops: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for w in &order {
+        for l in &labels {
+            let Some(g) = groups.get(&(w.to_string(), l.clone())) else {
+                continue;
+            };
+            let mut iops: Vec<f64> = g.iter().map(|s| s.iops).collect();
+            let (min, max) = (
+                iops.iter().copied().fold(f64::MAX, f64::min),
+                iops.iter().copied().fold(0.0, f64::max),
+            );
+            let med = median(&mut iops);
+            let mb = median(&mut g.iter().map(|s| s.mbps).collect::<Vec<_>>());
+            let p50 = median(&mut g.iter().map(|s| s.p50_us).collect::<Vec<_>>());
+            let p99 = median(&mut g.iter().map(|s| s.p99_us).collect::<Vec<_>>());
+            let cpu = median(&mut g.iter().map(|s| s.cpu_s_per_mio).collect::<Vec<_>>());
+            med_iops.insert((w.to_string(), l.clone()), med);
+            let _ = writeln!(
+                out,
+                "{:<20} {:<22} {:>26} {:>9.1} {:>9.1} {:>9.1} {:>10.2}",
+                w,
+                l,
+                format!("{min:.0}/{med:.0}/{max:.0}"),
+                mb,
+                p50,
+                p99,
+                cpu
+            );
+        }
+    }
+    let others: Vec<&String> = labels.iter().filter(|l| l.as_str() != subject).collect();
+    let _ = writeln!(out, "\nmedian IOPS of {subject} relative to:");
+    let _ = write!(out, "{:<20}", "workload");
+    for o in &others {
+        let _ = write!(out, " {:>22}", o);
+    }
+    let _ = writeln!(out);
+    for w in &order {
+        let Some(mine) = med_iops.get(&(w.to_string(), subject.to_string())) else {
+            continue;
+        };
+        let _ = write!(out, "{:<20}", w);
+        for o in &others {
+            let cell = med_iops
+                .get(&(w.to_string(), o.to_string()))
+                .map_or("-".to_string(), |theirs| format!("{:.2}x", mine / theirs));
+            let _ = write!(out, " {:>22}", cell);
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_uses_median_iops() {
+        let text = "a\trandread-4k-qd32\t100\t0\t0\t0\t0\na\trandread-4k-qd32\t300\t0\t0\t0\t0\na\trandread-4k-qd32\t200\t0\t0\t0\t0\nb\trandread-4k-qd32\t100\t0\t0\t0\t0\n";
+
+        let table = render(text, "a");
+
+        assert!(table.contains("100/200/300"));
+        assert!(table.contains("2.00x"));
+    }
+}
