@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::devices_config::{check_unique, DeviceSpecError};
+use crate::vhost_user::DeviceConfig;
+
 /// Smallest guest RAM we accept: room for the boot structures below 1 MiB
 /// and a kernel above it.
 pub const MIN_MEMORY: u64 = 16 << 20;
@@ -32,6 +35,10 @@ pub enum ConfigError {
     UnknownCpuFeature(String, String),
     #[error("Invalid CPU feature item '{0}': expected -NAME to hide a feature")]
     InvalidCpuFeatureItem(String),
+    #[error(transparent)]
+    Device(#[from] DeviceSpecError),
+    #[error("Backend socket {0} does not exist")]
+    NoSocket(String),
 }
 
 /// Where the guest's COM1 output goes.
@@ -87,6 +94,8 @@ pub struct VmConfig {
     pub boot: BootProtocol,
     /// CPUID feature names hidden from the guest.
     pub hidden_cpu_features: Vec<String>,
+    /// vhost-user devices (disks, NICs, others), in PCI slot order.
+    pub devices: Vec<DeviceConfig>,
 }
 
 impl VmConfig {
@@ -104,6 +113,12 @@ impl VmConfig {
         }
         for name in &self.hidden_cpu_features {
             crate::arch::x86_64::cpuid::feature_by_name(name)?;
+        }
+        check_unique(&self.devices)?;
+        for d in &self.devices {
+            if !d.socket.exists() {
+                return Err(ConfigError::NoSocket(d.socket.display().to_string()));
+            }
         }
         Ok(())
     }
@@ -163,6 +178,7 @@ mod tests {
             serial: SerialConfig::Stdio,
             boot: BootProtocol::Auto,
             hidden_cpu_features: vec![],
+            devices: vec![],
         }
     }
 
@@ -201,6 +217,18 @@ mod tests {
             ..config()
         };
         assert_eq!(c.validate(), Err(ConfigError::MemoryTooSmall(1024)));
+    }
+
+    #[test]
+    fn missing_backend_socket_is_rejected() {
+        let c = VmConfig {
+            devices: vec![crate::devices_config::parse_disk("socket=/nonexistent.sock").unwrap()],
+            ..config()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::NoSocket("/nonexistent.sock".into()))
+        );
     }
 
     #[test]

@@ -6,10 +6,15 @@ pub mod arch;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod devices_config;
 pub mod exit;
+pub mod interrupts;
 pub mod machine;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
+pub mod vhost_user;
+pub mod virtio;
 pub mod vm;
 
 pub use config::VmConfig;

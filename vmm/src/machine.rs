@@ -28,8 +28,12 @@ use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::legacy::{DebugCon, ResetTrigger, DEBUGCON_PORT, I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::interrupts::Router;
 use crate::memory::{Memory, MemoryError};
+use crate::pci::{BarAllocator, PciConfigIo, PciEcam, PciError, PciRoot};
 use crate::vcpu::{VcpuContext, VcpuError, VcpuHandle, VcpuMetrics, VcpuState};
+use crate::vhost_user::{VhostUser, VhostUserError};
+use crate::virtio::pci::{TransportMetrics, VirtioPci, VirtioPciError, BAR_SIZE};
 use crate::vm::{self, VmError};
 
 /// Errors building or running the VM.
@@ -55,6 +59,12 @@ pub enum MachineError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserError),
+    #[error("Cannot create a virtio-pci device")]
+    VirtioPci(#[from] VirtioPciError),
+    #[error("Cannot set up PCI")]
+    Pci(#[from] PciError),
     #[error("Cannot {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     #[error("Cannot {0}")]
@@ -87,13 +97,17 @@ pub struct Outcome {
     pub reason: ExitReason,
     pub pio_exits: u64,
     pub mmio_exits: u64,
+    /// Queue notifications that exited to the VMM instead of going
+    /// through an ioeventfd: the data path must keep this at 0.
+    pub notify_exits: u64,
 }
 
 /// A built VM, ready to run. Field order is drop order: the VM (and its
 /// memory slots) goes before the guest memory it maps.
 pub struct Machine {
     vcpus: Vec<VcpuHandle>,
-    _vm: VmFd,
+    transports: Vec<Arc<TransportMetrics>>,
+    _vm: Arc<VmFd>,
     memory: Memory,
     serial: Arc<Mutex<Serial>>,
     serial_drained: EventFd,
@@ -111,7 +125,7 @@ impl Machine {
         // Before any thread exists, so that every vCPU thread inherits the mask.
         let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM])?;
         let kvm = vm::open_kvm()?;
-        let vm = vm::create_vm(&kvm, cfg.cpus)?;
+        let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
         let memory = Memory::new(cfg.memory, cfg.hugepages)?;
         vm::register_memory(&vm, &memory.guest)?;
 
@@ -133,10 +147,12 @@ impl Machine {
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
         let (pio, serial, serial_drained) = legacy_devices(&vm, cfg, &exit)?;
+        let mmio = Arc::new(Bus::new("mmio"));
+        let transports = pci_devices(cfg, &vm, &memory, &pio, &mmio, ram_end)?;
         let metrics = Arc::new(VcpuMetrics::default());
         let ctx = VcpuContext {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new("mmio")),
+            mmio,
             exit: exit.clone(),
             metrics: metrics.clone(),
         };
@@ -156,6 +172,7 @@ impl Machine {
         }
         Ok(Self {
             vcpus,
+            transports,
             _vm: vm,
             memory,
             serial,
@@ -192,6 +209,11 @@ impl Machine {
             reason,
             pio_exits: self.metrics.pio_exits.load(Ordering::Relaxed),
             mmio_exits: self.metrics.mmio_exits.load(Ordering::Relaxed),
+            notify_exits: self
+                .transports
+                .iter()
+                .map(|t| t.notify_exits.load(Ordering::Relaxed))
+                .sum(),
         })
     }
 
@@ -268,9 +290,43 @@ impl Machine {
     }
 }
 
+/// The PCI host bridge and one virtio-pci device per vhost-user backend.
+fn pci_devices(
+    cfg: &VmConfig,
+    vm: &Arc<VmFd>,
+    memory: &Memory,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+    ram_end: u64,
+) -> Result<Vec<Arc<TransportMetrics>>> {
+    let router = Arc::new(Router::new(vm.clone()));
+    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    pio.insert(
+        crate::pci::CONFIG_IO_BASE,
+        crate::pci::CONFIG_IO_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+    )?;
+    mmio.insert(
+        crate::pci::ECAM_BASE,
+        crate::pci::ECAM_SIZE,
+        Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+    )?;
+    let mut bars = BarAllocator::new(ram_end);
+    let mut metrics = Vec::new();
+    for d in &cfg.devices {
+        let backend = VhostUser::new(d.clone(), memory.guest.clone())?;
+        let addr = bars.allocate(BAR_SIZE, true)?;
+        let dev = VirtioPci::new(Box::new(backend), addr, vm.clone(), router.clone())?;
+        metrics.push(dev.metrics.clone());
+        let slot = lock(&root).add(Arc::new(Mutex::new(dev)))?;
+        tracing::info!(slot, socket = %d.socket.display(), bar = addr, "vhost-user device");
+    }
+    Ok(metrics)
+}
+
 /// COM1, the i8042 and the debug console on the PIO bus.
 fn legacy_devices(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     cfg: &VmConfig,
     exit: &Arc<ExitNotifier>,
 ) -> Result<(Bus, Arc<Mutex<Serial>>, EventFd)> {
@@ -289,7 +345,7 @@ fn legacy_devices(
             .map_err(|e| MachineError::Io("clone eventfd", e))?,
         serial_sink(&cfg.serial)?,
     )));
-    let mut pio = Bus::new("pio");
+    let pio = Bus::new("pio");
     pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
     pio.insert(
         I8042_BASE,

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
+use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
+use vmm::vhost_user::DeviceConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,6 +41,18 @@ struct Cli {
     /// CPUID features to hide from the guest, e.g. -cx16,-clwb.
     #[arg(long, allow_hyphen_values = true, value_parser = parse_hidden)]
     cpu_features: Option<Hidden>,
+    /// A virtio-blk disk served by a vhost-user backend (repeatable):
+    /// socket=PATH[,queues=N][,queue-size=N]
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<DeviceConfig>,
+    /// A virtio-net NIC served by a vhost-user backend (repeatable):
+    /// socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]
+    #[arg(long, value_parser = parse_net)]
+    net: Vec<DeviceConfig>,
+    /// Any virtio device served by a vhost-user backend (repeatable):
+    /// type=NAME|ID,socket=PATH[,queues=N][,queue-size=N]
+    #[arg(long = "vhost-user", value_parser = parse_vhost_user)]
+    vhost_user: Vec<DeviceConfig>,
 }
 
 /// Feature names to hide (a newtype: clap treats a bare `Vec` as many values).
@@ -69,10 +83,22 @@ fn main() -> ExitCode {
         serial: cli.serial,
         boot: cli.boot,
         hidden_cpu_features: cli.cpu_features.map(|h| h.0).unwrap_or_default(),
+        devices: cli
+            .disk
+            .into_iter()
+            .chain(cli.net)
+            .chain(cli.vhost_user)
+            .collect(),
     };
     match vmm::Machine::new(&cfg).and_then(|m| m.run()) {
         Ok(out) if out.reason.is_clean() => {
-            tracing::info!(reason = %out.reason, pio_exits = out.pio_exits, mmio_exits = out.mmio_exits, "VM stopped");
+            tracing::info!(
+                reason = %out.reason,
+                pio_exits = out.pio_exits,
+                mmio_exits = out.mmio_exits,
+                notify_exits = out.notify_exits,
+                "VM stopped"
+            );
             ExitCode::SUCCESS
         }
         Ok(out) => {

@@ -48,13 +48,22 @@ fn dev_kvm_without_permission_is_reported() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", vmm_path(), "--kernel"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            vmm_path(),
+            "--kernel",
+        ])
         .arg(test_guest())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr.contains("Permission denied opening /dev/kvm"), "{stderr}");
+    assert!(
+        stderr.contains("Permission denied opening /dev/kvm"),
+        "{stderr}"
+    );
 }
 
 /// Reserves `pages` more 2 MiB huge pages; gives them back on drop.
@@ -64,7 +73,11 @@ const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
 impl HugePool {
     fn reserve(pages: u64) -> Option<Self> {
-        let now: u64 = std::fs::read_to_string(NR_HUGEPAGES).ok()?.trim().parse().ok()?;
+        let now: u64 = std::fs::read_to_string(NR_HUGEPAGES)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         std::fs::write(NR_HUGEPAGES, (now + pages).to_string()).ok()?;
         Some(Self(now))
     }
@@ -100,7 +113,8 @@ fn huge_pages_without_a_pool_are_reported() {
     let r = run(c, Duration::from_secs(60));
     assert_eq!(r.code(), Some(1));
     assert!(
-        r.stderr.contains("Not enough free 2 MiB huge pages: need 51200"),
+        r.stderr
+            .contains("Not enough free 2 MiB huge pages: need 51200"),
         "{}",
         r.stderr
     );

@@ -21,6 +21,7 @@ fn expected_e820(memory: u64) -> Vec<String> {
         (0x9fc00, 0xa0000, "reserved"),
         (0xe0000, 0x10_0000, "reserved"),
         (0x10_0000, low_end, "usable"),
+        (0xe000_0000, 0xe010_0000, "reserved"),
     ];
     if memory > 0xc000_0000 {
         v.push((1 << 32, (1 << 32) + memory - 0xc000_0000, "usable"));

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use thiserror::Error;
 
@@ -28,10 +28,11 @@ struct Range {
     dev: Arc<Mutex<dyn BusDevice>>,
 }
 
-/// One address space (I/O ports or MMIO).
+/// One address space (I/O ports or MMIO). Ranges can be added and removed
+/// while vCPUs run (a guest moving a PCI BAR).
 pub struct Bus {
     name: &'static str,
-    ranges: BTreeMap<u64, Range>,
+    ranges: RwLock<BTreeMap<u64, Range>>,
     unhandled: AtomicU64,
 }
 
@@ -39,14 +40,14 @@ impl Bus {
     pub fn new(name: &'static str) -> Self {
         Self {
             name,
-            ranges: BTreeMap::new(),
+            ranges: RwLock::new(BTreeMap::new()),
             unhandled: AtomicU64::new(0),
         }
     }
 
     /// Maps `[base, base + len)` to `dev`.
     pub fn insert(
-        &mut self,
+        &self,
         base: u64,
         len: u64,
         dev: Arc<Mutex<dyn BusDevice>>,
@@ -55,24 +56,33 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        let before = self.ranges.range(..end).next_back();
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let before = ranges.range(..end).next_back();
         if before.is_some_and(|(b, r)| b + r.len > base) {
             return Err(BusError::Overlap { base, len });
         }
-        self.ranges.insert(base, Range { len, dev });
+        ranges.insert(base, Range { len, dev });
         Ok(())
     }
 
-    fn find(&self, addr: u64, size: usize) -> Option<(u64, &Range)> {
-        let (base, r) = self.ranges.range(..=addr).next_back()?;
+    /// Unmaps the range starting at `base`; returns its device.
+    pub fn remove(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        ranges.remove(&base).map(|r| r.dev)
+    }
+
+    /// The device and offset for an access, if one is mapped there.
+    fn find(&self, addr: u64, size: usize) -> Option<(u64, Arc<Mutex<dyn BusDevice>>)> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let (base, r) = ranges.range(..=addr).next_back()?;
         let off = addr - base;
-        (off + size as u64 <= r.len).then_some((off, r))
+        (off + size as u64 <= r.len).then(|| (off, r.dev.clone()))
     }
 
     /// Dispatches a read; unmapped addresses read as all ones.
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr, data.len()) {
-            Some((off, r)) => lock(&r.dev).read(off, data),
+            Some((off, dev)) => lock(&dev).read(off, data),
             None => {
                 data.fill(0xff);
                 self.miss(addr, "read");
@@ -83,7 +93,7 @@ impl Bus {
     /// Dispatches a write; writes to unmapped addresses are dropped.
     pub fn write(&self, addr: u64, data: &[u8]) {
         match self.find(addr, data.len()) {
-            Some((off, r)) => lock(&r.dev).write(off, data),
+            Some((off, dev)) => lock(&dev).write(off, data),
             None => self.miss(addr, "write"),
         }
     }
@@ -130,7 +140,7 @@ mod tests {
     #[test]
     fn accesses_reach_the_device_with_relative_offsets() {
         let dev = Arc::new(Mutex::new(Echo(vec![])));
-        let mut bus = Bus::new("pio");
+        let bus = Bus::new("pio");
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];
         bus.read(0x3fd, &mut b);
@@ -150,7 +160,7 @@ mod tests {
 
     #[test]
     fn access_straddling_the_end_is_unhandled() {
-        let mut bus = Bus::new("pio");
+        let bus = Bus::new("pio");
         bus.insert(0x60, 1, Arc::new(Mutex::new(Echo(vec![]))))
             .unwrap();
         let mut b = [0u8; 2];
@@ -160,7 +170,7 @@ mod tests {
 
     #[test]
     fn overlapping_ranges_are_rejected() {
-        let mut bus = Bus::new("pio");
+        let bus = Bus::new("pio");
         let d = || Arc::new(Mutex::new(Echo(vec![])));
         bus.insert(0x10, 0x10, d()).unwrap();
         assert!(bus.insert(0x18, 4, d()).is_err());

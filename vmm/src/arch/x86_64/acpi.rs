@@ -7,6 +7,7 @@ use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -55,11 +56,15 @@ pub fn write(mem: &GuestMemory, cpus: u8) -> Result<u64, AcpiError> {
     madt.add_structure(IoApic::new(cpus, IOAPIC_ADDR, 0));
     tables.push(bytes(&madt));
 
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(crate::pci::ECAM_BASE, 0, 0, 0);
+    tables.push(bytes(&mcfg));
+
     // Layout: RSDP, XSDT, DSDT, MADT, FADT (the FADT needs the DSDT address).
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
-    let xsdt_len = 36 + 8 * 2;
+    let xsdt_len = 36 + 8 * 3;
     let mut addr = align(xsdt_addr + xsdt_len);
     let mut placed = Vec::new();
     for t in &tables {
@@ -82,6 +87,7 @@ pub fn write(mem: &GuestMemory, cpus: u8) -> Result<u64, AcpiError> {
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(placed[1]);
+    xsdt.add_entry(placed[2]);
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
 
     let w = |data: &[u8], a: u64| {

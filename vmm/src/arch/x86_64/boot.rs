@@ -384,7 +384,7 @@ mod tests {
             }
         );
         let info: hvm_start_info = m.guest.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
-        assert_eq!((info.magic, info.memmap_entries), (PVH_MAGIC, 4));
+        assert_eq!((info.magic, info.memmap_entries), (PVH_MAGIC, 5));
         let mut cl = [0u8; 4];
         m.guest
             .read_slice(&mut cl, GuestAddress(info.cmdline_paddr))
@@ -406,7 +406,7 @@ mod tests {
         );
         let bp: boot_params = m.guest.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ bp.hdr.header }, KERNEL_HDR_MAGIC);
-        assert_eq!(bp.e820_entries, 4);
+        assert_eq!(bp.e820_entries, 5);
         let ptr = bp.hdr.cmd_line_ptr;
         assert_eq!(u64::from(ptr), CMDLINE_ADDR);
     }

@@ -116,6 +116,12 @@ pub fn memory_map(size: u64) -> Vec<MemMapEntry> {
             kind: E820_RAM,
         },
     ];
+    // PCI ECAM (bus 0), described in ACPI MCFG.
+    map.push(MemMapEntry {
+        addr: crate::pci::ECAM_BASE,
+        size: crate::pci::ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
     if let Some(high) = ranges.get(1) {
         map.push(MemMapEntry {
             addr: high.start,

@@ -1,0 +1,377 @@
+//! PCI: a host bridge on bus 0 reached through configuration mechanism #1
+//! (ports 0xCF8/0xCFC) and ECAM, BAR allocation in the MMIO hole (64-bit
+//! BARs above RAM), and the device model that virtio-pci builds on.
+
+pub mod config;
+pub mod msix;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+pub use config::{Bar, BarMove, PciConfig, PciId};
+
+use crate::devices::bus::{lock, Bus, BusDevice, BusError};
+
+/// Configuration mechanism #1 ports.
+pub const CONFIG_IO_BASE: u64 = 0xcf8;
+pub const CONFIG_IO_LEN: u64 = 8;
+/// ECAM for bus 0 only: 32 devices x 8 functions x 4 KiB.
+pub const ECAM_BASE: u64 = 0xe000_0000;
+pub const ECAM_SIZE: u64 = 1 << 20;
+/// 32-bit BAR window, below ECAM.
+pub const MMIO32_START: u64 = 0xc000_0000;
+pub const MMIO32_END: u64 = ECAM_BASE;
+/// Top of the 64-bit BAR window (guest physical addresses stay below 1 TiB).
+pub const MMIO64_END: u64 = 1 << 40;
+
+/// Errors building the PCI bus.
+#[derive(Debug, Error)]
+pub enum PciError {
+    #[error("No room for a {0:#x}-byte BAR")]
+    NoBarSpace(u64),
+    #[error("PCI bus 0 is full")]
+    BusFull,
+    #[error("Cannot map a BAR")]
+    Map(#[source] BusError),
+}
+
+/// A PCI function on bus 0.
+pub trait PciDevice: Send {
+    fn config(&self) -> &PciConfig;
+    fn config_mut(&mut self) -> &mut PciConfig;
+    /// An access to BAR `bar` at `offset`.
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// A configuration write landed (capabilities may react).
+    fn config_written(&mut self, _reg: usize) {}
+    /// The guest moved a BAR: re-register anything tied to its address.
+    fn bar_moved(&mut self, _m: BarMove) {}
+}
+
+/// Bump allocator for BAR space, naturally aligned.
+pub struct BarAllocator {
+    next32: u64,
+    next64: u64,
+}
+
+impl BarAllocator {
+    /// `ram_end` is the top of guest RAM; 64-bit BARs go above it.
+    pub fn new(ram_end: u64) -> Self {
+        Self {
+            next32: MMIO32_START,
+            next64: ram_end.max(1 << 32).next_multiple_of(1 << 30),
+        }
+    }
+
+    pub fn allocate(&mut self, size: u64, is64: bool) -> Result<u64, PciError> {
+        let (next, end) = if is64 {
+            (&mut self.next64, MMIO64_END)
+        } else {
+            (&mut self.next32, MMIO32_END)
+        };
+        let addr = next.next_multiple_of(size);
+        if addr + size > end {
+            return Err(PciError::NoBarSpace(size));
+        }
+        *next = addr + size;
+        Ok(addr)
+    }
+}
+
+/// Routes MMIO accesses in one BAR to its device.
+struct BarWindow {
+    dev: Arc<Mutex<dyn PciDevice>>,
+    bar: usize,
+}
+
+impl BusDevice for BarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.dev).bar_read(self.bar, offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.dev).bar_write(self.bar, offset, data)
+    }
+}
+
+/// The host bridge and the functions on bus 0.
+pub struct PciRoot {
+    bridge: PciConfig,
+    slots: BTreeMap<u8, Arc<Mutex<dyn PciDevice>>>,
+    mmio: Arc<Bus>,
+}
+
+const HOST_BRIDGE: PciId = PciId {
+    vendor: 0x8086,
+    device: 0x0d57,
+    revision: 0,
+    class: 0x060000,
+    subsystem_vendor: 0,
+    subsystem: 0,
+};
+
+impl PciRoot {
+    pub fn new(mmio: Arc<Bus>) -> Self {
+        Self {
+            bridge: PciConfig::new(HOST_BRIDGE, 0),
+            slots: BTreeMap::new(),
+            mmio,
+        }
+    }
+
+    /// Plugs `dev` into the next free slot and maps its BARs; returns the slot.
+    pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciError> {
+        let slot = (1..32u8)
+            .find(|s| !self.slots.contains_key(s))
+            .ok_or(PciError::BusFull)?;
+        let bars: Vec<(usize, Bar)> = {
+            let d = lock(&dev);
+            (0..6)
+                .filter_map(|i| d.config().bar(i).map(|b| (i, b)))
+                .collect()
+        };
+        for (bar, b) in bars {
+            let window = Arc::new(Mutex::new(BarWindow {
+                dev: dev.clone(),
+                bar,
+            }));
+            self.mmio
+                .insert(b.addr, b.size, window)
+                .map_err(PciError::Map)?;
+        }
+        self.slots.insert(slot, dev);
+        Ok(slot)
+    }
+
+    fn read(&self, slot: u8, func: u8, reg: usize) -> u32 {
+        match (slot, func) {
+            (0, 0) => self.bridge.read(reg),
+            (s, 0) => self
+                .slots
+                .get(&s)
+                .map_or(u32::MAX, |d| lock(d).config().read(reg)),
+            _ => u32::MAX,
+        }
+    }
+
+    fn write(&mut self, slot: u8, func: u8, reg: usize, offset: usize, data: &[u8]) {
+        if func != 0 {
+            return;
+        }
+        if slot == 0 {
+            self.bridge.write(reg, offset, data);
+            return;
+        }
+        let Some(dev) = self.slots.get(&slot).cloned() else {
+            return;
+        };
+        let mut d = lock(&dev);
+        let moved = d.config_mut().write(reg, offset, data);
+        d.config_written(reg);
+        if let Some(m) = moved {
+            let size = d.config().bar(m.index).map_or(0, |b| b.size);
+            d.bar_moved(m);
+            drop(d);
+            self.move_window(&dev, m, size);
+        }
+    }
+
+    fn move_window(&self, dev: &Arc<Mutex<dyn PciDevice>>, m: BarMove, size: u64) {
+        let window = self.mmio.remove(m.from).unwrap_or_else(|| {
+            Arc::new(Mutex::new(BarWindow {
+                dev: dev.clone(),
+                bar: m.index,
+            }))
+        });
+        if let Err(e) = self.mmio.insert(m.to, size, window) {
+            // The guest placed a BAR over another device: it stays unmapped
+            // until moved again, as on real hardware with a conflict.
+            tracing::warn!(error = %e, to = m.to, "guest moved a BAR onto another range");
+        }
+    }
+}
+
+/// Ports 0xCF8 (address) and 0xCFC..0xCFF (data).
+pub struct PciConfigIo {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        Self { root, address: 0 }
+    }
+
+    /// (slot, function, dword) of the current address, if enabled on bus 0.
+    fn target(&self) -> Option<(u8, u8, usize)> {
+        let a = self.address;
+        let enabled = a & 0x8000_0000 != 0;
+        let bus = (a >> 16) & 0xff;
+        (enabled && bus == 0).then_some((
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+            ((a >> 2) & 0x3f) as usize,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = match offset {
+            0..=3 => self.address >> (offset * 8),
+            _ => match self.target() {
+                Some((s, f, r)) => lock(&self.root).read(s, f, r) >> ((offset - 4) * 8),
+                None => u32::MAX,
+            },
+        };
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (value >> (i * 8)) as u8;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes(data.try_into().unwrap_or_default())
+            }
+            4..=7 => {
+                if let Some((s, f, r)) = self.target() {
+                    lock(&self.root).write(s, f, r, (offset - 4) as usize, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// ECAM (memory-mapped configuration) for bus 0.
+pub struct PciEcam {
+    root: Arc<Mutex<PciRoot>>,
+}
+
+impl PciEcam {
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        Self { root }
+    }
+
+    fn decode(offset: u64) -> (u8, u8, usize, usize) {
+        (
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 7) as u8,
+            ((offset & 0xfff) >> 2) as usize,
+            (offset & 3) as usize,
+        )
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (s, f, r, byte) = Self::decode(offset);
+        let value = lock(&self.root).read(s, f, r) >> (byte * 8);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (value >> (i * 8)) as u8;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (s, f, r, byte) = Self::decode(offset);
+        if byte + data.len() <= 4 {
+            lock(&self.root).write(s, f, r, byte, data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dummy(PciConfig, Vec<(usize, u64, Vec<u8>)>);
+    impl PciDevice for Dummy {
+        fn config(&self) -> &PciConfig {
+            &self.0
+        }
+        fn config_mut(&mut self) -> &mut PciConfig {
+            &mut self.0
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill(bar as u8 + offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.1.push((bar, offset, data.to_vec()));
+        }
+    }
+
+    fn setup() -> (Arc<Bus>, Arc<Mutex<PciRoot>>, Arc<Mutex<Dummy>>) {
+        let mmio = Arc::new(Bus::new("mmio"));
+        let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+        let mut cfg = PciConfig::new(
+            PciId {
+                vendor: 0x1af4,
+                device: 0x1041,
+                revision: 1,
+                class: 0x020000,
+                subsystem_vendor: 0x1af4,
+                subsystem: 1,
+            },
+            0,
+        );
+        cfg.set_bar(0, 0xc000_0000, 0x1000, false);
+        let dev = Arc::new(Mutex::new(Dummy(cfg, vec![])));
+        lock(&root).add(dev.clone()).unwrap();
+        (mmio, root, dev)
+    }
+
+    fn cf8(io: &mut PciConfigIo, slot: u32, reg: u32) -> u32 {
+        io.write(0, &(0x8000_0000 | (slot << 11) | (reg << 2)).to_le_bytes());
+        let mut d = [0u8; 4];
+        io.read(4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn config_io_finds_bridge_and_device() {
+        let (_, root, _) = setup();
+        let mut io = PciConfigIo::new(root);
+        assert_eq!(cf8(&mut io, 0, 0), 0x0d57_8086);
+        assert_eq!(cf8(&mut io, 1, 0), 0x1041_1af4);
+        assert_eq!(cf8(&mut io, 2, 0), u32::MAX);
+    }
+
+    #[test]
+    fn ecam_reads_match_config_io() {
+        let (_, root, _) = setup();
+        let mut ecam = PciEcam::new(root);
+        let mut d = [0u8; 4];
+        ecam.read(1 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1041_1af4);
+        let mut w = [0u8; 2];
+        ecam.read((1 << 15) + 2, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1041);
+    }
+
+    #[test]
+    fn bar_accesses_reach_the_device_and_follow_a_move() {
+        let (mmio, root, dev) = setup();
+        mmio.write(0xc000_0010, &[1, 2]);
+        assert_eq!(lock(&dev).1, vec![(0, 0x10, vec![1, 2])]);
+        let mut ecam = PciEcam::new(root);
+        ecam.write((1 << 15) + 0x10, &0xc100_0000u32.to_le_bytes());
+        let mut d = [0u8; 1];
+        mmio.read(0xc100_0004, &mut d);
+        assert_eq!(d, [4]);
+        mmio.read(0xc000_0004, &mut d);
+        assert_eq!(d, [0xff]);
+    }
+
+    #[test]
+    fn allocator_aligns_and_respects_windows() {
+        let mut a = BarAllocator::new(512 << 20);
+        assert_eq!(a.allocate(0x1000, false).unwrap(), MMIO32_START);
+        assert_eq!(a.allocate(0x10000, false).unwrap(), MMIO32_START + 0x10000);
+        assert_eq!(a.allocate(0x10000, true).unwrap(), 1 << 32);
+        let mut big = BarAllocator::new(6 << 30);
+        assert_eq!(big.allocate(0x4000, true).unwrap(), 6 << 30);
+        assert!(a.allocate(1 << 30, false).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! MSI-X: the capability, the vector table and the pending-bit array.
+//! Every vector is a KVM GSI routed to the message the guest programmed and
+//! an irqfd; the irqfd is attached only while the vector may fire (MSI-X
+//! enabled, function and vector unmasked). While masked, a signal stays
+//! counted in the eventfd and KVM delivers it when the irqfd is attached
+//! again, which is the pending-then-deliver behaviour the spec asks for.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::PciConfig;
+use crate::interrupts::{InterruptError, MsiMessage, Router};
+
+pub const MSIX_CAP_ID: u8 = 0x11;
+const ENTRY_SIZE: u64 = 16;
+const CTRL_ENABLE: u16 = 1 << 15;
+const CTRL_FUNCTION_MASK: u16 = 1 << 14;
+
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    addr_lo: u32,
+    addr_hi: u32,
+    data: u32,
+    control: u32,
+}
+
+impl Entry {
+    fn masked(&self) -> bool {
+        self.control & 1 != 0
+    }
+}
+
+/// One device's MSI-X vectors.
+pub struct Msix {
+    entries: Vec<Entry>,
+    /// Signalled by whoever raises the vector (a backend's call fd).
+    pub irqfds: Vec<EventFd>,
+    attached: Vec<bool>,
+    gsi_base: u32,
+    control: u16,
+    cap_offset: usize,
+    vm: Arc<VmFd>,
+    router: Arc<Router>,
+}
+
+impl Msix {
+    /// `count` vectors with the table at `table_off` and the PBA at
+    /// `pba_off` of BAR `bar`; adds the capability to `config`.
+    pub fn new(
+        count: u16,
+        config: &mut PciConfig,
+        bar: u8,
+        table_off: u32,
+        pba_off: u32,
+        vm: Arc<VmFd>,
+        router: Arc<Router>,
+    ) -> Result<Self, InterruptError> {
+        let gsi_base = router.allocate(count.into())?;
+        let mut body = Vec::with_capacity(10);
+        body.extend_from_slice(&(count - 1).to_le_bytes());
+        body.extend_from_slice(&(table_off | u32::from(bar)).to_le_bytes());
+        body.extend_from_slice(&(pba_off | u32::from(bar)).to_le_bytes());
+        let cap_offset = config.add_capability(MSIX_CAP_ID, &body, &[0, 0xc0]);
+        let irqfds = (0..count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| InterruptError::OutOfGsis(count.into()))?;
+        Ok(Self {
+            entries: vec![
+                Entry {
+                    control: 1,
+                    ..Default::default()
+                };
+                count.into()
+            ],
+            irqfds,
+            attached: vec![false; count.into()],
+            gsi_base,
+            control: 0,
+            cap_offset,
+            vm,
+            router,
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.control & CTRL_ENABLE != 0
+    }
+
+    /// Picks up a guest write to the capability's message control.
+    pub fn config_written(&mut self, config: &PciConfig) {
+        let mut b = [0u8; 2];
+        config.read_bytes(self.cap_offset + 2, &mut b);
+        let control = u16::from_le_bytes(b);
+        if control != self.control {
+            self.control = control;
+            self.sync_all();
+        }
+    }
+
+    /// Table reads (16-byte entries, 32-bit or 64-bit accesses).
+    pub fn table_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Some(e) = self.entries.get((offset / ENTRY_SIZE) as usize) else {
+            return;
+        };
+        let words = [e.addr_lo, e.addr_hi, e.data, e.control];
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        let start = (offset % ENTRY_SIZE) as usize;
+        let end = (start + data.len()).min(16);
+        data[..end - start].copy_from_slice(&bytes[start..end]);
+    }
+
+    pub fn table_write(&mut self, offset: u64, data: &[u8]) {
+        let idx = (offset / ENTRY_SIZE) as usize;
+        let Some(e) = self.entries.get_mut(idx) else {
+            return;
+        };
+        let start = (offset % ENTRY_SIZE) as usize;
+        if start + data.len() > 16 {
+            return;
+        }
+        let mut bytes = [0u8; 16];
+        for (i, w) in [e.addr_lo, e.addr_hi, e.data, e.control].iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        bytes[start..start + data.len()].copy_from_slice(data);
+        let w = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+        *e = Entry {
+            addr_lo: w(0),
+            addr_hi: w(1),
+            data: w(2),
+            control: w(3) & 1,
+        };
+        self.sync(idx);
+    }
+
+    /// Pending bits: a masked vector whose eventfd has been signalled.
+    pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        for (i, b) in data.iter_mut().enumerate() {
+            for bit in 0..8 {
+                let v = ((offset as usize) + i) * 8 + bit;
+                if v < self.entries.len() && !self.attached[v] && self.pending(v) {
+                    *b |= 1 << bit;
+                }
+            }
+        }
+    }
+
+    fn pending(&self, v: usize) -> bool {
+        // Peek without consuming: poll the eventfd for readability.
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.irqfds[v]),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    fn sync_all(&mut self) {
+        for i in 0..self.entries.len() {
+            self.sync(i);
+        }
+    }
+
+    /// Brings the route and irqfd of vector `i` in line with the guest's view.
+    fn sync(&mut self, i: usize) {
+        let e = self.entries[i];
+        let gsi = self.gsi_base + i as u32;
+        let live = self.enabled() && self.control & CTRL_FUNCTION_MASK == 0 && !e.masked();
+        let msg = MsiMessage {
+            addr: (u64::from(e.addr_hi) << 32) | u64::from(e.addr_lo),
+            data: e.data,
+        };
+        if let Err(err) = self.router.set_msi(gsi, self.enabled().then_some(msg)) {
+            tracing::warn!(error = %err, gsi, "cannot route MSI-X vector");
+            return;
+        }
+        if live != self.attached[i] {
+            let res = if live {
+                self.vm.register_irqfd(&self.irqfds[i], gsi)
+            } else {
+                self.vm.unregister_irqfd(&self.irqfds[i], gsi)
+            };
+            match res {
+                Ok(()) => self.attached[i] = live,
+                Err(err) => tracing::warn!(error = %err, gsi, "cannot change MSI-X irqfd"),
+            }
+        }
+    }
+}
+
+impl Drop for Msix {
+    fn drop(&mut self) {
+        for i in 0..self.entries.len() {
+            if self.attached[i] {
+                let _ = self
+                    .vm
+                    .unregister_irqfd(&self.irqfds[i], self.gsi_base + i as u32);
+            }
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! vhost-user frontends: the control half of a device whose data path runs
+//! in a backend process. The guest's queue notifications reach the backend
+//! through the queue's ioeventfd (SET_VRING_KICK), completions come back
+//! through the vector's irqfd (SET_VRING_CALL); the VMM only negotiates.
+//!
+//! If the backend goes away the VM keeps running; a monitor thread
+//! reconnects when the socket accepts again and restores the rings (and
+//! the inflight region, when negotiated) so the guest carries on.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::lock;
+use crate::memory::GuestMemory;
+use crate::virtio::{
+    ActiveQueue, VirtioDevice, F_ACCESS_PLATFORM, F_NOTIFICATION_DATA, F_RING_PACKED, F_RING_RESET,
+    F_VERSION_1, TYPE_BLOCK, TYPE_NET,
+};
+
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VHOST_F_LOG_ALL: dirty logging, not offered to the guest.
+const F_LOG_ALL: u64 = 1 << 26;
+const NET_F_MAC: u64 = 1 << 5;
+const NET_F_STATUS: u64 = 1 << 16;
+const NET_F_CTRL_VQ: u64 = 1 << 17;
+const NET_F_MQ: u64 = 1 << 22;
+const NET_S_LINK_UP: u16 = 1;
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Errors connecting a vhost-user backend.
+#[derive(Debug, Error)]
+pub enum VhostUserError {
+    #[error("Cannot connect to vhost-user backend at {0}")]
+    Connect(String, #[source] vhost::Error),
+    #[error("vhost-user {0} failed")]
+    Request(&'static str, #[source] vhost::Error),
+    #[error("Backend at {0} does not offer VIRTIO_F_VERSION_1")]
+    NotModern(String),
+    #[error("Backend at {path} serves {max} queues, {wanted} requested")]
+    TooManyQueues {
+        path: String,
+        max: u64,
+        wanted: usize,
+    },
+    #[error("Block backend at {0} lacks the CONFIG protocol feature")]
+    NoConfig(String),
+    #[error("Cannot start the reconnect thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What kind of device the backend serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Block,
+    Net {
+        mac: Option<[u8; 6]>,
+        queue_pairs: u16,
+    },
+    /// Any virtio device type, by ID.
+    Generic(u32),
+}
+
+/// One `--disk`, `--net` or `--vhost-user` device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub kind: Kind,
+    pub socket: PathBuf,
+    /// Queues the guest sees (net: queue pairs x 2, plus the control queue
+    /// when the backend offers one).
+    pub queues: u16,
+    pub queue_size: u16,
+}
+
+struct Queue {
+    index: usize,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    kick: EventFd,
+    call: EventFd,
+}
+
+struct Active {
+    features: u64,
+    queues: Vec<Queue>,
+    inflight: Option<(File, VhostUserInflight)>,
+}
+
+struct Inner {
+    cfg: DeviceConfig,
+    conn: Option<Frontend>,
+    protocol: VhostUserProtocolFeatures,
+    has_protocol: bool,
+    mem: GuestMemory,
+    active: Option<Active>,
+    config_cache: Vec<u8>,
+}
+
+/// A vhost-user device seen through virtio-pci.
+pub struct VhostUser {
+    inner: Arc<Mutex<Inner>>,
+    device_type: u32,
+    features: u64,
+    queues: usize,
+    queue_size: u16,
+    stop: Arc<AtomicBool>,
+    monitor: Option<JoinHandle<()>>,
+}
+
+fn req<T>(what: &'static str, r: vhost::Result<T>) -> Result<T, VhostUserError> {
+    r.map_err(|e| VhostUserError::Request(what, e))
+}
+
+/// Connects and negotiates; returns the connection, backend features and
+/// protocol features.
+fn handshake(
+    cfg: &DeviceConfig,
+) -> Result<(Frontend, u64, VhostUserProtocolFeatures, bool), VhostUserError> {
+    let path = cfg.socket.display().to_string();
+    let mut fe = Frontend::connect(&cfg.socket, u64::from(cfg.queues))
+        .map_err(|e| VhostUserError::Connect(path.clone(), e))?;
+    req("SET_OWNER", fe.set_owner())?;
+    let features = req("GET_FEATURES", fe.get_features())?;
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    let has_protocol = features & F_PROTOCOL_FEATURES != 0;
+    if has_protocol {
+        let offered = req("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
+        let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        protocol = offered & wanted;
+        req("SET_PROTOCOL_FEATURES", fe.set_protocol_features(protocol))?;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let max = req("GET_QUEUE_NUM", fe.get_queue_num())?;
+            if max < u64::from(cfg.queues) {
+                return Err(VhostUserError::TooManyQueues {
+                    path,
+                    max,
+                    wanted: cfg.queues.into(),
+                });
+            }
+        }
+    }
+    if features & F_VERSION_1 == 0 {
+        return Err(VhostUserError::NotModern(path));
+    }
+    Ok((fe, features, protocol, has_protocol))
+}
+
+impl VhostUser {
+    /// Connects to the backend (it must be there when the VM starts) and
+    /// starts the reconnect monitor.
+    pub fn new(mut cfg: DeviceConfig, mem: GuestMemory) -> Result<Self, VhostUserError> {
+        let (fe, backend_features, protocol, has_protocol) = handshake(&cfg)?;
+        let path = cfg.socket.display().to_string();
+        let device_type = match cfg.kind {
+            Kind::Block => TYPE_BLOCK,
+            Kind::Net { .. } => TYPE_NET,
+            Kind::Generic(t) => t,
+        };
+        if device_type == TYPE_BLOCK && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(VhostUserError::NoConfig(path));
+        }
+        let mut features = backend_features
+            & !(F_PROTOCOL_FEATURES
+                | F_LOG_ALL
+                | F_ACCESS_PLATFORM
+                | F_RING_PACKED
+                | F_NOTIFICATION_DATA
+                | F_RING_RESET);
+        if let Kind::Net { mac, queue_pairs } = cfg.kind {
+            if mac.is_some() {
+                features |= NET_F_MAC;
+            }
+            if queue_pairs <= 1 {
+                features &= !NET_F_MQ;
+            }
+            features |= NET_F_STATUS;
+            cfg.queues = queue_pairs * 2 + u16::from(features & NET_F_CTRL_VQ != 0);
+        }
+        let inner = Arc::new(Mutex::new(Inner {
+            cfg: cfg.clone(),
+            conn: Some(fe),
+            protocol,
+            has_protocol,
+            mem,
+            active: None,
+            config_cache: Vec::new(),
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (i, s) = (inner.clone(), stop.clone());
+        let monitor = std::thread::Builder::new()
+            .name(format!("vhost-user-{device_type}"))
+            .spawn(move || monitor(&i, &s))
+            .map_err(VhostUserError::Thread)?;
+        Ok(Self {
+            inner,
+            device_type,
+            features,
+            queues: cfg.queues.into(),
+            queue_size: cfg.queue_size,
+            stop,
+            monitor: Some(monitor),
+        })
+    }
+
+    /// Whether the backend is connected now.
+    pub fn connected(&self) -> bool {
+        lock(&self.inner).conn.is_some()
+    }
+}
+
+impl Drop for VhostUser {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.monitor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Watches the connection; reconnects and restores state after a loss.
+fn monitor(inner: &Mutex<Inner>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let fd = lock(inner).conn.as_ref().map(|c| c.as_raw_fd());
+        match fd {
+            Some(fd) if peer_closed(fd, RECONNECT_INTERVAL) => {
+                let mut g = lock(inner);
+                g.conn = None;
+                tracing::warn!(socket = %g.cfg.socket.display(), "vhost-user backend disconnected; will reconnect");
+            }
+            Some(_) => {}
+            None => {
+                std::thread::sleep(RECONNECT_INTERVAL);
+                let mut g = lock(inner);
+                match g.reconnect() {
+                    Ok(()) => {
+                        tracing::info!(socket = %g.cfg.socket.display(), "vhost-user backend reconnected")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reconnect attempt failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Waits up to `timeout` for the peer to hang up.
+fn peer_closed(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    n == 1 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+impl Inner {
+    fn reconnect(&mut self) -> Result<(), VhostUserError> {
+        let (fe, _, protocol, has_protocol) = handshake(&self.cfg)?;
+        self.conn = Some(fe);
+        self.protocol = protocol;
+        self.has_protocol = has_protocol;
+        if self.active.is_some() {
+            if let Err(e) = self.apply(true) {
+                self.conn = None;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn hva(&self, gpa: u64) -> u64 {
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .map_or(0, |p| p as u64)
+    }
+
+    /// Sends features, memory table, inflight region and rings. After a
+    /// reconnect each ring restarts from the index the guest last saw used.
+    fn apply(&mut self, resume: bool) -> Result<(), VhostUserError> {
+        let regions: Vec<VhostUserMemoryRegionInfo> = self
+            .mem
+            .iter()
+            .filter_map(|r| {
+                let fo = r.file_offset()?;
+                Some(VhostUserMemoryRegionInfo {
+                    guest_phys_addr: r.start_addr().0,
+                    memory_size: r.len(),
+                    userspace_addr: r.as_ptr() as u64,
+                    mmap_offset: fo.start(),
+                    mmap_handle: fo.file().as_raw_fd(),
+                })
+            })
+            .collect();
+        let bases: Vec<u16> = {
+            let a = self.active.as_ref().expect("apply needs an active device");
+            a.queues
+                .iter()
+                .map(|q| {
+                    if resume {
+                        self.mem
+                            .read_obj::<u16>(GuestAddress(q.used + 2))
+                            .unwrap_or(0)
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        };
+        let addrs: Vec<(u64, u64, u64)> = {
+            let a = self.active.as_ref().expect("active");
+            a.queues
+                .iter()
+                .map(|q| (self.hva(q.desc), self.hva(q.avail), self.hva(q.used)))
+                .collect()
+        };
+        let inflight_wanted = self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        let has_protocol = self.has_protocol;
+        let nq = self.cfg.queues;
+        let queue_size = self.cfg.queue_size;
+        let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_mut()) else {
+            return Ok(());
+        };
+        let features = a.features | if has_protocol { F_PROTOCOL_FEATURES } else { 0 };
+        req("SET_FEATURES", fe.set_features(features))?;
+        req("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
+        if inflight_wanted {
+            if a.inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, nq, queue_size);
+                let (info, file) = req("GET_INFLIGHT_FD", fe.get_inflight_fd(&ask))?;
+                a.inflight = Some((file, info));
+            }
+            if let Some((file, info)) = &a.inflight {
+                req(
+                    "SET_INFLIGHT_FD",
+                    fe.set_inflight_fd(info, file.as_raw_fd()),
+                )?;
+            }
+        }
+        for (q, (base, (desc, avail, used))) in a.queues.iter().zip(bases.iter().zip(&addrs)) {
+            req("SET_VRING_NUM", fe.set_vring_num(q.index, q.size))?;
+            let ring = VringConfigData {
+                queue_max_size: queue_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: *desc,
+                used_ring_addr: *used,
+                avail_ring_addr: *avail,
+                log_addr: None,
+            };
+            req("SET_VRING_ADDR", fe.set_vring_addr(q.index, &ring))?;
+            req("SET_VRING_BASE", fe.set_vring_base(q.index, *base))?;
+            req("SET_VRING_CALL", fe.set_vring_call(q.index, &q.call))?;
+            req("SET_VRING_KICK", fe.set_vring_kick(q.index, &q.kick))?;
+        }
+        if has_protocol {
+            for q in &a.queues {
+                req("SET_VRING_ENABLE", fe.set_vring_enable(q.index, true))?;
+            }
+        }
+        // Anything the guest queued while the backend was away.
+        if resume {
+            for q in &a.queues {
+                let _ = q.kick.write(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_rings(&mut self) {
+        let has_protocol = self.has_protocol;
+        let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_ref()) else {
+            return;
+        };
+        for q in &a.queues {
+            if has_protocol {
+                let _ = fe.set_vring_enable(q.index, false);
+            }
+            if let Err(e) = fe.get_vring_base(q.index) {
+                tracing::warn!(error = %e, queue = q.index, "GET_VRING_BASE failed");
+            }
+        }
+    }
+
+    fn local_net_config(&self) -> Vec<u8> {
+        let Kind::Net { mac, queue_pairs } = self.cfg.kind else {
+            return Vec::new();
+        };
+        let mut c = vec![0u8; 12];
+        c[..6].copy_from_slice(&mac.unwrap_or_default());
+        c[6..8].copy_from_slice(&NET_S_LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&1500u16.to_le_bytes());
+        c
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        let end = offset as usize + data.len();
+        let from_backend = self.protocol.contains(VhostUserProtocolFeatures::CONFIG);
+        let mut image = if from_backend {
+            let got = self.conn.as_mut().and_then(|fe| {
+                fe.get_config(
+                    0,
+                    end as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &vec![0u8; end],
+                )
+                .ok()
+            });
+            match got {
+                Some((_, bytes)) => {
+                    self.config_cache = bytes.clone();
+                    bytes
+                }
+                None => self.config_cache.clone(),
+            }
+        } else {
+            self.local_net_config()
+        };
+        if let Kind::Net { mac: Some(mac), .. } = self.cfg.kind {
+            if image.len() < 6 {
+                image.resize(6, 0);
+            }
+            image[..6].copy_from_slice(&mac);
+        }
+        image.resize(image.len().max(end), 0);
+        data.copy_from_slice(&image[offset as usize..end]);
+    }
+}
+
+fn dup(e: &EventFd) -> Result<EventFd, String> {
+    e.try_clone()
+        .map_err(|e| format!("cannot duplicate eventfd: {e}"))
+}
+
+impl VirtioDevice for VhostUser {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_size(&self) -> u16 {
+        self.queue_size
+    }
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.inner).read_config(offset, data)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let mut g = lock(&self.inner);
+        if !g.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return;
+        }
+        if let Some(fe) = g.conn.as_mut() {
+            if let Err(e) = fe.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data) {
+                tracing::debug!(error = %e, "SET_CONFIG failed");
+            }
+        }
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), String> {
+        let queues = queues
+            .iter()
+            .map(|q| {
+                Ok(Queue {
+                    index: q.index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: dup(q.kick)?,
+                    call: dup(q.call)?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut g = lock(&self.inner);
+        g.active = Some(Active {
+            features,
+            queues,
+            inflight: None,
+        });
+        // With the backend away, the rings start when it reconnects.
+        g.apply(false).map_err(|e| e.to_string())
+    }
+
+    fn reset(&mut self) {
+        let mut g = lock(&self.inner);
+        g.stop_rings();
+        g.active = None;
+    }
+}

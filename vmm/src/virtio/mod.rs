@@ -1,0 +1,55 @@
+//! Virtio devices as the guest sees them: the virtio-pci transport in this
+//! process, the device half behind the [`VirtioDevice`] trait (a vhost-user
+//! frontend, whose backend is another process).
+
+pub mod pci;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u8 = 1;
+pub const STATUS_DRIVER: u8 = 2;
+pub const STATUS_DRIVER_OK: u8 = 4;
+pub const STATUS_FEATURES_OK: u8 = 8;
+pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_FAILED: u8 = 0x80;
+
+/// Feature bits the transport itself knows about.
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+pub const F_RING_PACKED: u64 = 1 << 34;
+pub const F_NOTIFICATION_DATA: u64 = 1 << 38;
+pub const F_RING_RESET: u64 = 1 << 40;
+
+/// Device type IDs.
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+
+/// A queue as the driver set it up, with the eventfds wired to it.
+pub struct ActiveQueue<'a> {
+    pub index: usize,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// Signalled by KVM (ioeventfd) when the guest notifies the queue.
+    pub kick: &'a EventFd,
+    /// Raises the queue's interrupt (an MSI-X irqfd).
+    pub call: &'a EventFd,
+}
+
+/// The device half of a virtio device.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Number of queues and the largest size of each.
+    fn queue_max_size(&self) -> u16;
+    fn num_queues(&self) -> usize;
+    /// Features offered to the driver.
+    fn features(&self) -> u64;
+    fn read_config(&mut self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start serving `queues` with `features`.
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), String>;
+    /// The driver reset the device: stop serving the queues.
+    fn reset(&mut self);
+}
