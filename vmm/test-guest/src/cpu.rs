@@ -216,8 +216,8 @@ pub fn map_mmio(addr: u64, len: u64) -> bool {
     let huge = HUGE.load(Ordering::Relaxed);
     let alloc = || -> Option<*mut [u64; 512]> {
         let i = EXTRA_USED.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: index i is handed out once; the page is zeroed static memory.
-        (i < EXTRA_TABLES).then(|| unsafe { (*EXTRA.get()).as_mut_ptr().add(i) })
+        // Page i of EXTRA is handed out once; it is zeroed static memory.
+        (i < EXTRA_TABLES).then(|| EXTRA.get().cast::<[u64; 512]>().wrapping_add(i))
     };
     let mut a = addr & !(GIB - 1);
     let mut changed = false;

@@ -84,6 +84,13 @@ pub fn command_set(d: Bdf, set: u32, clear: u32) {
     write32(d, 0x04, (cmd | set) & !clear);
 }
 
+/// Vendor/device dword of an empty slot: all ones normally; 0 or a half of
+/// ones are treated the same (as Linux does), so a host that reads unclaimed
+/// ports as 0 shows no devices.
+fn absent(id: u32) -> bool {
+    matches!(id, 0xFFFF_FFFF | 0 | 0x0000_FFFF | 0xFFFF_0000)
+}
+
 /// Enumerates bus 0 and prints `TG: pci BB:DD.F VVVV:DDDD class=CCCCCC` per function.
 pub fn enumerate() -> Bus {
     let mut bus = Bus {
@@ -103,7 +110,7 @@ pub fn enumerate() -> Bus {
         for func in 0..nfunc {
             let bdf = Bdf { bus: 0, dev, func };
             let id = read32(bdf, 0);
-            if id & 0xFFFF == 0xFFFF {
+            if absent(id) {
                 continue;
             }
             let f = Func {

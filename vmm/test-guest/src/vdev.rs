@@ -198,6 +198,8 @@ pub fn blk(t: &Transport, o: &Opts) {
         .nl();
 
     if o.burst > 0 {
+        // Marks the burst for exit counting on the host side.
+        out().s("TG: blk burst start n=").dec(o.burst).nl();
         for k in 0..o.burst {
             let sector = BURST_SECTOR + k * (u64::from(BLK_LEN) / SECTOR);
             blk_write(&mut q, t, o.seed, sector);

@@ -313,13 +313,10 @@ impl Transport {
             fail_dev("virtio queue size 0", self.bdf);
         }
         let size = max.min(MAX_QUEUE_SIZE);
-        // SAFETY: index in bounds of the static array; only this device uses this page.
-        let page = unsafe {
-            (*QUEUE_PAGES.get())
-                .as_mut_ptr()
-                .add(self.slot * QUEUES_PER_DEV)
-        };
-        let base = page as u64 + u64::from(q) * 4096;
+        // Page slot * QUEUES_PER_DEV + q of the static array (slot < MAX_DEV,
+        // q < QUEUES_PER_DEV): used by this device's queue q only.
+        let page = self.slot * QUEUES_PER_DEV + q as usize;
+        let base = QUEUE_PAGES.get() as u64 + page as u64 * 4096;
         let mut a = base;
         while a < base + 4096 {
             x86::ram_write64(a, 0);
