@@ -4,7 +4,8 @@
 #   vmm/test-guest/qemu-virtio.sh            (from anywhere; needs qemu-system-x86_64, python3)
 # Runs: q35 (MCFG) with blk+rng+net, tg.netrx against a UDP peer, a burst and a
 # seed; pc (no MCFG); q35 with tg.pciassign, an MSI-X-less rng and a 2 GiB
-# ivshmem BAR that pushes the virtio 64-bit BARs above 4 GiB.
+# ivshmem BAR that pushes the virtio 64-bit BARs above 4 GiB; vhost-user-blk-pci
+# against qemu-storage-daemon when installed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
@@ -98,6 +99,26 @@ qemu -M q35 -nic none -append 'tg.virtio' \
     -object memory-backend-ram,id=hm,size=2G -device ivshmem-plain,memdev=hm \
     "${blk[@]}" "${rng[@]}" >"$work/high.txt" || true
 expect "$work/high.txt" 'TG: blk reinit ok' 'TG: rng bytes=64 nonzero=(4[0-9]|5[0-9]|6[0-4])' 'TG: PASS'
+
+# 4. vhost-user-blk-pci against qemu-storage-daemon (shared memfd guest RAM).
+if command -v qemu-storage-daemon >/dev/null; then
+    truncate -s 16M "$work/qsd.img"
+    qemu-storage-daemon --blockdev "driver=file,node-name=f,filename=$work/qsd.img" \
+        --export "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=$work/vub.sock,writable=on" \
+        >"$work/qsd.log" 2>&1 &
+    qsd=$!
+    for _ in $(seq 50); do [ -S "$work/vub.sock" ] && break; sleep 0.1; done
+    qemu -M q35 -nic none -append 'tg.virtio tg.blkburst=4 tg.seed=9' \
+        -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem \
+        -chardev "socket,id=c0,path=$work/vub.sock" \
+        -device vhost-user-blk-pci-non-transitional,chardev=c0,romfile= >"$work/vub.txt" || true
+    kill "$qsd" 2>/dev/null || true
+    wait "$qsd" 2>/dev/null || true
+    expect "$work/vub.txt" 'TG: blk write ok' 'TG: blk read ok' 'TG: blk flush ok' \
+        'TG: blk id=vhost_user_blk' 'TG: blk irqs=[4-9]' 'TG: blk burst ok n=4' \
+        'TG: blk reinit ok' 'TG: PASS'
+    echo "vhost-user-blk (qemu-storage-daemon): $(grep 'TG: blk irqs' "$work/vub.txt")"
+fi
 
 if [ "$fail" = 0 ]; then echo "qemu-virtio: PASS"; else echo "qemu-virtio: FAIL"; fi
 exit "$fail"
