@@ -135,6 +135,94 @@ fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<S
     })
 }
 
+/// Builds a binary of another workspace package (debug, like the tests)
+/// and returns its path.
+pub fn workspace_bin(pkg: &str) -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", pkg, "--bin", pkg])
+        .current_dir(root())
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cannot build {pkg}");
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("debug")
+        .join(pkg)
+}
+
+/// A backend process, killed when dropped.
+pub struct Daemon(pub Child);
+
+impl Daemon {
+    /// Starts `cmd` and waits until `socket` exists.
+    pub fn start(mut cmd: Command, socket: &Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn backend");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("backend exited early: {s}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A scratch directory for sockets and images, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The value of `key=N` in a `VMM_LOG=info` "VM stopped" line.
+pub fn stat(stderr: &str, key: &str) -> Option<u64> {
+    let line = stderr.lines().rev().find(|l| l.contains("VM stopped"))?;
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Whether this host's CPU has hardware virtualization (vmx or svm).
 pub fn has_hw_virt() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
