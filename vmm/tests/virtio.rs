@@ -293,3 +293,50 @@ fn bad_device_options_are_rejected() {
         assert!(r.stderr.contains(needle), "{flag} {spec}: {}", r.stderr);
     }
 }
+
+/// vhost-device-rng from crates.io, installed by `scripts/setup`.
+fn vhost_device_rng() -> std::path::PathBuf {
+    let dir = std::env::var_os("VMM_TOOLS")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| Path::new(&c).join("vmm-tools")))
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/vmm-tools"));
+    let bin = dir.join("bin/vhost-device-rng");
+    assert!(bin.exists(), "{} missing: run scripts/setup", bin.display());
+    bin
+}
+
+#[test]
+fn generic_frontend_drives_third_party_vhost_device_rng() {
+    let s = Scratch::new("virtio-rng");
+    let base = s.path("rng.sock");
+    // It appends the socket index to the path.
+    let sock = s.path("rng.sock0");
+    let mut c = Command::new(vhost_device_rng());
+    c.arg("--socket-path").arg(&base);
+    let _rng = Daemon::start(c, &sock);
+    let r = run(
+        guest_with(
+            "tg.virtio",
+            &[(
+                "--vhost-user",
+                format!("type=rng,socket={}", sock.display()),
+            )],
+        ),
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
+    let lines = r.lines();
+    assert!(
+        lines.contains(&"TG: pci 00:01.0 1af4:1044 class=ff0000"),
+        "{}",
+        r.stdout
+    );
+    let rng = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("TG: rng bytes=64 nonzero="))
+        .unwrap_or_else(|| panic!("no rng line:\n{}", r.stdout));
+    // 64 random bytes: all zero with probability 2^-512.
+    assert!(rng.parse::<u32>().unwrap() > 32, "{}", r.stdout);
+    assert!(lines.contains(&"TG: PASS"));
+    assert_eq!(stat(&r.stderr, "notify_exits"), Some(0));
+}
