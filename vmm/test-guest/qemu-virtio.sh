@@ -59,7 +59,7 @@ s.sendto(f[6:12] + bytes.fromhex("020000000002") + b"\x88\xb5" + b"hello from th
 EOF
 peer=$!
 sleep 0.3
-qemu -M q35 -append 'tg.virtio tg.seed=7 tg.blkburst=8 tg.netrx' "${blk[@]}" "${rng[@]}" \
+qemu -M q35 -append 'tg.virtio tg.seed=7 tg.blkburst=8 tg.netrx tg.msixmask' "${blk[@]}" "${rng[@]}" \
     -netdev "socket,id=n0,udp=127.0.0.1:$port,localaddr=127.0.0.1:$((port + 1))" \
     -device virtio-net-pci,netdev=n0,disable-legacy=on,romfile=,mac=52:54:00:aa:bb:cc \
     >"$work/q35.txt" || true
@@ -67,7 +67,7 @@ wait "$peer" || true
 grep 'TG: \(pci\|ecam\|virtio\|blk\|rng\|net\|PASS\|FAIL\)' "$work/q35.txt"
 expect "$work/q35.txt" 'TG: ecam ok' 'TG: blk capacity=32768' 'TG: blk write ok' \
     'TG: blk read ok' 'TG: blk flush ok' 'TG: blk id=tgdisk0' 'TG: blk irqs=4' \
-    'TG: blk burst ok n=8' 'TG: blk reinit ok' 'TG: rng bytes=64 nonzero=(4[0-9]|5[0-9]|6[0-4])' \
+    'TG: blk msix mask ok pba=1' 'TG: blk burst ok n=8' 'TG: blk reinit ok' 'TG: rng bytes=64 nonzero=(4[0-9]|5[0-9]|6[0-4])' \
     'TG: net mac=52:54:00:aa:bb:cc' 'TG: net tx ok' 'TG: net rx len=38 type=88b5' \
     'TG: net rx payload=hello from the host peer' 'TG: PASS'
 cat "$work/peer.txt"
@@ -108,14 +108,14 @@ if command -v qemu-storage-daemon >/dev/null; then
         >"$work/qsd.log" 2>&1 &
     qsd=$!
     for _ in $(seq 50); do [ -S "$work/vub.sock" ] && break; sleep 0.1; done
-    qemu -M q35 -nic none -append 'tg.virtio tg.blkburst=4 tg.seed=9' \
+    qemu -M q35 -nic none -append 'tg.virtio tg.blkburst=4 tg.seed=9 tg.msixmask' \
         -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem \
         -chardev "socket,id=c0,path=$work/vub.sock" \
         -device vhost-user-blk-pci-non-transitional,chardev=c0,romfile= >"$work/vub.txt" || true
     kill "$qsd" 2>/dev/null || true
     wait "$qsd" 2>/dev/null || true
     expect "$work/vub.txt" 'TG: blk write ok' 'TG: blk read ok' 'TG: blk flush ok' \
-        'TG: blk id=vhost_user_blk' 'TG: blk irqs=[4-9]' 'TG: blk burst ok n=4' \
+        'TG: blk id=vhost_user_blk' 'TG: blk irqs=[4-9]' 'TG: blk msix mask ok pba=1' 'TG: blk burst ok n=4' \
         'TG: blk reinit ok' 'TG: PASS'
     echo "vhost-user-blk (qemu-storage-daemon): $(grep 'TG: blk irqs' "$work/vub.txt")"
 fi

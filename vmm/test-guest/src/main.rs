@@ -101,6 +101,7 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
             seed: param(b"tg.seed=").unwrap_or(1),
             burst: param(b"tg.blkburst=").unwrap_or(0),
             netrx: has(b"tg.netrx"),
+            msixmask: has(b"tg.msixmask"),
             assign: has(b"tg.pciassign"),
             apic: bsp,
         };

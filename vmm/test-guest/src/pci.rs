@@ -187,15 +187,15 @@ fn find_table(rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
     let want = u32::from_le_bytes(*sig);
     let rev = mmio_read8(rsdp + 15);
     let xsdt = if rev >= 2 { rd64(rsdp + 24) } else { 0 };
-    let (root, entry) = if xsdt != 0 {
-        (xsdt, 8)
+    let (root, entry, rsig) = if xsdt != 0 {
+        (xsdt, 8, b"XSDT")
     } else {
-        (u64::from(rd32(rsdp + 16)), 4)
+        (u64::from(rd32(rsdp + 16)), 4, b"RSDT")
     };
-    if root == 0 {
+    if root == 0 || rd32(root) != u32::from_le_bytes(*rsig) {
         return None;
     }
-    let len = u64::from(rd32(root + 4));
+    let len = u64::from(rd32(root + 4)).min(4096);
     let mut p = root + 36;
     while p + entry <= root + len {
         let t = if entry == 8 {
@@ -216,7 +216,7 @@ fn find_ecam(rsdp_hint: u64) -> Option<u64> {
     let rsdp = find_rsdp(rsdp_hint)?;
     let mcfg = find_table(rsdp, b"MCFG")?;
     let len = u64::from(rd32(mcfg + 4));
-    if checksum(mcfg, len) != 0 {
+    if !(44..=4096).contains(&len) || checksum(mcfg, len) != 0 {
         fail("mcfg checksum");
     }
     let mut p = mcfg + 44;

@@ -71,6 +71,8 @@ pub struct Opts {
     pub burst: u64,
     /// `tg.netrx`: wait for one received frame.
     pub netrx: bool,
+    /// `tg.msixmask`: virtio-blk MSI-X per-vector mask test.
+    pub msixmask: bool,
     /// `tg.pciassign`: assign the virtio BARs even if already assigned.
     pub assign: bool,
     /// BSP APIC ID (MSI-X destination).
@@ -85,8 +87,8 @@ pub struct Transport {
     notify: u64,
     notify_mult: u32,
     pub device_cfg: u64,
-    /// MSI-X: (capability offset, table address, table size).
-    msix: Option<(u8, u64, u16)>,
+    /// MSI-X: (capability offset, table address, table size, PBA address).
+    msix: Option<(u8, u64, u16, u64)>,
     /// MSI-X destination APIC ID.
     apic: u32,
 }
@@ -170,11 +172,13 @@ impl Transport {
                 let ctrl = pci::read16(bdf, cap + 2);
                 let table = pci::read32(bdf, cap + 4);
                 let size = (ctrl & 0x7FF) + 1;
+                let pba = pci::read32(bdf, cap + 8);
                 let a = bar((table & 7) as u8) + u64::from(table & !7);
-                if !cpu::map_mmio(a, u64::from(size) * 16) {
+                let p = bar((pba & 7) as u8) + u64::from(pba & !7);
+                if !cpu::map_mmio(a, u64::from(size) * 16) || !cpu::map_mmio(p, 8) {
                     fail_dev("msix table not mappable", bdf);
                 }
-                t.msix = Some((cap, a, size));
+                t.msix = Some((cap, a, size, p));
             }
             cap = pci::read8(bdf, cap + 1) & 0xFC;
             guard += 1;
@@ -273,7 +277,7 @@ impl Transport {
     }
 
     fn setup_msix(&self, nqueues: u16) {
-        let Some((cap, table, size)) = self.msix else {
+        let Some((cap, table, size, _)) = self.msix else {
             let mut o = out();
             o.s("TG: virtio ");
             self.bdf.print(&mut o);
@@ -360,6 +364,28 @@ impl Transport {
         };
         vq.sync_irqs();
         vq
+    }
+
+    pub fn has_msix(&self) -> bool {
+        self.msix.is_some()
+    }
+
+    /// Sets or clears the per-vector mask bit of MSI-X table entry `entry`.
+    pub fn msix_mask(&self, entry: u16, masked: bool) {
+        if let Some((_, table, _, _)) = self.msix {
+            mmio_write32(table + u64::from(entry) * 16 + 12, u32::from(masked));
+        }
+    }
+
+    /// The Pending Bit Array bit of `entry`.
+    pub fn msix_pending(&self, entry: u16) -> bool {
+        match self.msix {
+            Some((_, _, _, pba)) => {
+                let dw = mmio_read32(pba + u64::from(entry / 32) * 4);
+                dw & (1 << (entry % 32)) != 0
+            }
+            None => false,
+        }
     }
 
     pub fn driver_ok(&self) {
@@ -499,6 +525,39 @@ impl Vq {
             nap(10_000_000);
             n += 1;
         }
+    }
+
+    /// Waits (bounded, `sti; hlt`) for a used element without requiring an
+    /// interrupt; returns it and whether one was counted meanwhile.
+    pub fn wait_polled(&mut self, what: &str, naps: u32) -> ((u32, u32), bool) {
+        for _ in 0..naps {
+            if let Some(e) = self.poll_used() {
+                cpu::lapic_timer_stop();
+                return (e, self.irq_count() != self.irq_seen);
+            }
+            nap(10_000_000);
+        }
+        cpu::lapic_timer_stop();
+        let mut o = out();
+        o.s("TG: FAIL ").s(what).s(" (timeout) ");
+        self.bdf.print(&mut o);
+        o.nl();
+        drop(o);
+        x86::power_off()
+    }
+
+    /// Whether an interrupt was counted since the last sync; naps (up to
+    /// `naps` x 10 ms) waiting for one.
+    pub fn wait_irq(&mut self, naps: u32) -> bool {
+        let mut n = 0;
+        while self.irq_count() == self.irq_seen && n < naps {
+            nap(10_000_000);
+            n += 1;
+        }
+        cpu::lapic_timer_stop();
+        let got = self.irq_count() != self.irq_seen;
+        self.irq_seen = self.irq_count();
+        got
     }
 
     /// Forgets interrupts counted so far (before a new request).
