@@ -1,0 +1,127 @@
+//! A virtio-net NIC served by net-backend over a tap that lives in a network
+//! namespace this test creates: the guest's frame shows up on the tap, and
+//! a frame written to the tap reaches the guest. No traffic leaves the
+//! namespace.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run, stat, test_guest, vmm, workspace_bin, Daemon, Scratch};
+
+const GUEST_MAC: &str = "52:54:00:aa:bb:cc";
+
+/// A network namespace, deleted (with everything in it) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Option<Self> {
+        let name = format!("vmmtest{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(Self(name))
+    }
+
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) {
+        let s = self.exec(args).status().unwrap();
+        assert!(s.success(), "{args:?} failed");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Waits for the guest's frame on the tap, then answers with one of its own.
+const PEER: &str = r#"
+import socket, sys, time
+iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind((iface, 0))
+s.settimeout(60)
+f = s.recv(2048)
+print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flush=True)
+time.sleep(0.2)
+s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'hello from the tap side'.ljust(46, b'\0'))
+"#;
+
+#[test]
+fn frames_cross_between_guest_and_tap_through_net_backend() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: no /dev/net/tun on this machine");
+        return;
+    }
+    let ns = Netns::new().expect("cannot create a network namespace (needs root and iproute2)");
+    let s = Scratch::new("virtio-net");
+    let sock = s.path("net.sock");
+    let mut backend = ns.exec(&[]);
+    backend
+        .arg(workspace_bin("net-backend"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--tap", "vmtap0", "--create-tap"]);
+    let _nb = Daemon::start(backend, &sock);
+    // Only our frames on the link: no IPv6 autoconfiguration chatter.
+    ns.run(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+    ns.run(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+    ns.run(&["ip", "link", "set", "vmtap0", "up"]);
+    let script = s.path("peer.py");
+    std::fs::write(&script, PEER).unwrap();
+    let peer = ns
+        .exec(&["python3", script.to_str().unwrap(), "vmtap0", GUEST_MAC])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut c = vmm();
+    c.arg("--kernel")
+        .arg(test_guest())
+        .args(["--memory", "128M", "--cmdline", "tg.virtio tg.netrx"])
+        .arg("--net")
+        .arg(format!("socket={},mac={GUEST_MAC}", sock.display()))
+        .env("VMM_LOG", "info");
+    let r = run(c, Duration::from_secs(120));
+    let seen = String::from_utf8(peer.wait_with_output().unwrap().stdout).unwrap();
+
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
+    let lines = r.lines();
+    assert!(
+        lines.contains(&"TG: pci 00:01.0 1af4:1041 class=020000"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lines.contains(&format!("TG: net mac={GUEST_MAC}").as_str()),
+        "{}",
+        r.stdout
+    );
+    assert!(lines.contains(&"TG: net tx ok"), "{}", r.stdout);
+    assert_eq!(
+        seen.trim(),
+        "seen ffffffffffff 525400aabbcc 88b5 TG virtio-net hello"
+    );
+    assert!(
+        lines.contains(&"TG: net rx len=60 type=88b5"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lines.contains(&"TG: net rx payload=hello from the tap side"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(stat(&r.stderr, "notify_exits"), Some(0));
+}
