@@ -57,9 +57,10 @@ pub trait QueueHandler: Send {
     fn submit(&mut self);
     /// Appends finished requests to `done`.
     fn reap(&mut self, done: &mut Vec<Used>);
-    /// True if [`Self::reap`] would find something; used when busy-polling.
+    /// True if [`Self::reap`] would find something, checked without a system
+    /// call. The default, false, leaves completions to the eventfd wake-up.
     fn has_completions(&mut self) -> bool {
-        true
+        false
     }
     /// Requests started and not yet reaped.
     fn in_flight(&self) -> usize;

@@ -36,13 +36,11 @@ impl Uring {
     /// Creates a ring with room for `entries` submissions.
     pub fn new(entries: u32) -> Result<Self, UringError> {
         let entries = entries.max(1).next_power_of_two();
-        // COOP_TASKRUN: completions need no inter-processor interrupt to the
-        // worker; it runs them when it enters the kernel (Linux 5.19+).
+        // No COOP_TASKRUN: its task work does not wake a thread sleeping in
+        // epoll, and our workers sleep in epoll.
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
-            .setup_coop_taskrun()
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))
             .map_err(UringError::Setup)?;
         let notifier = EventFd::new(EFD_NONBLOCK).map_err(UringError::EventFd)?;
         ring.submitter()

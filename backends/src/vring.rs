@@ -12,6 +12,7 @@ use crate::device::Used;
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMem;
 use crate::metrics::QueueMetrics;
+use crate::ratelimit::LogLimiter;
 
 /// The call eventfd, replaceable while the worker runs.
 pub type CallFd = Arc<Mutex<Option<EventFd>>>;
@@ -50,6 +51,7 @@ pub struct Vring {
     call: CallFd,
     inflight: Option<InflightQueue>,
     metrics: Arc<QueueMetrics>,
+    log: LogLimiter,
 }
 
 impl Vring {
@@ -96,6 +98,7 @@ impl Vring {
                 call,
                 inflight,
                 metrics,
+                log: LogLimiter::default(),
             },
             resubmit,
         ))
@@ -150,8 +153,12 @@ impl Vring {
         if let Some(q) = self.inflight.as_mut() {
             q.complete_begin(used.head);
         }
-        if self.queue.add_used(mem, used.head, used.len).is_err() {
-            tracing::warn!(head = used.head, "cannot write used ring");
+        if self.queue.add_used(mem, used.head, used.len).is_err() && self.log.allow() {
+            tracing::warn!(
+                head = used.head,
+                suppressed = self.log.suppressed(),
+                "cannot write used ring"
+            );
         }
         if let Some(q) = self.inflight.as_mut() {
             q.complete_end(used.head, self.queue.next_used());

@@ -133,7 +133,9 @@ impl Worker {
             };
             for ev in &events[..n] {
                 match Token::from_u64(ev.data()) {
-                    Some(Token::Kick) => self.process_avail(&mut done),
+                    Some(Token::Kick) => {
+                        self.process_avail(&mut done);
+                    }
                     Some(Token::Completion) => self.reap(&mut done),
                     Some(Token::Stop) => return self.drain(&mut done),
                     None => {}
@@ -143,12 +145,12 @@ impl Worker {
         }
     }
 
+    /// Picks up completions and requests that arrived meanwhile without
+    /// waiting for their eventfd wake-up; keeps spinning for `poll` after the
+    /// last one found.
     fn busy_poll(&mut self, done: &mut Vec<Used>) {
-        if self.poll.is_zero() {
-            return;
-        }
         let mut until = Instant::now() + self.poll;
-        while self.handler.in_flight() > 0 {
+        loop {
             let mut worked = false;
             if self.handler.has_completions() {
                 self.reap(done);
@@ -157,8 +159,11 @@ impl Worker {
             let mem = self.mem.memory();
             if self.vring.has_avail(&mem) {
                 drop(mem);
-                self.process_avail(done);
-                worked = true;
+                // A bogus available index pops nothing: do not spin on it.
+                worked |= self.process_avail(done) > 0;
+            }
+            if !worked && (self.poll.is_zero() || self.handler.in_flight() == 0) {
+                return;
             }
             let now = Instant::now();
             if worked {
@@ -182,12 +187,14 @@ impl Worker {
         self.publish(done);
     }
 
-    fn process_avail(&mut self, done: &mut Vec<Used>) {
+    fn process_avail(&mut self, done: &mut Vec<Used>) -> usize {
         let mem = self.mem.memory().into_inner();
         let (table, size) = (self.vring.desc_table(), self.vring.size());
+        let mut popped = 0;
         loop {
             self.vring.disable_notification(&mem);
             while let Some(head) = self.vring.pop(&mem) {
+                popped += 1;
                 if let Some(len) = self.handler.start(&mem, table, size, head) {
                     done.push(Used { head, len });
                 }
@@ -198,6 +205,7 @@ impl Worker {
         }
         self.handler.submit();
         self.publish(done);
+        popped
     }
 
     fn reap(&mut self, done: &mut Vec<Used>) {

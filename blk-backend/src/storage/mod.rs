@@ -79,10 +79,10 @@ pub trait StorageQueue: Send {
     /// Hands the operations queued since the last call to the storage.
     fn submit(&mut self) -> io::Result<()>;
 
-    /// True if [`Self::reap`] would return something; called when busy-polling,
-    /// so it should not make a system call.
+    /// True if [`Self::reap`] would return something, checked without a
+    /// system call. The default, false, leaves completions to the notifier.
     fn has_completions(&mut self) -> bool {
-        true
+        false
     }
 
     /// Appends finished operations to `out`; never blocks.
