@@ -327,3 +327,90 @@ fn memory_storage_serves_requests() {
 
     assert_eq!((st, rst, back == pattern(2, 8192)), (S_OK, S_OK, true));
 }
+
+#[test]
+fn client_mode_connects_to_the_frontend_socket() {
+    use backends::frontend::blk::BlkDriver;
+    use backends::frontend::SyntheticFrontend;
+    let dir = TempDir::new("client");
+    let socket = dir.path("vmm.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let image = dir.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK)
+        .unwrap();
+    let backend = std::process::Command::new(env!("CARGO_BIN_EXE_blk-backend"))
+        .args([
+            "--client",
+            "--image",
+            image.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(backend);
+
+    let (stream, _) = listener.accept().unwrap();
+    let fe = SyntheticFrontend::from_stream(stream, config(1)).unwrap();
+    let mut drv = BlkDriver::new(fe, 4, 4096).unwrap();
+    let st = drv.write(0, 0, &pattern(4, 4096), TIMEOUT).unwrap();
+
+    assert_eq!(st, S_OK);
+}
+
+#[test]
+fn config_space_answers_exactly_the_size_asked() {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+    let dir = TempDir::new("config");
+    let (backend, _) = Backend::with_image(&dir, DISK, &["--queues", "3"]);
+    let mut drv = driver(&backend.socket, config(1));
+    let vu = drv.frontend().vhost().unwrap();
+
+    let (_, small) = vu
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+        .unwrap();
+    let (_, large) = vu
+        .get_config(0, 96, VhostUserConfigFlags::WRITABLE, &[0u8; 96])
+        .unwrap();
+
+    assert_eq!(small.len(), 8);
+    assert_eq!(
+        u64::from_le_bytes(small[..8].try_into().unwrap()),
+        DISK / 512
+    );
+    assert_eq!(large.len(), 96);
+    assert_eq!(u16::from_le_bytes([large[34], large[35]]), 3);
+    assert!(large[60..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn requests_work_without_event_idx() {
+    let dir = TempDir::new("noevidx");
+    let (backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let cfg = backends::frontend::FrontendConfig {
+        event_idx: false,
+        ..config(1)
+    };
+    let mut drv = driver(&backend.socket, cfg);
+
+    let st = drv.write(0, 0, &pattern(6, 8192), TIMEOUT).unwrap();
+    let (rst, back) = drv.read(0, 0, 8192, TIMEOUT).unwrap();
+
+    assert_eq!(
+        drv.frontend().acked_features() & backends::frontend::EVENT_IDX,
+        0
+    );
+    assert_eq!((st, rst, back == pattern(6, 8192)), (S_OK, S_OK, true));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -9,6 +9,7 @@ pub mod net;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -320,6 +321,18 @@ pub struct SyntheticFrontend {
 impl SyntheticFrontend {
     /// Creates guest memory and virtqueues, connects to `socket` and sets the device up.
     pub fn connect(socket: &Path, cfg: FrontendConfig) -> Result<Self, FrontendError> {
+        let vu = connect_retry(socket, cfg.num_queues as u64)?;
+        Self::with_frontend(vu, cfg)
+    }
+
+    /// Like [`Self::connect`], over a backend connection accepted from our
+    /// own listening socket (for backends in client mode).
+    pub fn from_stream(stream: UnixStream, cfg: FrontendConfig) -> Result<Self, FrontendError> {
+        let vu = Frontend::from_stream(stream, cfg.num_queues as u64);
+        Self::with_frontend(vu, cfg)
+    }
+
+    fn with_frontend(vu: Frontend, cfg: FrontendConfig) -> Result<Self, FrontendError> {
         let (mem, memfd) = memfd_memory(cfg.mem_size).map_err(FrontendError::Memory)?;
         let mut queues = Vec::with_capacity(cfg.num_queues);
         let mut next = 0;
@@ -339,7 +352,7 @@ impl SyntheticFrontend {
             inflight: None,
             next_free: next,
         };
-        fe.setup(socket, false)?;
+        fe.setup(vu, false)?;
         Ok(fe)
     }
 
@@ -347,7 +360,8 @@ impl SyntheticFrontend {
     /// and the inflight region, as QEMU does on reconnect.
     pub fn reconnect(&mut self, socket: &Path) -> Result<(), FrontendError> {
         self.vu = None;
-        self.setup(socket, true)
+        let vu = connect_retry(socket, self.cfg.num_queues as u64)?;
+        self.setup(vu, true)
     }
 
     /// Closes the vhost-user connection.
@@ -355,9 +369,8 @@ impl SyntheticFrontend {
         self.vu = None;
     }
 
-    fn setup(&mut self, socket: &Path, restart: bool) -> Result<(), FrontendError> {
+    fn setup(&mut self, mut vu: Frontend, restart: bool) -> Result<(), FrontendError> {
         let vh = FrontendError::Vhost;
-        let mut vu = connect_retry(socket, self.cfg.num_queues as u64)?;
         vu.set_owner().map_err(vh)?;
         let offered = vu.get_features().map_err(vh)?;
         if offered & self.cfg.required != self.cfg.required {
