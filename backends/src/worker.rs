@@ -11,6 +11,8 @@
 //! completion or a new request found by polling costs no wake-up.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,12 +54,14 @@ impl Token {
 /// A running worker.
 pub struct WorkerHandle {
     stop: EventFd,
+    stopping: Arc<AtomicBool>,
     thread: JoinHandle<u16>,
 }
 
 impl WorkerHandle {
     /// Drains in-flight requests, stops the thread and returns the next available index.
     pub fn stop(self) -> Option<u16> {
+        self.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
         self.thread.join().ok()
     }
@@ -105,15 +109,21 @@ pub fn spawn(name: String, worker: Worker) -> Result<WorkerHandle, WorkerError> 
             )
             .map_err(WorkerError::Poll)?;
     }
+    let stopping = Arc::new(AtomicBool::new(false));
+    let flag = stopping.clone();
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || worker.run(epoll))
+        .spawn(move || worker.run(epoll, &flag))
         .map_err(WorkerError::Spawn)?;
-    Ok(WorkerHandle { stop, thread })
+    Ok(WorkerHandle {
+        stop,
+        stopping,
+        thread,
+    })
 }
 
 impl Worker {
-    fn run(mut self, epoll: Epoll) -> u16 {
+    fn run(mut self, epoll: Epoll, stopping: &AtomicBool) -> u16 {
         let mut done = Vec::new();
         let resubmit = std::mem::take(&mut self.resubmit);
         if !resubmit.is_empty() {
@@ -141,16 +151,17 @@ impl Worker {
                     None => {}
                 }
             }
-            self.busy_poll(&mut done);
+            self.busy_poll(&mut done, stopping);
         }
     }
 
     /// Picks up completions and requests that arrived meanwhile without
     /// waiting for their eventfd wake-up; keeps spinning for `poll` after the
     /// last one found.
-    fn busy_poll(&mut self, done: &mut Vec<Used>) {
+    fn busy_poll(&mut self, done: &mut Vec<Used>, stopping: &AtomicBool) {
         let mut until = Instant::now() + self.poll;
-        loop {
+        // A busy guest must not keep a stop request waiting.
+        while !stopping.load(Ordering::Acquire) {
             let mut worked = false;
             if self.handler.has_completions() {
                 self.reap(done);

@@ -227,6 +227,13 @@ impl QueueHandler for BlkQueue {
         if self.pending.len() < size as usize {
             self.pending.resize_with(size as usize, || None);
         }
+        if self.pending.get(head as usize).is_some_and(Option::is_some) {
+            // The driver reused a head that is still in flight: leave its
+            // buffers alone, the earlier request owns them.
+            self.warn(head, &"chain head already in flight");
+            QueueMetrics::add(&self.metrics.errors, 1);
+            return Some(0);
+        }
         let mut descs = std::mem::take(&mut self.descs);
         let walked = walk_chain(mem.as_ref(), table, size, head, &mut descs);
         let parsed = walked.map_err(|e| e.to_string()).and_then(|()| {

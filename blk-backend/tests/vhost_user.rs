@@ -414,3 +414,33 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn head_published_twice_while_in_flight_does_not_wedge_the_queue() {
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = TempDir::new("duphead");
+    let (mut backend, _) = Backend::with_image(&dir, DISK, &["--direct"]);
+    let mut drv = driver(&backend.socket, config(1));
+    drv.submit(0, &BlkReq::read(0, 128 << 10)).unwrap().unwrap();
+    {
+        // Publish the same head (0) a second time, as a buggy driver could.
+        let fe = drv.frontend();
+        let mem = fe.mem();
+        let avail = GuestAddress(16 * 128);
+        let idx: u16 = mem.read_obj(GuestAddress(avail.0 + 2)).unwrap();
+        mem.write_obj(0u16, GuestAddress(avail.0 + 4 + 2 * u64::from(idx % 128)))
+            .unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(avail.0 + 2))
+            .unwrap();
+    }
+    drv.kick(0);
+    let mut done = Vec::new();
+    drv.wait(0, TIMEOUT, &mut done).unwrap();
+    drv.frontend().disconnect();
+
+    let mut again = driver(&backend.socket, config(1));
+    let (st, _) = again.read(0, 0, 512, TIMEOUT).unwrap();
+
+    assert_eq!(st, S_OK);
+    assert!(backend.is_running());
+}

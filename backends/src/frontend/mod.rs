@@ -34,6 +34,8 @@ pub const EVENT_IDX: u64 = 1 << 29;
 pub const INDIRECT_DESC: u64 = 1 << 28;
 
 const F_NEXT: u16 = 1;
+/// How long to wait for a vhost-user reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const F_WRITE: u16 = 2;
 
 /// Errors of the synthetic frontend.
@@ -48,6 +50,9 @@ pub enum FrontendError {
     /// Guest memory access failed.
     #[error("Guest memory access failed")]
     Access(#[source] vm_memory::GuestMemoryError),
+    /// Setting up the socket failed.
+    #[error("Cannot configure the vhost-user socket")]
+    Socket(#[source] std::io::Error),
     /// An eventfd operation failed.
     #[error("Eventfd operation failed")]
     EventFd(#[source] std::io::Error),
@@ -328,6 +333,9 @@ impl SyntheticFrontend {
     /// Like [`Self::connect`], over a backend connection accepted from our
     /// own listening socket (for backends in client mode).
     pub fn from_stream(stream: UnixStream, cfg: FrontendConfig) -> Result<Self, FrontendError> {
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(FrontendError::Socket)?;
         let vu = Frontend::from_stream(stream, cfg.num_queues as u64);
         Self::with_frontend(vu, cfg)
     }
@@ -510,9 +518,19 @@ fn connect_retry(socket: &Path, queues: u64) -> Result<Frontend, FrontendError> 
     let path: PathBuf = socket.to_path_buf();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match Frontend::connect(&path, queues) {
-            Ok(f) => return Ok(f),
-            Err(e) if Instant::now() >= deadline => return Err(FrontendError::Vhost(e)),
+        match UnixStream::connect(&path) {
+            Ok(stream) => {
+                // A backend that stops answering fails the caller instead of hanging it.
+                stream
+                    .set_read_timeout(Some(REPLY_TIMEOUT))
+                    .map_err(FrontendError::Socket)?;
+                return Ok(Frontend::from_stream(stream, queues));
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(FrontendError::Vhost(vhost::Error::VhostUserProtocol(
+                    vhost::vhost_user::Error::SocketConnect(e),
+                )))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
