@@ -95,67 +95,120 @@ fn have_qemu() -> bool {
         .is_ok()
 }
 
-#[test]
-fn qemu_guest_writes_reach_the_host_file_through_blk_backend() {
+/// A QEMU guest whose console is collected as it arrives.
+struct Qemu {
+    child: std::process::Child,
+    console: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Qemu {
+    /// Boots the guest with `script` on a vhost-user-blk device at `socket`.
+    fn boot(socket: &std::path::Path, script: &str) -> Qemu {
+        let guest = guest_image();
+        let append = format!(
+            "console=ttyS0 reboot=k panic=-1 quiet runb64={}",
+            base64(script.as_bytes())
+        );
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "2"])
+            .args([
+                "-object",
+                "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-numa",
+                "node,memdev=mem",
+            ])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=c0,path={},reconnect=1",
+                socket.display()
+            ))
+            .args([
+                "-device",
+                "vhost-user-blk-pci,chardev=c0,num-queues=2,romfile=",
+            ])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(guest.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(guest.join("initramfs.cpio.gz"))
+            .arg("-append")
+            .arg(append)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start qemu");
+        let mut stdout = child.stdout.take().unwrap();
+        let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = console.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Qemu {
+            child,
+            console,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits (bounded) until the console shows `text`.
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !self.console.lock().unwrap().contains(text) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) for QEMU to exit and returns the whole console.
+    fn finish(mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let console = self.console.lock().unwrap().clone();
+        console
+    }
+}
+
+fn qemu_missing() -> bool {
     if !have_qemu() && std::env::var_os("BLK_REQUIRE_QEMU").is_none() {
         eprintln!(
             "skipped: qemu-system-x86_64 not installed (set BLK_REQUIRE_QEMU=1 to fail instead)"
         );
+        return true;
+    }
+    false
+}
+
+#[test]
+fn qemu_guest_writes_reach_the_host_file_through_blk_backend() {
+    if qemu_missing() {
         return;
     }
-    let guest = guest_image();
     let dir = TempDir::new("qemu");
     let (backend, image) = Backend::with_image(&dir, 64 << 20, &["--queues", "2"]);
-    let append = format!(
-        "console=ttyS0 reboot=k panic=-1 quiet runb64={}",
-        base64(GUEST_SCRIPT.as_bytes())
-    );
 
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "2"])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", backend.socket.display()))
-        .args([
-            "-device",
-            "vhost-user-blk-pci,chardev=c0,num-queues=2,romfile=",
-        ])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.cpio.gz"))
-        .arg("-append")
-        .arg(append)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start qemu");
-    let mut stdout = qemu.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while qemu.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = qemu.kill();
-    let _ = qemu.wait();
-    let console = reader.join().unwrap();
+    let console = Qemu::boot(&backend.socket, GUEST_SCRIPT).finish();
 
     assert!(
         console.contains("GUEST-RUN-END rc=0"),
@@ -174,4 +227,47 @@ fn qemu_guest_writes_reach_the_host_file_through_blk_backend() {
         sha256_of(&disk[3 << 20..4 << 20]),
         value(&console, "WROTE-B=")
     );
+}
+
+const KILL_SCRIPT: &str = r#"dd if=/dev/urandom of=/tmp/a bs=64k count=256 2>/dev/null
+echo WRITING
+dd if=/tmp/a of=/dev/vda bs=4k oflag=direct conv=fsync 2>/dev/null
+echo "DD-RC=$?"
+echo 3 > /proc/sys/vm/drop_caches
+echo "WROTE=$(sha256sum < /tmp/a | cut -d' ' -f1)"
+echo "READ=$(dd if=/dev/vda bs=64k count=256 2>/dev/null | sha256sum | cut -d' ' -f1)"
+echo "IOERRORS=$(dmesg | grep -c -i 'I/O error')"
+"#;
+
+/// QEMU reconnects (`reconnect=1`) to a blk-backend restarted after kill -9
+/// during the guest's dd, passing back the inflight region: the guest sees
+/// no error and the host file holds every byte.
+#[test]
+fn qemu_guest_survives_backend_kill_9_mid_write() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = TempDir::new("qemu-kill");
+    let (mut backend, image) = Backend::with_image(&dir, 64 << 20, &["--queues", "2"]);
+    let qemu = Qemu::boot(&backend.socket, KILL_SCRIPT);
+    qemu.wait_for("WRITING");
+    std::thread::sleep(Duration::from_millis(300));
+
+    backend.child.kill().unwrap();
+    backend.child.wait().unwrap();
+    let _restarted = Backend::spawn(
+        &backend.socket,
+        &["--queues", "2", "--image", image.to_str().unwrap()],
+    );
+    let console = qemu.finish();
+
+    assert!(
+        console.contains("GUEST-RUN-END rc=0"),
+        "guest script failed:\n{console}"
+    );
+    assert_eq!(value(&console, "DD-RC="), "0");
+    assert_eq!(value(&console, "IOERRORS="), "0");
+    assert_eq!(value(&console, "READ="), value(&console, "WROTE="));
+    let disk = std::fs::read(&image).unwrap();
+    assert_eq!(sha256_of(&disk[..16 << 20]), value(&console, "WROTE="));
 }
