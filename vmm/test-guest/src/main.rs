@@ -95,13 +95,15 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
             bi.cmdline
                 .split(|b| *b == b' ')
                 .find_map(|t| t.strip_prefix(p))
-                .map(parse_dec)
+                .map(parse_num)
         };
         let opts = virtio::Opts {
             seed: param(b"tg.seed=").unwrap_or(1),
             burst: param(b"tg.blkburst=").unwrap_or(0),
             netrx: has(b"tg.netrx"),
             msixmask: has(b"tg.msixmask"),
+            ecam: param(b"tg.ecam="),
+            barbase: param(b"tg.barbase="),
             assign: has(b"tg.pciassign"),
             apic: bsp,
         };
@@ -115,12 +117,17 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     x86::power_off()
 }
 
-/// Parses a decimal number (stops at the first non-digit).
-fn parse_dec(s: &[u8]) -> u64 {
-    s.iter()
-        .take_while(|b| b.is_ascii_digit())
-        .fold(0u64, |v, b| {
-            v.wrapping_mul(10).wrapping_add(u64::from(b - b'0'))
+/// Parses a decimal or `0x` hex number (stops at the first non-digit).
+fn parse_num(s: &[u8]) -> u64 {
+    let (digits, radix) = match s.strip_prefix(b"0x") {
+        Some(h) => (h, 16),
+        None => (s, 10),
+    };
+    digits
+        .iter()
+        .map_while(|&b| (b as char).to_digit(radix))
+        .fold(0u64, |v, d| {
+            v.wrapping_mul(u64::from(radix)).wrapping_add(u64::from(d))
         })
 }
 

@@ -4,7 +4,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::serial::out;
-use crate::x86::{inl, mmio_read32, mmio_read8, outl};
+use crate::x86::{inl, mmio_read32, mmio_read8, mmio_write32, outl};
 use crate::{cpu, fail};
 
 const CONFIG_ADDRESS: u16 = 0xCF8;
@@ -59,14 +59,35 @@ fn address(d: Bdf, off: u8) -> u32 {
         | u32::from(off & 0xFC)
 }
 
+/// Configuration access: 0 = mechanism #1, else the ECAM base of bus 0
+/// (used for everything when mechanism #1 finds no device).
+static ECAM_ONLY: AtomicU64 = AtomicU64::new(0);
+
+fn ecam_addr(base: u64, d: Bdf, off: u8) -> u64 {
+    base + (u64::from(d.bus) << 20)
+        + (u64::from(d.dev & 31) << 15)
+        + (u64::from(d.func & 7) << 12)
+        + u64::from(off & 0xFC)
+}
+
 pub fn read32(d: Bdf, off: u8) -> u32 {
-    outl(CONFIG_ADDRESS, address(d, off));
-    inl(CONFIG_DATA)
+    match ECAM_ONLY.load(Ordering::Relaxed) {
+        0 => {
+            outl(CONFIG_ADDRESS, address(d, off));
+            inl(CONFIG_DATA)
+        }
+        base => mmio_read32(ecam_addr(base, d, off)),
+    }
 }
 
 pub fn write32(d: Bdf, off: u8, v: u32) {
-    outl(CONFIG_ADDRESS, address(d, off));
-    outl(CONFIG_DATA, v);
+    match ECAM_ONLY.load(Ordering::Relaxed) {
+        0 => {
+            outl(CONFIG_ADDRESS, address(d, off));
+            outl(CONFIG_DATA, v);
+        }
+        base => mmio_write32(ecam_addr(base, d, off), v),
+    }
 }
 
 pub fn read16(d: Bdf, off: u8) -> u16 {
@@ -212,7 +233,8 @@ fn find_table(rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
 }
 
 /// ECAM window for bus 0 from the MCFG table: (base of bus 0).
-fn find_ecam(rsdp_hint: u64) -> Option<u64> {
+/// Returns (base, length) of the bus 0.. window.
+pub fn find_ecam(rsdp_hint: u64) -> Option<(u64, u64)> {
     let rsdp = find_rsdp(rsdp_hint)?;
     let mcfg = find_table(rsdp, b"MCFG")?;
     let len = u64::from(rd32(mcfg + 4));
@@ -224,26 +246,53 @@ fn find_ecam(rsdp_hint: u64) -> Option<u64> {
         let base = rd64(p);
         let seg = crate::x86::mmio_read16(p + 8);
         let start = mmio_read8(p + 10);
+        let end = mmio_read8(p + 11);
         if seg == 0 && start == 0 {
-            return Some(base);
+            return Some((base, (u64::from(end) + 1) << 20));
         }
         p += 16;
     }
     None
 }
 
-/// Reads each function's ID through ECAM and compares with mechanism #1.
-pub fn check_ecam(bus: &Bus, rsdp_hint: u64) {
-    let Some(base) = find_ecam(rsdp_hint) else {
-        crate::serial::line("TG: ecam none");
-        return;
-    };
-    if !cpu::map_mmio(base, 1 << 20) {
-        fail("ecam not mappable");
+/// Enumerates bus 0: mechanism #1, or only ECAM (at `ecam`, from MCFG or
+/// `tg.ecam=`) when mechanism #1 finds nothing; in the first case each
+/// function's ID is read back through ECAM and compared.
+pub fn scan(ecam: Option<(u64, u64)>) -> Bus {
+    if let Some((base, len)) = ecam {
+        if !cpu::map_mmio(base, 1 << 20) {
+            fail("ecam not mappable");
+        }
+        // BARs the guest assigns must not land on the ECAM window.
+        ECAM_RESERVED.store(base, Ordering::Relaxed);
+        ECAM_RESERVED_LEN.store(len, Ordering::Relaxed);
     }
+    let ecam = ecam.map(|(base, _)| base);
+    let bus = enumerate();
+    match ecam {
+        Some(base) if bus.n == 0 => {
+            out()
+                .s("TG: pci no devices via 0xcf8, using ecam ")
+                .hex(base)
+                .nl();
+            ECAM_ONLY.store(base, Ordering::Relaxed);
+            enumerate()
+        }
+        Some(base) => {
+            check_ecam(&bus, base);
+            bus
+        }
+        None => {
+            crate::serial::line("TG: ecam none");
+            bus
+        }
+    }
+}
+
+/// Reads each function's ID through ECAM and compares with mechanism #1.
+fn check_ecam(bus: &Bus, base: u64) {
     for f in &bus.funcs[..bus.n] {
-        let a = base + (u64::from(f.bdf.dev) << 15) + (u64::from(f.bdf.func) << 12);
-        let id = mmio_read32(a);
+        let id = mmio_read32(ecam_addr(base, f.bdf, 0));
         let want = u32::from(f.vendor) | (u32::from(f.device) << 16);
         if id != want {
             let mut o = out();
@@ -260,8 +309,17 @@ pub fn check_ecam(bus: &Bus, rsdp_hint: u64) {
 // ---------------------------------------------------------------------------
 // BARs.
 
-/// Next free address of the window used for BARs the guest assigns itself.
+/// Next free address of the window used for BARs the guest assigns itself
+/// (`tg.barbase=` moves it).
 static NEXT_BAR: AtomicU64 = AtomicU64::new(0xE000_0000);
+
+/// The ECAM window, skipped by the BAR allocator.
+static ECAM_RESERVED: AtomicU64 = AtomicU64::new(0);
+static ECAM_RESERVED_LEN: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_bar_base(base: u64) {
+    NEXT_BAR.store(base, Ordering::Relaxed);
+}
 const BAR_WINDOW_END: u64 = 0xFEC0_0000;
 
 /// Returns the address of memory BAR `idx`; assigns it from the window at
@@ -301,7 +359,14 @@ pub fn bar_address(d: Bdf, idx: u8, force: bool) -> Result<u64, &'static str> {
     if mlo == 0 || size == 0 || size > 1 << 28 {
         return Err("bar size");
     }
-    let base = NEXT_BAR.load(Ordering::Relaxed).next_multiple_of(size);
+    let mut base = NEXT_BAR.load(Ordering::Relaxed).next_multiple_of(size);
+    let (rb, rl) = (
+        ECAM_RESERVED.load(Ordering::Relaxed),
+        ECAM_RESERVED_LEN.load(Ordering::Relaxed),
+    );
+    if rl != 0 && base < rb + rl && base + size > rb {
+        base = (rb + rl).next_multiple_of(size);
+    }
     if base + size > BAR_WINDOW_END {
         return Err("bar window full");
     }

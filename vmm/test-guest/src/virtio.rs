@@ -73,6 +73,10 @@ pub struct Opts {
     pub netrx: bool,
     /// `tg.msixmask`: virtio-blk MSI-X per-vector mask test.
     pub msixmask: bool,
+    /// `tg.ecam=ADDR`: ECAM base of bus 0 when there is no MCFG.
+    pub ecam: Option<u64>,
+    /// `tg.barbase=ADDR`: start of the window for BARs the guest assigns.
+    pub barbase: Option<u64>,
     /// `tg.pciassign`: assign the virtio BARs even if already assigned.
     pub assign: bool,
     /// BSP APIC ID (MSI-X destination).
@@ -566,21 +570,62 @@ impl Vq {
     }
 }
 
+/// Whether the function has a virtio common-configuration capability.
+fn has_common_cfg(bdf: Bdf) -> bool {
+    if pci::read16(bdf, 0x06) & (1 << 4) == 0 {
+        return false;
+    }
+    let mut cap = pci::read8(bdf, 0x34) & 0xFC;
+    for _ in 0..48 {
+        if cap == 0 {
+            break;
+        }
+        if pci::read8(bdf, cap) == 0x09 && pci::read8(bdf, cap + 3) == 1 {
+            return true;
+        }
+        cap = pci::read8(bdf, cap + 1) & 0xFC;
+    }
+    false
+}
+
 /// Enumerates bus 0, checks ECAM, and drives every virtio device found.
 pub fn run(opts: &Opts, rsdp_hint: u64) {
-    let bus: Bus = pci::enumerate();
-    pci::check_ecam(&bus, rsdp_hint);
+    if let Some(b) = opts.barbase {
+        pci::set_bar_base(b);
+    }
+    // tg.ecam= without MCFG: assume the full 256-bus window.
+    let ecam = pci::find_ecam(rsdp_hint).or(opts.ecam.map(|b| (b, 256 << 20)));
+    let bus: Bus = pci::scan(ecam);
     let mut slot = 0;
     for f in &bus.funcs[..bus.n] {
-        if f.vendor != VENDOR_VIRTIO || !(0x1040..=0x107F).contains(&f.device) {
+        if f.vendor != VENDOR_VIRTIO || !(0x1000..=0x107F).contains(&f.device) {
             continue;
         }
-        let dtype = f.device - 0x1040;
+        // Transitional devices (0x1000..0x103f) carry the type in the
+        // subsystem ID and are driven through their modern interface.
+        let transitional = f.device < 0x1040;
+        let dtype = if transitional {
+            pci::read16(f.bdf, 0x2E)
+        } else {
+            f.device - 0x1040
+        };
         let mut o = out();
         o.s("TG: virtio ");
         f.bdf.print(&mut o);
-        o.s(" type=").dec(u64::from(dtype)).nl();
+        o.s(" type=").dec(u64::from(dtype));
+        if transitional {
+            o.s(" (transitional ").hexw(u64::from(f.device), 4).s(")");
+        }
+        o.nl();
         drop(o);
+        if transitional && !has_common_cfg(f.bdf) {
+            out()
+                .s("TG: virtio type=")
+                .dec(u64::from(dtype))
+                .s(" skipped (legacy only)")
+                .nl();
+            continue;
+        }
         let known = matches!(dtype, 1 | 2 | 4);
         if !known || slot >= MAX_DEV {
             out()
