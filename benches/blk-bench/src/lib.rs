@@ -72,6 +72,9 @@ enum Cmd {
         /// Label the others are compared against, e.g. blk-backend.
         #[arg(long, default_value = "blk-backend")]
         subject: String,
+        /// Also write a bar chart (IOPS relative to the first label) here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -143,9 +146,16 @@ pub fn main(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
-        Cmd::Report { results, subject } => {
+        Cmd::Report {
+            results,
+            subject,
+            svg,
+        } => {
             let text = std::fs::read_to_string(results)?;
             print!("{}", report::render(&text, &subject));
+            if let Some(path) = svg {
+                std::fs::write(path, report::svg(&text))?;
+            }
         }
     }
     Ok(())

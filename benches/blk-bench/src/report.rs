@@ -15,12 +15,12 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Renders the tables for the samples in `text`.
-pub fn render(text: &str, subject: &str) -> String {
-    let samples: Vec<Sample> = text.lines().filter_map(Sample::from_line).collect();
+type Groups = BTreeMap<(String, String), Vec<Sample>>;
+
+fn group(text: &str) -> (Vec<String>, Groups) {
     let mut labels: Vec<String> = Vec::new();
-    let mut groups: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
-    for s in samples {
+    let mut groups = Groups::new();
+    for s in text.lines().filter_map(Sample::from_line) {
         if !labels.contains(&s.label) {
             labels.push(s.label.clone());
         }
@@ -29,6 +29,67 @@ pub fn render(text: &str, subject: &str) -> String {
             .or_default()
             .push(s);
     }
+    (labels, groups)
+}
+
+fn median_iops(groups: &Groups, workload: &str, label: &str) -> Option<f64> {
+    let g = groups.get(&(workload.to_string(), label.to_string()))?;
+    Some(median(&mut g.iter().map(|s| s.iops).collect::<Vec<_>>()))
+}
+
+/// A grouped bar chart of median IOPS per workload, relative to the first
+/// label's (usually host fio, the limit).
+pub fn svg(text: &str) -> String {
+    let (labels, groups) = group(text);
+    let colors = ["#888888", "#d9822b", "#2b7bd9", "#3aa655"];
+    let (width, height, left, bar) = (820.0, 360.0, 40.0, 40.0);
+    let floor = height - 60.0;
+    let slot = (width - left) / Workload::all().len() as f64;
+    let first = labels.first().cloned().unwrap_or_default();
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' \
+         font-family='sans-serif' font-size='11'>\n\
+         <text x='{left}' y='18' font-size='13'>median IOPS relative to {first}</text>\n"
+    );
+    for (i, w) in Workload::all().iter().enumerate() {
+        let x0 = left + i as f64 * slot;
+        for (j, l) in labels.iter().enumerate() {
+            let (Some(v), Some(base)) = (
+                median_iops(&groups, w.name, l),
+                median_iops(&groups, w.name, &first),
+            ) else {
+                continue;
+            };
+            let r = v / base;
+            let (x, bh) = (x0 + j as f64 * bar, (floor - 40.0) * (r / 1.5).min(1.0));
+            let color = colors[j % colors.len()];
+            out += &format!(
+                "<rect x='{x:.0}' y='{:.0}' width='{}' height='{bh:.0}' fill='{color}'/>\n\
+                 <text x='{x:.0}' y='{:.0}'>{r:.2}</text>\n",
+                floor - bh,
+                bar - 4.0,
+                floor - bh - 4.0
+            );
+        }
+        out += &format!("<text x='{x0:.0}' y='{}'>{}</text>\n", floor + 16.0, w.name);
+    }
+    for (j, l) in labels.iter().enumerate() {
+        let x = left + j as f64 * 200.0;
+        let color = colors[j % colors.len()];
+        out += &format!(
+            "<rect x='{x}' y='{}' width='10' height='10' fill='{color}'/>\n\
+             <text x='{}' y='{}'>{l}</text>\n",
+            height - 20.0,
+            x + 14.0,
+            height - 11.0
+        );
+    }
+    out + "</svg>\n"
+}
+
+/// Renders the tables for the samples in `text`.
+pub fn render(text: &str, subject: &str) -> String {
+    let (labels, groups) = group(text);
     let order: Vec<&str> = Workload::all().iter().map(|w| w.name).collect();
     let mut out = String::new();
     let _ = writeln!(
@@ -92,6 +153,16 @@ pub fn render(text: &str, subject: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn svg_has_one_bar_per_label_and_workload() {
+        let text = "a\trandread-4k-qd32\t100\t0\t0\t0\t0\nb\trandread-4k-qd32\t50\t0\t0\t0\t0\n";
+
+        let svg = svg(text);
+
+        assert_eq!(svg.matches("<rect").count(), 2 + 2);
+        assert!(svg.contains(">0.50<"));
+    }
 
     #[test]
     fn ratio_uses_median_iops() {
