@@ -168,13 +168,20 @@ irq_other:
 irq_spurious:
     iretq
 
-/* MSI-X vectors 0x40..0x5F: count per vector (MSIX_COUNT[n]), EOI. */
+/* MSI-X vectors 0x40..0x5F: TSC at entry (MSIX_TSC[n]), count per vector
+   (MSIX_COUNT[n]), EOI. */
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
 irq_msix_\n:
     push %rax
+    push %rdx
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    mov %rax, MSIX_TSC + 8 * \n(%rip)
     lock incl MSIX_COUNT + 4 * \n(%rip)
     mov $0xFEE000B0, %eax
     movl $0, (%rax)
+    pop %rdx
     pop %rax
     iretq
     .endr

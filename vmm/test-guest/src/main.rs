@@ -58,6 +58,9 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     let bi = boot::parse(proto, info);
     out().s("TG: cmdline=").bytes(bi.cmdline).nl();
     let has = |w: &[u8]| bi.cmdline.split(|b| *b == b' ').any(|t| t == w);
+    if has(b"tg.nommio") {
+        NO_MMIO_CHECK.store(true, Ordering::Relaxed);
+    }
     if has(b"tg.hold") {
         x86::HOLD.store(true, Ordering::Relaxed);
     }
@@ -100,6 +103,7 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
         let opts = virtio::Opts {
             seed: param(b"tg.seed=").unwrap_or(1),
             burst: param(b"tg.blkburst=").unwrap_or(0),
+            lat: param(b"tg.blklat=").unwrap_or(0),
             netrx: has(b"tg.netrx"),
             msixmask: has(b"tg.msixmask"),
             ecam: param(b"tg.ecam="),
@@ -255,6 +259,10 @@ fn check_cpuid() -> u32 {
     lapic
 }
 
+/// `tg.nommio`: the unassigned-MMIO check is skipped (QEMU microvm has a
+/// virtio-mmio device there).
+static NO_MMIO_CHECK: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// One PIO read of the debug port and one MMIO read of an unassigned address.
 fn io_exits() {
     let v = inb(DEBUGCON);
@@ -264,7 +272,7 @@ fn io_exits() {
     }
     line("TG: pio ok");
     let m = mmio_read32(UNASSIGNED_MMIO);
-    if m != 0xFFFF_FFFF && cfg!(feature = "qemu") {
+    if m != 0xFFFF_FFFF && (cfg!(feature = "qemu") || NO_MMIO_CHECK.load(Ordering::Relaxed)) {
         out()
             .s("TG: mmio read ")
             .hex(u64::from(m))

@@ -18,6 +18,11 @@ use crate::x86::{
 #[no_mangle]
 pub static MSIX_COUNT: [AtomicU32; MSIX_VECTORS] = [const { AtomicU32::new(0) }; MSIX_VECTORS];
 
+/// TSC at the entry of each vector's last interrupt (asm.rs).
+#[no_mangle]
+pub static MSIX_TSC: [core::sync::atomic::AtomicU64; MSIX_VECTORS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; MSIX_VECTORS];
+
 pub const VENDOR_VIRTIO: u16 = 0x1AF4;
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -69,6 +74,8 @@ pub struct Opts {
     pub seed: u64,
     /// `tg.blkburst=N`: extra write+read pairs.
     pub burst: u64,
+    /// `tg.blklat=N`: N timed 4 KiB reads (notify to interrupt handler).
+    pub lat: u64,
     /// `tg.netrx`: wait for one received frame.
     pub netrx: bool,
     /// `tg.msixmask`: virtio-blk MSI-X per-vector mask test.
@@ -443,6 +450,14 @@ impl Vq {
     /// Interrupts counted on this queue's vector so far.
     pub fn irqs(&self) -> u32 {
         self.irq_count()
+    }
+
+    /// TSC at the entry of this queue's last interrupt (0 without MSI-X).
+    pub fn irq_tsc(&self) -> u64 {
+        match self.vector {
+            Some(v) => MSIX_TSC[(v - VEC_MSIX_BASE) as usize].load(Ordering::Acquire),
+            None => 0,
+        }
     }
 
     /// Writes a descriptor chain and publishes it in the avail ring; returns the head.
