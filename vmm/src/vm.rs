@@ -101,8 +101,9 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
             flags: 0,
         };
         // SAFETY: the region is a live mapping of `len` bytes owned by
-        // `mem`, which outlives the VM (both are dropped together at exit,
-        // the VM first).
+        // `mem`; the machine keeps guest memory mapped until every vCPU
+        // thread has been joined, so the guest never runs on a slot whose
+        // mapping is gone.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| VmError::Kvm("register memory slot", e))?;
     }
