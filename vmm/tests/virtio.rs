@@ -340,3 +340,26 @@ fn generic_frontend_drives_third_party_vhost_device_rng() {
     assert!(lines.contains(&"TG: PASS"));
     assert_eq!(stat(&r.stderr, "notify_exits"), Some(0));
 }
+
+#[test]
+fn guest_moving_the_bar_and_masking_vectors_keeps_io_working() {
+    let s = Scratch::new("virtio-move");
+    let (img, sock) = (s.path("disk.img"), s.path("blk.sock"));
+    disk_image(&img);
+    let _b = blk_backend(&img, &sock);
+    let mut c = guest_with(
+        "tg.virtio tg.pciassign tg.msixmask tg.seed=9 tg.blkburst=16",
+        &[("--disk", format!("socket={}", sock.display()))],
+    );
+    c.env("VMM_LOG", "vmm::pci=debug,info");
+    let r = run(c, LIMIT);
+    assert_blk_ok(&r);
+    assert!(r.stderr.contains("guest moved a BAR"), "{}", r.stderr);
+    // The masked vector's interrupt was held in the PBA and delivered on unmask.
+    assert!(
+        r.lines().contains(&"TG: blk msix mask ok pba=1"),
+        "{}",
+        r.stdout
+    );
+    assert_pattern(&img, 4096, 4096 * 17, 9);
+}

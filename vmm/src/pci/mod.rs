@@ -178,6 +178,8 @@ impl PciRoot {
     }
 
     fn move_window(&self, dev: &Arc<Mutex<dyn PciDevice>>, m: BarMove, size: u64) {
+        // Guest-triggered, hence debug level only.
+        tracing::debug!(bar = m.index, from = m.from, to = m.to, "guest moved a BAR");
         let window = self.mmio.remove(m.from).unwrap_or_else(|| {
             Arc::new(Mutex::new(BarWindow {
                 dev: dev.clone(),
