@@ -13,6 +13,9 @@ use crate::device::Used;
 /// Size of `struct virtio_net_hdr_v1`.
 pub const HDR_LEN: usize = 12;
 
+/// RX descriptors left unposted, for tests that add chains of their own.
+pub const RX_SPARE: usize = 4;
+
 /// A frame received on an RX queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxFrame {
@@ -71,12 +74,13 @@ pub struct NetDriver {
     tx: Vec<TxState>,
     ctrl_buf: Option<GuestAddress>,
     used: Vec<Used>,
+    bufs_scratch: Vec<(usize, u32)>,
 }
 
 impl NetDriver {
     /// Sets up `pairs` queue pairs (plus the control queue if the frontend
-    /// has one more queue): every RX descriptor gets a buffer of
-    /// `rx_buf_len` bytes and is posted and kicked; each TX queue gets
+    /// has one more queue): all but [`RX_SPARE`] RX descriptors get a buffer
+    /// of `rx_buf_len` bytes, posted and kicked; each TX queue gets
     /// `tx_slots` slots of `tx_slot_len` bytes.
     pub fn new(
         mut fe: SyntheticFrontend,
@@ -89,7 +93,7 @@ impl NetDriver {
         let mut tx = Vec::with_capacity(pairs);
         for p in 0..pairs {
             let size = fe.queue(2 * p).0.size() as usize;
-            let bufs = (0..size)
+            let bufs = (0..size.saturating_sub(RX_SPARE).max(1))
                 .map(|_| fe.alloc(u64::from(rx_buf_len), 64))
                 .collect::<Result<Vec<_>, _>>()?;
             rx.push(RxState {
@@ -121,6 +125,7 @@ impl NetDriver {
             tx,
             ctrl_buf,
             used: Vec::new(),
+            bufs_scratch: Vec::new(),
         };
         for p in 0..pairs {
             for i in 0..d.rx[p].bufs.len() {
@@ -296,19 +301,28 @@ impl NetDriver {
         mut out: Option<&mut Vec<RxFrame>>,
     ) -> Result<RxCount, FrontendError> {
         let mut count = RxCount::default();
+        // Map every head to its buffer before reposting any: reposting reuses
+        // the descriptor ids just freed.
+        let mut bufs = std::mem::take(&mut self.bufs_scratch);
+        bufs.clear();
         for u in used {
-            let Some(buf) = self.rx[pair]
+            if let Some(buf) = self.rx[pair]
                 .by_head
                 .get_mut(u.head as usize)
                 .and_then(Option::take)
-            else {
-                continue;
-            };
+            {
+                bufs.push((buf, u.len));
+            }
+        }
+        for &(buf, len) in &bufs {
             let addr = self.rx[pair].bufs[buf];
-            let len = (u.len as usize).min(self.rx_buf_len as usize);
+            let len = (len as usize).min(self.rx_buf_len as usize);
             self.take_rx(pair, addr, len, &mut count, out.as_deref_mut())?;
+        }
+        for &(buf, _) in &bufs {
             self.post_rx(pair, buf)?;
         }
+        self.bufs_scratch = bufs;
         if !used.is_empty() {
             self.fe.queue(2 * pair).0.notify();
         }
@@ -418,7 +432,9 @@ impl NetDriver {
         data: &[u8],
         timeout: Duration,
     ) -> Result<u8, FrontendError> {
-        let buf = self.ctrl_buf.ok_or(FrontendError::MissingFeatures(1 << 17))?;
+        let buf = self
+            .ctrl_buf
+            .ok_or(FrontendError::MissingFeatures(1 << 17))?;
         let q = 2 * self.pairs;
         let mem = self.fe.mem();
         let mut msg = vec![class, cmd];

@@ -336,6 +336,10 @@ impl QueueHandler for RxQueue {
         }
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.ready.is_empty() || self.ring.has_completions()
+    }
+
     fn in_flight(&self) -> usize {
         self.chains.len() + self.ready.len() + self.reading
     }

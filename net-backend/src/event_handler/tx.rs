@@ -144,22 +144,25 @@ impl QueueHandler for TxQueue {
         {
             return self.reject(Why::BadChain, head);
         }
-        let total: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
-        let Some(hdr) = self.header(mem) else {
-            return self.reject(Why::BadHeader, head);
-        };
-        let frame_len = (total as usize).saturating_sub(HDR_LEN);
-        match hdr.check_tx(frame_len, self.limits.mtu, self.limits.features) {
-            Ok(()) => {}
-            Err(HdrError::Oversize(_)) => return self.reject(Why::Oversize, head),
-            Err(_) => return self.reject(Why::BadHeader, head),
-        }
         let Some(iovs) = self.iovecs(mem) else {
             return self.reject(Why::BadAddress, head);
         };
-        if iovs.len() > MAX_IOVS {
+        let total: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
+        let frame_len = (total as usize).saturating_sub(HDR_LEN);
+        let checked = match self.header(mem) {
+            _ if iovs.len() > MAX_IOVS => Err(Why::BadChain),
+            None => Err(Why::BadHeader),
+            Some(hdr) => match hdr.check_tx(frame_len, self.limits.mtu, self.limits.features) {
+                Ok(()) => Ok(()),
+                Err(HdrError::Oversize(_)) => Err(Why::Oversize),
+                Err(_) => Err(Why::BadHeader),
+            },
+        };
+        if let Err(why) = checked {
+            let mut iovs = iovs;
+            iovs.clear();
             self.spare.push(iovs);
-            return self.reject(Why::BadChain, head);
+            return self.reject(why, head);
         }
         let token = self.free.pop().unwrap_or_else(|| {
             self.pending.push(None);
@@ -226,6 +229,10 @@ impl QueueHandler for TxQueue {
                 len: 0,
             });
         }
+    }
+
+    fn has_completions(&mut self) -> bool {
+        self.ring.has_completions()
     }
 
     fn in_flight(&self) -> usize {

@@ -1,0 +1,357 @@
+//! Shared helpers: a network namespace made (and removed) by the test, the
+//! net-backend device serving in this process with its tap inside that
+//! namespace, packet sockets on the tap, and synthetic net drivers.
+#![allow(dead_code)]
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use backends::frontend::net::{NetDriver, RxFrame};
+use backends::frontend::{FrontendConfig, SyntheticFrontend};
+use backends::server::Server;
+use net_backend::{NetConfig, NetDevice};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+pub const RX_BUF: u32 = 2048;
+pub const QUEUE_SIZE: u16 = 256;
+
+/// True if the machine can make taps; otherwise prints why the test is skipped.
+pub fn have_tun() -> bool {
+    let ok = Path::new("/dev/net/tun").exists();
+    if !ok {
+        eprintln!("SKIPPED: /dev/net/tun is missing on this machine");
+    }
+    ok
+}
+
+fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("nb{tag}{}x{n}", std::process::id() % 100_000)
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace, deleted on drop (also when the test panics).
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs { name };
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns
+    }
+
+    /// Runs `ip -n NS ARGS`.
+    pub fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) {
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args));
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets and
+    /// taps it opens belong to the namespace).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: `ns` is an open namespace file; setns only affects this thread.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// net-backend serving in this process over a fresh socket, its tap created
+/// in `ns`, brought up there. Stopped on drop.
+pub struct TestBackend {
+    pub device: Arc<NetDevice>,
+    pub socket: PathBuf,
+    pub tap: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestBackend {
+    pub fn start(ns: &NetNs, pairs: usize, tweak: impl FnOnce(&mut NetConfig)) -> Self {
+        let tap = unique("t");
+        let socket = std::env::temp_dir().join(format!("{tap}.sock"));
+        let mut cfg = NetConfig::new(socket.clone(), &tap);
+        cfg.create_tap = true;
+        cfg.queue_pairs = pairs;
+        cfg.queue_size = QUEUE_SIZE;
+        tweak(&mut cfg);
+        let device = Arc::new(ns.enter(move || net_backend::build_device(&cfg).unwrap()));
+        ns.ip(&["link", "set", &tap, "up"]);
+        let listener = Server::<NetDevice>::bind(&socket).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = Server::new(device.clone());
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok((stream, _)) = listener.accept() {
+                    server.serve_connection(stream);
+                }
+            }
+        });
+        TestBackend {
+            device,
+            socket,
+            tap,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn frontend(&self, pairs: usize) -> SyntheticFrontend {
+        let cfg = FrontendConfig {
+            mem_size: 48 << 20,
+            num_queues: 2 * pairs + 1,
+            queue_size: QUEUE_SIZE,
+            ..Default::default()
+        };
+        SyntheticFrontend::connect(&self.socket, cfg).unwrap()
+    }
+
+    pub fn driver(&self, pairs: usize) -> NetDriver {
+        NetDriver::new(self.frontend(pairs), pairs, RX_BUF, 32, 70 << 10).unwrap()
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// PACKET_OUTGOING: a frame the kernel sent on the interface.
+pub const PACKET_OUTGOING: u8 = 4;
+
+/// An AF_PACKET socket bound to an interface.
+pub struct PacketSocket {
+    fd: OwnedFd,
+}
+
+impl PacketSocket {
+    /// Opens a socket on `ifname` inside `ns`; with `vnet`, frames carry a
+    /// 10-byte virtio-net header (PACKET_VNET_HDR).
+    pub fn open(ns: &NetNs, ifname: &str, vnet: bool) -> Self {
+        let ifname = ifname.to_string();
+        ns.enter(move || {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call; the result is checked.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` is a fresh socket nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let name = std::ffi::CString::new(ifname).unwrap();
+            // SAFETY: `name` is NUL-terminated.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(index, 0, "no such interface");
+            // SAFETY: sockaddr_ll is plain data; zero is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = index as i32;
+            // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            if vnet {
+                let one: libc::c_int = 1;
+                // SAFETY: PACKET_VNET_HDR takes an int.
+                let r = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_PACKET,
+                        libc::PACKET_VNET_HDR,
+                        (&one as *const libc::c_int).cast(),
+                        4,
+                    )
+                };
+                assert_eq!(r, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
+            }
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            // SAFETY: SO_RCVTIMEO takes a timeval.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            PacketSocket { fd }
+        })
+    }
+
+    /// Sends one frame out of the interface (into the tap, towards the guest).
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: `frame` is valid for its length.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Receives frames until `pred` accepts one (not counting frames the
+    /// kernel sent), or panics after `timeout`.
+    pub fn recv_matching(&self, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 70 << 10];
+        while Instant::now() < deadline {
+            // SAFETY: sockaddr_ll is plain data; zero is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: `buf` and `sll` are valid for the sizes passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut sll as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
+                )
+            };
+            if n < 0 || sll.sll_pkttype == PACKET_OUTGOING {
+                continue;
+            }
+            if pred(&buf[..n as usize]) {
+                return buf[..n as usize].to_vec();
+            }
+        }
+        panic!("no matching frame on the tap within {timeout:?}");
+    }
+}
+
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+pub const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+/// IEEE local experimental ethertype, used to tell test frames from noise.
+pub const ETH_TEST: u16 = 0x88b5;
+
+/// An Ethernet frame of `len` bytes with the test ethertype and a pattern.
+pub fn test_frame(dst: [u8; 6], src: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETH_TEST.to_be_bytes());
+    f.extend((0..len.saturating_sub(14)).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f
+}
+
+pub fn is_test_frame(f: &[u8]) -> bool {
+    f.len() >= 14 && f[12..14] == ETH_TEST.to_be_bytes()
+}
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 frame carrying `l4` (protocol `proto`) from 10.200.0.2:sport to
+/// 10.200.0.1:dport; `l4_len` is the L4 length including its header.
+pub fn ipv4_frame(proto: u8, sport: u16, dport: u16, l4_len: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(34 + l4_len);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&PEER_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + l4_len) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&[10, 200, 0, 2]);
+    ip[16..20].copy_from_slice(&[10, 200, 0, 1]);
+    let c = csum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut l4 = vec![0u8; l4_len];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == 17 {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    } else {
+        l4[12] = 5 << 4; // TCP data offset
+        l4[13] = 0x10; // ACK
+    }
+    for (i, b) in l4.iter_mut().enumerate().skip(20) {
+        *b = (i as u8).wrapping_mul(13);
+    }
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// Receives on `pair` until a frame matching `pred` arrives.
+pub fn recv_matching(d: &mut NetDriver, pair: usize, pred: impl Fn(&RxFrame) -> bool) -> RxFrame {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        let _ = d.wait_rx(pair, Duration::from_millis(200), Some(&mut out));
+        if let Some(i) = out.iter().position(&pred) {
+            return out.swap_remove(i);
+        }
+        out.clear();
+    }
+    panic!("no matching frame on RX queue {pair} within {TIMEOUT:?}");
+}
+
+/// A plain TX header: no offloads.
+pub const PLAIN: [u8; 12] = [0; 12];
