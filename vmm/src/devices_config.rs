@@ -34,6 +34,8 @@ pub enum DeviceSpecError {
     },
     #[error("--vhost-user needs type=NAME or type=ID")]
     NoType,
+    #[error("tag= is for type=fs only")]
+    TagNotFs,
     #[error("Socket {0} is used by two devices")]
     SharedSocket(String),
 }
@@ -164,9 +166,11 @@ pub fn parse_net(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     require_socket(cfg, "--net")
 }
 
-/// `type=NAME|ID,socket=PATH[,queues=N][,queue-size=N]`
+/// `type=NAME|ID,socket=PATH[,queues=N][,queue-size=N][,tag=TAG]`
 pub fn parse_vhost_user(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     let mut kind = None;
+    let mut tag = None;
+    let mut queues = None;
     let mut cfg = DeviceConfig {
         kind: Kind::Generic(0),
         socket: PathBuf::new(),
@@ -192,18 +196,35 @@ pub fn parse_vhost_user(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
                 });
             }
             "socket" => cfg.socket = PathBuf::from(v),
-            "queues" => cfg.queues = number("queues", v, MAX_QUEUES, false)?,
+            "queues" => queues = Some(number("queues", v, MAX_QUEUES, false)?),
             "queue-size" => cfg.queue_size = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
+            "tag" if !v.is_empty() && v.len() <= 36 => tag = Some(v.to_string()),
+            "tag" => {
+                return Err(DeviceSpecError::Invalid {
+                    key: "tag",
+                    value: v.to_string(),
+                    why: "1 to 36 bytes",
+                })
+            }
             _ => {
                 return Err(DeviceSpecError::UnknownKey {
                     key: k.into(),
                     what: "--vhost-user",
-                    known: "type, socket, queues, queue-size",
+                    known: "type, socket, queues, queue-size, tag",
                 })
             }
         }
     }
     cfg.kind = kind.ok_or(DeviceSpecError::NoType)?;
+    // virtio-fs: a high-priority queue plus request queues.
+    if cfg.kind == Kind::Generic(26) {
+        cfg.kind = Kind::Fs { tag };
+        cfg.queues = queues.unwrap_or(2).max(2);
+    } else if tag.is_some() {
+        return Err(DeviceSpecError::TagNotFs);
+    } else {
+        cfg.queues = queues.unwrap_or(1);
+    }
     if let Kind::Generic(1) = cfg.kind {
         cfg.kind = Kind::Net {
             mac: None,
@@ -264,12 +285,28 @@ mod tests {
             Kind::Generic(4)
         );
         assert_eq!(
-            parse_vhost_user("type=26,socket=/s").unwrap().kind,
-            Kind::Generic(26)
+            parse_vhost_user("type=41,socket=/s").unwrap().kind,
+            Kind::Generic(41)
         );
         assert_eq!(
             parse_vhost_user("type=blk,socket=/s").unwrap().kind,
             Kind::Block
+        );
+    }
+
+    #[test]
+    fn fs_spec_takes_a_tag_and_counts_the_hiprio_queue() {
+        let fs = parse_vhost_user("type=fs,socket=/s,tag=share").unwrap();
+        assert_eq!(
+            fs.kind,
+            Kind::Fs {
+                tag: Some("share".into())
+            }
+        );
+        assert_eq!(fs.queues, 2);
+        assert_eq!(
+            parse_vhost_user("type=rng,socket=/s,tag=x"),
+            Err(DeviceSpecError::TagNotFs)
         );
     }
 

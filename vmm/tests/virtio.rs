@@ -294,13 +294,13 @@ fn bad_device_options_are_rejected() {
     }
 }
 
-/// vhost-device-rng from crates.io, installed by `scripts/setup`.
-fn vhost_device_rng() -> std::path::PathBuf {
+/// A backend from crates.io, installed by `scripts/setup`.
+fn tool(name: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("VMM_TOOLS")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| Path::new(&c).join("vmm-tools")))
         .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/vmm-tools"));
-    let bin = dir.join("bin/vhost-device-rng");
+    let bin = dir.join("bin").join(name);
     assert!(bin.exists(), "{} missing: run scripts/setup", bin.display());
     bin
 }
@@ -311,7 +311,7 @@ fn generic_frontend_drives_third_party_vhost_device_rng() {
     let base = s.path("rng.sock");
     // It appends the socket index to the path.
     let sock = s.path("rng.sock0");
-    let mut c = Command::new(vhost_device_rng());
+    let mut c = Command::new(tool("vhost-device-rng"));
     c.arg("--socket-path").arg(&base);
     let _rng = Daemon::start(c, &sock);
     let r = run(
@@ -362,4 +362,45 @@ fn guest_moving_the_bar_and_masking_vectors_keeps_io_working() {
         r.stdout
     );
     assert_pattern(&img, 4096, 4096 * 17, 9);
+}
+
+#[test]
+fn generic_frontend_drives_virtiofsd_with_a_vmm_given_tag() {
+    let s = Scratch::new("virtio-fs");
+    let (sock, dir) = (s.path("fs.sock"), s.path("shared"));
+    std::fs::create_dir(&dir).unwrap();
+    let mut c = Command::new(tool("virtiofsd"));
+    c.arg("--socket-path")
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(&dir)
+        .args(["--sandbox", "none"]);
+    let _fs = Daemon::start(c, &sock);
+    let r = run(
+        guest_with(
+            "tg.virtio",
+            &[(
+                "--vhost-user",
+                format!("type=fs,socket={},tag=vmmshare", sock.display()),
+            )],
+        ),
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
+    let lines = r.lines();
+    assert!(
+        lines.contains(&"TG: pci 00:01.0 1af4:105a class=ff0000"),
+        "{}",
+        r.stdout
+    );
+    assert!(lines.contains(&"TG: fs tag=vmmshare"), "{}", r.stdout);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("TG: fs init ok major=7 minor=")),
+        "{}",
+        r.stdout
+    );
+    assert!(lines.contains(&"TG: PASS"));
+    assert_eq!(stat(&r.stderr, "notify_exits"), Some(0));
 }

@@ -38,6 +38,9 @@ const NET_F_STATUS: u64 = 1 << 16;
 const NET_F_CTRL_VQ: u64 = 1 << 17;
 const NET_F_MQ: u64 = 1 << 22;
 const NET_S_LINK_UP: u16 = 1;
+/// virtio-fs device type; its config is a 36-byte tag and a queue count.
+const TYPE_FS: u32 = 26;
+const FS_TAG_LEN: usize = 36;
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Errors connecting a vhost-user backend.
@@ -68,6 +71,10 @@ pub enum Kind {
     Net {
         mac: Option<[u8; 6]>,
         queue_pairs: u16,
+    },
+    /// virtio-fs; the tag is put in the config space when given.
+    Fs {
+        tag: Option<String>,
     },
     /// Any virtio device type, by ID.
     Generic(u32),
@@ -171,6 +178,7 @@ impl VhostUser {
         let device_type = match cfg.kind {
             Kind::Block => TYPE_BLOCK,
             Kind::Net { .. } => TYPE_NET,
+            Kind::Fs { .. } => TYPE_FS,
             Kind::Generic(t) => t,
         };
         if device_type == TYPE_BLOCK && !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
@@ -401,16 +409,28 @@ impl Inner {
         }
     }
 
-    fn local_net_config(&self) -> Vec<u8> {
-        let Kind::Net { mac, queue_pairs } = self.cfg.kind else {
-            return Vec::new();
-        };
-        let mut c = vec![0u8; 12];
-        c[..6].copy_from_slice(&mac.unwrap_or_default());
-        c[6..8].copy_from_slice(&NET_S_LINK_UP.to_le_bytes());
-        c[8..10].copy_from_slice(&queue_pairs.to_le_bytes());
-        c[10..12].copy_from_slice(&1500u16.to_le_bytes());
-        c
+    /// Config space built here, for backends without the CONFIG feature.
+    fn local_config(&self) -> Vec<u8> {
+        match &self.cfg.kind {
+            Kind::Net { mac, queue_pairs } => {
+                let mut c = vec![0u8; 12];
+                c[..6].copy_from_slice(&mac.unwrap_or_default());
+                c[6..8].copy_from_slice(&NET_S_LINK_UP.to_le_bytes());
+                c[8..10].copy_from_slice(&queue_pairs.to_le_bytes());
+                c[10..12].copy_from_slice(&1500u16.to_le_bytes());
+                c
+            }
+            Kind::Fs { tag } => {
+                let mut c = vec![0u8; FS_TAG_LEN + 4];
+                let t = tag.as_deref().unwrap_or_default().as_bytes();
+                let n = t.len().min(FS_TAG_LEN);
+                c[..n].copy_from_slice(&t[..n]);
+                let requests = u32::from(self.cfg.queues.saturating_sub(1));
+                c[FS_TAG_LEN..].copy_from_slice(&requests.to_le_bytes());
+                c
+            }
+            _ => Vec::new(),
+        }
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
@@ -434,13 +454,19 @@ impl Inner {
                 None => self.config_cache.clone(),
             }
         } else {
-            self.local_net_config()
+            self.local_config()
         };
         if let Kind::Net { mac: Some(mac), .. } = self.cfg.kind {
             if image.len() < 6 {
                 image.resize(6, 0);
             }
             image[..6].copy_from_slice(&mac);
+        }
+        if let Kind::Fs { tag: Some(_) } = &self.cfg.kind {
+            // The user's tag wins over the backend's.
+            let local = self.local_config();
+            image.resize(image.len().max(FS_TAG_LEN), 0);
+            image[..FS_TAG_LEN].copy_from_slice(&local[..FS_TAG_LEN]);
         }
         image.resize(image.len().max(end), 0);
         data.copy_from_slice(&image[offset as usize..end]);

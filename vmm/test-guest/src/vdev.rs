@@ -14,6 +14,8 @@ const OFF_HDR: u64 = 0; // blk request header, 16 bytes
 const OFF_STATUS: u64 = 16; // blk status byte
 const OFF_ID: u64 = 64; // blk GET_ID, 20 bytes
 const OFF_RNG: u64 = 128; // rng, 64 bytes
+const OFF_FS_IN: u64 = 192; // fs FUSE_INIT request, 56 bytes
+const OFF_FS_OUT: u64 = 256; // fs FUSE_INIT reply, 80 bytes
 const OFF_WBUF: u64 = 4096; // blk write data, 4 KiB
 const OFF_RBUF: u64 = 8192; // blk read data, 4 KiB
 const OFF_NET_TX: u64 = 12288; // net TX: vnet header + frame
@@ -467,4 +469,67 @@ pub fn net(t: &Transport, o: &Opts) {
             .s(" bytes)")
             .nl();
     }
+}
+
+// ---------------------------------------------------------------------------
+// virtio-fs: one FUSE_INIT on the first request queue.
+
+const FUSE_INIT: u32 = 26;
+const FUSE_MAJOR: u32 = 7;
+const FUSE_MINOR: u32 = 31;
+const FS_IN_LEN: u32 = 40 + 16;
+const FS_OUT_LEN: u32 = 16 + 64;
+
+pub fn fs(t: &Transport) {
+    t.init(0, 2);
+    let _hiprio = t.setup_queue(0);
+    let mut q = t.setup_queue(1);
+    t.driver_ok();
+    let mut o = out();
+    o.s("TG: fs tag=");
+    for i in 0..36 {
+        let b = t.cfg_read8(i);
+        if b == 0 {
+            break;
+        }
+        o.bytes(&[if (0x20..0x7F).contains(&b) { b } else { b'?' }]);
+    }
+    o.nl();
+    drop(o);
+    let (req, rep) = (buf(OFF_FS_IN), buf(OFF_FS_OUT));
+    zero(req, u64::from(FS_IN_LEN));
+    zero(rep, u64::from(FS_OUT_LEN));
+    // fuse_in_header: len, opcode, unique; then fuse_init_in: major, minor.
+    mmio_write32(req, FS_IN_LEN);
+    mmio_write32(req + 4, FUSE_INIT);
+    mmio_write32(req + 8, 1);
+    mmio_write32(req + 40, FUSE_MAJOR);
+    mmio_write32(req + 44, FUSE_MINOR);
+    q.sync_irqs();
+    let head = q.push(&[(req, FS_IN_LEN, false), (rep, FS_OUT_LEN, true)]);
+    q.kick();
+    let (id, _) = q.wait("fs FUSE_INIT", WAIT_NAPS);
+    if id != u32::from(head) {
+        fail_dev("fs used element", t.bdf);
+    }
+    // fuse_out_header: len, error (i32), unique; then fuse_init_out.
+    let error = x86::mmio_read32(rep + 4) as i32;
+    let unique = x86::mmio_read32(rep + 8);
+    let major = x86::mmio_read32(rep + 16);
+    let minor = x86::mmio_read32(rep + 20);
+    if error != 0 || unique != 1 || major != FUSE_MAJOR {
+        out()
+            .s("TG: FAIL fs FUSE_INIT error=")
+            .dec(u64::from(error.unsigned_abs()))
+            .s(" major=")
+            .dec(u64::from(major))
+            .nl();
+        x86::power_off();
+    }
+    out()
+        .s("TG: fs init ok major=")
+        .dec(u64::from(major))
+        .s(" minor=")
+        .dec(u64::from(minor))
+        .nl();
 }

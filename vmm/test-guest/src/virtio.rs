@@ -641,7 +641,7 @@ pub fn run(opts: &Opts, rsdp_hint: u64) {
                 .nl();
             continue;
         }
-        let known = matches!(dtype, 1 | 2 | 4);
+        let known = matches!(dtype, 1 | 2 | 4 | 26);
         if !known || slot >= MAX_DEV {
             out()
                 .s("TG: virtio type=")
@@ -655,6 +655,7 @@ pub fn run(opts: &Opts, rsdp_hint: u64) {
         match dtype {
             1 => vdev::net(&t, opts),
             2 => vdev::blk(&t, opts),
+            26 => vdev::fs(&t),
             _ => vdev::rng(&t),
         }
         // Quiesce: no more DMA into the shared buffers.
