@@ -25,8 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
 use crate::virtio::{
-    ActiveQueue, VirtioDevice, F_ACCESS_PLATFORM, F_NOTIFICATION_DATA, F_RING_PACKED, F_RING_RESET,
-    F_VERSION_1, TYPE_BLOCK, TYPE_NET,
+    ActivateError, ActiveQueue, VirtioDevice, F_ACCESS_PLATFORM, F_NOTIFICATION_DATA,
+    F_RING_PACKED, F_RING_RESET, F_VERSION_1, TYPE_BLOCK, TYPE_NET,
 };
 
 /// VHOST_USER_F_PROTOCOL_FEATURES.
@@ -62,6 +62,8 @@ pub enum VhostUserError {
     NoConfig(String),
     #[error("Cannot start the reconnect thread")]
     Thread(#[source] std::io::Error),
+    #[error("Cannot duplicate a queue eventfd")]
+    Dup(#[source] std::io::Error),
 }
 
 /// What kind of device the backend serves.
@@ -473,9 +475,8 @@ impl Inner {
     }
 }
 
-fn dup(e: &EventFd) -> Result<EventFd, String> {
-    e.try_clone()
-        .map_err(|e| format!("cannot duplicate eventfd: {e}"))
+fn dup(e: &EventFd) -> Result<EventFd, VhostUserError> {
+    e.try_clone().map_err(VhostUserError::Dup)
 }
 
 impl VirtioDevice for VhostUser {
@@ -511,7 +512,7 @@ impl VirtioDevice for VhostUser {
         }
     }
 
-    fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), String> {
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), ActivateError> {
         let queues = queues
             .iter()
             .map(|q| {
@@ -525,7 +526,7 @@ impl VirtioDevice for VhostUser {
                     call: dup(q.call)?,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, VhostUserError>>()?;
         let mut g = lock(&self.inner);
         g.active = Some(Active {
             features,
@@ -533,7 +534,7 @@ impl VirtioDevice for VhostUser {
             inflight: None,
         });
         // With the backend away, the rings start when it reconnects.
-        g.apply(false).map_err(|e| e.to_string())
+        Ok(g.apply(false)?)
     }
 
     fn reset(&mut self) {

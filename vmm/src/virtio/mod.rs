@@ -25,6 +25,9 @@ pub const F_RING_RESET: u64 = 1 << 40;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 
+/// Why a device could not start (the transport then reports NEEDS_RESET).
+pub type ActivateError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A queue as the driver set it up, with the eventfds wired to it.
 pub struct ActiveQueue<'a> {
     pub index: usize,
@@ -49,7 +52,7 @@ pub trait VirtioDevice: Send {
     fn read_config(&mut self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK: start serving `queues` with `features`.
-    fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), String>;
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving the queues.
     fn reset(&mut self);
 }
