@@ -6,19 +6,22 @@
 //! - [`event_handler`]: RX, TX and control queue processing.
 //! - [`device`]: features, config space, queue processors.
 //! - [`metrics`]: per-queue frames, bytes and drops by reason.
+//! - [`server`]: the accept loop (`backends`' handler, QEMU-tolerant).
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
 
 pub mod config;
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
+pub mod server;
 pub mod tap;
 pub mod vnet;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use backends::server::{Server, ServerError};
+use backends::server::ServerError;
+use server::NetServer;
 use thiserror::Error;
 
 pub use config::{MacAddr, NetConfig};
@@ -71,11 +74,11 @@ pub fn run(cfg: &NetConfig) -> Result<(), Error> {
             }
         });
     }
-    let server = Server::new(device);
+    let server = NetServer::new(device.clone());
     if cfg.client {
         server.serve_client(&cfg.socket);
     }
-    let listener = Server::<NetDevice>::bind(&cfg.socket)?;
+    let listener = NetServer::<NetDevice>::bind(&cfg.socket)?;
     server.serve(&listener)?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use backends::frontend::net::{NetDriver, RxFrame};
 use backends::frontend::{FrontendConfig, SyntheticFrontend};
-use backends::server::Server;
+use net_backend::server::NetServer;
 use net_backend::{NetConfig, NetDevice};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,13 +47,17 @@ fn run(cmd: &mut Command) {
 /// A network namespace, deleted on drop (also when the test panics).
 pub struct NetNs {
     pub name: String,
+    taps: std::sync::Mutex<Vec<String>>,
 }
 
 impl NetNs {
     pub fn new(tag: &str) -> Self {
         let name = unique(tag);
         run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = NetNs { name };
+        let ns = NetNs {
+            name,
+            taps: Default::default(),
+        };
         ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
         ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
         ns
@@ -69,6 +73,24 @@ impl NetNs {
         run(Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(args));
+    }
+
+    /// Creates a persistent multi-queue tap with a vnet header in the
+    /// namespace (deleted with it) and returns its name.
+    pub fn tap(&self, tag: &str) -> String {
+        let name = unique(tag);
+        self.ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            &name,
+            "mode",
+            "tap",
+            "multi_queue",
+            "vnet_hdr",
+        ]);
+        self.taps.lock().unwrap().push(name.clone());
+        name
     }
 
     /// Runs `f` on a thread that has entered the namespace (sockets and
@@ -89,9 +111,35 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        for tap in self.taps.lock().unwrap().iter() {
+            let _ = Command::new("ip")
+                .args(["-n", &self.name, "link", "del", tap])
+                .output();
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -116,9 +164,9 @@ impl TestBackend {
         tweak(&mut cfg);
         let device = Arc::new(ns.enter(move || net_backend::build_device(&cfg).unwrap()));
         ns.ip(&["link", "set", &tap, "up"]);
-        let listener = Server::<NetDevice>::bind(&socket).unwrap();
+        let listener = NetServer::<NetDevice>::bind(&socket).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let server = Server::new(device.clone());
+        let server = NetServer::new(device.clone());
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             while !flag.load(Ordering::SeqCst) {
