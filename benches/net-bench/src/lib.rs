@@ -1,0 +1,373 @@
+//! net-bench: net-backend vs the raw-tap limit, side by side in one run.
+//!
+//! Everything happens in a network namespace the benchmark makes. Two taps
+//! live there: one served by net-backend (in this process, the same code
+//! as the daemon) and driven by the synthetic frontend, and one a plain
+//! host process reads and writes directly (the limit). The other end of
+//! each tap is an AF_PACKET socket in the namespace.
+//!
+//! - TX: the guest (or the raw writer) sends frames into the tap as fast as
+//!   it can; the socket counts what arrives.
+//! - RX: the socket sends frames out of the tap as fast as it can; the guest
+//!   (or the raw reader) counts what arrives.
+//!
+//! Sizes: 64 B and 1500 B frames, and 64 KiB TCP TSO frames (one virtio
+//! header, split over mergeable RX buffers). Each repetition runs the
+//! subject and the limit back to back; the table gives min/median/max and
+//! the ratio per repetition.
+
+pub mod env;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backends::frontend::net::NetDriver;
+use backends::frontend::{FrontendConfig, FrontendError, SyntheticFrontend};
+use clap::Parser;
+use env::{frame, vnet_hdr, EnvError, NetNs, PacketSocket, Sink, GUEST, NOBODY};
+use net_backend::server::NetServer;
+use net_backend::{NetConfig, NetDevice};
+use thiserror::Error;
+
+/// Errors of the benchmark.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Setting up the namespace, taps or sockets failed.
+    #[error("Environment setup failed")]
+    Env(#[from] EnvError),
+    /// The backend could not be built.
+    #[error("Cannot build net-backend")]
+    Backend(#[from] net_backend::Error),
+    /// The synthetic frontend failed.
+    #[error("Synthetic frontend failed")]
+    Frontend(#[from] FrontendError),
+    /// The raw tap could not be opened.
+    #[error("Cannot open the raw tap")]
+    Tap(#[from] net_backend::tap::TapError),
+    /// Binding the socket failed.
+    #[error("Cannot serve")]
+    Serve(#[from] backends::server::ServerError),
+}
+
+/// Command line.
+#[derive(Parser, Debug)]
+#[command(about = "net-backend vs raw tap: TX/RX pps and throughput, ratio table")]
+pub struct Cli {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// Repetitions (each runs net-backend and raw tap back to back).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Workloads, comma separated: tx64,tx1500,tx64k,rx64,rx1500,rx64k.
+    #[arg(long, default_value = "tx64,tx1500,tx64k,rx64,rx1500,rx64k")]
+    pub workloads: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Tx,
+    Rx,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Workload {
+    name: &'static str,
+    dir: Dir,
+    len: usize,
+    tso: bool,
+}
+
+const WORKLOADS: [Workload; 6] = [
+    Workload {
+        name: "tx64",
+        dir: Dir::Tx,
+        len: 64,
+        tso: false,
+    },
+    Workload {
+        name: "tx1500",
+        dir: Dir::Tx,
+        len: 1514,
+        tso: false,
+    },
+    Workload {
+        name: "tx64k",
+        dir: Dir::Tx,
+        len: 65034,
+        tso: true,
+    },
+    Workload {
+        name: "rx64",
+        dir: Dir::Rx,
+        len: 64,
+        tso: false,
+    },
+    Workload {
+        name: "rx1500",
+        dir: Dir::Rx,
+        len: 1514,
+        tso: false,
+    },
+    Workload {
+        name: "rx64k",
+        dir: Dir::Rx,
+        len: 65034,
+        tso: true,
+    },
+];
+
+/// Frames and bytes over a duration.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rate {
+    pps: f64,
+    gbps: f64,
+}
+
+impl Rate {
+    fn new(frames: u64, bytes: u64, secs: f64) -> Self {
+        Rate {
+            pps: frames as f64 / secs,
+            gbps: bytes as f64 * 8.0 / secs / 1e9,
+        }
+    }
+}
+
+struct Setup {
+    ns: NetNs,
+    driver: NetDriver,
+    raw: std::fs::File,
+    sub_plain: Arc<PacketSocket>,
+    sub_vnet: Arc<PacketSocket>,
+    raw_plain: Arc<PacketSocket>,
+    raw_vnet: Arc<PacketSocket>,
+    _socket: PathBuf,
+}
+
+fn setup() -> Result<Setup, Error> {
+    let id = std::process::id();
+    let ns = NetNs::new(&format!("nbbench{id}"))?;
+    let (sub, raw) = ("nbsub0", "nbraw0");
+    let socket = std::env::temp_dir().join(format!("nbbench{id}.sock"));
+    let mut cfg = NetConfig::new(socket.clone(), sub);
+    cfg.create_tap = true;
+    cfg.queue_size = 256;
+    let device = ns.enter(move || net_backend::build_device(&cfg))??;
+    let raw_tap = ns.enter(move || {
+        net_backend::tap::Tap::open(raw, 1, true, net_backend::vnet::tun_offload_for(u64::MAX))
+    })??;
+    let raw_file = raw_tap
+        .queue(0)
+        .ok_or(EnvError::Command("raw tap has no queue".into()))?
+        .try_clone()
+        .map_err(|e| EnvError::Sys("dup", e))?;
+    std::mem::forget(raw_tap);
+    for tap in [sub, raw] {
+        ns.ip(&["link", "set", tap, "up"])?;
+        ns.ip(&["link", "set", tap, "txqueuelen", "10000"])?;
+    }
+    let listener = NetServer::<NetDevice>::bind(&socket)?;
+    let server = NetServer::new(Arc::new(device));
+    std::thread::spawn(move || server.serve(&listener));
+    let fe = SyntheticFrontend::connect(
+        &socket,
+        FrontendConfig {
+            mem_size: 64 << 20,
+            num_queues: 3,
+            queue_size: 256,
+            ..Default::default()
+        },
+    )?;
+    let driver = NetDriver::new(fe, 1, 2048, 128, 70 << 10)?;
+    Ok(Setup {
+        sub_plain: Arc::new(PacketSocket::open(&ns, sub, false)?),
+        sub_vnet: Arc::new(PacketSocket::open(&ns, sub, true)?),
+        raw_plain: Arc::new(PacketSocket::open(&ns, raw, false)?),
+        raw_vnet: Arc::new(PacketSocket::open(&ns, raw, true)?),
+        ns,
+        driver,
+        raw: raw_file,
+        _socket: socket,
+    })
+}
+
+fn tx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
+    let f = frame(NOBODY, GUEST, w.len, w.tso);
+    let hdr = vnet_hdr(w.tso);
+    let sink = Sink::start(s.sub_plain.clone(), w.len);
+    let d = &mut s.driver;
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        while d.tx_free(0) > 0 {
+            d.send(0, &hdr, &f)?;
+        }
+        d.kick_tx(0);
+        if d.reclaim_tx(0)? == 0 {
+            let _ = d.wait_tx(0, Duration::from_millis(10));
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(150));
+    while d.reclaim_tx(0)? > 0 {}
+    let (frames, bytes) = sink.finish();
+    Ok(Rate::new(frames, bytes, elapsed))
+}
+
+fn tx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
+    let f = [&vnet_hdr(w.tso)[..], &frame(NOBODY, GUEST, w.len, w.tso)].concat();
+    let sink = Sink::start(s.raw_plain.clone(), w.len);
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..64 {
+            // SAFETY: `f` is valid for its length; the fd is the raw tap's.
+            unsafe { libc::write(s.raw.as_raw_fd(), f.as_ptr().cast(), f.len()) };
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(150));
+    let (frames, bytes) = sink.finish();
+    Rate::new(frames, bytes, elapsed)
+}
+
+/// Sends `w`'s frames out of a tap from the namespace until stopped.
+fn source(
+    sock: Arc<PacketSocket>,
+    w: Workload,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let f = frame(GUEST, NOBODY, w.len, w.tso);
+    let msg = if w.tso {
+        [&vnet_hdr(true)[..10], &f[..]].concat()
+    } else {
+        f
+    };
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if !sock.send(&msg) {
+                std::thread::yield_now();
+            }
+        }
+    })
+}
+
+fn rx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
+    let sock = if w.tso { &s.sub_vnet } else { &s.sub_plain };
+    let d = &mut s.driver;
+    while d.poll_rx(0, None)?.frames > 0 {}
+    let stop = Arc::new(AtomicBool::new(false));
+    let src = source(sock.clone(), w, stop.clone());
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        if let Ok(c) = d.wait_rx(0, Duration::from_millis(20), None) {
+            frames += c.frames;
+            bytes += c.bytes;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = src.join();
+    std::thread::sleep(Duration::from_millis(100));
+    while d.poll_rx(0, None)?.frames > 0 {}
+    Ok(Rate::new(frames, bytes, elapsed))
+}
+
+fn rx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
+    let sock = if w.tso { &s.raw_vnet } else { &s.raw_plain };
+    let fd = s.raw.as_raw_fd();
+    let mut buf = vec![0u8; 128 << 10];
+    let stop = Arc::new(AtomicBool::new(false));
+    let src = source(sock.clone(), w, stop.clone());
+    let want = w.len + 12;
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+            continue;
+        }
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n as usize == want {
+            frames += 1;
+            bytes += w.len as u64;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = src.join();
+    // Drain what is left so the next run starts empty.
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+            break;
+        }
+        // SAFETY: `buf` is valid for its length.
+        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    }
+    Rate::new(frames, bytes, elapsed)
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    (s[0], s[s.len() / 2], s[s.len() - 1])
+}
+
+/// Runs the benchmark and prints the table.
+pub fn run(cli: &Cli) -> Result<(), Error> {
+    let mut s = setup()?;
+    let wanted: Vec<&str> = cli.workloads.split(',').map(str::trim).collect();
+    println!(
+        "net-bench: {} s per run, {} repetitions, namespace {}",
+        cli.seconds, cli.repeat, s.ns.name
+    );
+    println!(
+        "| workload | net-backend Mpps min/med/max | net-backend Gbit/s med | raw tap Mpps min/med/max | raw tap Gbit/s med | ratio min/med/max |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for w in WORKLOADS.iter().filter(|w| wanted.contains(&w.name)) {
+        let (mut sub, mut lim, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..cli.repeat {
+            let (a, b) = match w.dir {
+                Dir::Tx => (
+                    tx_subject(&mut s, *w, cli.seconds)?,
+                    tx_limit(&s, *w, cli.seconds),
+                ),
+                Dir::Rx => (
+                    rx_subject(&mut s, *w, cli.seconds)?,
+                    rx_limit(&s, *w, cli.seconds),
+                ),
+            };
+            ratio.push(if b.pps > 0.0 { a.pps / b.pps } else { 0.0 });
+            sub.push(a);
+            lim.push(b);
+        }
+        let sp = stats(&sub.iter().map(|r| r.pps / 1e6).collect::<Vec<_>>());
+        let sg = stats(&sub.iter().map(|r| r.gbps).collect::<Vec<_>>());
+        let lp = stats(&lim.iter().map(|r| r.pps / 1e6).collect::<Vec<_>>());
+        let lg = stats(&lim.iter().map(|r| r.gbps).collect::<Vec<_>>());
+        let r = stats(&ratio);
+        println!(
+            "| {} | {:.3}/{:.3}/{:.3} | {:.2} | {:.3}/{:.3}/{:.3} | {:.2} | {:.2}/{:.2}/{:.2} |",
+            w.name, sp.0, sp.1, sp.2, sg.1, lp.0, lp.1, lp.2, lg.1, r.0, r.1, r.2
+        );
+    }
+    Ok(())
+}
