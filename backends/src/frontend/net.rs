@@ -209,6 +209,58 @@ impl NetDriver {
         }
     }
 
+    /// Writes `hdr` + `frame` into every TX slot of `pair` once, so that
+    /// [`Self::send_prefilled`] can post them without copying (benchmarks).
+    pub fn prefill_tx(
+        &mut self,
+        pair: usize,
+        hdr: &[u8; HDR_LEN],
+        frame: &[u8],
+    ) -> Result<(), FrontendError> {
+        if HDR_LEN + frame.len() > self.tx_slot_len as usize {
+            return Err(FrontendError::OutOfMemory);
+        }
+        let mem = self.fe.mem();
+        for &addr in &self.tx[pair].slots {
+            mem.write_slice(hdr, addr).map_err(FrontendError::Access)?;
+            mem.write_slice(frame, GuestAddress(addr.0 + HDR_LEN as u64))
+                .map_err(FrontendError::Access)?;
+        }
+        Ok(())
+    }
+
+    /// Posts a slot filled by [`Self::prefill_tx`] holding a frame of
+    /// `frame_len` bytes, without kicking. False if no slot is free.
+    pub fn send_prefilled(&mut self, pair: usize, frame_len: u32) -> Result<bool, FrontendError> {
+        let Some(slot) = self.tx[pair].free.pop() else {
+            return Ok(false);
+        };
+        let addr = self.tx[pair].slots[slot];
+        let segs = [
+            Seg {
+                addr,
+                len: HDR_LEN as u32,
+                writable: false,
+            },
+            Seg {
+                addr: GuestAddress(addr.0 + HDR_LEN as u64),
+                len: frame_len,
+                writable: false,
+            },
+        ];
+        let (vq, mem) = self.fe.queue(2 * pair + 1);
+        match vq.add(mem, &segs)? {
+            Some(head) => {
+                self.tx[pair].by_head[head as usize] = Some(slot);
+                Ok(true)
+            }
+            None => {
+                self.tx[pair].free.push(slot);
+                Ok(false)
+            }
+        }
+    }
+
     /// Kicks the TX queue of `pair`.
     pub fn kick_tx(&mut self, pair: usize) {
         self.fe.queue(2 * pair + 1).0.notify();

