@@ -2,6 +2,7 @@
 //! each queue (RX 2k, TX 2k+1 on tap queue k; the control queue last).
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use backends::{Device, QueueHandler, QueueMetrics};
@@ -9,11 +10,11 @@ use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::config::MacAddr;
 use crate::event_handler::ctrl::CtrlQueue;
-use crate::event_handler::rx::RxQueue;
+use crate::event_handler::rx::{RxFormat, RxQueue};
 use crate::event_handler::tx::{TxLimits, TxQueue};
 use crate::metrics::{NetQueueMetrics, NetQueueSnapshot};
-use crate::tap::Tap;
-use crate::vnet::{features, offload_features};
+use crate::tap::{Tap, TapError};
+use crate::vnet::{features, hdr_len, offload_features, tun_offload_for};
 
 /// Size of the config space we fill: mac, status, max_virtqueue_pairs, mtu.
 pub const CONFIG_LEN: usize = 12;
@@ -51,6 +52,7 @@ pub struct NetDevice {
     tap: Tap,
     opts: NetOptions,
     metrics: Vec<Arc<NetQueueMetrics>>,
+    acked: AtomicU64,
 }
 
 impl NetDevice {
@@ -59,7 +61,29 @@ impl NetDevice {
         let metrics = (0..tap.num_queues() * 2 + 1)
             .map(|_| Arc::default())
             .collect();
-        NetDevice { tap, opts, metrics }
+        NetDevice {
+            tap,
+            opts,
+            metrics,
+            acked: AtomicU64::new(0),
+        }
+    }
+
+    /// Applies the features the driver acked: the tap's vnet header length
+    /// and the offloads it may hand the driver. Queues started afterwards
+    /// use them.
+    pub fn set_acked_features(&self, acked: u64) -> Result<(), TapError> {
+        let acked = acked & self.features();
+        self.tap.set_vnet_hdr_len(hdr_len(acked))?;
+        self.tap.set_offload(tun_offload_for(acked))?;
+        self.acked.store(acked, Ordering::Release);
+        tracing::info!(acked = format_args!("{acked:#x}"), "features acked");
+        Ok(())
+    }
+
+    /// The features the driver acked (0 before negotiation).
+    pub fn acked_features(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
     }
 
     /// Queue pairs.
@@ -148,12 +172,18 @@ impl Device for NetDevice {
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?
                 .try_clone()
         };
+        let acked = self.acked_features();
         Ok(match self.kind(queue_index) {
-            QueueKind::Rx(pair) => Box::new(RxQueue::new(tap_queue(pair)?, net, metrics)?),
+            QueueKind::Rx(pair) => Box::new(RxQueue::new(
+                tap_queue(pair)?,
+                RxFormat::for_features(acked),
+                net,
+                metrics,
+            )?),
             QueueKind::Tx(pair) => {
                 let limits = TxLimits {
                     mtu: self.opts.mtu,
-                    features: self.features(),
+                    features: acked,
                 };
                 Box::new(TxQueue::new(
                     tap_queue(pair)?,

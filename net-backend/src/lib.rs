@@ -6,12 +6,14 @@
 //! - [`event_handler`]: RX, TX and control queue processing.
 //! - [`device`]: features, config space, queue processors.
 //! - [`metrics`]: per-queue frames, bytes and drops by reason.
-//! - [`server`]: the accept loop (`backends`' handler, QEMU-tolerant).
+//! - [`server`], [`handler`]: the accept loop over `backends`' handler,
+//!   tolerant of QEMU's early requests, passing acked features to the device.
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
 
 pub mod config;
 pub mod device;
 pub mod event_handler;
+pub mod handler;
 pub mod metrics;
 pub mod server;
 pub mod tap;
@@ -78,7 +80,7 @@ pub fn run(cfg: &NetConfig) -> Result<(), Error> {
     if cfg.client {
         server.serve_client(&cfg.socket);
     }
-    let listener = NetServer::<NetDevice>::bind(&cfg.socket)?;
+    let listener = NetServer::bind(&cfg.socket)?;
     server.serve(&listener)?;
     Ok(())
 }

@@ -1,14 +1,19 @@
-//! Serving frontends, like `backends::server::Server`, with one difference
-//! QEMU's vhost-user-net needs: QEMU sends `SET_VRING_ENABLE` for the queue
-//! pairs it does not use yet *before* `SET_FEATURES` (virtio-net sets the
-//! queue pair count at reset). The `vhost` crate answers that with
-//! `InactiveFeature`, and `backends`' loop drops the frontend on any error.
-//! A request refused that way needs no reply (QEMU 7.2 does not ask for one
-//! on `SET_VRING_ENABLE`), so here it is logged and the connection goes on.
-//! Everything else (handler, workers, metrics) is `backends`'.
+//! Serving frontends, like `backends::server::Server`, with two differences
+//! a net device needs:
 //!
-//! Once `backends::server::Server` tolerates `InactiveFeature`, this module
-//! reduces to a re-export.
+//! - QEMU sends `SET_VRING_ENABLE` for the queue pairs it does not use yet
+//!   *before* `SET_FEATURES` (virtio-net sets the queue pair count at reset).
+//!   The `vhost` crate answers that with `InactiveFeature`, and `backends`'
+//!   loop drops the frontend on any error. A request refused that way needs
+//!   no reply (QEMU 7.2 does not ask for one on `SET_VRING_ENABLE`), so here
+//!   it is logged and the connection goes on.
+//! - The device must know the acked features (vnet header length, tap
+//!   offloads, mergeable buffers); `backends`' handler keeps them to itself,
+//!   so [`NetHandler`] wraps it and passes `SET_FEATURES` on to the device
+//!   first.
+//!
+//! Everything else (handler, workers, metrics) is `backends`'. Once the
+//! shared handler and loop do both, this module reduces to a re-export.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -21,16 +26,19 @@ use backends::server::{Server, ServerError};
 use backends::Device;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 
-/// A device served over vhost-user, one frontend at a time.
-pub struct NetServer<D: Device> {
-    device: Arc<D>,
+use crate::device::NetDevice;
+use crate::handler::NetHandler;
+
+/// The net device served over vhost-user, one frontend at a time.
+pub struct NetServer {
+    device: Arc<NetDevice>,
     metrics: Arc<Vec<Arc<QueueMetrics>>>,
     poll: Duration,
 }
 
-impl<D: Device> NetServer<D> {
+impl NetServer {
     /// Wraps `device`; metrics start at zero and survive reconnects.
-    pub fn new(device: Arc<D>) -> Self {
+    pub fn new(device: Arc<NetDevice>) -> Self {
         let metrics = (0..device.num_queues()).map(|_| Arc::default()).collect();
         NetServer {
             device,
@@ -52,7 +60,7 @@ impl<D: Device> NetServer<D> {
 
     /// Binds `path` (replacing a stale socket file).
     pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
-        Server::<D>::bind(path)
+        Server::<NetDevice>::bind(path)
     }
 
     /// Accepts and serves frontends forever, one at a time.
@@ -80,11 +88,8 @@ impl<D: Device> NetServer<D> {
 
     /// Serves one frontend until it disconnects, then stops every queue.
     pub fn serve_connection(&self, stream: UnixStream) {
-        let handler = Arc::new(Mutex::new(Handler::new(
-            self.device.clone(),
-            self.metrics.clone(),
-            self.poll,
-        )));
+        let inner = Handler::new(self.device.clone(), self.metrics.clone(), self.poll);
+        let handler = Arc::new(Mutex::new(NetHandler::new(inner, self.device.clone())));
         let mut req = BackendReqHandler::from_stream(stream, handler.clone());
         loop {
             match req.handle_request() {
@@ -111,7 +116,7 @@ impl<D: Device> NetServer<D> {
         }
         drop(req);
         if let Ok(mut h) = handler.lock() {
-            h.stop_all();
+            h.inner().stop_all();
         }
         for (q, m) in self.metrics().iter().enumerate() {
             tracing::info!(queue = q, ?m, "queue metrics");

@@ -135,6 +135,23 @@ impl Tap {
         Err(last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL)))
     }
 
+    /// Sets the vnet header length the tap reads and writes (10 or 12).
+    pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
+        let len = len as libc::c_int;
+        ioctl_ptr(self.queues[0].as_raw_fd(), libc::TUNSETVNETHDRSZ, &len)
+            .map_err(|e| TapError::Ioctl(self.name.clone(), "TUNSETVNETHDRSZ", e))
+    }
+
+    /// Sets the offloads the tap may hand us, limited to those it accepted at open.
+    pub fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError> {
+        ioctl_int(
+            self.queues[0].as_raw_fd(),
+            libc::TUNSETOFFLOAD,
+            (flags & self.offload) as libc::c_int,
+        )
+        .map_err(|e| TapError::Ioctl(self.name.clone(), "TUNSETOFFLOAD", e))
+    }
+
     /// Interface name.
     pub fn name(&self) -> &str {
         &self.name

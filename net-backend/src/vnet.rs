@@ -171,6 +171,16 @@ impl VnetHdr {
     }
 }
 
+/// Length of the virtio-net header for the acked `features`: 12 bytes with
+/// VERSION_1 or MRG_RXBUF, else the legacy 10.
+pub fn hdr_len(features: u64) -> usize {
+    if features & (features::VERSION_1 | features::MRG_RXBUF) != 0 {
+        HDR_LEN
+    } else {
+        HDR_LEN - 2
+    }
+}
+
 /// The tap offloads (`TUN_F_*`) that let the tap hand the driver what its
 /// `GUEST_*` features say it can take.
 pub fn tun_offload_for(guest_features: u64) -> libc::c_uint {
@@ -302,6 +312,13 @@ mod tests {
             libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO
         );
         assert_eq!(tun_offload_for(GUEST_TSO4), 0);
+    }
+
+    #[test]
+    fn header_length_follows_version_1_and_mergeable_buffers() {
+        assert_eq!(hdr_len(VERSION_1), 12);
+        assert_eq!(hdr_len(MRG_RXBUF), 12);
+        assert_eq!(hdr_len(CSUM), 10);
     }
 
     #[test]

@@ -93,6 +93,42 @@ fn tso_frame_from_tap_spans_mergeable_buffers() {
 }
 
 #[test]
+fn driver_without_guest_tso_or_mergeable_buffers_gets_segments() {
+    if !have_tun() {
+        return;
+    }
+    use net_backend::vnet::features::*;
+    let ns = NetNs::new("nogso");
+    let be = TestBackend::start(&ns, 1, |_| {});
+    let sock = PacketSocket::open(&ns, &be.tap, true);
+    let no_gso = !(GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN | GUEST_UFO | MRG_RXBUF);
+    let fe = be.frontend_with(1, no_gso);
+    let mut d = backends::frontend::net::NetDriver::new(fe, 1, RX_BUF, 32, 70 << 10).unwrap();
+    let frame = ipv4_frame(6, 4000, 5001, 65000);
+
+    sock.send(&[&tso4_header()[..10], &frame[..]].concat());
+
+    let mut segments = Vec::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let payload = |s: &[backends::frontend::net::RxFrame]| -> usize {
+        s.iter().map(|f| f.data.len() - 54).sum()
+    };
+    while payload(&segments) < 65000 - 20 && std::time::Instant::now() < deadline {
+        let mut out = Vec::new();
+        let _ = d.wait_rx(0, std::time::Duration::from_millis(100), Some(&mut out));
+        segments.extend(
+            out.into_iter()
+                .filter(|f| f.data.len() > 54 && f.data[23] == 6),
+        );
+    }
+    assert_eq!(segments.len(), (65000 - 20usize).div_ceil(1448));
+    assert!(segments
+        .iter()
+        .all(|f| f.data.len() <= 1514 && f.hdr[1] == 0 && f.buffers == 1));
+    assert_eq!(be.device.acked_features() & (GUEST_TSO4 | MRG_RXBUF), 0);
+}
+
+#[test]
 fn tso_frame_from_guest_reaches_the_tap_whole() {
     if !have_tun() {
         return;

@@ -29,7 +29,7 @@ use backends::frontend::{FrontendConfig, FrontendError, SyntheticFrontend};
 use clap::Parser;
 use env::{frame, vnet_hdr, EnvError, NetNs, PacketSocket, Sink, GUEST, NOBODY};
 use net_backend::server::NetServer;
-use net_backend::{NetConfig, NetDevice};
+use net_backend::NetConfig;
 use thiserror::Error;
 
 /// Errors of the benchmark.
@@ -169,7 +169,7 @@ fn setup() -> Result<Setup, Error> {
         ns.ip(&["link", "set", tap, "up"])?;
         ns.ip(&["link", "set", tap, "txqueuelen", "10000"])?;
     }
-    let listener = NetServer::<NetDevice>::bind(&socket)?;
+    let listener = NetServer::bind(&socket)?;
     let server = NetServer::new(Arc::new(device));
     std::thread::spawn(move || server.serve(&listener));
     let fe = SyntheticFrontend::connect(

@@ -31,6 +31,28 @@ pub enum ScatterError {
     /// A buffer lies outside guest memory.
     #[error("RX buffer outside guest memory")]
     BadAddress,
+    /// Without mergeable buffers, the frame does not fit the first chain.
+    #[error("Frame larger than the RX buffer")]
+    TooBig,
+}
+
+/// How frames are laid out in RX buffers, from the acked features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RxFormat {
+    /// virtio-net header length (10 or 12).
+    pub hdr_len: usize,
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame may span several chains.
+    pub mergeable: bool,
+}
+
+impl RxFormat {
+    /// The layout for the acked `features`.
+    pub fn for_features(features: u64) -> Self {
+        RxFormat {
+            hdr_len: crate::vnet::hdr_len(features),
+            mergeable: features & crate::vnet::features::MRG_RXBUF != 0,
+        }
+    }
 }
 
 /// Bytes per bounce buffer: header plus the largest GSO frame.
@@ -40,16 +62,18 @@ pub const READS: usize = 16;
 const CANCEL: u64 = u64::MAX;
 
 /// Copies `packet` (virtio-net header + frame) into the writable buffers of
-/// `chains`, filling each chain before the next, and sets `num_buffers` to
-/// the number of chains used. `lens` receives the bytes written per chain.
+/// `chains`, filling each chain before the next (only the first without
+/// mergeable buffers), and sets `num_buffers` (12-byte header) to the number
+/// of chains used. `lens` receives the bytes written per chain.
 pub fn scatter<'a>(
     mem: &GuestMem,
     packet: &[u8],
+    fmt: RxFormat,
     chains: impl Iterator<Item = &'a [Descriptor]> + Clone,
     lens: &mut Vec<u32>,
 ) -> Result<(), ScatterError> {
     lens.clear();
-    if packet.len() < HDR_LEN {
+    if packet.len() < fmt.hdr_len {
         return Err(ScatterError::NotEnough);
     }
     let mut room = 0u64;
@@ -58,6 +82,9 @@ pub fn scatter<'a>(
         if room >= packet.len() as u64 {
             break;
         }
+        if needed == 1 && !fmt.mergeable {
+            return Err(ScatterError::TooBig);
+        }
         room += chain.iter().map(|d| u64::from(d.len)).sum::<u64>();
         needed += 1;
     }
@@ -65,9 +92,11 @@ pub fn scatter<'a>(
         return Err(ScatterError::NotEnough);
     }
     let mut hdr = [0u8; HDR_LEN];
-    hdr.copy_from_slice(&packet[..HDR_LEN]);
-    hdr[10..12].copy_from_slice(&(needed as u16).to_le_bytes());
-    let parts = [&hdr[..], &packet[HDR_LEN..]];
+    hdr[..fmt.hdr_len].copy_from_slice(&packet[..fmt.hdr_len]);
+    if fmt.hdr_len == HDR_LEN {
+        hdr[10..12].copy_from_slice(&(needed as u16).to_le_bytes());
+    }
+    let parts = [&hdr[..fmt.hdr_len], &packet[fmt.hdr_len..]];
     let (mut part, mut off) = (0usize, 0usize);
     for chain in chains.take(needed) {
         let mut used = 0u32;
@@ -118,6 +147,7 @@ pub struct RxQueue {
     cqes: Vec<(u64, i32)>,
     mem: Option<GuestMemRef>,
     queue_size: u16,
+    fmt: RxFormat,
     reading: usize,
     stopping: bool,
     net: Arc<NetQueueMetrics>,
@@ -129,6 +159,7 @@ impl RxQueue {
     /// An RX processor reading from `tap` (one tap queue).
     pub fn new(
         tap: File,
+        fmt: RxFormat,
         net: Arc<NetQueueMetrics>,
         metrics: Arc<QueueMetrics>,
     ) -> std::io::Result<Self> {
@@ -148,6 +179,7 @@ impl RxQueue {
             cqes: Vec::new(),
             mem: None,
             queue_size: 0,
+            fmt,
             reading: 0,
             stopping: false,
             net,
@@ -190,7 +222,7 @@ impl RxQueue {
             };
             let packet = &self.bufs[slot][..len];
             let chains = self.chains.iter().map(|(_, d)| d.as_slice());
-            match scatter(&mem, packet, chains, &mut self.lens) {
+            match scatter(&mem, packet, self.fmt, chains, &mut self.lens) {
                 Ok(()) => {
                     for &len in &self.lens {
                         if let Some((head, descs)) = self.chains.pop_front() {
@@ -198,7 +230,7 @@ impl RxQueue {
                             self.ready.push(Used { head, len });
                         }
                     }
-                    let frame = len - HDR_LEN;
+                    let frame = len - self.fmt.hdr_len;
                     self.net.frame(frame);
                     QueueMetrics::add(&self.metrics.read_bytes, frame as u64);
                 }
@@ -207,10 +239,11 @@ impl RxQueue {
                 {
                     return;
                 }
+                Err(ScatterError::TooBig) => self.drop_frame(Why::NoBuffers, len),
                 Err(e) => {
                     let why = match e {
-                        ScatterError::NotEnough => Why::NoBuffers,
                         ScatterError::BadAddress => Why::BadAddress,
+                        _ => Why::NoBuffers,
                     };
                     self.drop_frame(why, len);
                     if let Some((head, descs)) = self.chains.pop_front() {
@@ -251,7 +284,7 @@ impl RxQueue {
             }
             return;
         }
-        if (res as usize) < HDR_LEN {
+        if (res as usize) < self.fmt.hdr_len {
             self.net.dropped(Why::BadHeader);
             return;
         }
@@ -389,6 +422,11 @@ mod tests {
         }]
     }
 
+    const MRG: RxFormat = RxFormat {
+        hdr_len: HDR_LEN,
+        mergeable: true,
+    };
+
     fn packet(frame_len: usize) -> Vec<u8> {
         let mut p = vec![0u8; HDR_LEN];
         p.extend((0..frame_len).map(|i| i as u8));
@@ -402,7 +440,7 @@ mod tests {
         let p = packet(60);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+        scatter(&m, &p, MRG, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
 
         let mut out = vec![0u8; 72];
         m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
@@ -418,7 +456,7 @@ mod tests {
         let p = packet(2988);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+        scatter(&m, &p, MRG, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
 
         let mut first = [0u8; HDR_LEN];
         m.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
@@ -438,6 +476,7 @@ mod tests {
         let r = scatter(
             &m,
             &packet(200),
+            MRG,
             chains.iter().map(|c| c.as_slice()),
             &mut lens,
         );
@@ -454,6 +493,7 @@ mod tests {
         let r = scatter(
             &m,
             &packet(100),
+            MRG,
             chains.iter().map(|c| c.as_slice()),
             &mut lens,
         );
@@ -469,11 +509,53 @@ mod tests {
         let p = packet(100);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, std::iter::once(chain.as_slice()), &mut lens).unwrap();
+        scatter(&m, &p, MRG, std::iter::once(chain.as_slice()), &mut lens).unwrap();
 
         let mut data = vec![0u8; 100];
         m.read_slice(&mut data, GuestAddress(0x5000)).unwrap();
         assert_eq!(lens, vec![112]);
         assert_eq!(&data[..], &p[HDR_LEN..]);
+    }
+
+    #[test]
+    fn without_mergeable_buffers_a_frame_must_fit_one_chain() {
+        let m = mem();
+        let chains = [buf(0x1000, 1000), buf(0x2000, 1000)];
+        let fmt = RxFormat {
+            hdr_len: HDR_LEN,
+            mergeable: false,
+        };
+        let mut lens = Vec::new();
+
+        let r = scatter(
+            &m,
+            &packet(1500),
+            fmt,
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+        );
+
+        assert_eq!(r, Err(ScatterError::TooBig));
+    }
+
+    #[test]
+    fn legacy_header_is_ten_bytes_without_num_buffers() {
+        let m = mem();
+        m.write_slice(&[0xaa; 16], GuestAddress(0x1000)).unwrap();
+        let chains = [buf(0x1000, 2000)];
+        let fmt = RxFormat {
+            hdr_len: 10,
+            mergeable: false,
+        };
+        let mut p = vec![0u8; 10];
+        p.extend_from_slice(&[7u8; 60]);
+        let mut lens = Vec::new();
+
+        scatter(&m, &p, fmt, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+
+        let mut out = [0u8; 12];
+        m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
+        assert_eq!(lens, vec![70]);
+        assert_eq!(out[10..12], [7, 7]);
     }
 }

@@ -37,7 +37,7 @@ unsafe impl Send for Pending {}
 pub struct TxLimits {
     /// MTU; plain frames above it are dropped.
     pub mtu: u16,
-    /// Features offered (GSO types allowed).
+    /// Features acked (GSO types allowed, header length).
     pub features: u64,
 }
 
@@ -46,6 +46,7 @@ pub struct TxQueue {
     tap: File,
     ring: Uring,
     limits: TxLimits,
+    hdr_len: usize,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     spare: Vec<Vec<libc::iovec>>,
@@ -74,6 +75,7 @@ impl TxQueue {
             tap,
             ring,
             limits,
+            hdr_len: crate::vnet::hdr_len(limits.features),
             pending: Vec::new(),
             free: Vec::new(),
             spare: Vec::new(),
@@ -97,12 +99,13 @@ impl TxQueue {
     /// Reads the header from the start of the chain.
     fn header(&self, mem: &GuestMemRef) -> Option<VnetHdr> {
         let mut raw = [0u8; HDR_LEN];
+        let want = self.hdr_len;
         let mut got = 0usize;
         for d in &self.descs {
-            let n = (d.len as usize).min(HDR_LEN - got);
+            let n = (d.len as usize).min(want - got);
             mem.read_slice(&mut raw[got..got + n], d.addr).ok()?;
             got += n;
-            if got == HDR_LEN {
+            if got == want {
                 return Some(VnetHdr::parse(&raw));
             }
         }
@@ -148,7 +151,7 @@ impl QueueHandler for TxQueue {
             return self.reject(Why::BadAddress, head);
         };
         let total: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
-        let frame_len = (total as usize).saturating_sub(HDR_LEN);
+        let frame_len = (total as usize).saturating_sub(self.hdr_len);
         let checked = match self.header(mem) {
             _ if iovs.len() > MAX_IOVS => Err(Why::BadChain),
             None => Err(Why::BadHeader),

@@ -164,7 +164,7 @@ impl TestBackend {
         tweak(&mut cfg);
         let device = Arc::new(ns.enter(move || net_backend::build_device(&cfg).unwrap()));
         ns.ip(&["link", "set", &tap, "up"]);
-        let listener = NetServer::<NetDevice>::bind(&socket).unwrap();
+        let listener = NetServer::bind(&socket).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let server = NetServer::new(device.clone());
         let flag = stop.clone();
@@ -185,13 +185,23 @@ impl TestBackend {
     }
 
     pub fn frontend(&self, pairs: usize) -> SyntheticFrontend {
+        self.frontend_with(pairs, u64::MAX)
+    }
+
+    /// A frontend acking only the offered features within `features`.
+    pub fn frontend_with(&self, pairs: usize, features: u64) -> SyntheticFrontend {
         let cfg = FrontendConfig {
             mem_size: 48 << 20,
             num_queues: 2 * pairs + 1,
             queue_size: QUEUE_SIZE,
+            features,
             ..Default::default()
         };
-        SyntheticFrontend::connect(&self.socket, cfg).unwrap()
+        let mut fe = SyntheticFrontend::connect(&self.socket, cfg).unwrap();
+        // A request with a reply: everything sent before it (SET_FEATURES
+        // and the offloads it sets on the tap) has been handled.
+        vhost::VhostBackend::get_features(fe.vhost().unwrap()).unwrap();
+        fe
     }
 
     pub fn driver(&self, pairs: usize) -> NetDriver {
