@@ -20,6 +20,9 @@ pub enum UringError {
     /// The completion eventfd could not be created or registered.
     #[error("Cannot set up the completion eventfd")]
     EventFd(#[source] std::io::Error),
+    /// Registering files with the ring failed.
+    #[error("Cannot register files with io_uring")]
+    Register(#[source] std::io::Error),
     /// io_uring_enter failed.
     #[error("Cannot submit to io_uring")]
     Submit(#[source] std::io::Error),
@@ -58,6 +61,15 @@ impl Uring {
     /// The eventfd that becomes readable when completions are posted.
     pub fn notifier(&self) -> RawFd {
         self.notifier.as_raw_fd()
+    }
+
+    /// Registers `fds` as the ring's fixed file table: entries then name them
+    /// by index (`types::Fixed(i)`), sparing the kernel an fd lookup per operation.
+    pub fn register_files(&self, fds: &[RawFd]) -> Result<(), UringError> {
+        self.ring
+            .submitter()
+            .register_files(fds)
+            .map_err(UringError::Register)
     }
 
     /// Queues one submission; it reaches the kernel at the next [`Self::submit`]

@@ -13,7 +13,7 @@ use backends::ratelimit::LogLimiter;
 use backends::{QueueHandler, QueueMetrics, Used};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::request::{parse, status, RequestType, ID_LEN, SECTOR};
+use crate::request::{parse_into, status, RequestType, ID_LEN, SECTOR};
 use crate::storage::{Completion, StorageQueue};
 
 /// What every queue needs to know about the disk.
@@ -45,9 +45,21 @@ pub struct BlkQueue {
     pending: Vec<Option<Pending>>,
     in_flight: usize,
     descs: Vec<Descriptor>,
+    /// Scratch for the data descriptors of the request being started.
+    data: Vec<Descriptor>,
+    /// Scratch for the iovecs of the request being started.
+    iov: IovScratch,
     completions: Vec<Completion>,
     log: LogLimiter,
 }
+
+/// Reused iovec storage; it holds nothing between two requests.
+struct IovScratch(Vec<libc::iovec>);
+
+// SAFETY: the vector is filled and handed to storage within one `start` call
+// on the worker thread, then left unused; the addresses it holds are never
+// dereferenced through it, on this thread or another.
+unsafe impl Send for IovScratch {}
 
 enum Outcome {
     Done(u8, u32),
@@ -68,6 +80,8 @@ impl BlkQueue {
             pending: Vec::new(),
             in_flight: 0,
             descs: Vec::new(),
+            data: Vec::new(),
+            iov: IovScratch(Vec::new()),
             completions: Vec::new(),
             log: LogLimiter::default(),
         }
@@ -109,18 +123,22 @@ impl BlkQueue {
                 if req.data_len == 0 {
                     return Outcome::Done(status::OK, 1);
                 }
-                let Some(iov) = iovecs(mem, &req.data) else {
+                let mut iov = std::mem::take(&mut self.iov.0);
+                if !iovecs(mem, &req.data, &mut iov) {
+                    self.iov.0 = iov;
                     self.warn(head, &"buffer outside guest memory");
                     return Outcome::Done(status::IOERR, 1);
-                };
-                if kind == RequestType::In {
+                }
+                let submitted = if kind == RequestType::In {
                     // SAFETY: the iovecs point into guest memory that the
                     // `Pending` entry keeps mapped until this token is reaped.
                     unsafe { self.storage.read(offset, &iov, token) }
                 } else {
                     // SAFETY: as above.
                     unsafe { self.storage.write(offset, &iov, token) }
-                }
+                };
+                self.iov.0 = iov;
+                submitted
             }
             RequestType::Flush => self.storage.flush(token),
             RequestType::Discard | RequestType::WriteZeroes => {
@@ -197,19 +215,22 @@ impl BlkQueue {
     }
 }
 
-/// Guest buffers as host iovecs, or `None` if any byte is outside guest memory.
-fn iovecs(mem: &GuestMemRef, data: &[Descriptor]) -> Option<Vec<libc::iovec>> {
-    let mut iov = Vec::with_capacity(data.len());
+/// Guest buffers as host iovecs in `iov` (cleared first); false if any byte
+/// is outside guest memory.
+fn iovecs(mem: &GuestMemRef, data: &[Descriptor], iov: &mut Vec<libc::iovec>) -> bool {
+    iov.clear();
     for d in data {
         for slice in GuestMemoryBackend::get_slices(mem.as_ref(), d.addr, d.len as usize) {
-            let slice = slice.ok()?;
+            let Ok(slice) = slice else {
+                return false;
+            };
             iov.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),
             });
         }
     }
-    Some(iov)
+    true
 }
 
 impl QueueHandler for BlkQueue {
@@ -236,8 +257,9 @@ impl QueueHandler for BlkQueue {
         }
         let mut descs = std::mem::take(&mut self.descs);
         let walked = walk_chain(mem.as_ref(), table, size, head, &mut descs);
+        let data = std::mem::take(&mut self.data);
         let parsed = walked.map_err(|e| e.to_string()).and_then(|()| {
-            parse(mem.as_ref(), &descs).map_err(|f| {
+            parse_into(mem.as_ref(), &descs, data).map_err(|f| {
                 if let Some(st) = f.status {
                     self.finish(mem, st, status::IOERR);
                 }
@@ -253,7 +275,7 @@ impl QueueHandler for BlkQueue {
                 return Some(1);
             }
         };
-        match self.execute(mem, head, &req) {
+        let used = match self.execute(mem, head, &req) {
             Outcome::Done(st, len) => {
                 self.finish(mem, req.status, st);
                 Some(len)
@@ -274,7 +296,9 @@ impl QueueHandler for BlkQueue {
                 self.in_flight += 1;
                 None
             }
-        }
+        };
+        self.data = req.data;
+        used
     }
 
     fn submit(&mut self) {

@@ -123,6 +123,17 @@ pub fn parse<M: GuestMemory + ?Sized>(
     mem: &M,
     chain: &[Descriptor],
 ) -> Result<Request, ParseFailure> {
+    parse_into(mem, chain, Vec::new())
+}
+
+/// Like [`parse`], building [`Request::data`] in `data` (cleared first), so a
+/// caller can hand the same allocation back request after request.
+pub fn parse_into<M: GuestMemory + ?Sized>(
+    mem: &M,
+    chain: &[Descriptor],
+    mut data: Vec<Descriptor>,
+) -> Result<Request, ParseFailure> {
+    data.clear();
     let fail = |error, status| ParseFailure { error, status };
     let (last, rest) = chain
         .split_last()
@@ -148,7 +159,6 @@ pub fn parse<M: GuestMemory + ?Sized>(
     let kind = RequestType::from_u32(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]));
     let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
 
-    let mut data = Vec::with_capacity(middle.len() + 2);
     if head.len > 16 {
         data.push(Descriptor {
             addr: GuestAddress(head.addr.0.wrapping_add(16)),
@@ -165,10 +175,11 @@ pub fn parse<M: GuestMemory + ?Sized>(
         });
     }
     if let RequestType::Unsupported(_) = kind {
+        data.clear();
         return Ok(Request {
             kind,
             sector,
-            data: Vec::new(),
+            data,
             data_len: 0,
             status,
         });

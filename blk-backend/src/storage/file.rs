@@ -1,7 +1,20 @@
 //! The default storage: a file or block device driven through io_uring, one
 //! ring per queue worker. Reads and writes use the guest's buffers directly.
+//!
+//! The hot path allocates nothing once warm: every operation takes a slot
+//! whose index is the io_uring user data, and the slot keeps the iovec array
+//! (its capacity reused) until the completion is reaped. The file is
+//! registered with the ring, so operations skip the per-call fd lookup.
+//!
+//! Submission policy: requests reach the kernel in batches, but not behind a
+//! whole queue notification's worth of preparation. The first request pushed
+//! while nothing is in flight is submitted at once, so an idle device starts
+//! on it while the rest are prepared; after that, every [`SUBMIT_CHUNK`]
+//! requests are submitted together, and the rest at [`StorageQueue::submit`].
+//! One big batch would sit behind the kernel's block plug until all of it was
+//! prepared, leaving the device idle meanwhile (fio, by default, submits each
+//! request on its own for the same reason).
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,6 +26,12 @@ use backends::uring::{Uring, UringError};
 use io_uring::{opcode, types};
 
 use super::{Completion, Storage, StorageQueue};
+
+/// Requests submitted together once a batch has started (see the module doc).
+pub const SUBMIT_CHUNK: usize = 8;
+
+/// Index of the file in the ring's registered file table.
+const FILE_INDEX: types::Fixed = types::Fixed(0);
 
 /// A file or block device.
 #[derive(Debug)]
@@ -47,10 +66,14 @@ impl Storage for FileStorage {
 
     fn open_queue(&self) -> io::Result<Box<dyn StorageQueue>> {
         let ring = Uring::new(self.ring_entries).map_err(uring_io)?;
+        ring.register_files(&[self.file.as_raw_fd()])
+            .map_err(uring_io)?;
         Ok(Box::new(FileQueue {
-            file: self.file.clone(),
+            _file: self.file.clone(),
             ring,
-            iovecs: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            batch: 0,
         }))
     }
 }
@@ -59,29 +82,67 @@ fn uring_io(e: UringError) -> io::Error {
     io::Error::other(e)
 }
 
-struct IoVecs(Vec<libc::iovec>);
+/// One operation in flight.
+#[derive(Default)]
+struct Slot {
+    /// The caller's token.
+    token: u64,
+    /// Bytes a read or write must transfer to succeed (None: other operations).
+    expected: Option<u64>,
+    /// The iovec array of a vectored read or write, which the kernel may read
+    /// until completion. Emptied, not freed, when the slot is reused.
+    iovecs: Vec<libc::iovec>,
+}
 
 // SAFETY: the iovecs only carry addresses of guest memory that the submitter
 // keeps mapped until completion; they are handed to the kernel, never
 // dereferenced by this thread or another.
-unsafe impl Send for IoVecs {}
+unsafe impl Send for Slot {}
 
 struct FileQueue {
-    file: Arc<File>,
+    /// Keeps the registered file open as long as the ring can use it.
+    _file: Arc<File>,
     ring: Uring,
-    iovecs: HashMap<u64, IoVecs>,
+    /// Indexed by io_uring user data.
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Operations pushed since the last submission.
+    batch: usize,
 }
 
 impl FileQueue {
-    fn fd(&self) -> types::Fd {
-        types::Fd(self.file.as_raw_fd())
+    fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
     }
 
-    fn push(&mut self, entry: io_uring::squeue::Entry) -> io::Result<()> {
-        // SAFETY: every buffer the entry refers to is either owned by
-        // `self.iovecs` until reaped or guaranteed valid by our caller's
-        // contract on `read`/`write`.
-        unsafe { self.ring.push(&entry) }.map_err(uring_io)
+    /// Takes a free slot for `token`; returns its index.
+    fn take_slot(&mut self, token: u64, expected: Option<u64>) -> u32 {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(Slot::default());
+            self.slots.len() as u32 - 1
+        });
+        let slot = &mut self.slots[index as usize];
+        slot.token = token;
+        slot.expected = expected;
+        slot.iovecs.clear();
+        index
+    }
+
+    /// Queues `entry` for slot `index` and applies the submission policy.
+    fn push(&mut self, index: u32, entry: io_uring::squeue::Entry) -> io::Result<()> {
+        // SAFETY: every buffer the entry refers to is either owned by slot
+        // `index` until reaped or guaranteed valid by our caller's contract on
+        // `read`/`write`.
+        if let Err(e) = unsafe { self.ring.push(&entry.user_data(u64::from(index))) } {
+            self.free.push(index);
+            return Err(uring_io(e));
+        }
+        self.batch += 1;
+        let idle_start = self.batch == 1 && self.in_use() == 1;
+        if idle_start || self.batch >= SUBMIT_CHUNK {
+            self.submit()?;
+        }
+        Ok(())
     }
 
     fn rw(
@@ -91,30 +152,48 @@ impl FileQueue {
         token: u64,
         write: bool,
     ) -> io::Result<()> {
-        let v = IoVecs(iovecs.to_vec());
-        let (ptr, len) = (v.0.as_ptr(), v.0.len() as u32);
-        // Keep the iovec array alive until the completion: the kernel may read
-        // it after submission on older kernels.
-        self.iovecs.insert(token, v);
-        let entry = if write {
-            opcode::Writev::new(self.fd(), ptr, len)
-                .offset(offset)
-                .build()
-        } else {
-            opcode::Readv::new(self.fd(), ptr, len)
-                .offset(offset)
-                .build()
+        let total = iovecs.iter().map(|v| v.iov_len as u64).sum::<u64>();
+        let index = self.take_slot(token, Some(total));
+        let entry = match iovecs {
+            [one] => {
+                let (ptr, len) = (one.iov_base.cast::<u8>(), one.iov_len as u32);
+                if write {
+                    opcode::Write::new(FILE_INDEX, ptr, len)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Read::new(FILE_INDEX, ptr, len)
+                        .offset(offset)
+                        .build()
+                }
+            }
+            _ => {
+                // Keep the iovec array alive until the completion: the kernel
+                // may read it after submission.
+                let kept = &mut self.slots[index as usize].iovecs;
+                kept.extend_from_slice(iovecs);
+                let (ptr, len) = (kept.as_ptr(), kept.len() as u32);
+                if write {
+                    opcode::Writev::new(FILE_INDEX, ptr, len)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Readv::new(FILE_INDEX, ptr, len)
+                        .offset(offset)
+                        .build()
+                }
+            }
         };
-        self.push(entry.user_data(token))
+        self.push(index, entry)
     }
 
     fn fallocate(&mut self, offset: u64, len: u64, mode: i32, token: u64) -> io::Result<()> {
-        let entry = opcode::Fallocate::new(self.fd(), len)
+        let index = self.take_slot(token, None);
+        let entry = opcode::Fallocate::new(FILE_INDEX, len)
             .offset(offset)
             .mode(mode)
-            .build()
-            .user_data(token);
-        self.push(entry)
+            .build();
+        self.push(index, entry)
     }
 }
 
@@ -132,8 +211,8 @@ impl StorageQueue for FileQueue {
     }
 
     fn flush(&mut self, token: u64) -> io::Result<()> {
-        let entry = opcode::Fsync::new(self.fd()).build().user_data(token);
-        self.push(entry)
+        let index = self.take_slot(token, None);
+        self.push(index, opcode::Fsync::new(FILE_INDEX).build())
     }
 
     fn discard(&mut self, offset: u64, len: u64, token: u64) -> io::Result<()> {
@@ -155,6 +234,7 @@ impl StorageQueue for FileQueue {
     }
 
     fn submit(&mut self) -> io::Result<()> {
+        self.batch = 0;
         self.ring.submit().map(|_| ()).map_err(uring_io)
     }
 
@@ -163,21 +243,115 @@ impl StorageQueue for FileQueue {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        let iovecs = &mut self.iovecs;
-        self.ring.reap(|token, res| {
-            let expected = iovecs
-                .remove(&token)
-                .map(|v| v.0.iter().map(|i| i.iov_len as u64).sum::<u64>());
-            let result = match (res, expected) {
+        let (slots, free) = (&mut self.slots, &mut self.free);
+        self.ring.reap(|data, res| {
+            let Some(slot) = u32::try_from(data)
+                .ok()
+                .and_then(|i| Some((i, slots.get(i as usize)?)))
+            else {
+                return;
+            };
+            let (index, slot) = slot;
+            let result = match (res, slot.expected) {
                 (r, _) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
                 (r, Some(n)) if r as u64 != n => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
                 (r, _) => Ok(r as u32),
             };
-            out.push(Completion { token, result });
+            out.push(Completion {
+                token: slot.token,
+                result,
+            });
+            free.push(index);
         });
     }
 
     fn wait(&mut self) -> io::Result<()> {
         self.ring.wait().map_err(uring_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn image(name: &str, len: usize) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("blk-file-{name}-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5au8; len]).unwrap();
+        path
+    }
+
+    fn wait_readable(fd: RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 10_000) == 1 }
+    }
+
+    #[test]
+    fn first_request_on_idle_queue_is_submitted_without_submit_call() {
+        let path = image("idle", 4096);
+        let storage = FileStorage::open(&path, true, false, 8).unwrap();
+        let mut q = storage.open_queue().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+
+        // SAFETY: `buf` outlives the operation, which we reap below.
+        unsafe { q.read(0, &iov, 42) }.unwrap();
+
+        assert!(wait_readable(q.notifier()));
+        let mut out = Vec::new();
+        q.reap(&mut out);
+        assert_eq!(
+            (out[0].token, out[0].result.as_ref().ok()),
+            (42, Some(&4096))
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn batch_of_vectored_reads_reuses_slots_and_keeps_tokens() {
+        let path = image("batch", 64 << 10);
+        let storage = FileStorage::open(&path, true, false, 8).unwrap();
+        let mut q = storage.open_queue().unwrap();
+        let mut bufs = vec![vec![0u8; 1024]; 2 * SUBMIT_CHUNK + 2];
+        let mut tokens = Vec::new();
+
+        for round in 0..2u64 {
+            for (i, pair) in bufs.chunks_mut(2).enumerate() {
+                let iov: Vec<libc::iovec> = pair
+                    .iter_mut()
+                    .map(|b| libc::iovec {
+                        iov_base: b.as_mut_ptr().cast(),
+                        iov_len: b.len(),
+                    })
+                    .collect();
+                // SAFETY: `bufs` outlives the operations, all reaped below.
+                unsafe { q.read(i as u64 * 2048, &iov, round * 100 + i as u64) }.unwrap();
+            }
+            q.submit().unwrap();
+            let mut out = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while out.len() < SUBMIT_CHUNK + 1 && std::time::Instant::now() < deadline {
+                q.wait().unwrap();
+                q.reap(&mut out);
+            }
+            assert!(out.iter().all(|c| c.result.as_ref().ok() == Some(&2048)));
+            tokens.extend(out.into_iter().map(|c| c.token));
+        }
+
+        tokens.sort_unstable();
+        let expected: Vec<u64> = (0..2u64)
+            .flat_map(|r| (0..SUBMIT_CHUNK as u64 + 1).map(move |i| r * 100 + i))
+            .collect();
+        assert_eq!(tokens, expected);
+        assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0x5a)));
+        std::fs::remove_file(path).unwrap();
     }
 }
