@@ -36,14 +36,13 @@ impl NetNs {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run(Command::new("ip").args(["netns", "add", name]))?;
         let ns = NetNs { name: name.into() };
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            name,
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-        ]))?;
+        // /proc/sys/net belongs to the namespace of the thread that opens it.
+        ns.enter(|| {
+            for conf in ["all", "default"] {
+                let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+                let _ = std::fs::write(path, "1");
+            }
+        })?;
         Ok(ns)
     }
 

@@ -59,7 +59,8 @@ impl RxFormat {
 pub const BOUNCE_LEN: usize = HDR_LEN + MAX_GSO_FRAME;
 /// Tap reads kept posted per queue.
 pub const READS: usize = 16;
-const CANCEL: u64 = u64::MAX;
+/// User data of cancel requests (kept below bit 63, which the ring may reserve).
+const CANCEL: u64 = 1 << 62;
 
 /// Copies `packet` (virtio-net header + frame) into the writable buffers of
 /// `chains`, filling each chain before the next (only the first without

@@ -58,8 +58,14 @@ impl NetNs {
             name,
             taps: Default::default(),
         };
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        // No IPv6 autoconfiguration noise on the taps. /proc/sys/net belongs
+        // to the namespace of the thread that opens it.
+        ns.enter(|| {
+            for conf in ["all", "default"] {
+                let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+                let _ = std::fs::write(path, "1");
+            }
+        });
         ns
     }
 
