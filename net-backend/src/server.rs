@@ -118,8 +118,8 @@ impl NetServer {
         if let Ok(mut h) = handler.lock() {
             h.inner().stop_all();
         }
-        for (q, m) in self.metrics().iter().enumerate() {
-            tracing::info!(queue = q, ?m, "queue metrics");
+        for (q, (m, net)) in self.metrics().iter().zip(self.device.metrics()).enumerate() {
+            tracing::info!(queue = q, kind = ?self.device.kind(q), ?net, ?m, "queue metrics");
         }
     }
 }
