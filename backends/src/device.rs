@@ -9,6 +9,7 @@ use vm_memory::GuestAddress;
 
 use crate::memory::GuestMemRef;
 use crate::metrics::QueueMetrics;
+use crate::uring::Uring;
 
 /// A finished request: the chain head and the bytes written into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +62,15 @@ pub trait QueueHandler: Send {
     /// call. The default, false, leaves completions to the eventfd wake-up.
     fn has_completions(&mut self) -> bool {
         false
+    }
+    /// The io_uring the handler's requests complete on, if the worker may
+    /// sleep in it: the worker then watches its kick and stop eventfds
+    /// through the ring ([`Uring::watch`]) and waits in `io_uring_enter`
+    /// instead of epoll, and [`Self::reap`] must reap that ring (which is how
+    /// the worker learns that a watched fd fired). The default, `None`, keeps
+    /// the epoll loop over [`Self::completion_fd`].
+    fn uring(&mut self) -> Option<&mut Uring> {
+        None
     }
     /// Requests started and not yet reaped.
     fn in_flight(&self) -> usize;

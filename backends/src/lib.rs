@@ -3,8 +3,9 @@
 //! - [`server`]: listen on a unix socket and serve one frontend after another.
 //! - [`handler`]: our vhost-user request handler (memory table, vrings,
 //!   inflight tracking) over the `vhost` crate's protocol layer.
-//! - [`worker`]: one thread per queue, an epoll loop over the kick eventfd, the
-//!   device's completion eventfd and a stop eventfd.
+//! - [`worker`]: one thread per queue, sleeping in the device's io_uring (which
+//!   also polls the kick and stop eventfds) or in an epoll loop over the kick
+//!   eventfd, the device's completion eventfd and a stop eventfd.
 //! - [`uring`]: the io_uring engine, one ring per worker thread.
 //! - [`inflight`]: the shared inflight-tracking region (GET/SET_INFLIGHT_FD).
 //! - [`metrics`]: per-queue atomic counters.

@@ -1,5 +1,8 @@
-//! One worker thread per queue: an epoll loop over the queue's kick eventfd,
-//! the handler's completion eventfd and a stop eventfd.
+//! One worker thread per queue, sleeping either in the handler's io_uring
+//! (when [`QueueHandler::uring`] offers one: the ring polls the kick and stop
+//! eventfds itself, and one `io_uring_enter` both submits and waits), or in an
+//! epoll loop over the queue's kick eventfd, the handler's completion eventfd
+//! and a stop eventfd.
 //!
 //! Kick: pop every available chain, start it, submit the batch once.
 //! Completion: reap, publish in the used ring, notify once.
@@ -23,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{QueueHandler, Used};
 use crate::memory::GuestMemoryShared;
+use crate::uring::Uring;
 use crate::vring::Vring;
 
 /// Errors starting a worker.
@@ -49,6 +53,13 @@ impl Token {
             .into_iter()
             .find(|t| *t as u64 == v)
     }
+}
+
+/// The bits of the kick and stop watches in [`Uring::take_fired`].
+#[derive(Clone, Copy)]
+struct RingWatches {
+    kick: u64,
+    stop: u64,
 }
 
 /// A running worker.
@@ -111,9 +122,10 @@ pub fn spawn(name: String, worker: Worker) -> Result<WorkerHandle, WorkerError> 
     }
     let stopping = Arc::new(AtomicBool::new(false));
     let flag = stopping.clone();
+    let stop_fd = stop.as_raw_fd();
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || worker.run(epoll, &flag))
+        .spawn(move || worker.run(epoll, stop_fd, &flag))
         .map_err(WorkerError::Spawn)?;
     Ok(WorkerHandle {
         stop,
@@ -123,7 +135,7 @@ pub fn spawn(name: String, worker: Worker) -> Result<WorkerHandle, WorkerError> 
 }
 
 impl Worker {
-    fn run(mut self, epoll: Epoll, stopping: &AtomicBool) -> u16 {
+    fn run(mut self, epoll: Epoll, stop: RawFd, stopping: &AtomicBool) -> u16 {
         let mut done = Vec::new();
         let resubmit = std::mem::take(&mut self.resubmit);
         if !resubmit.is_empty() {
@@ -131,6 +143,59 @@ impl Worker {
         }
         self.start_heads(&resubmit, &mut done);
         self.process_avail(&mut done);
+        match self.watch_in_ring(stop) {
+            Some(watches) => self.run_ring(watches, &mut done, stopping),
+            None => self.run_epoll(&epoll, &mut done, stopping),
+        }
+    }
+
+    /// Has the handler's ring poll the kick and stop eventfds; returns their
+    /// bits in [`Uring::take_fired`], or `None` to use epoll.
+    fn watch_in_ring(&mut self, stop: RawFd) -> Option<RingWatches> {
+        let kick = self.kick.as_raw_fd();
+        let ring = self.handler.uring()?;
+        let ids = ring
+            .watch(kick)
+            .and_then(|kick| Ok((kick, ring.watch(stop)?)));
+        match ids {
+            Ok((kick, stop)) => Some(RingWatches {
+                kick: 1 << kick,
+                stop: 1 << stop,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot poll the kick eventfd in io_uring, using epoll");
+                None
+            }
+        }
+    }
+
+    /// Sleeps in the handler's ring: one `io_uring_enter` submits what was
+    /// queued and waits for a completion, a kick or a stop.
+    fn run_ring(&mut self, w: RingWatches, done: &mut Vec<Used>, stopping: &AtomicBool) -> u16 {
+        loop {
+            let waited = match self.handler.uring() {
+                Some(ring) => ring.wait(),
+                None => return self.drain(done),
+            };
+            if let Err(e) = waited {
+                tracing::error!(error = %e, "worker io_uring wait failed");
+                return self.drain(done);
+            }
+            self.reap(done);
+            let fired = self.handler.uring().map_or(0, Uring::take_fired);
+            if fired & w.stop != 0 {
+                return self.drain(done);
+            }
+            let mem = self.mem.memory();
+            if fired & w.kick != 0 || self.vring.has_avail(&mem) {
+                drop(mem);
+                self.process_avail(done);
+            }
+            self.busy_poll(done, stopping);
+        }
+    }
+
+    fn run_epoll(&mut self, epoll: &Epoll, done: &mut Vec<Used>, stopping: &AtomicBool) -> u16 {
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -138,20 +203,20 @@ impl Worker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!(error = %e, "worker epoll failed");
-                    return self.drain(&mut done);
+                    return self.drain(done);
                 }
             };
             for ev in &events[..n] {
                 match Token::from_u64(ev.data()) {
                     Some(Token::Kick) => {
-                        self.process_avail(&mut done);
+                        self.process_avail(done);
                     }
-                    Some(Token::Completion) => self.reap(&mut done),
-                    Some(Token::Stop) => return self.drain(&mut done),
+                    Some(Token::Completion) => self.reap(done),
+                    Some(Token::Stop) => return self.drain(done),
                     None => {}
                 }
             }
-            self.busy_poll(&mut done, stopping);
+            self.busy_poll(done, stopping);
         }
     }
 

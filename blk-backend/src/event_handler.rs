@@ -339,6 +339,10 @@ impl QueueHandler for BlkQueue {
         self.storage.has_completions()
     }
 
+    fn uring(&mut self) -> Option<&mut backends::uring::Uring> {
+        self.storage.uring()
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }

@@ -230,26 +230,20 @@ impl NetDriver {
     }
 
     /// Posts a slot filled by [`Self::prefill_tx`] holding a frame of
-    /// `frame_len` bytes, without kicking. False if no slot is free.
+    /// `frame_len` bytes, header and frame in one descriptor, without
+    /// kicking. False if no slot is free.
     pub fn send_prefilled(&mut self, pair: usize, frame_len: u32) -> Result<bool, FrontendError> {
         let Some(slot) = self.tx[pair].free.pop() else {
             return Ok(false);
         };
         let addr = self.tx[pair].slots[slot];
-        let segs = [
-            Seg {
-                addr,
-                len: HDR_LEN as u32,
-                writable: false,
-            },
-            Seg {
-                addr: GuestAddress(addr.0 + HDR_LEN as u64),
-                len: frame_len,
-                writable: false,
-            },
-        ];
+        let seg = Seg {
+            addr,
+            len: HDR_LEN as u32 + frame_len,
+            writable: false,
+        };
         let (vq, mem) = self.fe.queue(2 * pair + 1);
-        match vq.add(mem, &segs)? {
+        match vq.add(mem, &[seg])? {
             Some(head) => {
                 self.tx[pair].by_head[head as usize] = Some(slot);
                 Ok(true)

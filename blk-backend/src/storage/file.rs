@@ -242,6 +242,10 @@ impl StorageQueue for FileQueue {
         self.ring.has_completions()
     }
 
+    fn uring(&mut self) -> Option<&mut Uring> {
+        Some(&mut self.ring)
+    }
+
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let (slots, free) = (&mut self.slots, &mut self.free);
         self.ring.reap(|data, res| {

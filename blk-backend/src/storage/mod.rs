@@ -85,6 +85,14 @@ pub trait StorageQueue: Send {
         false
     }
 
+    /// The io_uring this queue's operations complete on, if the worker may
+    /// sleep in it instead of polling [`Self::notifier`] with epoll: return
+    /// it only if [`Self::reap`] reaps that ring (see
+    /// `backends::QueueHandler::uring`). The default is `None`.
+    fn uring(&mut self) -> Option<&mut backends::uring::Uring> {
+        None
+    }
+
     /// Appends finished operations to `out`; never blocks.
     fn reap(&mut self, out: &mut Vec<Completion>);
 
