@@ -181,7 +181,7 @@ fn setup() -> Result<Setup, Error> {
             ..Default::default()
         },
     )?;
-    let driver = NetDriver::new(fe, 1, 2048, 128, 70 << 10)?;
+    let driver = NetDriver::new(fe, 1, 2048, 256, 70 << 10)?;
     Ok(Setup {
         sub_plain: Arc::new(PacketSocket::open(&ns, sub, false)?),
         sub_vnet: Arc::new(PacketSocket::open(&ns, sub, true)?),
