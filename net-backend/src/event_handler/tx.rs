@@ -238,6 +238,10 @@ impl QueueHandler for TxQueue {
         self.ring.has_completions()
     }
 
+    fn uring(&mut self) -> Option<&mut Uring> {
+        Some(&mut self.ring)
+    }
+
     fn in_flight(&self) -> usize {
         self.in_flight
     }
