@@ -9,13 +9,3 @@
 pub mod ctrl;
 pub mod rx;
 pub mod tx;
-
-use std::os::fd::RawFd;
-
-/// Makes the worker poll `notifier` (an eventfd) again, so it reaps
-/// completions the handler produced by itself.
-pub(crate) fn wake(notifier: RawFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: `notifier` is the ring's open eventfd and `one` is 8 readable bytes.
-    let _ = unsafe { libc::write(notifier, one.as_ptr().cast(), one.len()) };
-}

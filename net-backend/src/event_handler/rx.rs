@@ -61,6 +61,8 @@ pub const BOUNCE_LEN: usize = HDR_LEN + MAX_GSO_FRAME;
 pub const READS: usize = 16;
 /// User data of cancel requests (kept below bit 63, which the ring may reserve).
 const CANCEL: u64 = 1 << 62;
+/// User data of the no-op that wakes the worker for frames delivered outside a completion.
+const WAKE: u64 = 1 << 61;
 
 /// Copies `packet` (virtio-net header + frame) into the writable buffers of
 /// `chains`, filling each chain before the next (only the first without
@@ -308,7 +310,7 @@ impl RxQueue {
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(|ud, res| cqes.push((ud, res)));
         for &(ud, res) in &cqes {
-            if ud != CANCEL {
+            if ud != CANCEL && ud != WAKE {
                 self.complete_read(ud as usize, res);
             }
         }
@@ -352,11 +354,15 @@ impl QueueHandler for RxQueue {
     fn submit(&mut self) {
         self.deliver();
         self.post_reads();
+        if !self.ready.is_empty() {
+            // Its completion wakes the worker (epoll on the ring's eventfd,
+            // or asleep in the ring), which then reaps `ready`.
+            let nop = opcode::Nop::new().build().user_data(WAKE);
+            // SAFETY: a no-op references no memory.
+            let _ = unsafe { self.ring.push(&nop) };
+        }
         if let Err(e) = self.ring.submit() {
             tracing::error!(error = %e, "RX submit failed");
-        }
-        if !self.ready.is_empty() {
-            super::wake(self.ring.notifier());
         }
     }
 
@@ -372,6 +378,10 @@ impl QueueHandler for RxQueue {
 
     fn has_completions(&mut self) -> bool {
         !self.ready.is_empty() || self.ring.has_completions()
+    }
+
+    fn uring(&mut self) -> Option<&mut Uring> {
+        Some(&mut self.ring)
     }
 
     fn in_flight(&self) -> usize {
