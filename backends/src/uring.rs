@@ -169,7 +169,8 @@ impl Uring {
         }
     }
 
-    /// Blocks until at least one completion is posted.
+    /// Submits what is queued and blocks until at least one completion is
+    /// posted (or the completion queue is full).
     pub fn wait(&mut self) -> Result<(), UringError> {
         loop {
             match self.ring.submit_and_wait(1) {
@@ -178,6 +179,8 @@ impl Uring {
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: there is something to reap.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
                 Err(e) => return Err(UringError::Submit(e)),
             }
         }
