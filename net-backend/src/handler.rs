@@ -24,12 +24,19 @@ use crate::device::NetDevice;
 pub struct NetHandler {
     inner: Handler<NetDevice>,
     device: Arc<NetDevice>,
+    /// Whether the frontend has enabled or disabled a ring itself since
+    /// SET_FEATURES.
+    explicit_enable: bool,
 }
 
 impl NetHandler {
     /// Wraps `inner`, which serves `device`.
     pub fn new(inner: Handler<NetDevice>, device: Arc<NetDevice>) -> Self {
-        NetHandler { inner, device }
+        NetHandler {
+            inner,
+            device,
+            explicit_enable: false,
+        }
     }
 
     /// The shared handler.
@@ -64,7 +71,20 @@ impl VhostUserBackendReqHandlerMut for NetHandler {
         self.device
             .set_acked_features(virtio)
             .map_err(|e| VhostUserError::ReqHandlerError(std::io::Error::other(e)))?;
-        self.inner.set_features(features)
+        self.inner.set_features(features)?;
+        // QEMU enables queue pair 0 with SET_VRING_ENABLE *before*
+        // SET_FEATURES and, with a single queue pair, never again; the
+        // vhost crate refuses those early requests (PROTOCOL_FEATURES not yet
+        // acked), so the pair would stay disabled. Enable it here, as QEMU
+        // meant; a frontend that sends its own SET_VRING_ENABLE later (our
+        // VMM does, after the rings are set up) still decides.
+        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+            && !self.explicit_enable
+        {
+            self.inner.set_vring_enable(0, true)?;
+            self.inner.set_vring_enable(1, true)?;
+        }
+        Ok(())
     }
 
     fn set_mem_table(
@@ -126,6 +146,7 @@ impl VhostUserBackendReqHandlerMut for NetHandler {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
+        self.explicit_enable = true;
         self.inner.set_vring_enable(index, enable)
     }
 
