@@ -39,6 +39,20 @@ pub trait Device: Send + Sync + 'static {
         queue_index: usize,
         metrics: Arc<QueueMetrics>,
     ) -> io::Result<Box<dyn QueueHandler>>;
+    /// The virtio features the driver accepted (SET_FEATURES, without the
+    /// vhost-user bit), before any queue starts.
+    fn set_acked_features(&self, _features: u64) -> io::Result<()> {
+        Ok(())
+    }
+    /// How many leading queues to enable at SET_FEATURES when the frontend
+    /// has not enabled any itself. QEMU's vhost-user net enables queue pair 0
+    /// with SET_VRING_ENABLE *before* SET_FEATURES, which the vhost crate
+    /// refuses, and with one queue pair never again; a net device answers 2.
+    fn queues_enabled_at_features(&self) -> usize {
+        0
+    }
+    /// Called when a frontend has gone, after the generic metrics are logged.
+    fn disconnected(&self) {}
 }
 
 /// Per-queue request processing, driven by the queue's worker thread.

@@ -68,6 +68,8 @@ pub struct Handler<D: Device> {
     vrings: Vec<VringSlot>,
     inflight: Option<Arc<InflightRegion>>,
     poll: std::time::Duration,
+    /// Whether the frontend has sent SET_VRING_ENABLE itself.
+    explicit_enable: bool,
 }
 
 fn invalid(msg: &'static str) -> VhostUserError {
@@ -99,6 +101,7 @@ impl<D: Device> Handler<D> {
             vrings,
             inflight: None,
             poll,
+            explicit_enable: false,
         }
     }
 
@@ -246,10 +249,22 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         if features & !offered != 0 {
             return Err(VhostUserError::InvalidParam);
         }
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.device
+            .set_acked_features(features & !protocol)
+            .map_err(VhostUserError::ReqHandlerError)?;
         self.features = Some(features);
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            self.vrings.iter_mut().for_each(|s| s.enabled = true);
-        }
+        let enabled = if features & protocol == 0 {
+            self.vrings.len()
+        } else if !self.explicit_enable {
+            self.device.queues_enabled_at_features()
+        } else {
+            0
+        };
+        self.vrings
+            .iter_mut()
+            .take(enabled)
+            .for_each(|s| s.enabled = true);
         self.try_start_all()
     }
 
@@ -354,6 +369,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostUserResult<()> {
+        self.explicit_enable = true;
         self.slot(index)?.enabled = enable;
         if enable {
             self.try_start(index as usize)

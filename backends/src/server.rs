@@ -98,6 +98,14 @@ impl<D: Device> Server<D> {
         loop {
             match req.handle_request() {
                 Ok(()) => {}
+                // QEMU sends SET_VRING_ENABLE before SET_FEATURES; the vhost
+                // crate refuses it (no reply is expected): carry on.
+                Err(VhostUserError::InactiveFeature(f)) => {
+                    tracing::debug!(
+                        feature = f.bits(),
+                        "request before its feature was acked, ignored"
+                    );
+                }
                 Err(VhostUserError::Disconnected | VhostUserError::PartialMessage) => {
                     tracing::info!("frontend disconnected");
                     break;
@@ -119,5 +127,6 @@ impl<D: Device> Server<D> {
         for (q, m) in self.metrics().iter().enumerate() {
             tracing::info!(queue = q, ?m, "queue metrics");
         }
+        self.device.disconnected();
     }
 }

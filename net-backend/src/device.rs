@@ -128,6 +128,20 @@ impl Device for NetDevice {
         self.queue_pairs() * 2 + 1
     }
 
+    fn set_acked_features(&self, features: u64) -> std::io::Result<()> {
+        NetDevice::set_acked_features(self, features).map_err(std::io::Error::other)
+    }
+
+    fn queues_enabled_at_features(&self) -> usize {
+        2
+    }
+
+    fn disconnected(&self) {
+        for (q, net) in self.metrics().iter().enumerate() {
+            tracing::info!(queue = q, kind = ?self.kind(q), ?net, "net counters");
+        }
+    }
+
     fn max_queue_size(&self) -> u16 {
         self.opts.queue_size
     }

@@ -6,14 +6,12 @@
 //! - [`event_handler`]: RX, TX and control queue processing.
 //! - [`device`]: features, config space, queue processors.
 //! - [`metrics`]: per-queue frames, bytes and drops by reason.
-//! - [`server`], [`handler`]: the accept loop over `backends`' handler,
-//!   tolerant of QEMU's early requests, passing acked features to the device.
+//! - [`server`]: `backends`' server for this device.
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
 
 pub mod config;
 pub mod device;
 pub mod event_handler;
-pub mod handler;
 pub mod metrics;
 pub mod server;
 pub mod tap;
