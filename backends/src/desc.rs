@@ -5,7 +5,8 @@
 //! the inflight region can be re-parsed exactly like freshly popped ones.
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::bitmap::BS;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -42,24 +43,51 @@ pub enum ChainError {
     Indirect,
 }
 
-fn read_desc<M: GuestMemory + ?Sized>(
-    mem: &M,
-    table: GuestAddress,
-    index: u16,
-) -> Result<(u64, u32, u16, u16), ChainError> {
-    let base = table
-        .0
-        .checked_add(u64::from(index) * DESC_SIZE)
-        .map(GuestAddress)
-        .ok_or(ChainError::Memory)?;
-    let mut raw = [0u8; 16];
-    mem.read_slice(&mut raw, base)
-        .map_err(|_| ChainError::Memory)?;
-    let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
-    let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
-    let flags = u16::from_le_bytes([raw[12], raw[13]]);
-    let next = u16::from_le_bytes([raw[14], raw[15]]);
-    Ok((addr, len, flags, next))
+/// A descriptor table being read: one host slice when the table lies in
+/// one guest memory region (always, in practice), else a lookup per read.
+struct Table<'a, M: GuestMemory + ?Sized> {
+    mem: &'a M,
+    addr: GuestAddress,
+    slice: Option<VolatileSlice<'a, BS<'a, M::Bitmap>>>,
+}
+
+impl<'a, M: GuestMemory + ?Sized> Table<'a, M> {
+    fn new(mem: &'a M, addr: GuestAddress, len: u16) -> Self {
+        let bytes = usize::from(len) * DESC_SIZE as usize;
+        let slice = mem
+            .get_slices(addr, bytes, Permissions::Read)
+            .ok()
+            .and_then(|mut it| it.next())
+            .and_then(Result::ok)
+            .filter(|s| s.len() == bytes);
+        Table { mem, addr, slice }
+    }
+
+    fn read(&self, index: u16) -> Result<(u64, u32, u16, u16), ChainError> {
+        let offset = u64::from(index) * DESC_SIZE;
+        let mut raw = [0u8; 16];
+        match &self.slice {
+            Some(slice) => slice
+                .read_slice(&mut raw, offset as usize)
+                .map_err(|_| ChainError::Memory)?,
+            None => {
+                let base = self
+                    .addr
+                    .0
+                    .checked_add(offset)
+                    .map(GuestAddress)
+                    .ok_or(ChainError::Memory)?;
+                self.mem
+                    .read_slice(&mut raw, base)
+                    .map_err(|_| ChainError::Memory)?;
+            }
+        }
+        let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
+        let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        let next = u16::from_le_bytes([raw[14], raw[15]]);
+        Ok((addr, len, flags, next))
+    }
 }
 
 /// Collects the descriptors of the chain starting at `head` into `out`.
@@ -71,7 +99,7 @@ pub fn walk_chain<M: GuestMemory + ?Sized>(
     out: &mut Vec<Descriptor>,
 ) -> Result<(), ChainError> {
     out.clear();
-    let mut table = desc_table;
+    let mut table = Table::new(mem, desc_table, queue_size);
     let mut table_len = queue_size;
     let mut index = head;
     let mut in_indirect = false;
@@ -82,7 +110,7 @@ pub fn walk_chain<M: GuestMemory + ?Sized>(
         if out.len() >= MAX_CHAIN_LEN {
             return Err(ChainError::TooLong);
         }
-        let (addr, len, flags, next) = read_desc(mem, table, index)?;
+        let (addr, len, flags, next) = table.read(index)?;
         if flags & VRING_DESC_F_INDIRECT != 0 {
             if in_indirect || flags & VRING_DESC_F_NEXT != 0 || len == 0 || len % 16 != 0 {
                 return Err(ChainError::Indirect);
@@ -92,8 +120,8 @@ pub fn walk_chain<M: GuestMemory + ?Sized>(
                 return Err(ChainError::Indirect);
             }
             in_indirect = true;
-            table = GuestAddress(addr);
             table_len = count as u16;
+            table = Table::new(mem, GuestAddress(addr), table_len);
             index = 0;
             continue;
         }

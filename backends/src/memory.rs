@@ -5,8 +5,11 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestRegionMmap, MmapRegion,
 };
+
+use crate::desc::Descriptor;
 
 /// The guest memory a backend sees, as mapped from SET_MEM_TABLE.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -56,4 +59,33 @@ pub fn memfd_create(name: &str) -> Result<File, MemoryError> {
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Appends host iovecs covering the buffers of `descs` to `iov`; false if
+/// any byte lies outside guest memory (`iov` then holds a partial list).
+pub fn host_iovecs(mem: &GuestMem, descs: &[Descriptor], iov: &mut Vec<libc::iovec>) -> bool {
+    for d in descs {
+        let len = d.len as usize;
+        if len == 0 {
+            continue;
+        }
+        // Nearly every buffer lies within one region: one lookup, no iterator.
+        if let Ok(slice) = mem.get_slice(d.addr, len) {
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len,
+            });
+            continue;
+        }
+        for slice in mem.get_slices(d.addr, len) {
+            let Ok(slice) = slice else {
+                return false;
+            };
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    true
 }

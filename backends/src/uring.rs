@@ -116,6 +116,12 @@ impl Uring {
         std::mem::take(&mut self.fired)
     }
 
+    /// True if a watch fired since the last [`Self::take_fired`] (a reap
+    /// between two waits can see it): the caller must act before waiting.
+    pub fn has_fired(&self) -> bool {
+        self.fired != 0
+    }
+
     /// The eventfd that becomes readable when completions are posted.
     pub fn notifier(&self) -> RawFd {
         self.notifier.as_raw_fd()

@@ -4,7 +4,8 @@
 //! epoll loop over the queue's kick eventfd, the handler's completion eventfd
 //! and a stop eventfd.
 //!
-//! Kick: pop every available chain, start it, submit the batch once.
+//! Kick: pop every available chain, start it, submit the batch once (a long
+//! batch every [`PUBLISH_EVERY`] chains, publishing what finished meanwhile).
 //! Completion: reap, publish in the used ring, notify once.
 //! Stop: drain what is in flight, then return the next available index.
 //!
@@ -54,6 +55,10 @@ impl Token {
             .find(|t| *t as u64 == v)
     }
 }
+
+/// Chains popped in one go before the batch so far is submitted and what
+/// finished is published.
+const PUBLISH_EVERY: usize = 32;
 
 /// The bits of the kick and stop watches in [`Uring::take_fired`].
 #[derive(Clone, Copy)]
@@ -174,6 +179,9 @@ impl Worker {
     fn run_ring(&mut self, w: RingWatches, done: &mut Vec<Used>, stopping: &AtomicBool) -> u16 {
         loop {
             let waited = match self.handler.uring() {
+                // A reap while we were busy may have seen a kick or a stop:
+                // handle it now, it will not wake the ring again.
+                Some(ring) if ring.has_fired() => Ok(()),
                 Some(ring) => ring.wait(),
                 None => return self.drain(done),
             };
@@ -273,6 +281,16 @@ impl Worker {
                 popped += 1;
                 if let Some(len) = self.handler.start(&mem, table, size, head) {
                     done.push(Used { head, len });
+                }
+                if popped % PUBLISH_EVERY == 0 {
+                    // A long batch: let storage start on what we have and
+                    // hand back what finished, so the driver refills the
+                    // ring while we go on instead of after the whole batch.
+                    self.handler.submit();
+                    if self.handler.has_completions() {
+                        self.handler.reap(done);
+                    }
+                    self.publish(done);
                 }
             }
             if !self.vring.enable_notification(&mem) {

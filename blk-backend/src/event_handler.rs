@@ -11,7 +11,7 @@ use backends::desc::{walk_chain, Descriptor};
 use backends::memory::GuestMemRef;
 use backends::ratelimit::LogLimiter;
 use backends::{QueueHandler, QueueMetrics, Used};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::request::{parse_into, status, RequestType, ID_LEN, SECTOR};
 use crate::storage::{Completion, StorageQueue};
@@ -219,18 +219,7 @@ impl BlkQueue {
 /// is outside guest memory.
 fn iovecs(mem: &GuestMemRef, data: &[Descriptor], iov: &mut Vec<libc::iovec>) -> bool {
     iov.clear();
-    for d in data {
-        for slice in GuestMemoryBackend::get_slices(mem.as_ref(), d.addr, d.len as usize) {
-            let Ok(slice) = slice else {
-                return false;
-            };
-            iov.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    true
+    backends::memory::host_iovecs(mem, data, iov)
 }
 
 impl QueueHandler for BlkQueue {

@@ -271,20 +271,36 @@ impl VirtQueue {
         timeout: Duration,
         out: &mut Vec<Used>,
     ) -> Result<(), FrontendError> {
+        self.wait_used_batch(mem, timeout, out, 1)
+    }
+
+    /// Waits until `batch` chains (at most all outstanding, at least one)
+    /// are returned, up to `timeout`, then takes every returned chain. With
+    /// EVENT_IDX the device is asked to notify only then, as Linux's
+    /// `virtqueue_enable_cb_delayed` does for transmit completions.
+    pub fn wait_used_batch(
+        &mut self,
+        mem: &GuestMem,
+        timeout: Duration,
+        out: &mut Vec<Used>,
+        batch: u16,
+    ) -> Result<(), FrontendError> {
         let deadline = Instant::now() + timeout;
+        let want = batch.min(self.outstanding as u16).max(1);
         loop {
-            self.poll_used(mem, out)?;
-            if !out.is_empty() {
-                return Ok(());
+            let ready = self.used_idx(mem)?.wrapping_sub(self.last_used);
+            if ready >= want {
+                return self.poll_used(mem, out);
             }
             if self.event_idx {
-                let used_event = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size));
-                mem.store(self.last_used, used_event, Ordering::Release)
+                // The device notifies once it publishes entry `used_event`.
+                let at = GuestAddress(self.avail.0 + 4 + 2 * u64::from(self.size));
+                let used_event = self.last_used.wrapping_add(want - 1);
+                mem.store(used_event, at, Ordering::Release)
                     .map_err(FrontendError::Access)?;
                 fence(Ordering::SeqCst);
-                self.poll_used(mem, out)?;
-                if !out.is_empty() {
-                    return Ok(());
+                if self.used_idx(mem)?.wrapping_sub(self.last_used) >= want {
+                    return self.poll_used(mem, out);
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());

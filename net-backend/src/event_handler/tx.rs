@@ -14,12 +14,14 @@ use backends::ratelimit::LogLimiter;
 use backends::uring::Uring;
 use backends::{QueueHandler, QueueMetrics, Used};
 use io_uring::{opcode, types};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::metrics::{DropReason as Why, NetQueueMetrics};
 use crate::vnet::{HdrError, VnetHdr, HDR_LEN};
 
 const MAX_IOVS: usize = 1024;
+/// The tap queue, registered as the ring's only fixed file.
+const TAP: types::Fixed = types::Fixed(0);
 
 struct Pending {
     head: u16,
@@ -43,7 +45,8 @@ pub struct TxLimits {
 
 /// The TX processor of one queue.
 pub struct TxQueue {
-    tap: File,
+    /// Kept open for the ring's fixed file table.
+    _tap: File,
     ring: Uring,
     limits: TxLimits,
     hdr_len: usize,
@@ -51,6 +54,7 @@ pub struct TxQueue {
     free: Vec<usize>,
     spare: Vec<Vec<libc::iovec>>,
     descs: Vec<Descriptor>,
+    cqes: Vec<(usize, i32)>,
     in_flight: usize,
     net: Arc<NetQueueMetrics>,
     metrics: Arc<QueueMetrics>,
@@ -71,8 +75,10 @@ impl TxQueue {
         metrics: Arc<QueueMetrics>,
     ) -> std::io::Result<Self> {
         let ring = Uring::new(u32::from(queue_size)).map_err(std::io::Error::other)?;
+        ring.register_files(&[tap.as_raw_fd()])
+            .map_err(std::io::Error::other)?;
         Ok(TxQueue {
-            tap,
+            _tap: tap,
             ring,
             limits,
             hdr_len: crate::vnet::hdr_len(limits.features),
@@ -80,6 +86,7 @@ impl TxQueue {
             free: Vec::new(),
             spare: Vec::new(),
             descs: Vec::new(),
+            cqes: Vec::new(),
             in_flight: 0,
             net,
             metrics,
@@ -114,19 +121,12 @@ impl TxQueue {
 
     fn iovecs(&mut self, mem: &GuestMemRef) -> Option<Vec<libc::iovec>> {
         let mut iovs = self.spare.pop().unwrap_or_default();
-        for d in &self.descs {
-            for slice in mem.get_slices(d.addr, d.len as usize) {
-                let Ok(slice) = slice else {
-                    self.spare.push(iovs);
-                    return None;
-                };
-                iovs.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-            }
+        if backends::memory::host_iovecs(mem, &self.descs, &mut iovs) {
+            return Some(iovs);
         }
-        Some(iovs)
+        iovs.clear();
+        self.spare.push(iovs);
+        None
     }
 }
 
@@ -171,12 +171,12 @@ impl QueueHandler for TxQueue {
             self.pending.push(None);
             self.pending.len() - 1
         });
-        let entry = opcode::Writev::new(
-            types::Fd(self.tap.as_raw_fd()),
-            iovs.as_ptr(),
-            iovs.len() as u32,
-        )
-        .build()
+        let entry = match iovs.as_slice() {
+            // One buffer (Linux puts the header in front of a linear frame):
+            // a plain write spares the kernel copying the iovec array.
+            [one] => opcode::Write::new(TAP, one.iov_base.cast(), one.iov_len as u32).build(),
+            _ => opcode::Writev::new(TAP, iovs.as_ptr(), iovs.len() as u32).build(),
+        }
         .user_data(token as u64);
         self.pending[token] = Some(Pending {
             head,
@@ -207,9 +207,9 @@ impl QueueHandler for TxQueue {
     }
 
     fn reap(&mut self, done: &mut Vec<Used>) {
-        let mut cqes = Vec::new();
+        let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.reap(|ud, res| cqes.push((ud as usize, res)));
-        for (token, res) in cqes {
+        for (token, res) in cqes.drain(..) {
             let Some(mut p) = self.pending.get_mut(token).and_then(Option::take) else {
                 continue;
             };
@@ -232,6 +232,7 @@ impl QueueHandler for TxQueue {
                 len: 0,
             });
         }
+        self.cqes = cqes;
     }
 
     fn has_completions(&mut self) -> bool {
