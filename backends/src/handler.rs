@@ -43,6 +43,16 @@ struct Mapping {
     size: u64,
     gpa: u64,
     region: Arc<GuestRegionMmap<()>>,
+    /// Times ADD_MEM_REG named this very region: QEMU's multi-queue net has
+    /// one vhost device per queue pair on one connection, and each adds
+    /// (and removes) every region itself.
+    refs: u32,
+}
+
+impl Mapping {
+    fn is(&self, r: &VhostUserSingleMemoryRegion) -> bool {
+        self.gpa == r.guest_phys_addr && self.size == r.memory_size && self.vmm_addr == r.user_addr
+    }
 }
 
 #[derive(Default)]
@@ -120,11 +130,14 @@ impl<D: Device> Handler<D> {
     }
 
     fn rebuild_memory(&mut self) -> VhostUserResult<()> {
-        let regions = self
+        let mut regions = self
             .mappings
             .iter()
             .map(|m| m.region.clone())
             .collect::<Vec<_>>();
+        // ADD_MEM_REG comes in no particular address order (QEMU adds
+        // regions as its memory listener sees them); vm-memory wants them sorted.
+        regions.sort_by_key(|r| vm_memory::GuestMemoryRegion::start_addr(r.as_ref()));
         let mem = GuestMemoryMmap::from_arc_regions(regions).map_err(internal)?;
         self.mem
             .lock()
@@ -279,6 +292,11 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         }
         let mut mappings = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
+            tracing::debug!(
+                gpa = format_args!("{:#x}", { region.guest_phys_addr }),
+                size = format_args!("{:#x}", { region.memory_size }),
+                "memory table region"
+            );
             let map = region.mmap_region::<()>(file)?;
             let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
                 .ok_or(VhostUserError::InvalidParam)?;
@@ -287,10 +305,15 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
                 size: region.memory_size,
                 gpa: region.guest_phys_addr,
                 region: Arc::new(guest),
+                refs: 1,
             });
         }
-        self.mappings = mappings;
-        self.rebuild_memory()?;
+        let old = std::mem::replace(&mut self.mappings, mappings);
+        if let Err(e) = self.rebuild_memory() {
+            // A table with overlapping regions is refused as a whole.
+            self.mappings = old;
+            return Err(e);
+        }
         Ok(None)
     }
 
@@ -450,6 +473,15 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         if postcopy.is_some() {
             return Err(invalid("postcopy not supported"));
         }
+        tracing::debug!(
+            gpa = format_args!("{:#x}", { region.guest_phys_addr }),
+            size = format_args!("{:#x}", { region.memory_size }),
+            "add memory region"
+        );
+        if let Some(m) = self.mappings.iter_mut().find(|m| m.is(region)) {
+            m.refs += 1;
+            return Ok(None);
+        }
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VhostUserError::InvalidParam);
         }
@@ -461,18 +493,34 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
             size: region.memory_size,
             gpa: region.guest_phys_addr,
             region: Arc::new(guest),
+            refs: 1,
         });
-        self.rebuild_memory()?;
+        if let Err(e) = self.rebuild_memory() {
+            // An overlapping region is refused and leaves the table as it was.
+            self.mappings.pop();
+            return Err(e);
+        }
         Ok(None)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostUserResult<()> {
-        let before = self.mappings.len();
-        self.mappings
-            .retain(|m| !(m.gpa == region.guest_phys_addr && m.size == region.memory_size));
-        if self.mappings.len() == before {
-            return Err(VhostUserError::InvalidParam);
+        tracing::debug!(
+            gpa = format_args!("{:#x}", { region.guest_phys_addr }),
+            size = format_args!("{:#x}", { region.memory_size }),
+            "remove memory region"
+        );
+        // Matched on guest range only: the spec lets the frontend leave the
+        // user address out of a removal.
+        let i = self
+            .mappings
+            .iter()
+            .position(|m| m.gpa == region.guest_phys_addr && m.size == region.memory_size)
+            .ok_or(VhostUserError::InvalidParam)?;
+        self.mappings[i].refs -= 1;
+        if self.mappings[i].refs > 0 {
+            return Ok(());
         }
+        self.mappings.remove(i);
         self.rebuild_memory()
     }
 

@@ -119,15 +119,41 @@ impl Vring {
         self.queue.next_avail()
     }
 
+    /// Chains the driver published that we have not taken yet; `None` if
+    /// the available index is unreadable or claims more than the queue holds
+    /// (a broken driver: nothing is taken until it publishes a sane index).
+    fn pending(&self, mem: &GuestMem) -> Option<u16> {
+        let idx = self
+            .queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .ok()?;
+        let pending = idx.0.wrapping_sub(self.queue.next_avail());
+        (pending <= self.queue.size()).then_some(pending)
+    }
+
     /// True if the driver published chains we have not taken yet.
     pub fn has_avail(&self, mem: &GuestMem) -> bool {
-        self.queue
-            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+        self.pending(mem).is_some_and(|n| n > 0)
     }
 
     /// Takes the next available chain head and marks it in flight.
     pub fn pop(&mut self, mem: &GuestMem) -> Option<u16> {
+        // Checked here so that a bogus index costs one rate-limited warning,
+        // not an error line from the queue crate on every kick.
+        match self.pending(mem) {
+            Some(0) => return None,
+            Some(_) => {}
+            None => {
+                if self.log.allow() {
+                    tracing::warn!(
+                        next_avail = self.queue.next_avail(),
+                        suppressed = self.log.suppressed(),
+                        "invalid available index, queue stalled until the driver fixes it"
+                    );
+                }
+                return None;
+            }
+        }
         let head = self.queue.pop_descriptor_chain(mem)?.head_index();
         if let Some(q) = self.inflight.as_mut() {
             q.start(head);

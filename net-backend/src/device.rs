@@ -158,12 +158,11 @@ impl Device for NetDevice {
         f
     }
 
-    /// No CONFIGURE_MEM_SLOTS: QEMU then adds regions one by one in no
-    /// particular address order, which the shared handler does not sort yet.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) {

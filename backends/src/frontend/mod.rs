@@ -84,6 +84,9 @@ pub struct FrontendConfig {
     pub event_idx: bool,
     /// Use inflight tracking (GET/SET_INFLIGHT_FD) if offered.
     pub inflight: bool,
+    /// Hand memory over with CONFIGURE_MEM_SLOTS (ADD_MEM_REG) if offered,
+    /// as two regions, the upper one first, instead of SET_MEM_TABLE.
+    pub mem_slots: bool,
 }
 
 impl Default for FrontendConfig {
@@ -96,6 +99,7 @@ impl Default for FrontendConfig {
             required: VERSION_1,
             event_idx: true,
             inflight: false,
+            mem_slots: false,
         }
     }
 }
@@ -319,6 +323,23 @@ impl VirtQueue {
         }
     }
 
+    /// Publishes `idx` as the available index without adding chains, as a
+    /// broken or hostile driver would; [`Self::restore_avail_idx`] undoes it.
+    pub fn set_raw_avail_idx(&self, mem: &GuestMem, idx: u16) -> Result<(), FrontendError> {
+        mem.store(idx, GuestAddress(self.avail.0 + 2), Ordering::Release)
+            .map_err(FrontendError::Access)
+    }
+
+    /// Publishes the available index this driver really reached.
+    pub fn restore_avail_idx(&self, mem: &GuestMem) -> Result<(), FrontendError> {
+        self.set_raw_avail_idx(mem, self.avail_idx)
+    }
+
+    /// The available index this driver reached.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// The used ring index as the backend last wrote it.
     pub fn used_idx(&self, mem: &GuestMem) -> Result<u16, FrontendError> {
         mem.load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
@@ -405,6 +426,7 @@ impl SyntheticFrontend {
             want &= !EVENT_IDX;
         }
         self.acked = offered & want;
+        let mut slots = false;
         if offered & PROTOCOL_FEATURES != 0 {
             let proto = vu.get_protocol_features().map_err(vh)?;
             let mut wanted = VhostUserProtocolFeatures::MQ
@@ -413,7 +435,15 @@ impl SyntheticFrontend {
             if self.cfg.inflight {
                 wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
             }
+            if self.cfg.mem_slots {
+                wanted |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            }
             vu.set_protocol_features(proto & wanted).map_err(vh)?;
+            slots = self.cfg.mem_slots
+                && proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+            if slots && vu.get_max_mem_slots().map_err(vh)? < 2 {
+                return Err(FrontendError::MissingFeatures(0));
+            }
             if proto.contains(VhostUserProtocolFeatures::MQ) {
                 let n = vu.get_queue_num().map_err(vh)?;
                 if (n as usize) < self.cfg.num_queues {
@@ -443,14 +473,20 @@ impl SyntheticFrontend {
         }
         vu.set_features(self.acked).map_err(vh)?;
         let region = self.mem.iter().next().ok_or(FrontendError::OutOfMemory)?;
-        let info = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-            mmap_offset: 0,
+        let info = |start: u64, end: u64| VhostUserMemoryRegionInfo {
+            guest_phys_addr: start,
+            memory_size: end - start,
+            userspace_addr: region.as_ptr() as u64 + start,
+            mmap_offset: start,
             mmap_handle: self.memfd.as_raw_fd(),
         };
-        vu.set_mem_table(&[info]).map_err(vh)?;
+        if slots {
+            let half = (region.len() / 2) & !0xf_ffff;
+            vu.add_mem_region(&info(half, region.len())).map_err(vh)?;
+            vu.add_mem_region(&info(0, half)).map_err(vh)?;
+        } else {
+            vu.set_mem_table(&[info(0, region.len())]).map_err(vh)?;
+        }
         let host = region.as_ptr() as u64;
         let event_idx = self.acked & EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {

@@ -42,6 +42,11 @@ pub struct Backend {
 
 impl Backend {
     pub fn spawn(socket: &Path, args: &[&str]) -> Self {
+        Self::spawn_with_stderr(socket, args, Stdio::inherit())
+    }
+
+    /// Like [`Self::spawn`], the daemon's log going to `stderr`.
+    pub fn spawn_with_stderr(socket: &Path, args: &[&str], stderr: Stdio) -> Self {
         let _ = std::fs::remove_file(socket);
         let child = Command::new(env!("CARGO_BIN_EXE_blk-backend"))
             .arg("--socket")
@@ -52,6 +57,7 @@ impl Backend {
                 std::env::var("BLK_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         Backend {

@@ -196,13 +196,17 @@ impl TestBackend {
 
     /// A frontend acking only the offered features within `features`.
     pub fn frontend_with(&self, pairs: usize, features: u64) -> SyntheticFrontend {
-        let cfg = FrontendConfig {
+        self.frontend_cfg(FrontendConfig {
             mem_size: 48 << 20,
             num_queues: 2 * pairs + 1,
             queue_size: QUEUE_SIZE,
             features,
             ..Default::default()
-        };
+        })
+    }
+
+    /// A frontend with the given configuration, set up.
+    pub fn frontend_cfg(&self, cfg: FrontendConfig) -> SyntheticFrontend {
         let mut fe = SyntheticFrontend::connect(&self.socket, cfg).unwrap();
         // A request with a reply: everything sent before it (SET_FEATURES
         // and the offloads it sets on the tap) has been handled.
