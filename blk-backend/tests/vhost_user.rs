@@ -295,6 +295,68 @@ fn raw_chain(
 }
 
 #[test]
+fn misaligned_buffers_with_direct_io_are_bounced() {
+    use backends::frontend::blk::{T_IN, T_OUT};
+    use vm_memory::Bytes;
+    let dir = TempDir::new("bounce");
+    let (backend, image) = Backend::with_image(&dir, DISK, &["--direct"]);
+    let mut drv = driver(&backend.socket, config(1));
+    let fe = drv.frontend();
+    let hdr = fe.alloc(16, 16).unwrap();
+    let st = fe.alloc(1, 1).unwrap();
+    // Odd addresses and a split at an odd length, as firmware may hand out.
+    let out = GuestAddress(fe.alloc(8192, 4096).unwrap().0 + 3);
+    let back = GuestAddress(fe.alloc(8192, 4096).unwrap().0 + 101);
+    let data = pattern(5, 4096);
+    fe.mem().write_slice(&data, out).unwrap();
+    let header = |kind: u32, sector: u64| {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        h
+    };
+    let seg = |addr, len, writable| Seg {
+        addr,
+        len,
+        writable,
+    };
+
+    drv.frontend()
+        .mem()
+        .write_slice(&header(T_OUT, 24), hdr)
+        .unwrap();
+    let wrote = raw_chain(
+        &mut drv,
+        &[
+            seg(hdr, 16, false),
+            seg(out, 1000, false),
+            seg(GuestAddress(out.0 + 1000), 3096, false),
+            seg(st, 1, true),
+        ],
+        st,
+    );
+    drv.frontend()
+        .mem()
+        .write_slice(&header(T_IN, 24), hdr)
+        .unwrap();
+    let read = raw_chain(
+        &mut drv,
+        &[seg(hdr, 16, false), seg(back, 4096, true), seg(st, 1, true)],
+        st,
+    );
+    let mut got = vec![0u8; 4096];
+    drv.frontend().mem().read_slice(&mut got, back).unwrap();
+    let file = std::fs::read(image).unwrap();
+
+    assert_eq!((wrote.0, read), (S_OK, (S_OK, 4097)));
+    assert!(got == data, "data read back differs");
+    assert!(
+        file[24 * 512..25 * 512 + 3584] == data[..],
+        "host file differs"
+    );
+}
+
+#[test]
 fn malformed_chains_get_ioerr_and_the_queue_goes_on() {
     use vm_memory::Bytes;
     let dir = TempDir::new("malformed");

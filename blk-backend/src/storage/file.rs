@@ -14,6 +14,11 @@
 //! One big batch would sit behind the kernel's block plug until all of it was
 //! prepared, leaving the device idle meanwhile (fio, by default, submits each
 //! request on its own for the same reason).
+//!
+//! With `O_DIRECT`, the kernel refuses buffers that are not aligned to the
+//! device's block size. A guest may hand such buffers (firmware and boot
+//! loaders do): their request goes through an aligned bounce buffer instead
+//! of failing, as qemu-storage-daemon does; aligned requests stay zero-copy.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -33,12 +38,18 @@ pub const SUBMIT_CHUNK: usize = 8;
 /// Index of the file in the ring's registered file table.
 const FILE_INDEX: types::Fixed = types::Fixed(0);
 
+/// Alignment of buffer addresses and lengths that `O_DIRECT` takes as is.
+const DIRECT_ALIGN: usize = 512;
+/// Alignment of bounce buffers (enough for 4K-sector devices too).
+const BOUNCE_ALIGN: usize = 4096;
+
 /// A file or block device.
 #[derive(Debug)]
 pub struct FileStorage {
     file: Arc<File>,
     capacity: u64,
     ring_entries: u32,
+    direct: bool,
 }
 
 impl FileStorage {
@@ -55,6 +66,7 @@ impl FileStorage {
             file: Arc::new(file),
             capacity,
             ring_entries,
+            direct,
         })
     }
 }
@@ -74,6 +86,7 @@ impl Storage for FileStorage {
             slots: Vec::new(),
             free: Vec::new(),
             batch: 0,
+            direct: self.direct,
         }))
     }
 }
@@ -90,13 +103,83 @@ struct Slot {
     /// Bytes a read or write must transfer to succeed (None: other operations).
     expected: Option<u64>,
     /// The iovec array of a vectored read or write, which the kernel may read
-    /// until completion. Emptied, not freed, when the slot is reused.
+    /// until completion. Emptied, not freed, when the slot is reused. For a
+    /// bounced read, the guest buffers to copy the data into at completion.
     iovecs: Vec<libc::iovec>,
+    /// The aligned buffer of a bounced read or write.
+    bounce: Option<Bounce>,
+}
+
+/// A heap buffer aligned for `O_DIRECT`.
+struct Bounce {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl Bounce {
+    fn new(len: usize) -> io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), BOUNCE_ALIGN)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
+        Ok(Bounce { ptr, layout })
+    }
+
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Copies between the bounce buffer and `iovecs`, in order, up to `len`
+    /// bytes; `into_bounce` gives the direction.
+    ///
+    /// # Safety
+    /// Every iovec must point to memory valid for its length (guest memory
+    /// the submitter keeps mapped until completion).
+    unsafe fn copy(&mut self, iovecs: &[libc::iovec], len: usize, into_bounce: bool) {
+        let mut at = 0usize;
+        for v in iovecs {
+            let n = v.iov_len.min(len.min(self.len()) - at);
+            if n == 0 {
+                break;
+            }
+            let (b, g) = (
+                // SAFETY: `at + n` is within the buffer (n is bounded by its length).
+                unsafe { self.ptr.as_ptr().add(at) },
+                v.iov_base.cast::<u8>(),
+            );
+            // SAFETY: `b` is valid for `n` bytes (above) and `g` by the
+            // caller's contract; the two never overlap (heap vs guest memory).
+            // The guest may change its bytes meanwhile: they are plain data.
+            unsafe {
+                if into_bounce {
+                    std::ptr::copy_nonoverlapping(g, b, n);
+                } else {
+                    std::ptr::copy_nonoverlapping(b, g, n);
+                }
+            }
+            at += n;
+        }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+fn misaligned(iovecs: &[libc::iovec]) -> bool {
+    iovecs
+        .iter()
+        .any(|v| v.iov_base as usize % DIRECT_ALIGN != 0 || v.iov_len % DIRECT_ALIGN != 0)
 }
 
 // SAFETY: the iovecs only carry addresses of guest memory that the submitter
-// keeps mapped until completion; they are handed to the kernel, never
-// dereferenced by this thread or another.
+// keeps mapped until completion; they are handed to the kernel or, for a
+// bounced read, copied into by the thread that owns the queue at completion,
+// never touched by another thread. The bounce buffer is owned by the slot.
 unsafe impl Send for Slot {}
 
 struct FileQueue {
@@ -108,6 +191,8 @@ struct FileQueue {
     free: Vec<u32>,
     /// Operations pushed since the last submission.
     batch: usize,
+    /// The file is opened with `O_DIRECT`: misaligned buffers are bounced.
+    direct: bool,
 }
 
 impl FileQueue {
@@ -125,6 +210,7 @@ impl FileQueue {
         slot.token = token;
         slot.expected = expected;
         slot.iovecs.clear();
+        slot.bounce = None;
         index
     }
 
@@ -154,6 +240,9 @@ impl FileQueue {
     ) -> io::Result<()> {
         let total = iovecs.iter().map(|v| v.iov_len as u64).sum::<u64>();
         let index = self.take_slot(token, Some(total));
+        if self.direct && misaligned(iovecs) {
+            return self.bounced(index, offset, iovecs, total, write);
+        }
         let entry = match iovecs {
             [one] => {
                 let (ptr, len) = (one.iov_base.cast::<u8>(), one.iov_len as u32);
@@ -183,6 +272,43 @@ impl FileQueue {
                         .build()
                 }
             }
+        };
+        self.push(index, entry)
+    }
+
+    /// Reads or writes through an aligned copy of the guest's buffers.
+    fn bounced(
+        &mut self,
+        index: u32,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        total: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        let mut bounce = match Bounce::new(total as usize) {
+            Ok(b) => b,
+            Err(e) => {
+                self.free.push(index);
+                return Err(e);
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        if write {
+            // SAFETY: the caller of `write` guarantees the iovecs are valid.
+            unsafe { bounce.copy(iovecs, total as usize, true) };
+        } else {
+            slot.iovecs.extend_from_slice(iovecs);
+        }
+        let (ptr, len) = (bounce.ptr.as_ptr(), total as u32);
+        slot.bounce = Some(bounce);
+        let entry = if write {
+            opcode::Write::new(FILE_INDEX, ptr, len)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Read::new(FILE_INDEX, ptr, len)
+                .offset(offset)
+                .build()
         };
         self.push(index, entry)
     }
@@ -251,11 +377,18 @@ impl StorageQueue for FileQueue {
         self.ring.reap(|data, res| {
             let Some(slot) = u32::try_from(data)
                 .ok()
-                .and_then(|i| Some((i, slots.get(i as usize)?)))
+                .and_then(|i| Some((i, slots.get_mut(i as usize)?)))
             else {
                 return;
             };
             let (index, slot) = slot;
+            if let Some(mut bounce) = slot.bounce.take() {
+                if res > 0 && !slot.iovecs.is_empty() {
+                    // SAFETY: a bounced read keeps the guest iovecs the
+                    // caller of `read` guaranteed valid until this completion.
+                    unsafe { bounce.copy(&slot.iovecs, res as usize, false) };
+                }
+            }
             let result = match (res, slot.expected) {
                 (r, _) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
                 (r, Some(n)) if r as u64 != n => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
