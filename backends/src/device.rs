@@ -20,6 +20,15 @@ pub struct Used {
     pub len: u32,
 }
 
+/// Fills `buf` with `config` from `offset` on, zeros past its end: what
+/// [`Device::read_config`] answers for a config space held as bytes.
+pub fn read_config_bytes(config: &[u8], offset: u32, buf: &mut [u8]) {
+    let start = (offset as usize).min(config.len());
+    let n = (config.len() - start).min(buf.len());
+    buf[..n].copy_from_slice(&config[start..start + n]);
+    buf[n..].fill(0);
+}
+
 /// The device model a backend daemon serves.
 pub trait Device: Send + Sync + 'static {
     /// Number of virtqueues offered.

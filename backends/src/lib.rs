@@ -1,5 +1,6 @@
 //! Shared plumbing for vhost-user backend daemons.
 //!
+//! - [`daemon`]: logging and exit status for a daemon's `main`.
 //! - [`server`]: listen on a unix socket and serve one frontend after another.
 //! - [`handler`]: our vhost-user request handler (memory table, vrings,
 //!   inflight tracking) over the `vhost` crate's protocol layer.
@@ -12,6 +13,7 @@
 //! - [`frontend`]: a synthetic vhost-user frontend (VMM + guest driver in one
 //!   host process) used by tests and benchmarks.
 
+pub mod daemon;
 pub mod desc;
 pub mod device;
 pub mod frontend;

@@ -42,12 +42,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    backends::daemon::init_logging();
     let a = Args::parse();
     let cfg = BlkConfig {
         socket: a.socket,
@@ -61,18 +56,5 @@ fn main() -> ExitCode {
         serial: a.serial,
         poll_us: a.poll_us,
     };
-    match blk_backend::run(&cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            tracing::error!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
+    backends::daemon::exit_code(blk_backend::run(&cfg))
 }

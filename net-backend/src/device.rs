@@ -166,11 +166,7 @@ impl Device for NetDevice {
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) {
-        let config = self.config();
-        let start = (offset as usize).min(CONFIG_LEN);
-        let n = (CONFIG_LEN - start).min(buf.len());
-        buf[..n].copy_from_slice(&config[start..start + n]);
-        buf[n..].fill(0);
+        backends::device::read_config_bytes(&self.config(), offset, buf);
     }
 
     fn queue_handler(

@@ -44,12 +44,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    backends::daemon::init_logging();
     let a = Args::parse();
     let mut cfg = NetConfig::new(a.socket, &a.tap);
     cfg.client = a.client;
@@ -61,18 +56,5 @@ fn main() -> ExitCode {
     cfg.offloads = !a.no_offloads;
     cfg.mrg_rxbuf = !a.no_mrg_rxbuf;
     cfg.metrics_interval = a.metrics_interval;
-    match net_backend::run(&cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            tracing::error!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
+    backends::daemon::exit_code(net_backend::run(&cfg))
 }

@@ -170,6 +170,19 @@ impl Drop for Bounce {
     }
 }
 
+/// A read or write of one contiguous buffer (no iovec array to import).
+fn contiguous(ptr: *mut u8, len: u32, offset: u64, write: bool) -> io_uring::squeue::Entry {
+    if write {
+        opcode::Write::new(FILE_INDEX, ptr, len)
+            .offset(offset)
+            .build()
+    } else {
+        opcode::Read::new(FILE_INDEX, ptr, len)
+            .offset(offset)
+            .build()
+    }
+}
+
 fn misaligned(iovecs: &[libc::iovec]) -> bool {
     iovecs
         .iter()
@@ -240,22 +253,12 @@ impl FileQueue {
     ) -> io::Result<()> {
         let total = iovecs.iter().map(|v| v.iov_len as u64).sum::<u64>();
         let index = self.take_slot(token, Some(total));
-        if self.direct && misaligned(iovecs) {
-            return self.bounced(index, offset, iovecs, total, write);
-        }
         let entry = match iovecs {
-            [one] => {
-                let (ptr, len) = (one.iov_base.cast::<u8>(), one.iov_len as u32);
-                if write {
-                    opcode::Write::new(FILE_INDEX, ptr, len)
-                        .offset(offset)
-                        .build()
-                } else {
-                    opcode::Read::new(FILE_INDEX, ptr, len)
-                        .offset(offset)
-                        .build()
-                }
+            _ if self.direct && misaligned(iovecs) => {
+                let ptr = self.bounce(index, iovecs, total as usize, write)?;
+                contiguous(ptr, total as u32, offset, write)
             }
+            [one] => contiguous(one.iov_base.cast(), one.iov_len as u32, offset, write),
             _ => {
                 // Keep the iovec array alive until the completion: the kernel
                 // may read it after submission.
@@ -276,41 +279,27 @@ impl FileQueue {
         self.push(index, entry)
     }
 
-    /// Reads or writes through an aligned copy of the guest's buffers.
-    fn bounced(
+    /// Gives slot `index` an aligned buffer standing in for the guest's
+    /// (filled from them for a write; for a read, the guest buffers are
+    /// kept to copy into at completion); returns its address.
+    fn bounce(
         &mut self,
         index: u32,
-        offset: u64,
         iovecs: &[libc::iovec],
-        total: u64,
+        len: usize,
         write: bool,
-    ) -> io::Result<()> {
-        let mut bounce = match Bounce::new(total as usize) {
-            Ok(b) => b,
-            Err(e) => {
-                self.free.push(index);
-                return Err(e);
-            }
-        };
+    ) -> io::Result<*mut u8> {
+        let mut bounce = Bounce::new(len).inspect_err(|_| self.free.push(index))?;
         let slot = &mut self.slots[index as usize];
         if write {
             // SAFETY: the caller of `write` guarantees the iovecs are valid.
-            unsafe { bounce.copy(iovecs, total as usize, true) };
+            unsafe { bounce.copy(iovecs, len, true) };
         } else {
             slot.iovecs.extend_from_slice(iovecs);
         }
-        let (ptr, len) = (bounce.ptr.as_ptr(), total as u32);
+        let ptr = bounce.ptr.as_ptr();
         slot.bounce = Some(bounce);
-        let entry = if write {
-            opcode::Write::new(FILE_INDEX, ptr, len)
-                .offset(offset)
-                .build()
-        } else {
-            opcode::Read::new(FILE_INDEX, ptr, len)
-                .offset(offset)
-                .build()
-        };
-        self.push(index, entry)
+        Ok(ptr)
     }
 
     fn fallocate(&mut self, offset: u64, len: u64, mode: i32, token: u64) -> io::Result<()> {
