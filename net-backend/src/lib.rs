@@ -7,6 +7,7 @@
 //! - [`device`]: features, config space, queue processors.
 //! - [`metrics`]: per-queue frames, bytes and drops by reason.
 //! - [`server`]: `backends`' server for this device.
+//! - [`testnet`]: namespaces and packet sockets for tests and benchmarks.
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
 
 pub mod config;
@@ -15,6 +16,7 @@ pub mod event_handler;
 pub mod metrics;
 pub mod server;
 pub mod tap;
+pub mod testnet;
 pub mod vnet;
 
 use std::sync::Arc;

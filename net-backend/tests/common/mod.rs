@@ -3,9 +3,7 @@
 //! namespace, packet sockets on the tap, and synthetic net drivers.
 #![allow(dead_code)]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,7 +12,7 @@ use std::time::{Duration, Instant};
 use backends::frontend::net::{NetDriver, RxFrame};
 use backends::frontend::{FrontendConfig, SyntheticFrontend};
 use net_backend::server::NetServer;
-use net_backend::{NetConfig, NetDevice};
+use net_backend::{testnet, NetConfig, NetDevice};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub const RX_BUF: u32 = 2048;
@@ -35,100 +33,45 @@ fn unique(tag: &str) -> String {
     format!("nb{tag}{}x{n}", std::process::id() % 100_000)
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("spawn command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+/// The test's network namespace (see [`testnet::NetNs`]); setup failures panic.
+pub struct NetNs(pub testnet::NetNs);
 
-/// A network namespace, deleted on drop (also when the test panics).
-pub struct NetNs {
-    pub name: String,
-    taps: std::sync::Mutex<Vec<String>>,
+impl std::ops::Deref for NetNs {
+    type Target = testnet::NetNs;
+    fn deref(&self) -> &testnet::NetNs {
+        &self.0
+    }
 }
 
 impl NetNs {
     pub fn new(tag: &str) -> Self {
-        let name = unique(tag);
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = NetNs {
-            name,
-            taps: Default::default(),
-        };
-        // No IPv6 autoconfiguration noise on the taps. /proc/sys/net belongs
-        // to the namespace of the thread that opens it.
-        ns.enter(|| {
-            for conf in ["all", "default"] {
-                let path = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
-                let _ = std::fs::write(path, "1");
-            }
-        });
-        ns
+        NetNs(testnet::NetNs::new(&unique(tag)).expect("create network namespace"))
     }
 
     /// Runs `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        self.0.ip(args).unwrap();
     }
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args));
+        self.0.exec(args).unwrap();
     }
 
     /// Creates a persistent multi-queue tap with a vnet header in the
     /// namespace (deleted with it) and returns its name.
     pub fn tap(&self, tag: &str) -> String {
         let name = unique(tag);
-        self.ip(&[
-            "tuntap",
-            "add",
-            "dev",
-            &name,
-            "mode",
-            "tap",
-            "multi_queue",
-            "vnet_hdr",
-        ]);
-        self.taps.lock().unwrap().push(name.clone());
+        self.0.tap(&name).unwrap();
         name
     }
 
-    /// Runs `f` on a thread that has entered the namespace (sockets and
-    /// taps it opens belong to the namespace).
+    /// Runs `f` on a thread that has entered the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: `ns` is an open namespace file; setns only affects this thread.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
+        self.0.enter(f).expect("enter network namespace")
     }
 }
 
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        for tap in self.taps.lock().unwrap().iter() {
-            let _ = Command::new("ip")
-                .args(["-n", &self.name, "link", "del", tap])
-                .output();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-/// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
@@ -230,83 +173,21 @@ impl Drop for TestBackend {
     }
 }
 
-/// PACKET_OUTGOING: a frame the kernel sent on the interface.
-pub const PACKET_OUTGOING: u8 = 4;
-
-/// An AF_PACKET socket bound to an interface.
-pub struct PacketSocket {
-    fd: OwnedFd,
-}
+/// A packet socket on a tap of the test's namespace; failures panic.
+pub struct PacketSocket(testnet::PacketSocket);
 
 impl PacketSocket {
     /// Opens a socket on `ifname` inside `ns`; with `vnet`, frames carry a
     /// 10-byte virtio-net header (PACKET_VNET_HDR).
     pub fn open(ns: &NetNs, ifname: &str, vnet: bool) -> Self {
-        let ifname = ifname.to_string();
-        ns.enter(move || {
-            let proto = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2) call; the result is checked.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            // SAFETY: `fd` is a fresh socket nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let name = std::ffi::CString::new(ifname).unwrap();
-            // SAFETY: `name` is NUL-terminated.
-            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(index, 0, "no such interface");
-            // SAFETY: sockaddr_ll is plain data; zero is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto;
-            sll.sll_ifindex = index as i32;
-            // SAFETY: `sll` is a valid sockaddr_ll of the size passed.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-            if vnet {
-                let one: libc::c_int = 1;
-                // SAFETY: PACKET_VNET_HDR takes an int.
-                let r = unsafe {
-                    libc::setsockopt(
-                        fd.as_raw_fd(),
-                        libc::SOL_PACKET,
-                        libc::PACKET_VNET_HDR,
-                        (&one as *const libc::c_int).cast(),
-                        4,
-                    )
-                };
-                assert_eq!(r, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
-            }
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            // SAFETY: SO_RCVTIMEO takes a timeval.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            PacketSocket { fd }
-        })
+        let timeout = Duration::from_millis(200);
+        PacketSocket(testnet::PacketSocket::open(ns, ifname, vnet, timeout).expect("packet socket"))
     }
 
     /// Sends one frame out of the interface (into the tap, towards the guest).
     pub fn send(&self, frame: &[u8]) {
-        // SAFETY: `frame` is valid for its length.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n as usize,
-            frame.len(),
+        assert!(
+            self.0.send(frame),
             "send: {}",
             std::io::Error::last_os_error()
         );
@@ -318,25 +199,10 @@ impl PacketSocket {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 70 << 10];
         while Instant::now() < deadline {
-            // SAFETY: sockaddr_ll is plain data; zero is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: `buf` and `sll` are valid for the sizes passed.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut sll as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
-            };
-            if n < 0 || sll.sll_pkttype == PACKET_OUTGOING {
-                continue;
-            }
-            if pred(&buf[..n as usize]) {
-                return buf[..n as usize].to_vec();
+            if let Some((n, false)) = self.0.recv(&mut buf) {
+                if pred(&buf[..n]) {
+                    return buf[..n].to_vec();
+                }
             }
         }
         panic!("no matching frame on the tap within {timeout:?}");
@@ -362,17 +228,6 @@ pub fn is_test_frame(f: &[u8]) -> bool {
     f.len() >= 14 && f[12..14] == ETH_TEST.to_be_bytes()
 }
 
-fn csum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// An IPv4 frame carrying `l4` (protocol `proto`) from 10.200.0.2:sport to
 /// 10.200.0.1:dport; `l4_len` is the L4 length including its header.
 pub fn ipv4_frame(proto: u8, sport: u16, dport: u16, l4_len: usize) -> Vec<u8> {
@@ -388,7 +243,7 @@ pub fn ipv4_frame(proto: u8, sport: u16, dport: u16, l4_len: usize) -> Vec<u8> {
     ip[9] = proto;
     ip[12..16].copy_from_slice(&[10, 200, 0, 2]);
     ip[16..20].copy_from_slice(&[10, 200, 0, 1]);
-    let c = csum(&ip);
+    let c = testnet::ipv4_checksum(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     let mut l4 = vec![0u8; l4_len];
