@@ -10,6 +10,7 @@
 //! - [`uring`]: the io_uring engine, one ring per worker thread.
 //! - [`inflight`]: the shared inflight-tracking region (GET/SET_INFLIGHT_FD).
 //! - [`metrics`]: per-queue atomic counters.
+//! - [`qemu`]: QEMU booting the test guest, for the backends' interop tests.
 //! - [`frontend`]: a synthetic vhost-user frontend (VMM + guest driver in one
 //!   host process) used by tests and benchmarks.
 
@@ -21,6 +22,7 @@ pub mod handler;
 pub mod inflight;
 pub mod memory;
 pub mod metrics;
+pub mod qemu;
 pub mod ratelimit;
 pub mod server;
 pub mod uring;

@@ -14,10 +14,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use backends::qemu::{have_qemu, sha256, value, QemuGuest};
 
 use common::*;
 
@@ -40,56 +41,6 @@ until echo hello-again | nc -w 2 10.200.1.1 5003; do
 done
 echo "RESUMED=$i"
 "#;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn guest_image() -> PathBuf {
-    let out = Command::new(repo_root().join("scripts/guest-image"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/guest-image");
-    assert!(out.status.success(), "scripts/guest-image failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("guest-image output").trim())
-}
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("NET_REQUIRE_QEMU").as_deref() != Ok("1"),
-            "qemu-system-x86_64 is required (NET_REQUIRE_QEMU=1)"
-        );
-        eprintln!("SKIPPED: qemu-system-x86_64 not found");
-    }
-    ok
-}
-
-fn pipe(cmd: &str, args: &[&str], input: &[u8]) -> String {
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect(cmd);
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn sha256(data: &[u8]) -> String {
-    pipe("sha256sum", &[], data)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 /// A net-backend process inside the namespace, killed on drop.
 struct BackendProc(Child);
@@ -124,105 +75,34 @@ impl Drop for BackendProc {
     }
 }
 
-/// QEMU with its console collected as it arrives; killed on drop.
-struct Qemu {
-    child: Child,
-    console: Arc<Mutex<String>>,
+/// QEMU with `pairs` queue pairs on the backend at `socket` (1: QEMU's
+/// default netdev, no `mq`), running `script`.
+fn boot(socket: &Path, script: &str, pairs: u16) -> Qemu {
+    let netdev = format!("vhost-user,id=n0,chardev=c0,queues={pairs}");
+    let nic = if pairs > 1 {
+        "virtio-net-pci,netdev=n0,mq=on,vectors=0,romfile="
+    } else {
+        "virtio-net-pci,netdev=n0,vectors=0,romfile="
+    };
+    Qemu(QemuGuest::boot(
+        socket,
+        &["-netdev", &netdev, "-device", nic],
+        script,
+    ))
 }
+
+/// The guest, failing the test if it does not print what is awaited in time.
+struct Qemu(QemuGuest);
 
 impl Qemu {
-    /// Boots the guest with `pairs` queue pairs (1: QEMU's default netdev,
-    /// no `mq`).
-    fn boot(socket: &Path, script: &str, pairs: u16) -> Qemu {
-        let guest = guest_image();
-        let append = format!(
-            "console=ttyS0 reboot=k panic=-1 quiet runb64={}",
-            pipe("base64", &["-w0"], script.as_bytes())
-        );
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "2"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-            .args(["-numa", "node,memdev=mem", "-chardev"])
-            .arg(format!(
-                "socket,id=c0,path={},reconnect=1",
-                socket.display()
-            ))
-            .args([
-                "-netdev",
-                &format!("vhost-user,id=n0,chardev=c0,queues={pairs}"),
-            ])
-            .args([
-                "-device",
-                if pairs > 1 {
-                    "virtio-net-pci,netdev=n0,mq=on,vectors=0,romfile="
-                } else {
-                    "virtio-net-pci,netdev=n0,vectors=0,romfile="
-                },
-            ])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-monitor",
-                "none",
-                "-serial",
-                "stdio",
-            ])
-            .arg("-kernel")
-            .arg(guest.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(guest.join("initramfs.cpio.gz"))
-            .arg("-append")
-            .arg(append)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu");
-        let mut stdout = child.stdout.take().unwrap();
-        let console = Arc::new(Mutex::new(String::new()));
-        let sink = console.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Qemu { child, console }
-    }
-
     fn wait_for(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let console = self.console.lock().unwrap().clone();
-            if console.contains(text) {
-                return console;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "guest did not print {text}:\n{console}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let console = self.0.wait_for(text, Duration::from_secs(120));
+        assert!(
+            console.contains(text),
+            "guest did not print {text}:\n{console}"
+        );
+        console
     }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn value<'a>(console: &'a str, key: &str) -> &'a str {
-    console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .unwrap_or_else(|| panic!("{key} missing from guest output:\n{console}"))
 }
 
 /// Accepts one connection on `port` in `ns` and returns what it sent.
@@ -247,7 +127,7 @@ fn send_one(ns: &NetNs, port: u16, data: Vec<u8>) -> std::thread::JoinHandle<()>
 
 #[test]
 fn qemu_guest_pings_moves_data_both_ways_and_survives_backend_restart() {
-    if !have_tun() || !have_qemu() {
+    if !have_tun() || !have_qemu("NET_REQUIRE_QEMU") {
         return;
     }
     let ns = NetNs::new("qemu");
@@ -264,7 +144,7 @@ fn qemu_guest_pings_moves_data_both_ways_and_survives_backend_restart() {
     let upload = receive_one(&ns, 5001);
     let download = send_one(&ns, 5002, down);
 
-    let qemu = Qemu::boot(&socket, GUEST_SCRIPT, 2);
+    let qemu = boot(&socket, GUEST_SCRIPT, 2);
     let console = qemu.wait_for("PHASE1-DONE");
     let up = upload.join().unwrap();
     download.join().unwrap();
@@ -292,7 +172,7 @@ fn qemu_guest_pings_moves_data_both_ways_and_survives_backend_restart() {
 /// SET_FEATURES and never again: traffic must flow all the same.
 #[test]
 fn qemu_guest_with_one_queue_pair_pings() {
-    if !have_tun() || !have_qemu() {
+    if !have_tun() || !have_qemu("NET_REQUIRE_QEMU") {
         return;
     }
     let ns = NetNs::new("qemu1");
@@ -307,7 +187,7 @@ fn qemu_guest_with_one_queue_pair_pings() {
          echo \"PING=$(ping -c 3 {PEER} | grep -o '[0-9]* packets received')\"\n\
          echo SINGLE-DONE\n"
     );
-    let qemu = Qemu::boot(&socket, &script, 1);
+    let qemu = boot(&socket, &script, 1);
     let console = qemu.wait_for("SINGLE-DONE");
     let pings: u32 = value(&console, "PING=")
         .split(' ')

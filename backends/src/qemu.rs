@@ -1,0 +1,172 @@
+//! QEMU as the reference frontend, for the backends' interop tests: boots the
+//! Debian test guest from `scripts/guest-image` in `qemu-system-x86_64 -accel
+//! tcg` with shared memfd memory and a vhost-user device, runs a shell script
+//! in it and collects its serial console.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// True if QEMU is installed. Without it, prints why the test is skipped,
+/// or panics if the environment variable `require` is `1` (CI sets it).
+pub fn have_qemu(require: &str) -> bool {
+    let ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var(require).as_deref() != Ok("1"),
+            "qemu-system-x86_64 is required ({require}=1)"
+        );
+        eprintln!("SKIPPED: qemu-system-x86_64 not installed (set {require}=1 to fail instead)");
+    }
+    ok
+}
+
+/// Builds (or finds cached) the guest kernel and initramfs; returns their directory.
+pub fn guest_image() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/guest-image"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/guest-image");
+    assert!(out.status.success(), "scripts/guest-image failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().expect("guest-image output").trim())
+}
+
+/// Runs `cmd args` with `input` on stdin; returns its trimmed stdout.
+pub fn pipe(cmd: &str, args: &[&str], input: &[u8]) -> String {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect(cmd);
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write to child");
+    let out = child.wait_with_output().expect("child output");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// SHA-256 of `data` in hex, as the guest's `sha256sum` prints it.
+pub fn sha256(data: &[u8]) -> String {
+    let sum = pipe("sha256sum", &[], data);
+    sum.split(' ').next().unwrap_or_default().to_string()
+}
+
+/// The rest of the first console line starting with `key`.
+pub fn value<'a>(console: &'a str, key: &str) -> &'a str {
+    console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .unwrap_or_else(|| panic!("{key} missing from guest output:\n{console}"))
+}
+
+/// A QEMU guest whose console is collected as it arrives; killed on drop.
+pub struct QemuGuest {
+    child: Child,
+    console: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl QemuGuest {
+    /// Boots the guest (512 MiB of shared memfd memory, 2 vCPUs) with the
+    /// vhost-user chardev `c0` on `socket` (reconnecting), the frontend
+    /// arguments `device` that use it, and `script` run by its /init.
+    pub fn boot(socket: &Path, device: &[&str], script: &str) -> QemuGuest {
+        let guest = guest_image();
+        let append = format!(
+            "console=ttyS0 reboot=k panic=-1 quiet runb64={}",
+            pipe("base64", &["-w0"], script.as_bytes())
+        );
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "2"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+            .args(["-numa", "node,memdev=mem", "-chardev"])
+            .arg(format!(
+                "socket,id=c0,path={},reconnect=1",
+                socket.display()
+            ))
+            .args(device)
+            .args(["-nographic", "-no-reboot", "-monitor", "none"])
+            .args(["-serial", "stdio", "-kernel"])
+            .arg(guest.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(guest.join("initramfs.cpio.gz"))
+            .arg("-append")
+            .arg(append)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start qemu");
+        let mut stdout = child.stdout.take().expect("qemu stdout");
+        let console = Arc::new(Mutex::new(String::new()));
+        let sink = console.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut c) = sink.lock() {
+                    c.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        QemuGuest {
+            child,
+            console,
+            reader: Some(reader),
+        }
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        self.console.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the console to show `text`; returns the
+    /// console, which may lack `text` if the time ran out.
+    pub fn wait_for(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            if console.contains(text) || Instant::now() >= deadline {
+                return console;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit, then returns the whole console.
+    pub fn finish(mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.console()
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
