@@ -105,6 +105,24 @@ impl Qemu {
     }
 }
 
+/// A namespace with a tap holding the peer address, up.
+fn peer_tap(ns_tag: &str, tap_tag: &str) -> (NetNs, String) {
+    let ns = NetNs::new(ns_tag);
+    let tap = ns.tap(tap_tag);
+    ns.ip(&["addr", "add", &format!("{PEER}/24"), "dev", &tap]);
+    ns.ip(&["link", "set", &tap, "up"]);
+    (ns, tap)
+}
+
+/// Ping replies the guest reported (`PING=N packets received`).
+fn pings(console: &str) -> u32 {
+    value(console, "PING=")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Accepts one connection on `port` in `ns` and returns what it sent.
 fn receive_one(ns: &NetNs, port: u16) -> std::thread::JoinHandle<Vec<u8>> {
     let listener = ns.enter(move || TcpListener::bind((PEER, port)).expect("bind peer"));
@@ -130,10 +148,7 @@ fn qemu_guest_pings_moves_data_both_ways_and_survives_backend_restart() {
     if !have_tun() || !have_qemu("NET_REQUIRE_QEMU") {
         return;
     }
-    let ns = NetNs::new("qemu");
-    let tap = ns.tap("q");
-    ns.ip(&["addr", "add", &format!("{PEER}/24"), "dev", &tap]);
-    ns.ip(&["link", "set", &tap, "up"]);
+    let (ns, tap) = peer_tap("qemu", "q");
     let dir = TempDir::new("qemu");
     let socket = dir.path("net.sock");
     let backend = BackendProc::spawn(&ns, &socket, &tap);
@@ -154,11 +169,7 @@ fn qemu_guest_pings_moves_data_both_ways_and_survives_backend_restart() {
     let hello = again.join().unwrap();
     let console_end = qemu.wait_for("RESUMED=");
 
-    let pings: u32 = value(&console, "PING=")
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let pings = pings(&console);
     assert!(pings > 0, "no ping reply:\n{console}");
     assert_eq!(value(&console, "RXQ="), "2");
     assert_eq!(up.len(), SIZE);
@@ -175,10 +186,7 @@ fn qemu_guest_with_one_queue_pair_pings() {
     if !have_tun() || !have_qemu("NET_REQUIRE_QEMU") {
         return;
     }
-    let ns = NetNs::new("qemu1");
-    let tap = ns.tap("s");
-    ns.ip(&["addr", "add", &format!("{PEER}/24"), "dev", &tap]);
-    ns.ip(&["link", "set", &tap, "up"]);
+    let (ns, tap) = peer_tap("qemu1", "s");
     let dir = TempDir::new("qemu1");
     let socket = dir.path("net.sock");
     let _backend = BackendProc::spawn(&ns, &socket, &tap);
@@ -189,10 +197,6 @@ fn qemu_guest_with_one_queue_pair_pings() {
     );
     let qemu = boot(&socket, &script, 1);
     let console = qemu.wait_for("SINGLE-DONE");
-    let pings: u32 = value(&console, "PING=")
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let pings = pings(&console);
     assert!(pings > 0, "no ping reply:\n{console}");
 }
