@@ -16,9 +16,17 @@ pub fn init_logging() {
 
 /// Success, or the error logged as "outer: inner: innermost" and failure.
 pub fn exit_code<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
-    let Err(e) = result else {
-        return ExitCode::SUCCESS;
-    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its sources on one line: "outer: inner: innermost".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
@@ -26,6 +34,5 @@ pub fn exit_code<E: std::error::Error>(result: Result<(), E>) -> ExitCode {
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    tracing::error!("{msg}");
-    ExitCode::FAILURE
+    msg
 }

@@ -6,14 +6,7 @@ fn main() -> ExitCode {
     match blk_bench::main(blk_bench::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
-            eprintln!("blk-bench: {msg}");
+            eprintln!("blk-bench: {}", backends::daemon::error_chain(&e));
             ExitCode::FAILURE
         }
     }
