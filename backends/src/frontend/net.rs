@@ -196,17 +196,7 @@ impl NetDriver {
                 writable: false,
             },
         ];
-        let (vq, mem) = self.fe.queue(2 * pair + 1);
-        match vq.add(mem, &segs)? {
-            Some(head) => {
-                self.tx[pair].by_head[head as usize] = Some(slot);
-                Ok(true)
-            }
-            None => {
-                self.tx[pair].free.push(slot);
-                Ok(false)
-            }
-        }
+        self.post_tx(pair, slot, &segs)
     }
 
     /// Writes `hdr` + `frame` into every TX slot of `pair` once, so that
@@ -242,8 +232,14 @@ impl NetDriver {
             len: HDR_LEN as u32 + frame_len,
             writable: false,
         };
+        self.post_tx(pair, slot, &[seg])
+    }
+
+    /// Publishes TX slot `slot` of `pair` as the chain `segs`; false (and the
+    /// slot free again) if the queue has no room.
+    fn post_tx(&mut self, pair: usize, slot: usize, segs: &[Seg]) -> Result<bool, FrontendError> {
         let (vq, mem) = self.fe.queue(2 * pair + 1);
-        match vq.add(mem, &[seg])? {
+        match vq.add(mem, segs)? {
             Some(head) => {
                 self.tx[pair].by_head[head as usize] = Some(slot);
                 Ok(true)
