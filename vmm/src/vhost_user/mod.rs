@@ -386,9 +386,17 @@ impl Inner {
             for q in &a.queues {
                 req("SET_VRING_ENABLE", fe.set_vring_enable(q.index, true))?;
             }
+            // Rings start disabled, and a backend may consume a kick that
+            // arrives between SET_VRING_KICK and SET_VRING_ENABLE and drop it
+            // (vhost-user-backend before 0.22 does): the guest then waits
+            // forever. A request with a reply is a barrier (the backend
+            // answers messages in order): once it is answered the rings are
+            // enabled, and the kick below covers whatever came before.
+            req("GET_FEATURES", fe.get_features())?;
         }
-        // Anything the guest queued while the backend was away.
-        if resume {
+        // Anything the guest queued before the rings were enabled, or while
+        // the backend was away. A kick with nothing new is harmless.
+        if has_protocol || resume {
             for q in &a.queues {
                 let _ = q.kick.write(1);
             }
