@@ -6,10 +6,16 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+use vhost::vhost_user::message::FrontendReq;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use common::{run, stat, test_guest, vmm, wait, workspace_bin, Daemon, Run, Scratch};
 
@@ -339,6 +345,101 @@ fn generic_frontend_drives_third_party_vhost_device_rng() {
     assert!(rng.parse::<u32>().unwrap() > 32, "{}", r.stdout);
     assert!(lines.contains(&"TG: PASS"));
     assert_eq!(stat(&r.stderr, "notify_exits"), Some(0));
+}
+
+/// Forwards vhost-user messages (with their fds) from `from` to `to` until
+/// `from` closes, sleeping `hold` before passing on a message of type `held`.
+fn forward_messages(from: UnixStream, mut to: UnixStream, held: Option<u32>, hold: Duration) {
+    let mut from_reader = from.try_clone().expect("clone proxy socket");
+    loop {
+        let mut hdr = [0u8; 12];
+        let mut fds: [RawFd; 32] = [-1; 32];
+        let mut iov = [libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        }];
+        // SAFETY: the iovec points to `hdr`, which lives across the call and
+        // takes any bytes written.
+        let got = unsafe { from.recv_with_fds(&mut iov, &mut fds) };
+        let Ok((n, nfds)) = got else { return };
+        // SAFETY: recvmsg handed us these fds; nothing else owns them.
+        let owned: Vec<OwnedFd> = fds[..nfds]
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if n == 0 || from_reader.read_exact(&mut hdr[n..]).is_err() {
+            return;
+        }
+        let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+        let mut body = vec![0u8; size];
+        if from_reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if held == Some(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]])) {
+            std::thread::sleep(hold);
+        }
+        let raw: Vec<RawFd> = owned.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let mut msg = hdr.to_vec();
+        msg.extend_from_slice(&body);
+        if to.send_with_fds(&[&msg[..]], &raw).is_err() || to.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// Listens on `front` for one frontend and joins it to the backend at
+/// `back`, holding every SET_VRING_ENABLE back for `hold`: a slow backend,
+/// as seen by the frontend.
+fn enable_delaying_proxy(front: &Path, back: &Path, hold: Duration) {
+    let listener = UnixListener::bind(front).expect("bind proxy socket");
+    let back = back.to_path_buf();
+    std::thread::spawn(move || {
+        let Ok((vmm_side, _)) = listener.accept() else {
+            return;
+        };
+        let backend = UnixStream::connect(&back).expect("connect to backend");
+        let (v2, b2) = (
+            vmm_side.try_clone().expect("clone"),
+            backend.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || forward_messages(b2, v2, None, Duration::ZERO));
+        let enable = u32::from(FrontendReq::SET_VRING_ENABLE);
+        forward_messages(vmm_side, backend, Some(enable), hold);
+    });
+}
+
+/// vhost-device-rng (vhost-user-backend 0.10) drops a kick that arrives
+/// before its ring is enabled. With SET_VRING_ENABLE held back 300 ms on
+/// the way, the guest's first kick, right after DRIVER_OK, would land in
+/// that window every time unless activation waits for the backend.
+#[test]
+fn kick_right_after_driver_ok_survives_a_slow_ring_enable() {
+    let s = Scratch::new("virtio-rng-slow");
+    let base = s.path("rng.sock");
+    let sock = s.path("rng.sock0");
+    let front = s.path("proxy.sock");
+    let mut c = Command::new(tool("vhost-device-rng"));
+    c.arg("--socket-path").arg(&base);
+    let _rng = Daemon::start(c, &sock);
+    enable_delaying_proxy(&front, &sock, Duration::from_millis(300));
+    let r = run(
+        guest_with(
+            "tg.virtio",
+            &[(
+                "--vhost-user",
+                format!("type=rng,socket={}", front.display()),
+            )],
+        ),
+        LIMIT,
+    );
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
+    let lines = r.lines();
+    assert!(
+        lines.iter().any(|l| l.starts_with("TG: rng bytes=64 ")),
+        "{}",
+        r.stdout
+    );
+    assert!(lines.contains(&"TG: PASS"), "{}", r.stdout);
 }
 
 #[test]
