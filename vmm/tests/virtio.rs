@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -311,25 +311,35 @@ fn tool(name: &str) -> std::path::PathBuf {
     bin
 }
 
-#[test]
-fn generic_frontend_drives_third_party_vhost_device_rng() {
-    let s = Scratch::new("virtio-rng");
+/// vhost-device-rng listening in `s`; returns it and its socket.
+fn rng_daemon(s: &Scratch) -> (Daemon, std::path::PathBuf) {
     let base = s.path("rng.sock");
     // It appends the socket index to the path.
     let sock = s.path("rng.sock0");
     let mut c = Command::new(tool("vhost-device-rng"));
     c.arg("--socket-path").arg(&base);
-    let _rng = Daemon::start(c, &sock);
-    let r = run(
+    (Daemon::start(c, &sock), sock)
+}
+
+/// The test guest's virtio test with an rng device on `socket`.
+fn rng_guest(socket: &Path) -> Run {
+    run(
         guest_with(
             "tg.virtio",
             &[(
                 "--vhost-user",
-                format!("type=rng,socket={}", sock.display()),
+                format!("type=rng,socket={}", socket.display()),
             )],
         ),
         LIMIT,
-    );
+    )
+}
+
+#[test]
+fn generic_frontend_drives_third_party_vhost_device_rng() {
+    let s = Scratch::new("virtio-rng");
+    let (_rng, sock) = rng_daemon(&s);
+    let r = rng_guest(&sock);
     assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
     let lines = r.lines();
     assert!(
@@ -349,8 +359,7 @@ fn generic_frontend_drives_third_party_vhost_device_rng() {
 
 /// Forwards vhost-user messages (with their fds) from `from` to `to` until
 /// `from` closes, sleeping `hold` before passing on a message of type `held`.
-fn forward_messages(from: UnixStream, mut to: UnixStream, held: Option<u32>, hold: Duration) {
-    let mut from_reader = from.try_clone().expect("clone proxy socket");
+fn forward_messages(from: UnixStream, to: UnixStream, held: Option<u32>, hold: Duration) {
     loop {
         let mut hdr = [0u8; 12];
         let mut fds: [RawFd; 32] = [-1; 32];
@@ -367,12 +376,12 @@ fn forward_messages(from: UnixStream, mut to: UnixStream, held: Option<u32>, hol
             .iter()
             .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
             .collect();
-        if n == 0 || from_reader.read_exact(&mut hdr[n..]).is_err() {
+        if n == 0 || (&from).read_exact(&mut hdr[n..]).is_err() {
             return;
         }
         let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
         let mut body = vec![0u8; size];
-        if from_reader.read_exact(&mut body).is_err() {
+        if (&from).read_exact(&mut body).is_err() {
             return;
         }
         if held == Some(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]])) {
@@ -381,7 +390,7 @@ fn forward_messages(from: UnixStream, mut to: UnixStream, held: Option<u32>, hol
         let raw: Vec<RawFd> = owned.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let mut msg = hdr.to_vec();
         msg.extend_from_slice(&body);
-        if to.send_with_fds(&[&msg[..]], &raw).is_err() || to.flush().is_err() {
+        if to.send_with_fds(&[&msg[..]], &raw).is_err() {
             return;
         }
     }
@@ -415,23 +424,10 @@ fn enable_delaying_proxy(front: &Path, back: &Path, hold: Duration) {
 #[test]
 fn kick_right_after_driver_ok_survives_a_slow_ring_enable() {
     let s = Scratch::new("virtio-rng-slow");
-    let base = s.path("rng.sock");
-    let sock = s.path("rng.sock0");
+    let (_rng, sock) = rng_daemon(&s);
     let front = s.path("proxy.sock");
-    let mut c = Command::new(tool("vhost-device-rng"));
-    c.arg("--socket-path").arg(&base);
-    let _rng = Daemon::start(c, &sock);
     enable_delaying_proxy(&front, &sock, Duration::from_millis(300));
-    let r = run(
-        guest_with(
-            "tg.virtio",
-            &[(
-                "--vhost-user",
-                format!("type=rng,socket={}", front.display()),
-            )],
-        ),
-        LIMIT,
-    );
+    let r = rng_guest(&front);
     assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
     let lines = r.lines();
     assert!(

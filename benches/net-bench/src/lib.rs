@@ -18,7 +18,7 @@
 
 pub mod env;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -287,18 +287,7 @@ fn rx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
     let (mut frames, mut bytes) = (0u64, 0u64);
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < secs {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
-            continue;
-        }
-        // SAFETY: `buf` is valid for its length.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n as usize == want {
+        if read_within(fd, &mut buf, 20) == Some(want) {
             frames += 1;
             bytes += w.len as u64;
         }
@@ -307,20 +296,24 @@ fn rx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
     stop.store(true, Ordering::Relaxed);
     let _ = src.join();
     // Drain what is left so the next run starts empty.
-    loop {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
-            break;
-        }
-        // SAFETY: `buf` is valid for its length.
-        unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    }
+    while read_within(fd, &mut buf, 50).is_some() {}
     Rate::new(frames, bytes, elapsed)
+}
+
+/// Reads one frame from `fd` if one arrives within `ms` milliseconds.
+fn read_within(fd: RawFd, buf: &mut [u8], ms: i32) -> Option<usize> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+        return None;
+    }
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).ok()
 }
 
 fn stats(v: &[f64]) -> (f64, f64, f64) {
