@@ -1,5 +1,6 @@
 //! Builds a VM from a [`VmConfig`] and runs its event loop until the guest
-//! resets or powers off, a vCPU fails, or SIGINT/SIGTERM arrives.
+//! resets or powers off, a vCPU fails, or SIGINT/SIGTERM arrives. SIGPWR
+//! presses the guest's ACPI power button instead.
 //!
 //! The event loop (this thread) owns stdin and the exit sources; vCPU
 //! threads only touch the buses. Tokens name every event source.
@@ -24,8 +25,10 @@ use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::console::{serial_sink, ConsoleError, RawStdin};
+use crate::devices::acpi::{AcpiPm, Ged, GED_GSI, GED_LEN, GED_PORT, PM_BASE, PM_LEN};
 use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::legacy::{DebugCon, ResetTrigger, DEBUGCON_PORT, I8042, I8042_BASE, I8042_LEN};
+use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::interrupts::Router;
@@ -111,6 +114,7 @@ pub struct Machine {
     memory: Memory,
     serial: Arc<Mutex<Serial>>,
     serial_drained: EventFd,
+    ged: Arc<Mutex<Ged>>,
     exit: Arc<ExitNotifier>,
     metrics: Arc<VcpuMetrics>,
     stdin_input: bool,
@@ -123,13 +127,14 @@ impl Machine {
     pub fn new(cfg: &VmConfig) -> Result<Self> {
         cfg.validate()?;
         // Before any thread exists, so that every vCPU thread inherits the mask.
-        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM])?;
+        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGPWR])?;
         let kvm = vm::open_kvm()?;
         let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
         let memory = Memory::new(cfg.memory, cfg.hugepages)?;
         vm::register_memory(&vm, &memory.guest)?;
 
-        let rsdp = acpi::write(&memory.guest, cfg.cpus)?;
+        let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
+        let rsdp = acpi::write(&memory.guest, cfg.cpus, ram_end)?;
         let kernel = boot::load(
             &memory.guest,
             memory.size,
@@ -140,13 +145,13 @@ impl Machine {
             rsdp,
         )?;
         regs::write_gdt(&memory.guest)?;
-        let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
         regs::write_page_tables(&memory.guest, ram_end)?;
         mptable::write(&memory.guest, cfg.cpus)?;
 
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
         let (pio, serial, serial_drained) = legacy_devices(&vm, cfg, &exit)?;
+        let ged = acpi_devices(&vm, &pio, &exit)?;
         let mmio = Arc::new(Bus::new("mmio"));
         let transports = pci_devices(cfg, &vm, &memory, &pio, &mmio, ram_end)?;
         let metrics = Arc::new(VcpuMetrics::default());
@@ -177,6 +182,7 @@ impl Machine {
             memory,
             serial,
             serial_drained,
+            ged,
             exit,
             metrics,
             stdin_input: cfg.serial == SerialConfig::Stdio,
@@ -250,7 +256,10 @@ impl Machine {
                             return Ok(r);
                         }
                     }
-                    Some(Token::Signal) => return Ok(ExitReason::Signal(signals.read())),
+                    Some(Token::Signal) => match signals.read() {
+                        libc::SIGPWR => lock(&self.ged).press_power_button(),
+                        s => return Ok(ExitReason::Signal(s)),
+                    },
                     Some(Token::Stdin) => {
                         let mut buf = [0u8; 64];
                         match io::stdin().lock().read(&mut buf) {
@@ -324,7 +333,7 @@ fn pci_devices(
     Ok(metrics)
 }
 
-/// COM1, the i8042 and the debug console on the PIO bus.
+/// COM1, the i8042, the CMOS clock and the debug console on the PIO bus.
 fn legacy_devices(
     vm: &Arc<VmFd>,
     cfg: &VmConfig,
@@ -354,8 +363,25 @@ fn legacy_devices(
             exit.clone(),
         ))))),
     )?;
+    pio.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::new())))?;
     pio.insert(DEBUGCON_PORT, 1, Arc::new(Mutex::new(DebugCon::default())))?;
     Ok((pio, serial, drained))
+}
+
+/// The ACPI sleep/reset registers and the GED (power button, by irqfd).
+fn acpi_devices(vm: &VmFd, pio: &Bus, exit: &Arc<ExitNotifier>) -> Result<Arc<Mutex<Ged>>> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| MachineError::Io("create eventfd", e))?;
+    vm.register_irqfd(&irq, GED_GSI)
+        .map_err(|e| MachineError::Kvm("register GED irqfd", e))?;
+    let ged = Arc::new(Mutex::new(Ged::new(irq)));
+    pio.insert(
+        PM_BASE,
+        PM_LEN,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+    )?;
+    pio.insert(GED_PORT, GED_LEN, ged.clone())?;
+    Ok(ged)
 }
 
 fn create_vcpu(
@@ -386,7 +412,7 @@ fn create_vcpu(
     Ok(fd)
 }
 
-/// SIGINT/SIGTERM as a pollable fd. The signals are blocked in this thread
+/// SIGINT/SIGTERM/SIGPWR as a pollable fd. The signals are blocked in this thread
 /// before any vCPU thread starts, so every thread inherits the mask.
 struct SignalFd {
     fd: OwnedFd,

@@ -1,10 +1,11 @@
-//! The VM's life cycle as a user sees it: stopping it with a signal, guest
-//! failures turned into an exit status, the serial sinks and stdin input.
+//! The VM's life cycle as a user sees it: stopping it with a signal (and
+//! SIGPWR, which does not stop it), guest failures turned into an exit
+//! status, the serial sinks and stdin input.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{run, test_guest, vmm, wait};
@@ -13,7 +14,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// Starts the test guest with `tg.hold` and waits until it is idle.
 fn held_vm(cpus: u32) -> (Child, Vec<String>) {
-    let mut c = vmm();
+    held_vm_from(vmm(), cpus)
+}
+
+fn held_vm_from(mut c: Command, cpus: u32) -> (Child, Vec<String>) {
     c.arg("--kernel")
         .arg(test_guest())
         .args(["--cpus", &cpus.to_string(), "--cmdline", "tg.hold"]);
@@ -55,6 +59,23 @@ fn sigint_stops_a_running_vm_with_status_zero() {
     let r = wait(child, Duration::from_secs(10));
     assert!(!r.timed_out, "VM did not stop on SIGINT");
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
+}
+
+#[test]
+fn sigpwr_presses_the_power_button_and_leaves_the_vm_running() {
+    let mut c = vmm();
+    c.env("VMM_LOG", "info");
+    let (mut child, _) = held_vm_from(c, 1);
+
+    signal(&child, libc::SIGPWR);
+    std::thread::sleep(Duration::from_millis(500));
+    let running = child.try_wait().unwrap().is_none();
+
+    signal(&child, libc::SIGTERM);
+    let r = wait(child, Duration::from_secs(10));
+    assert!(running, "VM stopped on SIGPWR: {}", r.stderr);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("power button pressed"), "{}", r.stderr);
 }
 
 #[test]
