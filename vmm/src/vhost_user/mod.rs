@@ -466,12 +466,7 @@ impl Inner {
         } else {
             self.local_config()
         };
-        if let Kind::Net { mac: Some(mac), .. } = self.cfg.kind {
-            if image.len() < 6 {
-                image.resize(6, 0);
-            }
-            image[..6].copy_from_slice(&mac);
-        }
+        overlay_config(&self.cfg, &mut image);
         if let Kind::Fs { tag: Some(_) } = &self.cfg.kind {
             // The user's tag wins over the backend's.
             let local = self.local_config();
@@ -480,6 +475,36 @@ impl Inner {
         }
         image.resize(image.len().max(end), 0);
         data.copy_from_slice(&image[offset as usize..end]);
+    }
+}
+
+/// Offset of `num_queues` in the virtio-blk config space.
+const BLK_NUM_QUEUES_OFF: usize = 34;
+/// Offset of `max_virtqueue_pairs` in the virtio-net config space.
+const NET_MAX_PAIRS_OFF: usize = 8;
+
+/// Puts what this VMM set up over the backend's config image: the queue
+/// count the guest can really use (a backend reports its own maximum, and a
+/// driver that asks for queues the transport lacks fails to probe) and the
+/// user's MAC.
+fn overlay_config(cfg: &DeviceConfig, image: &mut Vec<u8>) {
+    let put16 = |image: &mut Vec<u8>, off: usize, v: u16| {
+        if image.len() >= off + 2 {
+            image[off..off + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    match cfg.kind {
+        Kind::Block => put16(image, BLK_NUM_QUEUES_OFF, cfg.queues),
+        Kind::Net { mac, queue_pairs } => {
+            put16(image, NET_MAX_PAIRS_OFF, queue_pairs);
+            if let Some(mac) = mac {
+                if image.len() < 6 {
+                    image.resize(6, 0);
+                }
+                image[..6].copy_from_slice(&mac);
+            }
+        }
+        Kind::Fs { .. } | Kind::Generic(_) => {}
     }
 }
 
@@ -549,5 +574,53 @@ impl VirtioDevice for VhostUser {
         let mut g = lock(&self.inner);
         g.stop_rings();
         g.active = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(kind: Kind, queues: u16) -> DeviceConfig {
+        DeviceConfig {
+            kind,
+            socket: PathBuf::from("/nonexistent"),
+            queues,
+            queue_size: 256,
+        }
+    }
+
+    #[test]
+    fn blk_config_reports_the_queues_the_transport_has() {
+        let mut image = vec![0u8; 60];
+        image[BLK_NUM_QUEUES_OFF..BLK_NUM_QUEUES_OFF + 2].copy_from_slice(&2u16.to_le_bytes());
+
+        overlay_config(&cfg(Kind::Block, 1), &mut image);
+
+        assert_eq!(&image[BLK_NUM_QUEUES_OFF..BLK_NUM_QUEUES_OFF + 2], &[1, 0]);
+    }
+
+    #[test]
+    fn net_config_reports_configured_pairs_and_mac() {
+        let mut image = vec![0u8; 12];
+        image[NET_MAX_PAIRS_OFF..NET_MAX_PAIRS_OFF + 2].copy_from_slice(&8u16.to_le_bytes());
+        let kind = Kind::Net {
+            mac: Some([2, 0, 0, 0, 0, 9]),
+            queue_pairs: 2,
+        };
+
+        overlay_config(&cfg(kind, 4), &mut image);
+
+        assert_eq!(&image[..6], &[2, 0, 0, 0, 0, 9]);
+        assert_eq!(&image[NET_MAX_PAIRS_OFF..NET_MAX_PAIRS_OFF + 2], &[2, 0]);
+    }
+
+    #[test]
+    fn short_config_image_is_left_short() {
+        let mut image = vec![0u8; 20];
+
+        overlay_config(&cfg(Kind::Block, 1), &mut image);
+
+        assert_eq!(image, vec![0u8; 20]);
     }
 }

@@ -99,6 +99,38 @@ pub fn run(mut cmd: Command, limit: Duration) -> Run {
     wait(child, limit)
 }
 
+/// Runs `cmd` until its stdout contains a line with `stop_at` (then kills
+/// it), it exits, or `limit` passes (`timed_out`).
+pub fn run_until(mut cmd: Command, limit: Duration, stop_at: &str) -> Run {
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let t_err = drain(child.stderr.take());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop_at = stop_at.to_string();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        for line in std::io::BufRead::split(std::io::BufReader::new(stdout), b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            out.push_str(&line);
+            out.push('\n');
+            if line.contains(&stop_at) {
+                let _ = tx.send(());
+            }
+        }
+        out
+    });
+    let seen = rx.recv_timeout(limit).is_ok();
+    let _ = child.kill();
+    let status = child.wait().ok();
+    Run {
+        status,
+        stdout: reader.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+        timed_out: !seen,
+    }
+}
+
 /// Waits for `child` for at most `limit`, collecting its output.
 pub fn wait(mut child: Child, limit: Duration) -> Run {
     let t_out = drain(child.stdout.take());
@@ -221,15 +253,4 @@ pub fn stat(stderr: &str, key: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-/// Whether this host's CPU has hardware virtualization (vmx or svm).
-pub fn has_hw_virt() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-        })
-        .unwrap_or(false)
 }

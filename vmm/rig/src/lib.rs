@@ -1,0 +1,437 @@
+//! The nested-virtualization rig: real Linux guests under `vmm` on a host
+//! whose own `/dev/kvm` cannot run them.
+//!
+//! `qemu-system-x86_64 -accel tcg -cpu max` gives its guest (L1) the `svm`
+//! and `npt` flags. L1 runs the Debian cloud kernel from `scripts/guest-image`,
+//! loads that kernel's own `kvm` modules and gets a working `/dev/kvm`; the
+//! workspace's release `vmm` and backends (with the shared libraries they
+//! need) then boot the same kernel as L2. The L1 initramfs is the guest
+//! image's initramfs with one uncompressed cpio archive appended: the
+//! binaries, the libraries, the kvm modules, the L2 kernel and initramfs,
+//! one small archive per L2 script, and the L1 script itself, which runs as
+//! the guest image's `run=` command.
+//!
+//! Protocol on L1's console (the host reads it line by line):
+//! - `RIG-READY` once `/dev/kvm` exists, `RIG-ERROR <why>` if it never does;
+//! - `RIG-L2-BEGIN <name>` / `RIG-L2-END <name> rc=<vmm exit status>`
+//!   around each L2 boot made with the shell function `l2` (below);
+//! - `GUEST-RUN-END rc=<n>` when the L1 script ends (from the guest image's
+//!   `/init`), after which L1 reboots and QEMU exits (`-no-reboot`).
+//!
+//! Inside the L1 script, `l2 NAME VMM-ARGS...` boots L2 with `vmm` and the
+//! initramfs extended by the L2 script registered as NAME (run as `/init`'s
+//! `run=` command); `$L2_KERNEL`, `$L2_VMLINUX`, `$RIG` name the files.
+
+pub mod cpio;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// Errors building or running the rig.
+#[derive(Debug, Error)]
+pub enum RigError {
+    #[error("Cannot run {0}")]
+    Spawn(String, #[source] io::Error),
+    #[error("{0} failed: {1}")]
+    Failed(String, String),
+    #[error("Cannot write the L1 initramfs")]
+    Initramfs(#[source] io::Error),
+    #[error("Cannot read {0}")]
+    Read(PathBuf, #[source] io::Error),
+    #[error("No {0} in PATH")]
+    NotFound(String),
+    #[error("L1 did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+type Result<T> = std::result::Result<T, RigError>;
+
+/// The workspace root, from this crate's manifest directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("vmm/rig is two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// Whether this host's CPU has hardware virtualization (vmx or svm), in
+/// which case Linux runs under `vmm` directly and the rig is not needed.
+pub fn has_hw_virt() -> bool {
+    fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+fn output(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| RigError::Spawn(what.into(), e))?;
+    if !out.status.success() {
+        return Err(RigError::Failed(what.into(), out.status.to_string()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds (or finds cached) the Debian guest image; returns its directory.
+pub fn guest_image(root: &Path) -> Result<PathBuf> {
+    let out = output(
+        &mut Command::new(root.join("scripts/guest-image")),
+        "scripts/guest-image",
+    )?;
+    let dir = out.lines().last().unwrap_or_default().trim();
+    Ok(PathBuf::from(dir))
+}
+
+/// Builds the workspace's release binaries that go into L1; returns the
+/// directory holding them.
+pub fn build_release(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    output(
+        Command::new(cargo)
+            .args(["build", "--release", "-q", "--bins"])
+            .args(["-p", "vmm", "-p", "blk-backend", "-p", "net-backend"])
+            .current_dir(root),
+        "cargo build --release",
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release"))
+}
+
+/// Finds `name` in PATH.
+pub fn which(name: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| RigError::NotFound(name.into()))
+}
+
+/// The shared libraries `bin` loads, as `ldd` resolves them on this host.
+fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = output(Command::new("ldd").arg(bin), "ldd")?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let path = match l.split_once("=>") {
+                Some((_, r)) => r.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// What goes into L1 besides the guest image.
+#[derive(Default)]
+pub struct Payload {
+    /// Host binaries copied to `/rig/bin` with their shared libraries.
+    pub bins: Vec<PathBuf>,
+    /// Host files copied to the same path (QEMU's firmware).
+    pub files: Vec<PathBuf>,
+    /// L2 scripts by name: `l2 NAME ...` runs NAME in L2.
+    pub l2_scripts: BTreeMap<String, String>,
+    /// The L1 script (sourced after the rig's prelude).
+    pub script: String,
+}
+
+const PRELUDE: &str = r#"
+RIG=/rig
+export PATH=$RIG/bin:$PATH
+L2_KERNEL=$RIG/l2/vmlinuz L2_VMLINUX=$RIG/l2/vmlinux L2_INITRD=$RIG/l2/initramfs.cpio.gz
+for m in $(cat $RIG/kvm/load-order); do
+    case $m in
+        kvm_amd) grep -qw svm /proc/cpuinfo || continue ;;
+        kvm_intel) grep -qw vmx /proc/cpuinfo || continue ;;
+    esac
+    insmod $RIG/kvm/$m.ko || echo "RIG-NOTE cannot load $m"
+done
+if [ -c /dev/kvm ]; then echo RIG-READY; else echo "RIG-ERROR no /dev/kvm in L1"; exit 1; fi
+# l2 NAME VMM-ARGS...: boots L2 under vmm with the L2 script NAME as its
+# run= command; L2's console is also kept in /tmp/l2-NAME.log.
+l2() {
+    name=$1; shift
+    cat $L2_INITRD $RIG/l2/$name.cpio >/tmp/l2-$name.initrd
+    echo "RIG-L2-BEGIN $name"
+    { timeout -s KILL ${L2_TIMEOUT:-600} vmm --initramfs /tmp/l2-$name.initrd "$@" 2>&1
+      echo $? >/tmp/l2-$name.rc; } | tee /tmp/l2-$name.log
+    echo "RIG-L2-END $name rc=$(cat /tmp/l2-$name.rc)"
+    rm -f /tmp/l2-$name.initrd
+}
+# wait_for FILE TEXT [SECONDS]: waits until FILE contains TEXT.
+wait_for() {
+    n=0
+    until grep -q "$2" "$1" 2>/dev/null; do
+        n=$((n + 1)); [ $n -le ${3:-600} ] || return 1; sleep 1
+    done
+}
+"#;
+
+/// A prepared L1: kernel and initramfs on disk.
+pub struct Rig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    _dir: TempDir,
+}
+
+impl Rig {
+    /// Assembles the L1 initramfs from the guest image in `image`, the
+    /// `vmm`, `blk-backend` and `net-backend` in `release`, and `payload`.
+    pub fn build(image: &Path, release: &Path, payload: &Payload) -> Result<Self> {
+        let dir = TempDir::new("vmm-rig")?;
+        let initramfs = dir.0.join("l1-initramfs.cpio");
+        let f = File::create(&initramfs).map_err(RigError::Initramfs)?;
+        let mut out = BufWriter::new(f);
+        let read = |p: &Path| fs::read(p).map_err(|e| RigError::Read(p.to_path_buf(), e));
+        let base = read(&image.join("initramfs.cpio.gz"))?;
+        // The kernel looks for the next archive at a 4-byte boundary and
+        // skips zeros up to it.
+        let pad = [0u8; 3][..(4 - base.len() % 4) % 4].to_vec();
+        out.write_all(&base)
+            .and_then(|()| out.write_all(&pad))
+            .map_err(RigError::Initramfs)?;
+        let mut w = cpio::Writer::new(out);
+        let wr = |r: io::Result<()>| r.map_err(RigError::Initramfs);
+
+        let mut bins: Vec<PathBuf> = ["vmm", "blk-backend", "net-backend"]
+            .iter()
+            .map(|b| release.join(b))
+            .collect();
+        bins.extend(payload.bins.iter().cloned());
+        let mut libs = BTreeMap::new();
+        for b in &bins {
+            let name = b.file_name().unwrap_or_default().to_string_lossy();
+            wr(w.file(&format!("rig/bin/{name}"), 0o755, &read(b)?))?;
+            for l in libraries(b)? {
+                let name = l
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                libs.insert(name, l);
+            }
+        }
+        // The host's libraries replace the guest image's (the binaries were
+        // linked against them).
+        for (name, l) in &libs {
+            wr(w.file(&format!("lib/x86_64-linux-gnu/{name}"), 0o755, &read(l)?))?;
+        }
+        for f in &payload.files {
+            let rel = f.to_string_lossy().trim_start_matches('/').to_string();
+            wr(w.file(&rel, 0o644, &read(f)?))?;
+        }
+        let kvm = image.join("kvm-modules");
+        for e in fs::read_dir(&kvm).map_err(|e| RigError::Read(kvm.clone(), e))? {
+            let p = e.map_err(|e| RigError::Read(kvm.clone(), e))?.path();
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            wr(w.file(&format!("rig/kvm/{name}"), 0o644, &read(&p)?))?;
+        }
+        for f in ["vmlinuz", "vmlinux", "initramfs.cpio.gz"] {
+            if image.join(f).exists() {
+                wr(w.file(&format!("rig/l2/{f}"), 0o644, &read(&image.join(f))?))?;
+            }
+        }
+        for (name, script) in &payload.l2_scripts {
+            // Appended to the same base archive in L1, so padded the same way.
+            let mut l2 = cpio::Writer::new(pad.clone());
+            wr(l2.file(&format!("l2/{name}.sh"), 0o755, script.as_bytes()))?;
+            let archive = l2.finish().map_err(RigError::Initramfs)?;
+            wr(w.file(&format!("rig/l2/{name}.cpio"), 0o644, &archive))?;
+        }
+        let script = format!("{PRELUDE}\n{}\n", payload.script);
+        wr(w.file("rig/run.sh", 0o755, script.as_bytes()))?;
+        w.finish()
+            .and_then(|mut o| o.flush())
+            .map_err(RigError::Initramfs)?;
+        Ok(Self {
+            kernel: image.join("vmlinuz"),
+            initramfs,
+            _dir: dir,
+        })
+    }
+
+    /// The QEMU command that boots L1; `disks` become L1's `/dev/vda`,
+    /// `/dev/vdb`, ... in order.
+    pub fn command(&self, disks: &[PathBuf]) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "3G",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(&self.initramfs)
+        .args([
+            "-append",
+            "console=ttyS0 loglevel=4 panic=-1 reboot=k run=/rig/run.sh",
+        ]);
+        for (i, d) in disks.iter().enumerate() {
+            c.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=d{i},format=raw,cache=unsafe",
+                    d.display()
+                ))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=d{i}"));
+        }
+        c
+    }
+
+    /// Boots L1, runs the script and returns its console once QEMU exits.
+    /// `progress` sees every console line as it arrives.
+    pub fn run(
+        &self,
+        disks: &[PathBuf],
+        limit: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Console> {
+        let mut cmd = self.command(disks);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RigError::Spawn("qemu-system-x86_64".into(), e))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let s = String::from_utf8_lossy(&line);
+                if tx.send(s.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + limit;
+        let mut lines = Vec::new();
+        let guard = KillOnDrop(child);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    progress(&l);
+                    lines.push(l);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(RigError::Timeout(limit)),
+            }
+        }
+        let mut guard = guard;
+        let status = guard.0.wait().ok();
+        Ok(Console {
+            lines,
+            qemu_ok: status.is_some_and(|s| s.success()),
+        })
+    }
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What L1 printed.
+pub struct Console {
+    pub lines: Vec<String>,
+    /// QEMU exited with status 0 (L1 ended by rebooting).
+    pub qemu_ok: bool,
+}
+
+impl Console {
+    /// The whole console as text.
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+
+    /// Whether the L1 script ran to its end.
+    pub fn finished(&self) -> bool {
+        self.lines.iter().any(|l| l.contains("GUEST-RUN-END rc="))
+    }
+
+    /// The lines between `RIG-L2-BEGIN name` and its end marker.
+    pub fn l2(&self, name: &str) -> Vec<&str> {
+        let begin = format!("RIG-L2-BEGIN {name}");
+        let end = format!("RIG-L2-END {name} ");
+        self.lines
+            .iter()
+            .skip_while(|l| !l.ends_with(&begin))
+            .skip(1)
+            .take_while(|l| !l.contains(&end))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The exit status of `vmm` for the L2 boot `name`.
+    pub fn l2_status(&self, name: &str) -> Option<i32> {
+        let end = format!("RIG-L2-END {name} rc=");
+        self.lines
+            .iter()
+            .find_map(|l| l.find(&end).map(|i| &l[i + end.len()..]))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The value of the first `key=value` token on a line of `lines`.
+    pub fn value<'a>(lines: &[&'a str], key: &str) -> Option<&'a str> {
+        let pat = format!("{key}=");
+        lines.iter().find_map(|l| {
+            l.split_whitespace()
+                .find_map(|t| t.strip_prefix(pat.as_str()))
+        })
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let base = std::env::temp_dir();
+        for n in 0..1000u32 {
+            let p = base.join(format!("{tag}-{}-{n}", std::process::id()));
+            match fs::create_dir(&p) {
+                Ok(()) => return Ok(Self(p)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(RigError::Read(p, e)),
+            }
+        }
+        Err(RigError::Read(
+            base,
+            io::Error::from(io::ErrorKind::AlreadyExists),
+        ))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
