@@ -393,11 +393,11 @@ fn create_vcpu(
     hidden: &[&'static cpuid::Feature],
     kernel: &LoadedKernel,
 ) -> Result<VcpuFd> {
-    let _ = kvm;
     let fd = vm
         .create_vcpu(id.into())
         .map_err(|e| MachineError::Kvm("create vCPU", e))?;
-    let entries = cpuid::vcpu_cpuid(supported, Topology { apic_id: id, cpus }, hidden);
+    let timing = cpuid::timing(kvm, &fd, id);
+    let entries = cpuid::vcpu_cpuid(supported, Topology { apic_id: id, cpus }, timing, hidden);
     let cpuid = kvm_bindings::CpuId::from_entries(&entries).map_err(|_| {
         MachineError::Io("build CPUID", io::Error::from(io::ErrorKind::InvalidData))
     })?;
