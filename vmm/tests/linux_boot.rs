@@ -52,7 +52,8 @@ fn check_early_boot(r: &Run, memory: u64, cpus: u32, cmdline: &str) {
     );
     assert!(
         r.lines()
-            .contains(&format!("Command line: {cmdline}").as_str()),
+            .iter()
+            .any(|l| l.ends_with(&format!("] Command line: {cmdline}"))),
         "command line not echoed exactly:\n{out}"
     );
     let seen: Vec<&str> = out

@@ -8,6 +8,7 @@
 //! what Linux itself printed, and the disk tests also on the host files that
 //! L1 exposed to the L2 guest through its backends.
 
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -70,14 +71,12 @@ ping -c 3 -W 5 10.77.0.1 >/dev/null
 echo "L2-PING-RC=$?"
 dd if=/dev/urandom of=/tmp/n.bin bs=64k count=64 2>/dev/null
 echo "L2-TCP-SENT-SHA=$(sha256sum </tmp/n.bin | cut -d' ' -f1)"
+# busybox nc ends when the peer closes, and closes its side at the end of
+# its input: the receiving side reads a fifo that never ends instead.
+mkfifo /tmp/hold
 nc 10.77.0.1 5001 </tmp/n.bin
 echo "L2-TCP-SEND-RC=$?"
-# Closed sockets linger until the peer has acknowledged every byte.
-n=0
-while netstat -tn | grep ':5001 ' | grep -qvE 'FIN_WAIT2|TIME_WAIT' && [ $n -lt 100 ]; do
-    sleep 0.2; n=$((n + 1))
-done
-nc 10.77.0.1 5002 </dev/null >/tmp/r.bin
+nc 10.77.0.1 5002 <>/tmp/hold >/tmp/r.bin
 echo "L2-TCP-RECV-RC=$? L2-TCP-RECEIVED-SHA=$(sha256sum </tmp/r.bin | cut -d' ' -f1)"
 echo L2-WANTS-INPUT
 read -t 120 line
@@ -119,7 +118,8 @@ for s in /tmp/blk.sock /tmp/net.sock /tmp/qsd.sock; do
     n=0; until [ -S $s ] || [ $n -gt 300 ]; do sleep 0.1; n=$((n + 1)); done
 done
 ip addr add 10.77.0.1/24 dev vmtap0 && ip link set vmtap0 up
-nc -l -p 5001 >/tmp/tcp.bin &
+mkfifo /tmp/hold
+nc -l -p 5001 <>/tmp/hold >/tmp/tcp.bin &
 dd if=/dev/urandom of=/tmp/l1.bin bs=64k count=64 2>/dev/null
 nc -l -p 5002 </tmp/l1.bin >/dev/null &
 mkfifo /tmp/in
@@ -177,22 +177,25 @@ fn run_rig() -> Result<Outcome, String> {
         script: L1_SCRIPT.to_string(),
     };
     let rig = Rig::build(&image, &release, &payload).map_err(|e| e.to_string())?;
-    eprintln!("linux_rig: booting L1 (QEMU TCG); L2 boots take tens of seconds each");
+    // The console as it arrives, for a person watching a slow run.
+    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("linux-rig-console.log");
+    let mut log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    eprintln!(
+        "linux_rig: booting L1 (QEMU TCG); L2 boots take tens of seconds each; console in {}",
+        log.display()
+    );
     let console = rig
         .run(
             &[main_disk.clone(), qsd_disk.clone()],
             Duration::from_secs(1500),
             |l| {
+                let _ = writeln!(log_file, "{l}");
                 if l.contains("RIG-") {
                     eprintln!("linux_rig: {l}");
                 }
             },
         )
         .map_err(|e| e.to_string())?;
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("linux-rig-console.log");
-    if std::fs::write(&log, console.text()).is_ok() {
-        eprintln!("linux_rig: L1 console saved in {}", log.display());
-    }
     Ok(Outcome {
         console,
         main_disk,
