@@ -193,6 +193,9 @@ fn run_rig() -> Result<Outcome, String> {
                 if l.contains("RIG-") {
                     eprintln!("linux_rig: {l}");
                 }
+                if l.contains("RIG-L2-RETRY") {
+                    println!("linux_rig: {l}");
+                }
             },
         )
         .map_err(|e| e.to_string())?;

@@ -35,11 +35,11 @@ CMDLINE="console=ttyS0 reboot=k panic=1 quiet rdinit=/l2/init.sh"
 cat $L2_INITRD $RIG/l2/init.cpio >/tmp/initrd
 for i in $(seq {runs}); do
     echo "BENCH-START vmm $i"
-    timeout -s KILL 600 vmm --kernel $L2_KERNEL --initramfs /tmp/initrd --memory {memory}M --cpus 1 \
+    timeout -s KILL 120 vmm --kernel $L2_KERNEL --initramfs /tmp/initrd --memory {memory}M --cpus 1 \
         --cmdline "$CMDLINE" </dev/null
     echo "BENCH-END vmm $i rc=$?"
     echo "BENCH-START qemu $i"
-    timeout -s KILL 600 qemu-system-x86_64 -L /usr/share/qemu -M microvm -accel kvm -cpu host -m {memory}M -smp 1 \
+    timeout -s KILL 120 qemu-system-x86_64 -L /usr/share/qemu -M microvm -accel kvm -cpu host -m {memory}M -smp 1 \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
         -kernel $L2_KERNEL -initrd /tmp/initrd -append "$CMDLINE" </dev/null
     echo "BENCH-END qemu $i rc=$?"
