@@ -122,13 +122,7 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("linux-boot: {msg}");
+            eprintln!("linux-boot: {}", rig::error_chain(&e));
             ExitCode::FAILURE
         }
     }

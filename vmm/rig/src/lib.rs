@@ -53,6 +53,17 @@ pub enum RigError {
 
 type Result<T> = std::result::Result<T, RigError>;
 
+/// `error: source: source ...` on one line, for the binaries' last words.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
+}
+
 /// The workspace root, from this crate's manifest directory.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -68,13 +68,7 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(rc) => ExitCode::from(rc.clamp(0, 255) as u8),
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("rig: {msg}");
+            eprintln!("rig: {}", rig::error_chain(&e));
             ExitCode::FAILURE
         }
     }
