@@ -91,7 +91,7 @@ fn run(a: Args) -> Result<(), RigError> {
             eprintln!("linux-boot: {l}");
         }
     })?;
-    if !console.finished() {
+    if console.timed_out || !console.finished() {
         eprintln!("{}", console.text());
         return Err(RigError::Failed("L1".into(), "did not finish".into()));
     }

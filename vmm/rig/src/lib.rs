@@ -47,8 +47,6 @@ pub enum RigError {
     Read(PathBuf, #[source] io::Error),
     #[error("No {0} in PATH")]
     NotFound(String),
-    #[error("L1 did not finish within {0:?}")]
-    Timeout(Duration),
 }
 
 type Result<T> = std::result::Result<T, RigError>;
@@ -321,7 +319,8 @@ impl Rig {
         c
     }
 
-    /// Boots L1, runs the script and returns its console once QEMU exits.
+    /// Boots L1, runs the script and returns its console once QEMU exits
+    /// (or, marked `timed_out`, once `limit` has passed and QEMU is killed).
     /// `progress` sees every console line as it arrives.
     pub fn run(
         &self,
@@ -358,7 +357,13 @@ impl Rig {
                     lines.push(l);
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => return Err(RigError::Timeout(limit)),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Ok(Console {
+                        lines,
+                        qemu_ok: false,
+                        timed_out: true,
+                    })
+                }
             }
         }
         let mut guard = guard;
@@ -366,6 +371,7 @@ impl Rig {
         Ok(Console {
             lines,
             qemu_ok: status.is_some_and(|s| s.success()),
+            timed_out: false,
         })
     }
 }
@@ -384,6 +390,8 @@ pub struct Console {
     pub lines: Vec<String>,
     /// QEMU exited with status 0 (L1 ended by rebooting).
     pub qemu_ok: bool,
+    /// L1 was killed at the time limit; `lines` is what it printed until then.
+    pub timed_out: bool,
 }
 
 impl Console {

@@ -53,6 +53,10 @@ fn run(a: Args) -> Result<i32, RigError> {
     let console = rig.run(&a.disks, Duration::from_secs(a.timeout), |l| {
         println!("{l}")
     })?;
+    if console.timed_out {
+        eprintln!("rig: L1 did not finish within {} s: killed", a.timeout);
+        return Ok(124);
+    }
     let rc = console
         .lines
         .iter()
