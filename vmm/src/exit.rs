@@ -15,6 +15,8 @@ pub enum ExitReason {
     GuestShutdown,
     /// SIGINT or SIGTERM.
     Signal(i32),
+    /// `vm.shutdown` or `vmm.shutdown` on the control API.
+    ApiShutdown,
     /// A vCPU triple-faulted.
     TripleFault { cpu: u8 },
     /// KVM could not go on (emulation failure, entry failure...).
@@ -26,7 +28,7 @@ impl ExitReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            Self::GuestReset | Self::GuestShutdown | Self::Signal(_)
+            Self::GuestReset | Self::GuestShutdown | Self::Signal(_) | Self::ApiShutdown
         )
     }
 }
@@ -37,6 +39,7 @@ impl std::fmt::Display for ExitReason {
             Self::GuestReset => write!(f, "guest reset"),
             Self::GuestShutdown => write!(f, "guest shut down"),
             Self::Signal(s) => write!(f, "stopped by signal {s}"),
+            Self::ApiShutdown => write!(f, "shut down through the API"),
             Self::TripleFault { cpu } => write!(f, "guest triple fault on vCPU {cpu}"),
             Self::KvmFailure { cpu, detail } => write!(f, "vCPU {cpu}: {detail}"),
         }

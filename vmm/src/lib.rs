@@ -2,6 +2,7 @@
 //! memory virtualization and the few devices a guest needs to boot; disk
 //! and network are served by vhost-user backend processes.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod console;

@@ -3,7 +3,9 @@
 //! presses the guest's ACPI power button instead.
 //!
 //! The event loop (this thread) owns stdin and the exit sources; vCPU
-//! threads only touch the buses. Tokens name every event source.
+//! threads only touch the buses. Tokens name every event source. With a
+//! control API attached ([`Machine::with_api`]), API requests arrive as
+//! messages woken by `Token::Api` and are handled here (see [`crate::api`]).
 
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
@@ -17,6 +19,10 @@ use vm_superio::I8042Device;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{
+    ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, VmInfo, VmInfoConfig,
+    VmState, VmmPingResponse,
+};
 use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
 use crate::arch::x86_64::cpuid::{self, feature_by_name, Topology};
@@ -84,13 +90,20 @@ enum Token {
     Signal,
     Stdin,
     SerialDrained,
+    Api,
 }
 
 impl Token {
     fn from_u64(v: u64) -> Option<Self> {
-        [Self::Exit, Self::Signal, Self::Stdin, Self::SerialDrained]
-            .into_iter()
-            .find(|t| *t as u64 == v)
+        [
+            Self::Exit,
+            Self::Signal,
+            Self::Stdin,
+            Self::SerialDrained,
+            Self::Api,
+        ]
+        .into_iter()
+        .find(|t| *t as u64 == v)
     }
 }
 
@@ -119,6 +132,9 @@ pub struct Machine {
     metrics: Arc<VcpuMetrics>,
     stdin_input: bool,
     signals: SignalFd,
+    api: Option<ApiReceiver>,
+    info: VmInfoConfig,
+    paused: bool,
     pub kernel: LoadedKernel,
 }
 
@@ -187,8 +203,17 @@ impl Machine {
             metrics,
             stdin_input: cfg.serial == SerialConfig::Stdio,
             signals,
+            api: None,
+            info: cfg.into(),
+            paused: false,
             kernel,
         })
+    }
+
+    /// Serves control API requests from `api` in the event loop.
+    pub fn with_api(mut self, api: ApiReceiver) -> Self {
+        self.api = Some(api);
+        self
     }
 
     /// Guest RAM size in bytes.
@@ -202,7 +227,7 @@ impl Machine {
         for v in &self.vcpus {
             v.set_state(VcpuState::Running);
         }
-        let reason = self.event_loop(&self.signals);
+        let reason = self.event_loop();
         let mut result: Result<()> = Ok(());
         for v in self.vcpus.drain(..) {
             if let Err(e) = v.join() {
@@ -223,7 +248,7 @@ impl Machine {
         })
     }
 
-    fn event_loop(&self, signals: &SignalFd) -> Result<ExitReason> {
+    fn event_loop(&mut self) -> Result<ExitReason> {
         let epoll = Epoll::new().map_err(|e| MachineError::Io("create epoll", e))?;
         let add = |fd: RawFd, t: Token| {
             epoll.ctl(
@@ -234,10 +259,13 @@ impl Machine {
         };
         add(self.exit.evt.as_raw_fd(), Token::Exit)
             .map_err(|e| MachineError::Io("poll exit", e))?;
-        add(signals.fd.as_raw_fd(), Token::Signal)
+        add(self.signals.fd.as_raw_fd(), Token::Signal)
             .map_err(|e| MachineError::Io("poll signals", e))?;
         add(self.serial_drained.as_raw_fd(), Token::SerialDrained)
             .map_err(|e| MachineError::Io("poll serial", e))?;
+        if let Some(api) = &self.api {
+            add(api.wake.as_raw_fd(), Token::Api).map_err(|e| MachineError::Io("poll API", e))?;
+        }
         // stdin may be /dev/null or a file, which epoll refuses: no input then.
         let mut stdin_on = self.stdin_input && add(0, Token::Stdin).is_ok();
         let mut pending: Vec<u8> = Vec::new();
@@ -256,7 +284,7 @@ impl Machine {
                             return Ok(r);
                         }
                     }
-                    Some(Token::Signal) => match signals.read() {
+                    Some(Token::Signal) => match self.signals.read() {
                         libc::SIGPWR => lock(&self.ged).press_power_button(),
                         s => return Ok(ExitReason::Signal(s)),
                     },
@@ -273,6 +301,17 @@ impl Machine {
                     }
                     Some(Token::SerialDrained) => {
                         let _ = self.serial_drained.read();
+                    }
+                    Some(Token::Api) => {
+                        let messages = self.api.as_ref().map(|a| a.drain()).unwrap_or_default();
+                        for ApiMessage { request, reply } in messages {
+                            let (response, stop) = self.api_request(request);
+                            // The client may have gone; the action stands.
+                            let _ = reply.send(response);
+                            if stop {
+                                return Ok(ExitReason::ApiShutdown);
+                            }
+                        }
                     }
                     None => {}
                 }
@@ -294,6 +333,67 @@ impl Machine {
                     0,
                     EpollEvent::new(op, Token::Stdin as u64),
                 );
+            }
+        }
+    }
+}
+
+impl Machine {
+    /// Handles one API request; `true` when the VM must stop now.
+    fn api_request(&mut self, request: ApiRequest) -> (ApiResponse, bool) {
+        let json = |v: std::result::Result<String, serde_json::Error>| {
+            v.map(ApiReply::Json)
+                .map_err(|e| ApiFailure::new(500, format!("Cannot encode the answer: {e}")))
+        };
+        match request {
+            ApiRequest::VmmPing => (
+                json(serde_json::to_string(&VmmPingResponse::current())),
+                false,
+            ),
+            ApiRequest::VmInfo => {
+                let info = VmInfo {
+                    config: self.info.clone(),
+                    state: if self.paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    },
+                    memory_actual_size: self.memory.size,
+                };
+                (json(serde_json::to_string(&info)), false)
+            }
+            ApiRequest::VmPause if self.paused => {
+                (Err(ApiFailure::new(405, "The VM is already paused")), false)
+            }
+            ApiRequest::VmPause => {
+                for v in &self.vcpus {
+                    v.set_state(VcpuState::Paused);
+                }
+                for v in &self.vcpus {
+                    v.wait_parked();
+                }
+                self.paused = true;
+                tracing::info!("VM paused");
+                (Ok(ApiReply::Empty), false)
+            }
+            ApiRequest::VmResume if !self.paused => {
+                (Err(ApiFailure::new(405, "The VM is not paused")), false)
+            }
+            ApiRequest::VmResume => {
+                for v in &self.vcpus {
+                    v.set_state(VcpuState::Running);
+                }
+                self.paused = false;
+                tracing::info!("VM resumed");
+                (Ok(ApiReply::Empty), false)
+            }
+            ApiRequest::VmPowerButton => {
+                lock(&self.ged).press_power_button();
+                (Ok(ApiReply::Empty), false)
+            }
+            ApiRequest::VmShutdown | ApiRequest::VmmShutdown => {
+                tracing::info!(?request, "shutdown requested through the API");
+                (Ok(ApiReply::Empty), true)
             }
         }
     }

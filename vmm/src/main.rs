@@ -1,9 +1,10 @@
 //! `vmm`: boots a kernel in a KVM VM. See `vmm --help`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::api::http::ApiSocket;
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
 use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
 use vmm::vhost_user::DeviceConfig;
@@ -53,6 +54,10 @@ struct Cli {
     /// type=NAME|ID,socket=PATH[,queues=N][,queue-size=N]
     #[arg(long = "vhost-user", value_parser = parse_vhost_user)]
     vhost_user: Vec<DeviceConfig>,
+    /// Serve the control API (Cloud Hypervisor's REST subset) on this unix
+    /// socket, created mode 0600 and removed on exit.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 /// Feature names to hide (a newtype: clap treats a bare `Vec` as many values).
@@ -90,7 +95,7 @@ fn main() -> ExitCode {
             .chain(cli.vhost_user)
             .collect(),
     };
-    match vmm::Machine::new(&cfg).and_then(|m| m.run()) {
+    match boot(&cfg, cli.api_socket.as_deref()) {
         Ok(out) if out.reason.is_clean() => {
             tracing::info!(
                 reason = %out.reason,
@@ -106,10 +111,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("vmm: {}", error_chain(&e));
+            eprintln!("vmm: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds and runs the VM, serving the API on `api_socket` if given. The
+/// socket is bound first (a live one fails before anything boots) and
+/// served once the VMM has blocked its signals, so the server thread
+/// inherits the mask.
+fn boot(
+    cfg: &VmConfig,
+    api_socket: Option<&Path>,
+) -> Result<vmm::Outcome, Box<dyn std::error::Error>> {
+    let Some(path) = api_socket else {
+        return Ok(vmm::Machine::new(cfg)?.run()?);
+    };
+    let socket = ApiSocket::bind(path)?;
+    let (tx, rx) = vmm::api::channel()?;
+    let machine = vmm::Machine::new(cfg)?.with_api(rx);
+    let server = socket.serve(tx)?;
+    let outcome = machine.run();
+    drop(server);
+    Ok(outcome?)
 }
 
 /// "outer: inner: innermost" on one line.

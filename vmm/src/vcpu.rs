@@ -62,6 +62,10 @@ pub struct VcpuMetrics {
 struct Control {
     state: Mutex<VcpuState>,
     changed: Condvar,
+    /// Whether the thread is outside `KVM_RUN` and will not re-enter it
+    /// (waiting while Created or Paused, or ended). Set by the thread.
+    parked: Mutex<bool>,
+    parked_changed: Condvar,
     /// `kvm_run.immediate_exit` of this vCPU: the mapping lives as long as
     /// the `VcpuFd`, which the thread hands back only when it ends.
     immediate_exit: *mut u8,
@@ -75,6 +79,16 @@ unsafe impl Send for Control {}
 unsafe impl Sync for Control {}
 
 impl Control {
+    /// Called on every pass of the run loop: an uncontended lock, and a
+    /// wake-up only on change.
+    fn set_parked(&self, v: bool) {
+        let mut p = lock(&self.parked);
+        if *p != v {
+            *p = v;
+            self.parked_changed.notify_all();
+        }
+    }
+
     fn set_immediate_exit(&self, _guard: &VcpuState, v: u8) {
         // SAFETY: see the field's invariant; the caller holds the state lock.
         unsafe { self.immediate_exit.write_volatile(v) };
@@ -118,6 +132,8 @@ impl VcpuHandle {
         let ctl = Arc::new(Control {
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
+            parked: Mutex::new(false),
+            parked_changed: Condvar::new(),
             immediate_exit: &mut fd.get_kvm_run().immediate_exit,
         });
         let c = ctl.clone();
@@ -125,6 +141,7 @@ impl VcpuHandle {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 run_loop(id, &mut fd, &c, &ctx);
+                c.set_parked(true);
                 fd
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
@@ -161,6 +178,19 @@ impl VcpuHandle {
         true
     }
 
+    /// Waits until the thread is out of `KVM_RUN` and parked (after a
+    /// move to Paused) or has ended.
+    pub fn wait_parked(&self) {
+        let mut p = lock(&self.ctl.parked);
+        while !*p {
+            p = self
+                .ctl
+                .parked_changed
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Stops the vCPU and waits for its thread.
     pub fn join(mut self) -> Result<(), VcpuError> {
         self.set_state(VcpuState::Stopped);
@@ -178,10 +208,14 @@ fn wait_runnable(ctl: &Control) -> bool {
         match *s {
             VcpuState::Running => {
                 ctl.set_immediate_exit(&s, 0);
+                ctl.set_parked(false);
                 return true;
             }
             VcpuState::Stopped => return false,
             VcpuState::Created | VcpuState::Paused => {
+                // Out of KVM_RUN, and it stays out until Running: the
+                // state lock is held from this check to the wait.
+                ctl.set_parked(true);
                 s = ctl.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
         }

@@ -1,0 +1,222 @@
+//! The control API: a subset of Cloud Hypervisor's REST API (same paths,
+//! JSON and status codes; `openapi.yaml` beside this file lists what is
+//! served) on a unix socket, and the client half used by `vmctl`.
+//!
+//! # Protocol between the HTTP thread and the VMM event loop
+//!
+//! The HTTP server ([`http`]) runs a tokio runtime on its own thread. It
+//! never touches the VM: for each request it builds an [`ApiRequest`],
+//! pairs it with a fresh one-shot reply channel in an [`ApiMessage`],
+//! sends that over an `mpsc` channel ([`ApiSender`]) and then writes 1 to
+//! an eventfd. The VMM event loop polls that eventfd (`Token::Api`); when
+//! it fires, the loop reads the eventfd and drains every queued message
+//! ([`ApiReceiver::drain`]), handles each in order on its own thread, and
+//! answers on the message's reply channel with an [`ApiResponse`]. A reply
+//! channel is used exactly once; if the loop is gone (the VM ended) the
+//! sender sees the channel closed and answers 503 itself.
+//!
+//! State changes are made by the event loop only, so requests are
+//! serialised: a pause is complete (every vCPU out of `KVM_RUN` and
+//! parked) before the next request is looked at.
+
+pub mod client;
+pub mod http;
+
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::oneshot;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of the message channel between the HTTP thread and the VMM.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("Cannot create the API wake-up eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("The VMM is no longer serving requests")]
+    VmmGone,
+}
+
+/// What a client asks of the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    VmmPing,
+    VmmShutdown,
+    VmInfo,
+    VmPause,
+    VmResume,
+    VmPowerButton,
+    VmShutdown,
+}
+
+/// A failed request: the HTTP status and a one-line message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiFailure {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiFailure {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// A successful answer: nothing (204) or a JSON body (200).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiReply {
+    Empty,
+    Json(String),
+}
+
+pub type ApiResponse = Result<ApiReply, ApiFailure>;
+
+/// One request and the one-shot channel its answer goes back on.
+pub struct ApiMessage {
+    pub request: ApiRequest,
+    pub reply: oneshot::Sender<ApiResponse>,
+}
+
+/// The HTTP side of the channel.
+pub struct ApiSender {
+    tx: mpsc::Sender<ApiMessage>,
+    wake: EventFd,
+}
+
+/// The VMM side of the channel; its eventfd goes into the event loop.
+pub struct ApiReceiver {
+    rx: mpsc::Receiver<ApiMessage>,
+    pub wake: EventFd,
+}
+
+/// A connected sender/receiver pair.
+pub fn channel() -> Result<(ApiSender, ApiReceiver), ApiError> {
+    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ApiError::EventFd)?;
+    let (tx, rx) = mpsc::channel();
+    Ok((
+        ApiSender {
+            tx,
+            wake: wake.try_clone().map_err(ApiError::EventFd)?,
+        },
+        ApiReceiver { rx, wake },
+    ))
+}
+
+impl ApiSender {
+    /// Queues `request`, wakes the VMM loop and waits for the answer.
+    pub async fn call(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(ApiMessage { request, reply })
+            .map_err(|_| ApiError::VmmGone)?;
+        self.wake.write(1).map_err(|_| ApiError::VmmGone)?;
+        answer.await.map_err(|_| ApiError::VmmGone)
+    }
+}
+
+impl ApiReceiver {
+    /// Clears the wake-up and returns every queued message.
+    pub fn drain(&self) -> Vec<ApiMessage> {
+        let _ = self.wake.read();
+        self.rx.try_iter().collect()
+    }
+}
+
+/// `GET /vmm.ping`: Cloud Hypervisor's `VmmPingResponse`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    pub build_version: String,
+    pub version: String,
+    pub pid: i64,
+    pub features: Vec<String>,
+}
+
+impl VmmPingResponse {
+    pub fn current() -> Self {
+        Self {
+            build_version: env!("CARGO_PKG_VERSION").to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id().into(),
+            features: Vec::new(),
+        }
+    }
+}
+
+/// `GET /vm.info`: the part of Cloud Hypervisor's `VmInfo` we have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub config: VmInfoConfig,
+    pub state: VmState,
+    pub memory_actual_size: u64,
+}
+
+/// The VM's life-cycle state as the API names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Running => "Running",
+            Self::Paused => "Paused",
+        })
+    }
+}
+
+/// `VmConfig` in Cloud Hypervisor's schema, only the fields we have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfoConfig {
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub payload: PayloadConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpusConfig {
+    pub boot_vcpus: u8,
+    pub max_vcpus: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    pub size: u64,
+    #[serde(default)]
+    pub hugepages: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+impl From<&crate::VmConfig> for VmInfoConfig {
+    fn from(c: &crate::VmConfig) -> Self {
+        Self {
+            cpus: CpusConfig {
+                boot_vcpus: c.cpus,
+                max_vcpus: c.cpus,
+            },
+            memory: MemoryConfig {
+                size: c.memory,
+                hugepages: c.hugepages,
+            },
+            payload: PayloadConfig {
+                kernel: Some(c.kernel.display().to_string()),
+                initramfs: c.initramfs.as_ref().map(|p| p.display().to_string()),
+                cmdline: Some(c.cmdline.clone()),
+            },
+        }
+    }
+}
