@@ -10,10 +10,13 @@
 //! - [`uring`]: the io_uring engine, one ring per worker thread.
 //! - [`inflight`]: the shared inflight-tracking region (GET/SET_INFLIGHT_FD).
 //! - [`metrics`]: per-queue atomic counters.
+//! - [`counters`]: a device's counters as data, as JSON and as Prometheus text.
+//! - [`metrics_server`]: the `--metrics-socket` HTTP endpoint serving them.
 //! - [`qemu`]: QEMU booting the test guest, for the backends' interop tests.
 //! - [`frontend`]: a synthetic vhost-user frontend (VMM + guest driver in one
 //!   host process) used by tests and benchmarks.
 
+pub mod counters;
 pub mod daemon;
 pub mod desc;
 pub mod device;
@@ -22,6 +25,7 @@ pub mod handler;
 pub mod inflight;
 pub mod memory;
 pub mod metrics;
+pub mod metrics_server;
 pub mod qemu;
 pub mod ratelimit;
 pub mod server;

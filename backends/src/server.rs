@@ -53,6 +53,12 @@ impl<D: Device> Server<D> {
         self
     }
 
+    /// The per-queue counters themselves, for a reader that outlives this
+    /// call (the metrics endpoint): the same atomics for every connection.
+    pub fn metrics_handle(&self) -> Arc<Vec<Arc<QueueMetrics>>> {
+        self.metrics.clone()
+    }
+
     /// Per-queue counters.
     pub fn metrics(&self) -> Vec<QueueMetricsSnapshot> {
         self.metrics.iter().map(|m| m.snapshot()).collect()

@@ -75,6 +75,8 @@ pub struct BlkConfig {
     pub serial: String,
     /// Busy-poll window of queue workers in microseconds (0: never poll).
     pub poll_us: u64,
+    /// Unix socket of the HTTP metrics endpoint (none: no endpoint).
+    pub metrics_socket: Option<PathBuf>,
 }
 
 impl BlkConfig {

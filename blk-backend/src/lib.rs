@@ -5,16 +5,19 @@
 //! - [`request`]: parsing descriptor chains into virtio-blk requests.
 //! - [`event_handler`]: executing one queue's requests on storage.
 //! - [`device`]: features, config space, queue processors.
+//! - [`metrics`]: the per-queue counters as the metrics endpoint serves them.
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
 
 pub mod config;
 pub mod device;
 pub mod event_handler;
+pub mod metrics;
 pub mod request;
 pub mod storage;
 
 use std::sync::Arc;
 
+use backends::metrics_server::{MetricsServer, MetricsServerError};
 use backends::server::{Server, ServerError};
 use thiserror::Error;
 
@@ -33,6 +36,9 @@ pub enum Error {
     /// Serving failed.
     #[error("Serving vhost-user failed")]
     Serve(#[from] ServerError),
+    /// The metrics endpoint could not start.
+    #[error("Cannot start the metrics endpoint")]
+    Metrics(#[from] MetricsServerError),
 }
 
 /// Opens the storage the configuration names.
@@ -60,6 +66,14 @@ pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
     tracing::info!(capacity = storage.capacity(), queues = cfg.queues, socket = %cfg.socket.display(), "blk-backend starting");
     let server = Server::new(Arc::new(BlkDevice::new(storage, opts)))
         .with_poll(std::time::Duration::from_micros(cfg.poll_us));
+    // Dropped (socket removed) when serving fails; SIGTERM/SIGINT remove it too.
+    let _metrics = match &cfg.metrics_socket {
+        Some(path) => Some(MetricsServer::start_for_daemon(
+            path,
+            Arc::new(metrics::BlkCounters::new(server.metrics_handle())),
+        )?),
+        None => None,
+    };
     if cfg.client {
         server.serve_client(&cfg.socket);
     }

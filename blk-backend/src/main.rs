@@ -39,6 +39,10 @@ struct Args {
     /// `file` (io_uring on --image) or `memory:SIZE` (e.g. memory:1G).
     #[arg(long, default_value = "file")]
     storage: StorageKind,
+    /// Serve per-queue counters over HTTP on this unix socket
+    /// (`GET /counters`: JSON, `GET /metrics`: Prometheus text).
+    #[arg(long)]
+    metrics_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         queue_size: a.queue_size,
         serial: a.serial,
         poll_us: a.poll_us,
+        metrics_socket: a.metrics_socket,
     };
     backends::daemon::exit_code(blk_backend::run(&cfg))
 }

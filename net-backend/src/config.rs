@@ -87,6 +87,8 @@ pub struct NetConfig {
     pub mrg_rxbuf: bool,
     /// Seconds between metrics log lines (0: only at disconnect).
     pub metrics_interval: u64,
+    /// Unix socket of the HTTP metrics endpoint (none: no endpoint).
+    pub metrics_socket: Option<PathBuf>,
 }
 
 impl NetConfig {
@@ -104,6 +106,7 @@ impl NetConfig {
             offloads: true,
             mrg_rxbuf: true,
             metrics_interval: 0,
+            metrics_socket: None,
         }
     }
 

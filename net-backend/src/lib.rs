@@ -22,6 +22,7 @@ pub mod vnet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backends::metrics_server::{MetricsServer, MetricsServerError};
 use backends::server::ServerError;
 use server::NetServer;
 use thiserror::Error;
@@ -41,6 +42,9 @@ pub enum Error {
     /// Serving failed.
     #[error("Serving vhost-user failed")]
     Serve(#[from] ServerError),
+    /// The metrics endpoint could not start.
+    #[error("Cannot start the metrics endpoint")]
+    Metrics(#[from] MetricsServerError),
 }
 
 /// Opens the tap and builds the device the configuration describes.
@@ -77,6 +81,14 @@ pub fn run(cfg: &NetConfig) -> Result<(), Error> {
         });
     }
     let server = NetServer::new(device.clone());
+    // Dropped (socket removed) when serving fails; SIGTERM/SIGINT remove it too.
+    let _metrics = match &cfg.metrics_socket {
+        Some(path) => Some(MetricsServer::start_for_daemon(
+            path,
+            Arc::new(metrics::NetCounters::new(device, server.metrics_handle())),
+        )?),
+        None => None,
+    };
     if cfg.client {
         server.serve_client(&cfg.socket);
     }

@@ -41,6 +41,10 @@ struct Args {
     /// Log per-queue metrics every N seconds (0: only at disconnect).
     #[arg(long, default_value_t = 0)]
     metrics_interval: u64,
+    /// Serve per-queue counters over HTTP on this unix socket
+    /// (`GET /counters`: JSON, `GET /metrics`: Prometheus text).
+    #[arg(long)]
+    metrics_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -56,5 +60,6 @@ fn main() -> ExitCode {
     cfg.offloads = !a.no_offloads;
     cfg.mrg_rxbuf = !a.no_mrg_rxbuf;
     cfg.metrics_interval = a.metrics_interval;
+    cfg.metrics_socket = a.metrics_socket;
     backends::daemon::exit_code(net_backend::run(&cfg))
 }

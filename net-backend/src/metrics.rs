@@ -1,7 +1,14 @@
 //! Per-queue net counters: frames and bytes, drops by reason. They live in
-//! the device, so they survive frontend reconnects.
+//! the device, so they survive frontend reconnects. [`NetCounters`] serves
+//! them, with the generic queue counters, to the metrics endpoint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use backends::counters::{CounterSource, Counters, Metric, MetricKind, QueueCounters, Sample};
+use backends::QueueMetrics;
+
+use crate::device::{NetDevice, QueueKind};
 
 /// Why a frame or chain was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,9 +117,143 @@ impl NetQueueMetrics {
     }
 }
 
+const fn counter(name: &'static str, help: &'static str) -> Metric {
+    Metric {
+        name,
+        help,
+        kind: MetricKind::Counter,
+        label: None,
+    }
+}
+
+static RX_FRAMES: Metric = counter("rx_frames", "Frames delivered into the guest's RX buffers.");
+static RX_BYTES: Metric = counter(
+    "rx_bytes",
+    "Bytes delivered to the guest, headers excluded.",
+);
+static TX_FRAMES: Metric = counter("tx_frames", "Frames the guest sent, written to the tap.");
+static TX_BYTES: Metric = counter("tx_bytes", "Bytes the guest sent, headers excluded.");
+static CTRL_COMMANDS: Metric = counter("ctrl_commands", "Control queue commands answered.");
+static DROPPED: Metric = Metric {
+    name: "dropped_frames",
+    help: "Frames or chains dropped, by reason.",
+    kind: MetricKind::Counter,
+    label: Some("reason"),
+};
+static CHAINS: Metric = counter("chains", "Descriptor chains taken from the available ring.");
+static NOTIFICATIONS: Metric = counter(
+    "notifications",
+    "Used-ring notifications sent to the frontend.",
+);
+static IN_FLIGHT: Metric = Metric {
+    name: "in_flight",
+    help: "Descriptor chains taken and not yet returned.",
+    kind: MetricKind::Gauge,
+    label: None,
+};
+
+/// The net device's counters and the server's generic per-queue ones (see
+/// [`backends::server::Server::metrics_handle`]), as `vmm_net_*` metrics.
+/// Every queue has every field; the RX, TX or control ones of the other
+/// kinds stay 0.
+pub struct NetCounters {
+    device: Arc<NetDevice>,
+    queues: Arc<Vec<Arc<QueueMetrics>>>,
+}
+
+impl NetCounters {
+    /// Counters of `device` and the server's `queues`.
+    pub fn new(device: Arc<NetDevice>, queues: Arc<Vec<Arc<QueueMetrics>>>) -> Self {
+        NetCounters { device, queues }
+    }
+}
+
+/// One queue's samples, `kind` telling which direction its frames count
+/// for; `generic` is the queue's chains, notifications and chains in flight.
+pub fn queue_samples(kind: QueueKind, net: &NetQueueSnapshot, generic: [u64; 3]) -> Vec<Sample> {
+    let (rx, tx, ctrl) = match kind {
+        QueueKind::Rx(_) => ((net.frames, net.bytes), (0, 0), 0),
+        QueueKind::Tx(_) => ((0, 0), (net.frames, net.bytes), 0),
+        QueueKind::Ctrl => ((0, 0), (0, 0), net.frames),
+    };
+    let [chains, notifications, in_flight] = generic;
+    vec![
+        Sample::new(&RX_FRAMES, rx.0),
+        Sample::new(&RX_BYTES, rx.1),
+        Sample::new(&TX_FRAMES, tx.0),
+        Sample::new(&TX_BYTES, tx.1),
+        Sample::new(&CTRL_COMMANDS, ctrl),
+        Sample::labelled(&DROPPED, "bad_chain", net.drop_bad_chain),
+        Sample::labelled(&DROPPED, "bad_header", net.drop_bad_header),
+        Sample::labelled(&DROPPED, "oversize", net.drop_oversize),
+        Sample::labelled(&DROPPED, "bad_address", net.drop_bad_address),
+        Sample::labelled(&DROPPED, "tap_error", net.drop_tap_error),
+        Sample::labelled(&DROPPED, "no_buffers", net.drop_no_buffers),
+        Sample::new(&CHAINS, chains),
+        Sample::new(&NOTIFICATIONS, notifications),
+        Sample::new(&IN_FLIGHT, in_flight),
+    ]
+}
+
+impl CounterSource for NetCounters {
+    fn counters(&self) -> Counters {
+        let queues = self
+            .device
+            .metrics()
+            .iter()
+            .enumerate()
+            .map(|(queue, net)| {
+                let generic = self.queues.get(queue).map_or([0; 3], |m| {
+                    let s = m.snapshot();
+                    [s.requests, s.notifications, s.in_flight]
+                });
+                let kind = self.device.kind(queue);
+                QueueCounters {
+                    queue,
+                    kind: Some(match kind {
+                        QueueKind::Rx(_) => "rx",
+                        QueueKind::Tx(_) => "tx",
+                        QueueKind::Ctrl => "ctrl",
+                    }),
+                    samples: queue_samples(kind, net, generic),
+                }
+            })
+            .collect();
+        Counters {
+            device: "net",
+            queues,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tx_queue_frames_count_as_tx_and_drops_carry_their_reason() {
+        let net = NetQueueMetrics::default();
+        net.frame(1000);
+        net.dropped(DropReason::BadChain);
+
+        let s = queue_samples(QueueKind::Tx(0), &net.snapshot(), [2, 1, 0]);
+
+        let get = |name: &str, label: &str| {
+            s.iter()
+                .find(|x| x.metric.name == name && x.label_value == label)
+                .map(|x| x.value)
+        };
+        assert_eq!(
+            (
+                get("tx_frames", ""),
+                get("tx_bytes", ""),
+                get("rx_frames", "")
+            ),
+            (Some(1), Some(1000), Some(0))
+        );
+        assert_eq!(get("dropped_frames", "bad_chain"), Some(1));
+        assert_eq!(get("chains", ""), Some(2));
+    }
 
     #[test]
     fn each_drop_reason_has_its_counter() {
