@@ -124,15 +124,22 @@ dd if=/dev/urandom of=/tmp/l1.bin bs=64k count=64 2>/dev/null
 nc -l -p 5002 </tmp/l1.bin >/dev/null &
 mkfifo /tmp/in
 exec 5<>/tmp/in
-( wait_for /tmp/l2-main.log L2-WANTS-INPUT && echo typed-by-the-host >&5 ) &
+# While L2 waits for input: pause it through the API (vmctl), read its
+# state, resume it, then type the line it waits for.
+( wait_for /tmp/l2-main.log L2-WANTS-INPUT &&
+  vmctl --api-socket /tmp/api.sock pause && echo "L1-PAUSED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" &&
+  sleep 3 && vmctl --api-socket /tmp/api.sock resume &&
+  echo "L1-RESUMED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" &&
+  echo typed-by-the-host >&5 ) &
 echo "L1-DATE-BEFORE=$(date +%s)"
-l2 main --kernel $L2_KERNEL --memory 512M --cpus 2 \
+l2 main --kernel $L2_KERNEL --memory 512M --cpus 2 --api-socket /tmp/api.sock \
     --disk socket=/tmp/blk.sock,queues=2 --net socket=/tmp/net.sock,mac=52:54:00:12:34:56 \
     --cmdline "$CMDLINE run=/l2/main.sh" </tmp/in
 echo "L1-DATE-AFTER=$(date +%s)"
 echo "L1-TCP-RECEIVED-SHA=$(sha256sum </tmp/tcp.bin | cut -d' ' -f1) L1-TCP-SENT-SHA=$(sha256sum </tmp/l1.bin | cut -d' ' -f1)"
-( wait_for /tmp/l2-qsd.log L2-WAITING-FOR-POWER-BUTTON && sleep 1 && kill -PWR $(pidof vmm) ) &
-l2 qsd --kernel $L2_KERNEL --memory 512M --cpus 4 --disk socket=/tmp/qsd.sock \
+( wait_for /tmp/l2-qsd.log L2-WAITING-FOR-POWER-BUTTON && sleep 1 &&
+  vmctl --api-socket /tmp/api-qsd.sock power-button && echo L1-POWER-BUTTON-PRESSED ) &
+l2 qsd --kernel $L2_KERNEL --memory 512M --cpus 4 --disk socket=/tmp/qsd.sock --api-socket /tmp/api-qsd.sock \
     --cmdline "$CMDLINE run=/l2/qsd.sh" </dev/null
 l2 pvh --kernel $L2_VMLINUX --boot pvh --memory 256M --cpus 1 \
     --cmdline "$CMDLINE run=/l2/pvh.sh" </dev/null
@@ -335,6 +342,17 @@ fn linux_date_and_rtc_match_the_host() {
     assert!(!lines
         .iter()
         .any(|l| l.contains("rtc_cmos") && l.contains("broken")));
+}
+
+#[test]
+fn api_pauses_and_resumes_linux_and_presses_its_power_button() {
+    let lines = l2("qsd");
+    let all: Vec<&str> = outcome().console.lines.iter().map(String::as_str).collect();
+
+    assert_eq!(value(&all, "L1-PAUSED-STATE"), "Paused");
+    assert_eq!(value(&all, "L1-RESUMED-STATE"), "Running");
+    assert!(all.iter().any(|l| l.contains("L1-POWER-BUTTON-PRESSED")));
+    assert!(lines.iter().any(|l| l.contains("GUEST-POWER-BUTTON")));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! `qemu-system-x86_64 -accel tcg -cpu max` gives its guest (L1) the `svm`
 //! and `npt` flags. L1 runs the Debian cloud kernel from `scripts/guest-image`,
 //! loads that kernel's own `kvm` modules and gets a working `/dev/kvm`; the
-//! workspace's release `vmm` and backends (with the shared libraries they
+//! workspace's release `vmm`, `vmctl` and backends (with the shared libraries they
 //! need) then boot the same kernel as L2. The L1 initramfs is the guest
 //! image's initramfs with one uncompressed cpio archive appended: the
 //! binaries, the libraries, the kvm modules, the L2 kernel and initramfs,
@@ -226,7 +226,7 @@ impl Rig {
         let mut w = cpio::Writer::new(out);
         let wr = |r: io::Result<()>| r.map_err(RigError::Initramfs);
 
-        let mut bins: Vec<PathBuf> = ["vmm", "blk-backend", "net-backend"]
+        let mut bins: Vec<PathBuf> = ["vmm", "vmctl", "blk-backend", "net-backend"]
             .iter()
             .map(|b| release.join(b))
             .collect();
