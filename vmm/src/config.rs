@@ -1,5 +1,5 @@
-//! The typed VM configuration shared by the command line and, later, the
-//! config file and the control API.
+//! The typed VM configuration shared by the command line and the control
+//! API (`vm.create`, see `api::config`).
 
 use std::path::PathBuf;
 

@@ -11,7 +11,7 @@ use crate::vhost_user::{DeviceConfig, Kind};
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Most queues one device may ask for.
 pub const MAX_QUEUES: u16 = 64;
-const DEFAULT_QUEUE_SIZE: u16 = 256;
+pub(crate) const DEFAULT_QUEUE_SIZE: u16 = 256;
 
 /// Errors in a device specification.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -69,7 +69,12 @@ fn pairs(s: &str) -> Result<Vec<(&str, &str)>, DeviceSpecError> {
         .collect()
 }
 
-fn number(key: &'static str, v: &str, max: u16, pow2: bool) -> Result<u16, DeviceSpecError> {
+pub(crate) fn number(
+    key: &'static str,
+    v: &str,
+    max: u16,
+    pow2: bool,
+) -> Result<u16, DeviceSpecError> {
     let invalid = |why| DeviceSpecError::Invalid {
         key,
         value: v.to_string(),
@@ -85,7 +90,7 @@ fn number(key: &'static str, v: &str, max: u16, pow2: bool) -> Result<u16, Devic
     Ok(n)
 }
 
-fn mac(v: &str) -> Result<[u8; 6], DeviceSpecError> {
+pub(crate) fn mac(v: &str) -> Result<[u8; 6], DeviceSpecError> {
     let invalid = || DeviceSpecError::Invalid {
         key: "mac",
         value: v.to_string(),

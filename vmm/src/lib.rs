@@ -20,3 +20,15 @@ pub mod vm;
 
 pub use config::VmConfig;
 pub use machine::{Machine, MachineError, Outcome};
+
+/// "outer: inner: innermost" on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

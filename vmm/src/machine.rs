@@ -82,6 +82,10 @@ pub enum MachineError {
 
 type Result<T> = std::result::Result<T, MachineError>;
 
+/// The signals the VMM takes through a signalfd: SIGINT/SIGTERM stop it,
+/// SIGPWR presses the power button.
+pub(crate) const VMM_SIGNALS: &[libc::c_int] = &[libc::SIGINT, libc::SIGTERM, libc::SIGPWR];
+
 /// Event sources of the VMM event loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
@@ -143,7 +147,7 @@ impl Machine {
     pub fn new(cfg: &VmConfig) -> Result<Self> {
         cfg.validate()?;
         // Before any thread exists, so that every vCPU thread inherits the mask.
-        let signals = SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGPWR])?;
+        let signals = SignalFd::new(VMM_SIGNALS)?;
         let kvm = vm::open_kvm()?;
         let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
         let memory = Memory::new(cfg.memory, cfg.hugepages)?;
@@ -304,7 +308,7 @@ impl Machine {
                     }
                     Some(Token::Api) => {
                         let messages = self.api.as_ref().map(|a| a.drain()).unwrap_or_default();
-                        for ApiMessage { request, reply } in messages {
+                        for ApiMessage { request, reply, .. } in messages {
                             let (response, stop) = self.api_request(request);
                             // The client may have gone; the action stands.
                             let _ = reply.send(response);
@@ -395,6 +399,15 @@ impl Machine {
                 tracing::info!(?request, "shutdown requested through the API");
                 (Ok(ApiReply::Empty), true)
             }
+            // The controller answers these; they never reach a running VM.
+            ApiRequest::VmCreate
+            | ApiRequest::VmBoot
+            | ApiRequest::VmDelete
+            | ApiRequest::VmAddDisk
+            | ApiRequest::VmAddNet => (
+                Err(ApiFailure::new(405, "Not a request for the running VM")),
+                false,
+            ),
         }
     }
 }
@@ -514,12 +527,12 @@ fn create_vcpu(
 
 /// SIGINT/SIGTERM/SIGPWR as a pollable fd. The signals are blocked in this thread
 /// before any vCPU thread starts, so every thread inherits the mask.
-struct SignalFd {
-    fd: OwnedFd,
+pub(crate) struct SignalFd {
+    pub(crate) fd: OwnedFd,
 }
 
 impl SignalFd {
-    fn new(signals: &[libc::c_int]) -> Result<Self> {
+    pub(crate) fn new(signals: &[libc::c_int]) -> Result<Self> {
         let mut set = MaybeUninit::<libc::sigset_t>::uninit();
         // SAFETY: `set` is a valid out-pointer; sigemptyset initialises it.
         unsafe { libc::sigemptyset(set.as_mut_ptr()) };
@@ -551,7 +564,7 @@ impl SignalFd {
     }
 
     /// The number of the pending signal (0 if none could be read).
-    fn read(&self) -> i32 {
+    pub(crate) fn read(&self) -> i32 {
         let mut info = MaybeUninit::<libc::signalfd_siginfo>::zeroed();
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: `info` is a writable buffer of `size` bytes.

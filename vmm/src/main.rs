@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::api::controller::Controller;
 use vmm::api::http::ApiSocket;
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
 use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
@@ -16,8 +17,10 @@ use vmm::vhost_user::DeviceConfig;
 )]
 struct Cli {
     /// Kernel image: bzImage, or ELF vmlinux (PVH entry used when present).
-    #[arg(long)]
-    kernel: PathBuf,
+    /// Without it (only with --api-socket) no VM is started: one is
+    /// created and booted through the API (vm.create, vm.boot).
+    #[arg(long, required_unless_present = "api_socket")]
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) loaded at the top of low RAM.
     #[arg(long)]
     initramfs: Option<PathBuf>,
@@ -78,8 +81,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let cfg = VmConfig {
-        kernel: cli.kernel,
+    let cfg = cli.kernel.map(|kernel| VmConfig {
+        kernel,
         initramfs: cli.initramfs,
         cmdline: cli.cmdline,
         cpus: u8::try_from(cli.cpus).unwrap_or(0),
@@ -94,9 +97,10 @@ fn main() -> ExitCode {
             .chain(cli.net)
             .chain(cli.vhost_user)
             .collect(),
-    };
-    match boot(&cfg, cli.api_socket.as_deref()) {
-        Ok(out) if out.reason.is_clean() => {
+    });
+    match boot(cfg, cli.api_socket.as_deref()) {
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(out)) if out.reason.is_clean() => {
             tracing::info!(
                 reason = %out.reason,
                 pio_exits = out.pio_exits,
@@ -106,12 +110,12 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Ok(out) => {
+        Ok(Some(out)) => {
             eprintln!("vmm: {}", out.reason);
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("vmm: {}", error_chain(e.as_ref()));
+            eprintln!("vmm: {}", vmm::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -119,32 +123,26 @@ fn main() -> ExitCode {
 
 /// Builds and runs the VM, serving the API on `api_socket` if given. The
 /// socket is bound first (a live one fails before anything boots) and
-/// served once the VMM has blocked its signals, so the server thread
-/// inherits the mask.
+/// served once the signals are blocked, so the server thread inherits the
+/// mask. With the API, the controller owns the VM: the one from the
+/// command line (the process ends with it) or none, waiting for vm.create.
 fn boot(
-    cfg: &VmConfig,
+    cfg: Option<VmConfig>,
     api_socket: Option<&Path>,
-) -> Result<vmm::Outcome, Box<dyn std::error::Error>> {
+) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
     let Some(path) = api_socket else {
-        return Ok(vmm::Machine::new(cfg)?.run()?);
+        let cfg = cfg.ok_or("--kernel is required without --api-socket")?;
+        return Ok(Some(vmm::Machine::new(&cfg)?.run()?));
     };
     let socket = ApiSocket::bind(path)?;
     let (tx, rx) = vmm::api::channel()?;
-    let machine = vmm::Machine::new(cfg)?.with_api(rx);
+    let exit_with_vm = cfg.is_some();
+    let mut controller = Controller::new(rx, exit_with_vm)?;
     let server = socket.serve(tx)?;
-    let outcome = machine.run();
+    if let Some(cfg) = cfg {
+        controller.boot_now(cfg)?;
+    }
+    let outcome = controller.run();
     drop(server);
     Ok(outcome?)
-}
-
-/// "outer: inner: innermost" on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

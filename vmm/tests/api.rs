@@ -336,3 +336,423 @@ fn a_stale_socket_is_replaced() {
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
     assert!(!socket.exists());
 }
+
+// --- Creating and booting VMs through the API (no --kernel) -------------
+
+/// A vmm started with only `--api-socket`: no VM until vm.create.
+struct Vmm {
+    child: Option<Child>,
+    socket: PathBuf,
+    /// Every console line, as the guest prints them.
+    console: Receiver<String>,
+    dir: Scratch,
+}
+
+impl Vmm {
+    fn start(tag: &str) -> Self {
+        let dir = Scratch::new(tag);
+        let socket = dir.path("api.sock");
+        let err = std::fs::File::create(dir.path("stderr")).unwrap();
+        let mut c = vmm();
+        c.arg("--api-socket").arg(&socket).stderr(err);
+        let mut child = c.spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, console) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines() {
+                let Ok(l) = l else { break };
+                let _ = tx.send(l.trim_end().to_string());
+            }
+        });
+        // The socket file appears at bind(), just before listen(): ping.
+        let deadline = std::time::Instant::now() + LIMIT;
+        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "vmm exited");
+            assert!(std::time::Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child: Some(child),
+            socket,
+            console,
+            dir,
+        }
+    }
+
+    /// `PUT endpoint` with `body`: (status, body).
+    fn put(&self, endpoint: &str, body: &str) -> (u16, String) {
+        let r = vmm::api::client::raw_with_body(&self.socket, "PUT", endpoint, body.as_bytes())
+            .unwrap();
+        (r.status, r.body)
+    }
+
+    fn get(&self, endpoint: &str) -> (u16, String) {
+        let r = vmm::api::client::raw(&self.socket, "GET", endpoint).unwrap();
+        (r.status, r.body)
+    }
+
+    /// The VM's state, or the status when vm.info is not 200.
+    fn state(&self) -> String {
+        match self.get("vm.info") {
+            (200, b) => serde_json::from_str::<serde_json::Value>(&b).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            (s, _) => s.to_string(),
+        }
+    }
+
+    /// Waits for the state to become `want`.
+    fn wait_state(&self, want: &str) {
+        let deadline = std::time::Instant::now() + LIMIT;
+        while self.state() != want {
+            assert!(std::time::Instant::now() < deadline, "never {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Console lines up to and including the first starting with `until`.
+    fn console_until(&self, until: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.console.recv_timeout(LIMIT) {
+                Ok(l) => {
+                    let done = l.starts_with(until);
+                    lines.push(l);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(_) => panic!("no {until:?} on the console: {lines:?}"),
+            }
+        }
+    }
+
+    fn vmctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A VmConfig for the test guest with `cmdline` and the console on stdout.
+fn guest_config(cmdline: &str, cpus: u8, memory: u64) -> serde_json::Value {
+    serde_json::json!({
+        "payload": {"kernel": test_guest(), "cmdline": cmdline},
+        "cpus": {"boot_vcpus": cpus, "max_vcpus": cpus},
+        "memory": {"size": memory, "shared": true},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    })
+}
+
+#[test]
+fn create_and_boot_run_what_the_config_says() {
+    let mut vmm = Vmm::start("api-create");
+    let cfg = guest_config("tg.hold", 2, 128 << 20).to_string();
+
+    let before = vmm.get("vm.info");
+    let create = vmm.put("vm.create", &cfg);
+    let created = vmm.get("vm.info");
+    let boot = vmm.put("vm.boot", "");
+    let console = vmm.console_until("TG: HOLD");
+    let info = vmm.get("vm.info");
+
+    assert_eq!(before.0, 404, "{before:?}");
+    assert_eq!(create, (204, String::new()));
+    assert_eq!(created.0, 200);
+    let created: serde_json::Value = serde_json::from_str(&created.1).unwrap();
+    assert_eq!(created["state"], "Created");
+    assert_eq!(created["config"]["cpus"]["boot_vcpus"], 2);
+    assert_eq!(boot.0, 204, "{boot:?}");
+    assert!(console.contains(&"TG: cpus=2".to_string()), "{console:?}");
+    assert!(
+        console.contains(&"TG: cmdline=tg.hold".to_string()),
+        "{console:?}"
+    );
+    let ram: u64 = console
+        .iter()
+        .find_map(|l| l.strip_prefix("TG: ram="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ram > (120 << 20) && ram <= (128 << 20), "{ram}");
+    let info: serde_json::Value = serde_json::from_str(&info.1).unwrap();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"]["memory"]["size"], 128u64 << 20);
+    assert!(vmm.running());
+}
+
+#[test]
+fn invalid_transitions_are_4xx_and_the_vm_keeps_running() {
+    let mut vmm = Vmm::start("api-transitions");
+    let cfg = guest_config("tg.hold", 1, 64 << 20).to_string();
+    let disk = r#"{"vhost_user": true, "vhost_socket": "/nonexistent.sock"}"#;
+
+    let boot_first = vmm.put("vm.boot", "");
+    let add_first = vmm.put("vm.add-disk", disk);
+    let pause_first = vmm.put("vm.pause", "");
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    let create_again = vmm.put("vm.create", &cfg);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: HOLD");
+    let boot_again = vmm.put("vm.boot", "");
+    let create_running = vmm.put("vm.create", &cfg);
+    let add_running = vmm.put("vm.add-disk", disk);
+    let net_running = vmm.put(
+        "vm.add-net",
+        r#"{"vhost_user": true, "vhost_socket": "/x"}"#,
+    );
+
+    assert_eq!(boot_first.0, 404, "{boot_first:?}");
+    assert_eq!(add_first.0, 404, "{add_first:?}");
+    assert_eq!(pause_first.0, 404, "{pause_first:?}");
+    assert_eq!(create_again.0, 405, "{create_again:?}");
+    assert!(
+        create_again.1.contains("already created"),
+        "{create_again:?}"
+    );
+    assert_eq!(boot_again.0, 405, "{boot_again:?}");
+    assert!(boot_again.1.contains("already running"), "{boot_again:?}");
+    assert_eq!(create_running.0, 405, "{create_running:?}");
+    assert_eq!(add_running.0, 405, "{add_running:?}");
+    assert!(
+        add_running.1.contains("Hot-plug is not supported"),
+        "{add_running:?}"
+    );
+    assert_eq!(net_running.0, 405, "{net_running:?}");
+    assert_eq!(vmm.state(), "Running");
+    assert!(vmm.running());
+    let pause = vmm.put("vm.pause", "");
+    assert_eq!(pause.0, 204, "{pause:?}");
+    assert_eq!(vmm.state(), "Paused");
+}
+
+#[test]
+fn unsupported_and_unknown_fields_are_400_naming_them() {
+    let vmm = Vmm::start("api-fields");
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = guest_config("tg.hold", 1, 64 << 20);
+        f(&mut c);
+        vmm.put("vm.create", &c.to_string())
+    };
+
+    let hotplug = with(&|c| c["cpus"]["max_vcpus"] = 4.into());
+    let private = with(&|c| c["memory"]["shared"] = false.into());
+    let iommu = with(&|c| c["iommu"] = true.into());
+    let image = with(&|c| c["disks"] = serde_json::json!([{"path": "/disk.img"}]));
+    let unknown = with(&|c| c["frobnicate"] = 1.into());
+    let unknown_inner = with(&|c| c["cpus"]["turbo"] = true.into());
+    let not_json = vmm.put("vm.create", "{ not json");
+    let defaults = with(&|c| {
+        c["memory"]["mergeable"] = false.into();
+        c["memory"]["hotplug_method"] = "Acpi".into();
+        c["rng"] = serde_json::json!({"src": "/dev/urandom", "iommu": false});
+        c["watchdog"] = false.into();
+        c["pci_segments"] = serde_json::Value::Null;
+    });
+
+    for (r, field) in [
+        (&hotplug, "cpus.max_vcpus"),
+        (&private, "memory.shared"),
+        (&iommu, "iommu"),
+        (&image, "disks[0].path"),
+        (&unknown, "frobnicate"),
+        (&unknown_inner, "turbo"),
+        (&not_json, "JSON"),
+    ] {
+        assert_eq!(r.0, 400, "{field}: {r:?}");
+        assert!(r.1.contains(field), "{field}: {r:?}");
+    }
+    assert_eq!(defaults.0, 204, "{defaults:?}");
+    assert_eq!(vmm.state(), "Created");
+}
+
+#[test]
+fn a_10_mib_body_is_refused_and_the_vmm_stays_small() {
+    let mut vmm = Vmm::start("api-big");
+    let rss = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", vmm.child.as_ref().unwrap().id()))
+                .unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    let big = vec![b' '; 10 << 20];
+
+    // Announced length: refused before the body is read.
+    let mut s = UnixStream::connect(&vmm.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    let _ = s.write_all(&big);
+    let mut announced = String::new();
+    let _ = s.read_to_string(&mut announced);
+    // Chunked, no length: cut off at the limit.
+    let mut s = UnixStream::connect(&vmm.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    for c in big.chunks(1 << 20) {
+        if write!(s, "{:x}\r\n", c.len()).is_err() || s.write_all(c).is_err() {
+            break;
+        }
+        let _ = s.write_all(b"\r\n");
+    }
+    let _ = s.write_all(b"0\r\n\r\n");
+    let mut chunked = String::new();
+    let _ = s.read_to_string(&mut chunked);
+    let after = rss();
+
+    assert_eq!(status(&announced), "413", "{announced}");
+    assert_eq!(status(&chunked), "413", "{chunked}");
+    assert!(
+        after < before + 4096,
+        "RSS grew from {before} kB to {after} kB"
+    );
+    assert!(vmm.running());
+    assert_eq!(vmm.state(), "404");
+}
+
+#[test]
+fn after_the_guest_powers_off_the_vmm_serves_on_and_boots_again() {
+    let mut vmm = Vmm::start("api-again");
+    let cfg = guest_config("", 1, 64 << 20).to_string();
+
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: PASS");
+    vmm.wait_state("Shutdown");
+    let alive = vmm.running();
+    let create_over = vmm.put("vm.create", &cfg);
+    let delete = vmm.put("vm.delete", "");
+    let deleted = vmm.state();
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    let boot = vmm.put("vm.boot", "");
+    let second = vmm.console_until("TG: PASS");
+    vmm.wait_state("Shutdown");
+    let quit = vmm.put("vmm.shutdown", "");
+    let r = wait(vmm.child.take().unwrap(), LIMIT);
+
+    assert!(alive);
+    assert_eq!(create_over.0, 405, "{create_over:?}");
+    assert_eq!(delete.0, 204, "{delete:?}");
+    assert_eq!(deleted, "404");
+    assert_eq!(boot.0, 204, "{boot:?}");
+    assert!(second.contains(&"TG: hello".to_string()), "{second:?}");
+    assert_eq!(quit.0, 204);
+    assert_eq!(r.code(), Some(0));
+    assert!(!vmm.socket.exists());
+}
+
+#[test]
+fn vm_shutdown_without_kernel_leaves_the_vm_in_shutdown() {
+    let mut vmm = Vmm::start("api-vm-shutdown");
+    let cfg = guest_config("tg.hold", 1, 64 << 20).to_string();
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: HOLD");
+
+    let shutdown = vmm.put("vm.shutdown", "");
+    vmm.wait_state("Shutdown");
+    let again = vmm.put("vm.shutdown", "");
+
+    assert_eq!(shutdown.0, 204);
+    assert_eq!(again.0, 405, "{again:?}");
+    assert!(vmm.running());
+}
+
+#[test]
+fn a_disk_added_through_the_api_is_driven_by_the_guest() {
+    let vmm = Vmm::start("api-disk");
+    let image = vmm.dir.path("disk.img");
+    let socket = vmm.dir.path("blk.sock");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut backend = Command::new(common::workspace_bin("blk-backend"));
+    backend
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image);
+    let _backend = common::Daemon::start(backend, &socket);
+    let cfg = guest_config("tg.virtio tg.seed=7", 2, 128 << 20).to_string();
+
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    let add = vmm.vmctl(&[
+        "--json",
+        "add-disk",
+        &format!("vhost_socket={},num_queues=1,id=data", socket.display()),
+    ]);
+    let boot = vmm.put("vm.boot", "");
+    let console = vmm.console_until("TG: PASS");
+
+    let added = json(&add);
+    assert_eq!(added["id"], "data");
+    assert_eq!(added["bdf"], "0000:00:01.0");
+    assert_eq!(boot.0, 204, "{boot:?}");
+    for l in ["TG: blk write ok", "TG: blk read ok", "TG: PASS"] {
+        assert!(console.contains(&l.to_string()), "missing {l}: {console:?}");
+    }
+    assert!(!console.iter().any(|l| l.contains("FAIL")), "{console:?}");
+}
+
+#[test]
+fn vmctl_creates_boots_and_deletes() {
+    let vmm = Vmm::start("api-vmctl");
+    let file = vmm.dir.path("vm.json");
+    std::fs::write(&file, guest_config("tg.hold", 1, 64 << 20).to_string()).unwrap();
+
+    let create = vmm.vmctl(&["create", file.to_str().unwrap()]);
+    let boot = vmm.vmctl(&["boot"]);
+    vmm.console_until("TG: HOLD");
+    let info = stdout(&vmm.vmctl(&["info"]));
+    let delete = vmm.vmctl(&["delete"]);
+    let gone = vmm.vmctl(&["info"]);
+    let bad = vmm.vmctl(&["add-disk", "socket=/x"]);
+
+    assert!(create.status.success(), "{create:?}");
+    assert_eq!(stdout(&create).trim(), "VM created");
+    assert!(boot.status.success(), "{boot:?}");
+    assert!(info.contains("state:   Running"), "{info}");
+    assert!(delete.status.success(), "{delete:?}");
+    assert!(!gone.status.success());
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("404"),
+        "{gone:?}"
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("Unknown key 'socket'"),
+        "{bad:?}"
+    );
+}

@@ -36,16 +36,33 @@ pub struct Reply {
 
 /// Sends `method path` (path relative to `/api/v1/`) with an empty body.
 pub fn raw(socket: &Path, method: &str, endpoint: &str) -> Result<Reply, ClientError> {
+    raw_with_body(socket, method, endpoint, &[])
+}
+
+/// Sends `method path` with a JSON `body` (none when empty).
+pub fn raw_with_body(
+    socket: &Path,
+    method: &str,
+    endpoint: &str,
+    body: &[u8],
+) -> Result<Reply, ClientError> {
     let mut s = UnixStream::connect(socket).map_err(|e| ClientError::Connect(socket.into(), e))?;
     s.set_read_timeout(Some(TIMEOUT)).map_err(ClientError::Io)?;
     s.set_write_timeout(Some(TIMEOUT))
         .map_err(ClientError::Io)?;
+    let kind = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
     write!(
         s,
         "{method} {API_PREFIX}{endpoint} HTTP/1.1\r\nHost: localhost\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+         {kind}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )
     .map_err(ClientError::Io)?;
+    s.write_all(body).map_err(ClientError::Io)?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(ClientError::Io)?;
     parse(&String::from_utf8_lossy(&buf))
@@ -77,8 +94,13 @@ fn parse(resp: &str) -> Result<Reply, ClientError> {
 /// Sends `request`; a non-2xx answer is [`ClientError::Server`]. Returns
 /// the body (empty for 204).
 pub fn call(socket: &Path, request: ApiRequest) -> Result<String, ClientError> {
+    call_with(socket, request, &[])
+}
+
+/// [`call`] with a JSON request body.
+pub fn call_with(socket: &Path, request: ApiRequest, body: &[u8]) -> Result<String, ClientError> {
     let (method, endpoint) = route_of(request);
-    let r = raw(socket, method, endpoint)?;
+    let r = raw_with_body(socket, method, endpoint, body)?;
     if (200..300).contains(&r.status) {
         Ok(r.body)
     } else {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -41,7 +41,15 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
     ("vm.resume", "PUT", ApiRequest::VmResume),
     ("vm.power-button", "PUT", ApiRequest::VmPowerButton),
     ("vm.shutdown", "PUT", ApiRequest::VmShutdown),
+    ("vm.create", "PUT", ApiRequest::VmCreate),
+    ("vm.boot", "PUT", ApiRequest::VmBoot),
+    ("vm.delete", "PUT", ApiRequest::VmDelete),
+    ("vm.add-disk", "PUT", ApiRequest::VmAddDisk),
+    ("vm.add-net", "PUT", ApiRequest::VmAddNet),
 ];
+
+/// Largest request body read (a VmConfig is a few KiB); larger is 413.
+pub const MAX_BODY: usize = 64 << 10;
 
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -221,8 +229,33 @@ async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<Reply, In
         Err(StatusCode::NOT_FOUND) => return Ok(text(StatusCode::NOT_FOUND, "Unknown path")),
         Err(s) => return Ok(text(s, "Method not allowed on this path")),
     };
+    let too_large = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_BODY as u64);
+    let too_large_reply = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("Request body larger than {MAX_BODY} bytes"),
+        )
+    };
+    if too_large {
+        return Ok(too_large_reply());
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Ok(too_large_reply()),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read an API request body");
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "Cannot read the request body",
+            ));
+        }
+    };
     tracing::debug!(?request, "API request");
-    Ok(match api.call(request).await {
+    Ok(match api.call(request, body).await {
         Ok(Ok(ApiReply::Empty)) => {
             let mut r = Response::new(Full::new(Bytes::new()));
             *r.status_mut() = StatusCode::NO_CONTENT;

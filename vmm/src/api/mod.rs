@@ -8,18 +8,24 @@
 //! never touches the VM: for each request it builds an [`ApiRequest`],
 //! pairs it with a fresh one-shot reply channel in an [`ApiMessage`],
 //! sends that over an `mpsc` channel ([`ApiSender`]) and then writes 1 to
-//! an eventfd. The VMM event loop polls that eventfd (`Token::Api`); when
-//! it fires, the loop reads the eventfd and drains every queued message
+//! an eventfd. The [`controller`] polls that eventfd; when it fires, it
+//! reads the eventfd and drains every queued message
 //! ([`ApiReceiver::drain`]), handles each in order on its own thread, and
-//! answers on the message's reply channel with an [`ApiResponse`]. A reply
-//! channel is used exactly once; if the loop is gone (the VM ended) the
-//! sender sees the channel closed and answers 503 itself.
+//! answers on the message's reply channel with an [`ApiResponse`]. While
+//! a VM runs, the controller forwards the requests about the running VM
+//! ([`ApiRequest::for_running_vm`]), reply channel and all, over a second
+//! channel of the same kind into that VM's event loop (`Token::Api` in
+//! `machine.rs`), which answers them. A reply channel is used exactly
+//! once; if the receiver is gone the sender sees the channel closed and
+//! answers 503 itself.
 //!
-//! State changes are made by the event loop only, so requests are
-//! serialised: a pause is complete (every vCPU out of `KVM_RUN` and
-//! parked) before the next request is looked at.
+//! State changes are made by the controller and the VM's loop only, one
+//! request at a time: a pause is complete (every vCPU out of `KVM_RUN`
+//! and parked) before the next request is looked at.
 
 pub mod client;
+pub mod config;
+pub mod controller;
 pub mod http;
 
 use std::sync::mpsc;
@@ -48,6 +54,22 @@ pub enum ApiRequest {
     VmResume,
     VmPowerButton,
     VmShutdown,
+    VmCreate,
+    VmBoot,
+    VmDelete,
+    VmAddDisk,
+    VmAddNet,
+}
+
+impl ApiRequest {
+    /// Requests the running VM's event loop answers (the controller
+    /// forwards them while a VM runs).
+    pub fn for_running_vm(self) -> bool {
+        matches!(
+            self,
+            Self::VmInfo | Self::VmPause | Self::VmResume | Self::VmPowerButton | Self::VmShutdown
+        )
+    }
 }
 
 /// A failed request: the HTTP status and a one-line message.
@@ -78,6 +100,8 @@ pub type ApiResponse = Result<ApiReply, ApiFailure>;
 /// One request and the one-shot channel its answer goes back on.
 pub struct ApiMessage {
     pub request: ApiRequest,
+    /// The request body (empty for requests without one).
+    pub body: Vec<u8>,
     pub reply: oneshot::Sender<ApiResponse>,
 }
 
@@ -108,13 +132,25 @@ pub fn channel() -> Result<(ApiSender, ApiReceiver), ApiError> {
 
 impl ApiSender {
     /// Queues `request`, wakes the VMM loop and waits for the answer.
-    pub async fn call(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+    pub async fn call(&self, request: ApiRequest, body: Vec<u8>) -> Result<ApiResponse, ApiError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(ApiMessage { request, reply })
-            .map_err(|_| ApiError::VmmGone)?;
-        self.wake.write(1).map_err(|_| ApiError::VmmGone)?;
+        self.forward(ApiMessage {
+            request,
+            body,
+            reply,
+        })
+        .map_err(|_| ApiError::VmmGone)?;
         answer.await.map_err(|_| ApiError::VmmGone)
+    }
+
+    /// Queues `message` as is and wakes the receiver; gives it back if
+    /// the receiver is gone.
+    #[allow(clippy::result_large_err)]
+    pub fn forward(&self, message: ApiMessage) -> Result<(), ApiMessage> {
+        self.tx.send(message).map_err(|e| e.0)?;
+        // The counter only saturates after 2^64-2 unread wake-ups.
+        let _ = self.wake.write(1);
+        Ok(())
     }
 }
 
@@ -157,15 +193,19 @@ pub struct VmInfo {
 /// The VM's life-cycle state as the API names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmState {
+    Created,
     Running,
     Paused,
+    Shutdown,
 }
 
 impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Self::Created => "Created",
             Self::Running => "Running",
             Self::Paused => "Paused",
+            Self::Shutdown => "Shutdown",
         })
     }
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm::api::client::{self, ClientError};
+use vmm::api::controller::PciDeviceInfo;
 use vmm::api::{ApiRequest, VmInfo, VmmPingResponse};
 
 #[derive(Parser, Debug)]
@@ -21,7 +22,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Check that the VMM answers (vmm.ping).
     Ping,
@@ -33,14 +34,36 @@ enum Command {
     Resume,
     /// Press the guest's ACPI power button (vm.power-button).
     PowerButton,
-    /// Stop the VM at once; vmm then exits (vm.shutdown).
+    /// Stop the VM at once (vm.shutdown); vmm exits if it was started
+    /// with --kernel, else it serves on with the VM in Shutdown.
     Shutdown,
     /// Stop the VMM process (vmm.shutdown).
     ShutdownVmm,
+    /// Create a VM from a Cloud Hypervisor VmConfig JSON file (vm.create).
+    Create {
+        /// The VmConfig JSON file.
+        file: PathBuf,
+    },
+    /// Boot the created VM (vm.boot).
+    Boot,
+    /// Delete the VM, stopping it if it runs (vm.delete).
+    Delete,
+    /// Add a vhost-user disk before boot (vm.add-disk):
+    /// vhost_socket=PATH[,num_queues=N][,queue_size=N][,id=ID]
+    AddDisk {
+        /// key=value list, as ch-remote takes it.
+        spec: String,
+    },
+    /// Add a vhost-user NIC before boot (vm.add-net):
+    /// vhost_socket=PATH[,mac=MAC][,num_queues=N][,queue_size=N][,id=ID]
+    AddNet {
+        /// key=value list, as ch-remote takes it.
+        spec: String,
+    },
 }
 
 impl Command {
-    fn request(self) -> ApiRequest {
+    fn request(&self) -> ApiRequest {
         match self {
             Self::Ping => ApiRequest::VmmPing,
             Self::Info => ApiRequest::VmInfo,
@@ -49,18 +72,74 @@ impl Command {
             Self::PowerButton => ApiRequest::VmPowerButton,
             Self::Shutdown => ApiRequest::VmShutdown,
             Self::ShutdownVmm => ApiRequest::VmmShutdown,
+            Self::Create { .. } => ApiRequest::VmCreate,
+            Self::Boot => ApiRequest::VmBoot,
+            Self::Delete => ApiRequest::VmDelete,
+            Self::AddDisk { .. } => ApiRequest::VmAddDisk,
+            Self::AddNet { .. } => ApiRequest::VmAddNet,
+        }
+    }
+
+    /// The JSON body the request carries.
+    fn body(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Self::Create { file } => {
+                std::fs::read(file).map_err(|e| format!("Cannot read {}: {e}", file.display()))
+            }
+            Self::AddDisk { spec } => {
+                device_body(spec, &["vhost_socket", "num_queues", "queue_size", "id"])
+            }
+            Self::AddNet { spec } => device_body(
+                spec,
+                &["vhost_socket", "mac", "num_queues", "queue_size", "id"],
+            ),
+            _ => Ok(Vec::new()),
         }
     }
 }
 
+/// `key=value,...` as a DiskConfig/NetConfig JSON object with
+/// `vhost_user: true`; numbers for the queue keys.
+fn device_body(spec: &str, known: &[&str]) -> Result<Vec<u8>, String> {
+    let mut obj = serde_json::Map::new();
+    obj.insert("vhost_user".into(), true.into());
+    for item in spec.split(',').filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}': expected key=value"))?;
+        if !known.contains(&k) {
+            return Err(format!("Unknown key '{k}' (known: {})", known.join(", ")));
+        }
+        let value = if k == "num_queues" || k == "queue_size" {
+            v.parse::<u16>()
+                .map(Into::into)
+                .map_err(|_| format!("Invalid {k} '{v}': not a number"))?
+        } else {
+            v.into()
+        };
+        obj.insert(k.into(), value);
+    }
+    if !obj.contains_key("vhost_socket") {
+        return Err("vhost_socket=PATH is required".into());
+    }
+    serde_json::to_vec(&obj).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match client::call(&cli.api_socket, cli.command.request()) {
+    let request = match cli.command.body() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client::call_with(&cli.api_socket, cli.command.request(), &request) {
         Ok(body) => {
             let out = if cli.json {
                 body
             } else {
-                human(cli.command, &body)
+                human(&cli.command, &body)
             };
             if !out.is_empty() {
                 println!("{}", out.trim_end());
@@ -75,7 +154,7 @@ fn main() -> ExitCode {
 }
 
 /// A few readable lines for `command`'s answer.
-fn human(command: Command, body: &str) -> String {
+fn human(command: &Command, body: &str) -> String {
     match command {
         Command::Ping => match serde_json::from_str::<VmmPingResponse>(body) {
             Ok(p) => format!("vmm {} (pid {})", p.version, p.pid),
@@ -109,6 +188,15 @@ fn human(command: Command, body: &str) -> String {
         Command::PowerButton => "Power button pressed".into(),
         Command::Shutdown => "VM shutting down".into(),
         Command::ShutdownVmm => "VMM shutting down".into(),
+        Command::Create { .. } => "VM created".into(),
+        Command::Boot => "VM booted".into(),
+        Command::Delete => "VM deleted".into(),
+        Command::AddDisk { .. } | Command::AddNet { .. } => {
+            match serde_json::from_str::<PciDeviceInfo>(body) {
+                Ok(d) => format!("Added {} at {}", d.id, d.bdf),
+                Err(_) => body.to_string(),
+            }
+        }
     }
 }
 

@@ -1,0 +1,486 @@
+//! The VM controller: the one state machine above [`Machine`] that answers
+//! every API request whatever the state, with or without a VM.
+//!
+//! States: no VM → `Created` (vm.create) → `Running` (vm.boot) →
+//! `Shutdown` (the guest powers off or resets, vm.shutdown) → `Running`
+//! again (vm.boot) or no VM (vm.delete, from any state). `Paused` is a
+//! sub-state of `Running` kept by the running VM's event loop.
+//!
+//! The controller runs on the main thread. A booted VM runs its event loop
+//! on its own thread (`vmm-vm`) with its own API channel: the controller
+//! forwards the requests that concern a running VM ([`ApiRequest::
+//! for_running_vm`]) to it and answers the rest itself. When the VM's
+//! loop returns, its thread writes an eventfd and the controller reaps it.
+//!
+//! With `exit_with_vm` (`--kernel` given on the command line) the
+//! controller returns as soon as the VM ends, as vmm always did; without
+//! it the process serves on with the VM in `Shutdown` until vmm.shutdown
+//! or SIGINT/SIGTERM.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use tokio::sync::oneshot;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::{parse, DiskConfigBody, NetConfigBody, VmConfigBody};
+use super::{
+    ApiError, ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, ApiSender,
+    VmInfo, VmState, VmmPingResponse,
+};
+use crate::exit::ExitReason;
+use crate::machine::{SignalFd, VMM_SIGNALS};
+use crate::{Machine, MachineError, Outcome, VmConfig};
+
+/// Errors running the controller.
+#[derive(Debug, Error)]
+pub enum ControllerError {
+    #[error("Cannot {0}")]
+    Io(&'static str, #[source] io::Error),
+    #[error("Cannot set up the VM's API channel")]
+    Channel(#[source] ApiError),
+    #[error("Cannot block the VMM's signals")]
+    Signals(#[source] MachineError),
+    /// The VM given on the command line failed to build or run.
+    #[error(transparent)]
+    Machine(MachineError),
+    #[error("The VM thread panicked")]
+    Panicked,
+}
+
+type Result<T> = std::result::Result<T, ControllerError>;
+
+/// The VM the controller holds, if any.
+enum Vm {
+    None,
+    Created(Spec),
+    Running(Spec, Running),
+    Shutdown(Spec),
+}
+
+/// A VM's config and the API ids of its devices (in `devices` order).
+#[derive(Clone)]
+struct Spec {
+    cfg: VmConfig,
+    ids: Vec<String>,
+}
+
+/// A booted VM: its API channel and its thread.
+struct Running {
+    api: ApiSender,
+    /// `None` when the machine was never built (the error went to boot).
+    thread: JoinHandle<Option<std::result::Result<Outcome, MachineError>>>,
+}
+
+/// The controller; see the module documentation.
+pub struct Controller {
+    api: ApiReceiver,
+    vm: Vm,
+    exit_with_vm: bool,
+    signals: SignalFd,
+    vm_done: EventFd,
+    /// vmm.shutdown seen while a VM ran: return once it has stopped.
+    quitting: bool,
+    /// Set when the process must end, with the VM's outcome if any.
+    exit: Option<Option<Outcome>>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(u64)]
+enum Token {
+    Api = 1,
+    Signal,
+    VmDone,
+}
+
+fn fail(status: u16, msg: impl Into<String>) -> ApiResponse {
+    Err(ApiFailure::new(status, msg))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> ApiResponse {
+    serde_json::to_string(v)
+        .map(ApiReply::Json)
+        .map_err(|e| ApiFailure::new(500, format!("Cannot encode the answer: {e}")))
+}
+
+impl Controller {
+    /// Blocks the VMM's signals in this thread; call it before starting
+    /// the API server thread so that thread inherits the mask.
+    pub fn new(api: ApiReceiver, exit_with_vm: bool) -> Result<Self> {
+        Ok(Self {
+            api,
+            vm: Vm::None,
+            exit_with_vm,
+            signals: SignalFd::new(VMM_SIGNALS).map_err(ControllerError::Signals)?,
+            vm_done: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| ControllerError::Io("create eventfd", e))?,
+            quitting: false,
+            exit: None,
+        })
+    }
+
+    /// Creates and boots `cfg` at once (the command-line VM). A failure
+    /// is the machine's own error.
+    pub fn boot_now(&mut self, cfg: VmConfig) -> Result<()> {
+        let n = cfg.devices.len();
+        let spec = Spec {
+            cfg,
+            ids: (0..n).map(|i| format!("_dev{i}")).collect(),
+        };
+        let running = self.start(&spec)?.map_err(ControllerError::Machine)?;
+        self.vm = Vm::Running(spec, running);
+        Ok(())
+    }
+
+    /// Serves requests until vmm.shutdown, SIGINT/SIGTERM or, with
+    /// `exit_with_vm`, the end of the VM; returns the VM's outcome when
+    /// one ended the process.
+    pub fn run(mut self) -> Result<Option<Outcome>> {
+        let epoll = Epoll::new().map_err(|e| ControllerError::Io("create epoll", e))?;
+        let ev = |t: Token| EpollEvent::new(EventSet::IN, t as u64);
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.api.wake.as_raw_fd(),
+                ev(Token::Api),
+            )
+            .map_err(|e| ControllerError::Io("poll the API", e))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.vm_done.as_raw_fd(),
+                ev(Token::VmDone),
+            )
+            .map_err(|e| ControllerError::Io("poll the VM thread", e))?;
+        let sig_fd = self.signals.fd.as_raw_fd();
+        let mut polling_signals = false;
+        let mut events = vec![EpollEvent::default(); 4];
+        loop {
+            // A running VM's loop takes the signals; else the controller does.
+            let want = !matches!(self.vm, Vm::Running(..));
+            if want != polling_signals {
+                let op = if want {
+                    ControlOperation::Add
+                } else {
+                    ControlOperation::Delete
+                };
+                epoll
+                    .ctl(op, sig_fd, ev(Token::Signal))
+                    .map_err(|e| ControllerError::Io("poll signals", e))?;
+                polling_signals = want;
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ControllerError::Io("wait for events", e)),
+            };
+            for e in &events[..n] {
+                if e.data() == Token::Signal as u64 {
+                    match self.signals.read() {
+                        libc::SIGINT | libc::SIGTERM => return Ok(None),
+                        _ => {}
+                    }
+                } else if e.data() == Token::VmDone as u64 {
+                    // Cleared after every join: a count means a VM is ending.
+                    if self.vm_done.read().is_ok() {
+                        self.reap()?;
+                    }
+                } else if e.data() == Token::Api as u64 {
+                    for m in self.api.drain() {
+                        if self.handle(m)? {
+                            return Ok(None);
+                        }
+                    }
+                }
+                if let Some(outcome) = self.exit.take() {
+                    return Ok(outcome);
+                }
+            }
+        }
+    }
+
+    /// Joins the VM thread, whose loop has returned (its thread wrote
+    /// `vm_done` or dropped its API channel); the VM is then in
+    /// `Shutdown`. Sets `exit` when the process must end with it.
+    fn reap(&mut self) -> Result<()> {
+        let (spec, running) = match std::mem::replace(&mut self.vm, Vm::None) {
+            Vm::Running(s, r) => (s, r),
+            other => {
+                self.vm = other;
+                return Ok(());
+            }
+        };
+        self.vm = Vm::Shutdown(spec);
+        let joined = running
+            .thread
+            .join()
+            .map_err(|_| ControllerError::Panicked)?;
+        // Written before the thread ended: clear it, it is handled.
+        let _ = self.vm_done.read();
+        let outcome = match joined {
+            Some(Ok(o)) => {
+                tracing::info!(reason = %o.reason, "VM stopped");
+                Some(o)
+            }
+            Some(Err(e)) if self.exit_with_vm => return Err(ControllerError::Machine(e)),
+            Some(Err(e)) => {
+                tracing::error!(error = %crate::error_chain(&e), "VM failed");
+                None
+            }
+            None => None,
+        };
+        let signal = outcome
+            .as_ref()
+            .is_some_and(|o| matches!(o.reason, ExitReason::Signal(_)));
+        if self.exit_with_vm || self.quitting || signal {
+            self.exit = Some(outcome);
+        }
+        Ok(())
+    }
+
+    /// Builds the VM on its thread and starts its loop; the outer error
+    /// is the controller's, the inner one the machine's.
+    fn start(&self, spec: &Spec) -> Result<std::result::Result<Running, MachineError>> {
+        let (tx, rx) = super::channel().map_err(ControllerError::Channel)?;
+        let done = self
+            .vm_done
+            .try_clone()
+            .map_err(|e| ControllerError::Io("clone eventfd", e))?;
+        let (built_tx, built) = mpsc::channel();
+        let cfg = spec.cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm-vm".into())
+            .spawn(move || {
+                let result = match Machine::new(&cfg) {
+                    Ok(m) => {
+                        let _ = built_tx.send(None);
+                        Some(m.with_api(rx).run())
+                    }
+                    Err(e) => {
+                        let _ = built_tx.send(Some(e));
+                        None
+                    }
+                };
+                let _ = done.write(1);
+                result
+            })
+            .map_err(|e| ControllerError::Io("start the VM thread", e))?;
+        match built.recv() {
+            Ok(None) => Ok(Ok(Running { api: tx, thread })),
+            Ok(Some(e)) => {
+                let _ = thread.join();
+                // Its done-write is for a VM that never ran.
+                let _ = self.vm_done.read();
+                Ok(Err(e))
+            }
+            Err(_) => Err(ControllerError::Panicked),
+        }
+    }
+
+    /// Stops a running VM and waits for its thread; it is then in
+    /// `Shutdown`.
+    fn stop_vm(&mut self) {
+        self.vm = match std::mem::replace(&mut self.vm, Vm::None) {
+            Vm::Running(s, r) => {
+                let (reply, _answer) = oneshot::channel();
+                let _ = r.api.forward(ApiMessage {
+                    request: ApiRequest::VmShutdown,
+                    body: Vec::new(),
+                    reply,
+                });
+                let _ = r.thread.join();
+                // Written before the thread ended: clear it, it is handled.
+                let _ = self.vm_done.read();
+                Vm::Shutdown(s)
+            }
+            other => other,
+        };
+    }
+
+    /// Answers (or forwards) one message; `true` when the VMM must exit.
+    fn handle(&mut self, m: ApiMessage) -> Result<bool> {
+        let ApiMessage {
+            request,
+            body,
+            reply,
+        } = m;
+        if let Vm::Running(_, r) = &self.vm {
+            if request.for_running_vm() || request == ApiRequest::VmmShutdown {
+                if request == ApiRequest::VmmShutdown {
+                    self.quitting = true;
+                }
+                match r.api.forward(ApiMessage {
+                    request,
+                    body,
+                    reply,
+                }) {
+                    Ok(()) => return Ok(false),
+                    // The VM has just ended: reap it and answer below.
+                    Err(m) => {
+                        self.reap()?;
+                        return self.handle(m);
+                    }
+                }
+            }
+        }
+        let (response, exit) = self.answer(request, &body)?;
+        if let Err(f) = &response {
+            tracing::debug!(?request, status = f.status, message = %f.message, "API request refused");
+        }
+        let _ = reply.send(response);
+        Ok(exit)
+    }
+
+    fn answer(&mut self, request: ApiRequest, body: &[u8]) -> Result<(ApiResponse, bool)> {
+        let no_vm = || fail(404, "No VM has been created");
+        Ok(match request {
+            ApiRequest::VmmPing => (json(&VmmPingResponse::current()), false),
+            ApiRequest::VmmShutdown => {
+                tracing::info!("VMM shutdown requested through the API");
+                (Ok(ApiReply::Empty), true)
+            }
+            ApiRequest::VmCreate => (self.create(body), false),
+            ApiRequest::VmBoot => (self.boot()?, false),
+            ApiRequest::VmDelete => {
+                self.stop_vm();
+                self.vm = Vm::None;
+                tracing::info!("VM deleted");
+                (Ok(ApiReply::Empty), self.exit_with_vm)
+            }
+            ApiRequest::VmAddDisk | ApiRequest::VmAddNet => (self.add_device(request, body), false),
+            ApiRequest::VmInfo => {
+                let (spec, state) = match &self.vm {
+                    Vm::None => return Ok((no_vm(), false)),
+                    Vm::Created(s) => (s, VmState::Created),
+                    Vm::Shutdown(s) => (s, VmState::Shutdown),
+                    Vm::Running(s, _) => (s, VmState::Running),
+                };
+                let info = VmInfo {
+                    config: (&spec.cfg).into(),
+                    state,
+                    memory_actual_size: spec.cfg.memory,
+                };
+                (json(&info), false)
+            }
+            ApiRequest::VmPause
+            | ApiRequest::VmResume
+            | ApiRequest::VmPowerButton
+            | ApiRequest::VmShutdown => match self.vm {
+                Vm::None => (no_vm(), false),
+                _ => (fail(405, "The VM is not running"), false),
+            },
+        })
+    }
+
+    fn create(&mut self, body: &[u8]) -> ApiResponse {
+        if !matches!(self.vm, Vm::None) {
+            return fail(405, "A VM is already created: delete it first");
+        }
+        let parsed = parse::<VmConfigBody>(body).and_then(VmConfigBody::into_config);
+        let (cfg, ids) = match parsed {
+            Ok(c) => c,
+            Err(e) => return fail(400, crate::error_chain(&e)),
+        };
+        let mut spec = Spec {
+            cfg,
+            ids: Vec::new(),
+        };
+        for id in ids {
+            if let Err(e) = spec.push_id(id) {
+                return fail(400, e);
+            }
+        }
+        tracing::info!(cpus = spec.cfg.cpus, memory = spec.cfg.memory, "VM created");
+        self.vm = Vm::Created(spec);
+        Ok(ApiReply::Empty)
+    }
+
+    fn boot(&mut self) -> Result<ApiResponse> {
+        let spec = match &self.vm {
+            Vm::None => return Ok(fail(404, "No VM has been created")),
+            Vm::Running(..) => return Ok(fail(405, "The VM is already running")),
+            Vm::Created(s) | Vm::Shutdown(s) => s.clone(),
+        };
+        Ok(match self.start(&spec)? {
+            Ok(running) => {
+                tracing::info!("VM booted through the API");
+                self.vm = Vm::Running(spec, running);
+                Ok(ApiReply::Empty)
+            }
+            // Nothing changes: the VM stays as it was.
+            Err(e) => fail(
+                500,
+                format!("Cannot boot the VM: {}", crate::error_chain(&e)),
+            ),
+        })
+    }
+
+    fn add_device(&mut self, request: ApiRequest, body: &[u8]) -> ApiResponse {
+        let spec = match &mut self.vm {
+            Vm::None => return fail(404, "No VM has been created"),
+            Vm::Running(..) => {
+                return fail(405, "Hot-plug is not supported: add devices before vm.boot")
+            }
+            Vm::Created(s) | Vm::Shutdown(s) => s,
+        };
+        let named = if request == ApiRequest::VmAddDisk {
+            parse::<DiskConfigBody>(body).and_then(|d| d.into_device("disk"))
+        } else {
+            parse::<NetConfigBody>(body).and_then(|d| d.into_device("net"))
+        };
+        let named = match named {
+            Ok(n) => n,
+            Err(e) => return fail(400, crate::error_chain(&e)),
+        };
+        let mut next = spec.clone();
+        next.cfg.devices.push(named.device);
+        if let Err(e) = next.push_id(named.id) {
+            return fail(400, e);
+        }
+        if let Err(e) = next.cfg.validate() {
+            return fail(400, crate::error_chain(&e));
+        }
+        let slot = next.cfg.devices.len();
+        let id = next.ids[slot - 1].clone();
+        *spec = next;
+        tracing::info!(%id, slot, "device added");
+        json(&PciDeviceInfo {
+            id,
+            bdf: format!("0000:00:{slot:02x}.0"),
+        })
+    }
+}
+
+/// Cloud Hypervisor's answer to vm.add-*: the device's id and PCI address.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    pub bdf: String,
+}
+
+impl Spec {
+    /// Records the id of the device just pushed (`_diskN`/`_netN` style
+    /// when none is given); ids are unique.
+    fn push_id(&mut self, id: Option<String>) -> std::result::Result<(), String> {
+        let n = self.ids.len();
+        let id = id.unwrap_or_else(|| {
+            let kind = match self.cfg.devices.get(n).map(|d| &d.kind) {
+                Some(crate::vhost_user::Kind::Net { .. }) => "_net",
+                _ => "_disk",
+            };
+            (n..)
+                .map(|i| format!("{kind}{i}"))
+                .find(|c| !self.ids.contains(c))
+                .unwrap_or_default()
+        });
+        if self.ids.contains(&id) {
+            return Err(format!("Device id '{id}' is already in use"));
+        }
+        self.ids.push(id);
+        Ok(())
+    }
+}
