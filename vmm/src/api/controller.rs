@@ -180,9 +180,10 @@ impl Controller {
             };
             for e in &events[..n] {
                 if e.data() == Token::Signal as u64 {
-                    match self.signals.read() {
-                        libc::SIGINT | libc::SIGTERM => return Ok(None),
-                        _ => {}
+                    if let libc::SIGINT | libc::SIGTERM = self.signals.read() {
+                        // A VM booted earlier in this batch stops first.
+                        self.stop_vm();
+                        return Ok(None);
                     }
                 } else if e.data() == Token::VmDone as u64 {
                     // Cleared after every join: a count means a VM is ending.
