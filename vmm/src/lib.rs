@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod devices_config;
+pub mod events;
 pub mod exit;
 pub mod interrupts;
 pub mod machine;

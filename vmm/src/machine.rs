@@ -36,6 +36,7 @@ use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::legacy::{DebugCon, ResetTrigger, DEBUGCON_PORT, I8042, I8042_BASE, I8042_LEN};
 use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::events;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::interrupts::Router;
 use crate::memory::{Memory, MemoryError};
@@ -146,6 +147,7 @@ impl Machine {
     /// Builds the VM: memory, kernel, boot tables, devices, vCPU threads.
     pub fn new(cfg: &VmConfig) -> Result<Self> {
         cfg.validate()?;
+        events::emit("vm", "booting", &[]);
         // Before any thread exists, so that every vCPU thread inherits the mask.
         let signals = SignalFd::new(VMM_SIGNALS)?;
         let kvm = vm::open_kvm()?;
@@ -231,6 +233,7 @@ impl Machine {
         for v in &self.vcpus {
             v.set_state(VcpuState::Running);
         }
+        events::emit("vm", "booted", &[]);
         let reason = self.event_loop();
         let mut result: Result<()> = Ok(());
         for v in self.vcpus.drain(..) {
@@ -238,6 +241,7 @@ impl Machine {
                 result = Err(e.into());
             }
         }
+        events::emit("vm", "shutdown", &[]);
         let reason = reason?;
         result?;
         Ok(Outcome {
@@ -370,6 +374,7 @@ impl Machine {
                 (Err(ApiFailure::new(405, "The VM is already paused")), false)
             }
             ApiRequest::VmPause => {
+                events::emit("vm", "pausing", &[]);
                 for v in &self.vcpus {
                     v.set_state(VcpuState::Paused);
                 }
@@ -377,6 +382,7 @@ impl Machine {
                     v.wait_parked();
                 }
                 self.paused = true;
+                events::emit("vm", "paused", &[]);
                 tracing::info!("VM paused");
                 (Ok(ApiReply::Empty), false)
             }
@@ -384,10 +390,12 @@ impl Machine {
                 (Err(ApiFailure::new(405, "The VM is not paused")), false)
             }
             ApiRequest::VmResume => {
+                events::emit("vm", "resuming", &[]);
                 for v in &self.vcpus {
                     v.set_state(VcpuState::Running);
                 }
                 self.paused = false;
+                events::emit("vm", "resumed", &[]);
                 tracing::info!("VM resumed");
                 (Ok(ApiReply::Empty), false)
             }

@@ -8,6 +8,7 @@ use vmm::api::controller::Controller;
 use vmm::api::http::ApiSocket;
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
 use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
+use vmm::events;
 use vmm::vhost_user::DeviceConfig;
 
 #[derive(Parser, Debug)]
@@ -61,6 +62,11 @@ struct Cli {
     /// socket, created mode 0600 and removed on exit.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Write life-cycle events as JSON lines (Cloud Hypervisor's shape) to
+    /// a file or FIFO, or to an inherited fd that vmm then owns:
+    /// path=PATH or fd=N
+    #[arg(long)]
+    event_monitor: Option<events::Target>,
 }
 
 /// Feature names to hide (a newtype: clap treats a bare `Vec` as many values).
@@ -81,6 +87,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(target) = &cli.event_monitor {
+        if let Err(e) = events::start(target) {
+            eprintln!("vmm: {}", vmm::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    }
+    events::emit("vmm", "starting", &[]);
     let cfg = cli.kernel.map(|kernel| VmConfig {
         kernel,
         initramfs: cli.initramfs,
@@ -98,7 +111,9 @@ fn main() -> ExitCode {
             .chain(cli.vhost_user)
             .collect(),
     });
-    match boot(cfg, cli.api_socket.as_deref()) {
+    let result = boot(cfg, cli.api_socket.as_deref());
+    events::finish();
+    match result {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(out)) if out.reason.is_clean() => {
             tracing::info!(

@@ -348,6 +348,9 @@ impl Controller {
             ApiRequest::VmBoot => (self.boot()?, false),
             ApiRequest::VmDelete => {
                 self.stop_vm();
+                if !matches!(self.vm, Vm::None) {
+                    crate::events::emit("vm", "deleted", &[]);
+                }
                 self.vm = Vm::None;
                 tracing::info!("VM deleted");
                 (Ok(ApiReply::Empty), self.exit_with_vm)

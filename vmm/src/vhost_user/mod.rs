@@ -252,6 +252,8 @@ fn monitor(inner: &Mutex<Inner>, stop: &AtomicBool) {
             Some(fd) if peer_closed(fd, RECONNECT_INTERVAL) => {
                 let mut g = lock(inner);
                 g.conn = None;
+                let socket = g.cfg.socket.display().to_string();
+                crate::events::emit("vhost-user", "disconnected", &[("socket", socket)]);
                 tracing::warn!(socket = %g.cfg.socket.display(), "vhost-user backend disconnected; will reconnect");
             }
             Some(_) => {}
@@ -260,6 +262,8 @@ fn monitor(inner: &Mutex<Inner>, stop: &AtomicBool) {
                 let mut g = lock(inner);
                 match g.reconnect() {
                     Ok(()) => {
+                        let socket = g.cfg.socket.display().to_string();
+                        crate::events::emit("vhost-user", "reconnected", &[("socket", socket)]);
                         tracing::info!(socket = %g.cfg.socket.display(), "vhost-user backend reconnected")
                     }
                     Err(e) => tracing::debug!(error = %e, "reconnect attempt failed"),
