@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use common::{test_guest, vmm, Scratch};
+use common::{test_guest, vmm, workspace_bin, Daemon, Scratch};
 use vmm::api::client::{call, call_with};
 use vmm::api::ApiRequest;
 
@@ -289,4 +289,52 @@ fn sigterm_ends_the_vm_with_its_events() {
             "vmm/shutdown"
         ]
     );
+}
+
+/// Events of `source` in the log so far.
+fn events_of(log: &Path, source: &str) -> Vec<serde_json::Value> {
+    parse(&std::fs::read_to_string(log).unwrap())
+        .into_iter()
+        .filter(|e| e["source"] == source)
+        .collect()
+}
+
+#[test]
+fn backend_restart_emits_vhost_user_disconnected_and_reconnected() {
+    let dir = Scratch::new("events-vhost");
+    let (img, sock, log) = (
+        dir.path("disk.img"),
+        dir.path("blk.sock"),
+        dir.path("events.json"),
+    );
+    File::create(&img).unwrap().set_len(1 << 20).unwrap();
+    let blk = |img: &Path, sock: &Path| {
+        let mut c = Command::new(workspace_bin("blk-backend"));
+        c.arg("--socket").arg(sock).arg("--image").arg(img);
+        Daemon::start(c, sock)
+    };
+    let mut backend = blk(&img, &sock);
+    let mut cmd = vmm();
+    cmd.arg("--disk").arg(format!("socket={}", sock.display()));
+    let mut vm = Vm::start(&dir, &format!("path={}", log.display()), cmd);
+
+    backend.kill();
+    let _backend = blk(&img, &sock);
+    let deadline = Instant::now() + LIMIT;
+    while events_of(&log, "vhost-user").len() < 2 {
+        assert!(Instant::now() < deadline, "no reconnect event");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.call(ApiRequest::VmShutdown);
+    assert!(vm.exit().success());
+    let events = events_of(&log, "vhost-user");
+
+    assert_eq!(
+        names(&events),
+        ["vhost-user/disconnected", "vhost-user/reconnected"]
+    );
+    let socket = sock.display().to_string();
+    assert!(events
+        .iter()
+        .all(|e| e["properties"]["socket"] == socket.as_str()));
 }
