@@ -116,24 +116,26 @@ pub(crate) fn mac(v: &str) -> Result<[u8; 6], DeviceSpecError> {
     Ok(mac)
 }
 
-/// `socket=PATH[,queues=N][,queue-size=N]`
+/// `socket=PATH[,queues=N][,queue-size=N][,metrics-socket=PATH]`
 pub fn parse_disk(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     let mut cfg = DeviceConfig {
         kind: Kind::Block,
         socket: PathBuf::new(),
         queues: 1,
         queue_size: DEFAULT_QUEUE_SIZE,
+        metrics_socket: None,
     };
     for (k, v) in pairs(s)? {
         match k {
             "socket" => cfg.socket = PathBuf::from(v),
             "queues" => cfg.queues = number("queues", v, MAX_QUEUES, false)?,
             "queue-size" => cfg.queue_size = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
+            "metrics-socket" => cfg.metrics_socket = Some(PathBuf::from(v)),
             _ => {
                 return Err(DeviceSpecError::UnknownKey {
                     key: k.into(),
                     what: "--disk",
-                    known: "socket, queues, queue-size",
+                    known: "socket, queues, queue-size, metrics-socket",
                 })
             }
         }
@@ -141,12 +143,14 @@ pub fn parse_disk(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     require_socket(cfg, "--disk")
 }
 
-/// `socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]`
+/// `socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N][,metrics-socket=PATH]`
 pub fn parse_net(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     let (mut m, mut pairs_n, mut qs, mut socket) = (None, 1, DEFAULT_QUEUE_SIZE, PathBuf::new());
+    let mut metrics_socket = None;
     for (k, v) in pairs(s)? {
         match k {
             "socket" => socket = PathBuf::from(v),
+            "metrics-socket" => metrics_socket = Some(PathBuf::from(v)),
             "mac" => m = Some(mac(v)?),
             "queue-pairs" => pairs_n = number("queue-pairs", v, MAX_QUEUES / 2, false)?,
             "queue-size" => qs = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
@@ -154,7 +158,7 @@ pub fn parse_net(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
                 return Err(DeviceSpecError::UnknownKey {
                     key: k.into(),
                     what: "--net",
-                    known: "socket, mac, queue-pairs, queue-size",
+                    known: "socket, mac, queue-pairs, queue-size, metrics-socket",
                 })
             }
         }
@@ -167,6 +171,7 @@ pub fn parse_net(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
         socket,
         queues: pairs_n * 2,
         queue_size: qs,
+        metrics_socket,
     };
     require_socket(cfg, "--net")
 }
@@ -181,6 +186,7 @@ pub fn parse_vhost_user(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
         socket: PathBuf::new(),
         queues: 1,
         queue_size: DEFAULT_QUEUE_SIZE,
+        metrics_socket: None,
     };
     for (k, v) in pairs(s)? {
         match k {
@@ -261,6 +267,14 @@ pub fn check_unique(devices: &[DeviceConfig]) -> Result<(), DeviceSpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_and_net_specs_take_a_metrics_socket() {
+        let d = parse_disk("socket=/s,metrics-socket=/m").unwrap();
+        let n = parse_net("socket=/t,metrics-socket=/n").unwrap();
+        assert_eq!(d.metrics_socket, Some(PathBuf::from("/m")));
+        assert_eq!(n.metrics_socket, Some(PathBuf::from("/n")));
+    }
 
     #[test]
     fn disk_spec_parses_with_defaults() {

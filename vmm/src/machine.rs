@@ -222,6 +222,14 @@ impl Machine {
         self
     }
 
+    /// The counters vm.counters reads while the VM runs.
+    pub fn live_counters(&self) -> crate::api::counters::LiveCounters {
+        crate::api::counters::LiveCounters {
+            vcpus: self.metrics.clone(),
+            transports: self.transports.clone(),
+        }
+    }
+
     /// Guest RAM size in bytes.
     pub fn memory_size(&self) -> u64 {
         self.memory.size
@@ -412,7 +420,8 @@ impl Machine {
             | ApiRequest::VmBoot
             | ApiRequest::VmDelete
             | ApiRequest::VmAddDisk
-            | ApiRequest::VmAddNet => (
+            | ApiRequest::VmAddNet
+            | ApiRequest::VmCounters => (
                 Err(ApiFailure::new(405, "Not a request for the running VM")),
                 false,
             ),

@@ -756,3 +756,103 @@ fn vmctl_creates_boots_and_deletes() {
         "{bad:?}"
     );
 }
+
+// --- vm.counters ---------------------------------------------------------
+
+/// A blk-backend on `dir` serving `metrics` as its `--metrics-socket`.
+fn blk_backend(vmm: &Vmm, metrics: &Path) -> (common::Daemon, PathBuf) {
+    let image = vmm.dir.path("disk.img");
+    let socket = vmm.dir.path("blk.sock");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut backend = Command::new(common::workspace_bin("blk-backend"));
+    backend
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image)
+        .arg("--metrics-socket")
+        .arg(metrics);
+    let daemon = common::Daemon::start(backend, &socket);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !metrics.exists() {
+        assert!(std::time::Instant::now() < deadline, "no metrics socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (daemon, socket)
+}
+
+fn counters(vmm: &Vmm) -> (u16, serde_json::Value) {
+    let (status, body) = vmm.get("vm.counters");
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+#[test]
+fn vm_counters_move_with_the_guests_disk_io_and_count_vcpu_exits() {
+    let vmm = Vmm::start("api-counters");
+    let metrics = vmm.dir.path("blk.metrics");
+    let (_backend, socket) = blk_backend(&vmm, &metrics);
+    let mut cfg = guest_config("tg.virtio tg.seed=7 tg.hold", 1, 128 << 20);
+    cfg["disks"] = serde_json::json!([{
+        "vhost_user": true,
+        "vhost_socket": socket,
+        "id": "data",
+        "metrics_socket": metrics,
+    }]);
+    assert_eq!(vmm.put("vm.create", &cfg.to_string()).0, 204);
+    let (_, before) = counters(&vmm);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: HOLD");
+
+    let (status, after) = counters(&vmm);
+    let table = stdout(&vmm.vmctl(&["counters"]));
+
+    assert_eq!(status, 200, "{after}");
+    assert!(before.get("vm").is_none(), "{before}");
+    assert!(after["data"]["requests"].as_u64().unwrap() > 0, "{after}");
+    assert!(
+        after["data"]["write_bytes"].as_u64().unwrap() > 0,
+        "{after}"
+    );
+    assert!(after["data"]["read_bytes"].as_u64().unwrap() > 0, "{after}");
+    // Kicks go through ioeventfds: none needs the VMM.
+    assert_eq!(after["data"]["notify_exits"], 0, "{after}");
+    assert!(
+        after["data"].get("backend_unreachable").is_none(),
+        "{after}"
+    );
+    assert!(after["vm"]["pio_exits"].as_u64().unwrap() > 0, "{after}");
+    assert!(after["vm"]["mmio_exits"].as_u64().unwrap() > 0, "{after}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("data ") && l.contains("write_bytes")),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_device_whose_backend_metrics_socket_is_gone_still_gets_a_200_answer() {
+    let vmm = Vmm::start("api-counters-gone");
+    let metrics = vmm.dir.path("blk.metrics");
+    let (mut backend, socket) = blk_backend(&vmm, &metrics);
+    let mut cfg = guest_config("", 1, 64 << 20);
+    cfg["disks"] = serde_json::json!([{
+        "vhost_user": true,
+        "vhost_socket": socket,
+        "metrics_socket": metrics,
+    }]);
+    assert_eq!(vmm.put("vm.create", &cfg.to_string()).0, 204);
+    let (live_status, live) = counters(&vmm);
+
+    backend.kill();
+    let (gone_status, gone) = counters(&vmm);
+
+    assert_eq!(live_status, 200, "{live}");
+    assert_eq!(live["_disk0"]["requests"], 0, "{live}");
+    assert_eq!(gone_status, 200, "{gone}");
+    assert_eq!(gone["_disk0"]["backend_unreachable"], 1, "{gone}");
+    assert!(gone["_disk0"].get("requests").is_none(), "{gone}");
+}

@@ -46,9 +46,31 @@ pub fn raw_with_body(
     endpoint: &str,
     body: &[u8],
 ) -> Result<Reply, ClientError> {
+    exchange(
+        socket,
+        method,
+        &format!("{API_PREFIX}{endpoint}"),
+        body,
+        TIMEOUT,
+    )
+}
+
+/// `GET path` (absolute, e.g. `/counters`) on any HTTP unix socket, the
+/// whole exchange bounded by `timeout` per read and write.
+pub fn get(socket: &Path, path: &str, timeout: Duration) -> Result<Reply, ClientError> {
+    exchange(socket, "GET", path, &[], timeout)
+}
+
+fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Reply, ClientError> {
     let mut s = UnixStream::connect(socket).map_err(|e| ClientError::Connect(socket.into(), e))?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(ClientError::Io)?;
-    s.set_write_timeout(Some(TIMEOUT))
+    s.set_read_timeout(Some(timeout)).map_err(ClientError::Io)?;
+    s.set_write_timeout(Some(timeout))
         .map_err(ClientError::Io)?;
     let kind = if body.is_empty() {
         ""
@@ -57,7 +79,7 @@ pub fn raw_with_body(
     };
     write!(
         s,
-        "{method} {API_PREFIX}{endpoint} HTTP/1.1\r\nHost: localhost\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n\
          {kind}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )

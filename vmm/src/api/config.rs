@@ -6,6 +6,10 @@
 //! implement are accepted only at Cloud Hypervisor's default value (so a
 //! whole config as `ch-remote` sends it passes) and refused, naming the
 //! field, otherwise.
+//!
+//! Our extension: `DiskConfig` and `NetConfig` take `metrics_socket`, the
+//! path of the vhost-user backend's `--metrics-socket`, which vm.counters
+//! reads.
 
 use std::path::PathBuf;
 
@@ -140,6 +144,8 @@ pub struct DiskConfigBody {
     pub id: Option<String>,
     pub vhost_user: Option<bool>,
     pub vhost_socket: Option<String>,
+    /// Our extension: the backend's metrics socket (vm.counters).
+    pub metrics_socket: Option<String>,
     pub num_queues: Option<u16>,
     pub queue_size: Option<u16>,
     pub readonly: Option<bool>,
@@ -164,6 +170,8 @@ pub struct NetConfigBody {
     pub id: Option<String>,
     pub vhost_user: Option<bool>,
     pub vhost_socket: Option<String>,
+    /// Our extension: the backend's metrics socket (vm.counters).
+    pub metrics_socket: Option<String>,
     pub mac: Option<String>,
     pub num_queues: Option<u16>,
     pub queue_size: Option<u16>,
@@ -253,6 +261,7 @@ impl DiskConfigBody {
                 socket,
                 queues: queues(&f("num_queues"), self.num_queues, 1)?,
                 queue_size: queue_size(&f("queue_size"), self.queue_size)?,
+                metrics_socket: self.metrics_socket.map(PathBuf::from),
             },
         })
     }
@@ -309,6 +318,7 @@ impl NetConfigBody {
                 socket,
                 queues: total,
                 queue_size: queue_size(&f("queue_size"), self.queue_size)?,
+                metrics_socket: self.metrics_socket.map(PathBuf::from),
             },
         })
     }
@@ -522,6 +532,22 @@ mod tests {
             let e = config(v).unwrap_err().to_string();
             assert!(e.starts_with(field), "{e}");
         }
+    }
+
+    #[test]
+    fn metrics_socket_is_accepted_on_disks_and_nics() {
+        let disk = json!({"vhost_user": true, "vhost_socket": "/b", "metrics_socket": "/bm"});
+        let nic = json!({"vhost_user": true, "vhost_socket": "/n", "metrics_socket": "/nm"});
+
+        let d = parse::<DiskConfigBody>(disk.to_string().as_bytes())
+            .and_then(|d| d.into_device("disk"))
+            .unwrap();
+        let n = parse::<NetConfigBody>(nic.to_string().as_bytes())
+            .and_then(|n| n.into_device("net"))
+            .unwrap();
+
+        assert_eq!(d.device.metrics_socket, Some(PathBuf::from("/bm")));
+        assert_eq!(n.device.metrics_socket, Some(PathBuf::from("/nm")));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{parse, DiskConfigBody, NetConfigBody, VmConfigBody};
+use super::counters::{CountersPlan, LiveCounters, VM_ENTRY};
 use super::{
     ApiError, ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, ApiSender,
     VmInfo, VmState, VmmPingResponse,
@@ -69,9 +70,10 @@ struct Spec {
     ids: Vec<String>,
 }
 
-/// A booted VM: its API channel and its thread.
+/// A booted VM: its API channel, its counters and its thread.
 struct Running {
     api: ApiSender,
+    counters: LiveCounters,
     /// `None` when the machine was never built (the error went to boot).
     thread: JoinHandle<Option<std::result::Result<Outcome, MachineError>>>,
 }
@@ -127,10 +129,14 @@ impl Controller {
     /// is the machine's own error.
     pub fn boot_now(&mut self, cfg: VmConfig) -> Result<()> {
         let n = cfg.devices.len();
-        let spec = Spec {
+        let mut spec = Spec {
             cfg,
-            ids: (0..n).map(|i| format!("_dev{i}")).collect(),
+            ids: Vec::with_capacity(n),
         };
+        for _ in 0..n {
+            // Generated ids are unique: this cannot fail.
+            let _ = spec.push_id(None);
+        }
         let running = self.start(&spec)?.map_err(ControllerError::Machine)?;
         self.vm = Vm::Running(spec, running);
         Ok(())
@@ -258,11 +264,11 @@ impl Controller {
             .spawn(move || {
                 let result = match Machine::new(&cfg) {
                     Ok(m) => {
-                        let _ = built_tx.send(None);
+                        let _ = built_tx.send(Ok(m.live_counters()));
                         Some(m.with_api(rx).run())
                     }
                     Err(e) => {
-                        let _ = built_tx.send(Some(e));
+                        let _ = built_tx.send(Err(e));
                         None
                     }
                 };
@@ -271,8 +277,12 @@ impl Controller {
             })
             .map_err(|e| ControllerError::Io("start the VM thread", e))?;
         match built.recv() {
-            Ok(None) => Ok(Ok(Running { api: tx, thread })),
-            Ok(Some(e)) => {
+            Ok(Ok(counters)) => Ok(Ok(Running {
+                api: tx,
+                counters,
+                thread,
+            })),
+            Ok(Err(e)) => {
                 let _ = thread.join();
                 // Its done-write is for a VM that never ran.
                 let _ = self.vm_done.read();
@@ -356,6 +366,22 @@ impl Controller {
                 (Ok(ApiReply::Empty), self.exit_with_vm)
             }
             ApiRequest::VmAddDisk | ApiRequest::VmAddNet => (self.add_device(request, body), false),
+            ApiRequest::VmCounters => {
+                let (spec, live) = match &self.vm {
+                    Vm::None => return Ok((no_vm(), false)),
+                    Vm::Created(s) | Vm::Shutdown(s) => (s, None),
+                    Vm::Running(s, r) => (s, Some(&r.counters)),
+                };
+                let devices = spec
+                    .ids
+                    .iter()
+                    .cloned()
+                    .zip(spec.cfg.devices.iter().map(|d| d.metrics_socket.clone()));
+                (
+                    Ok(ApiReply::Counters(CountersPlan::new(devices, live))),
+                    false,
+                )
+            }
             ApiRequest::VmInfo => {
                 let (spec, state) = match &self.vm {
                     Vm::None => return Ok((no_vm(), false)),
@@ -483,6 +509,9 @@ impl Spec {
         });
         if self.ids.contains(&id) {
             return Err(format!("Device id '{id}' is already in use"));
+        }
+        if id == VM_ENTRY {
+            return Err(format!("Device id '{id}' is reserved for vm.counters"));
         }
         self.ids.push(id);
         Ok(())

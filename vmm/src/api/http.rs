@@ -46,6 +46,7 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
     ("vm.delete", "PUT", ApiRequest::VmDelete),
     ("vm.add-disk", "PUT", ApiRequest::VmAddDisk),
     ("vm.add-net", "PUT", ApiRequest::VmAddNet),
+    ("vm.counters", "GET", ApiRequest::VmCounters),
 ];
 
 /// Largest request body read (a VmConfig is a few KiB); larger is 413.
@@ -212,6 +213,15 @@ fn text(status: StatusCode, msg: &str) -> Reply {
     r
 }
 
+fn json(body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// Finds the request for (path, method): Err is the status to answer.
 fn route(path: &str, method: &Method) -> Result<ApiRequest, StatusCode> {
     let name = path.strip_prefix(API_PREFIX).ok_or(StatusCode::NOT_FOUND)?;
@@ -261,13 +271,19 @@ async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<Reply, In
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        Ok(Ok(ApiReply::Json(body))) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            r
+        Ok(Ok(ApiReply::Json(body))) => json(body),
+        Ok(Ok(ApiReply::Counters(plan))) => {
+            // Backends are asked on the blocking pool, never on this loop.
+            match tokio::task::spawn_blocking(move || plan.resolve()).await {
+                Ok(map) => match serde_json::to_string(&map) {
+                    Ok(body) => json(body),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                },
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Cannot collect the counters",
+                ),
+            }
         }
         Ok(Err(f)) => text(
             StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

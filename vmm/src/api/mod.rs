@@ -19,6 +19,10 @@
 //! once; if the receiver is gone the sender sees the channel closed and
 //! answers 503 itself.
 //!
+//! vm.counters is answered by the controller with a plan that the HTTP
+//! thread completes by asking the backends ([`counters`]), so no VMM
+//! thread waits on a backend.
+//!
 //! State changes are made by the controller and the VM's loop only, one
 //! request at a time: a pause is complete (every vCPU out of `KVM_RUN`
 //! and parked) before the next request is looked at.
@@ -26,6 +30,7 @@
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod counters;
 pub mod http;
 
 use std::sync::mpsc;
@@ -59,6 +64,7 @@ pub enum ApiRequest {
     VmDelete,
     VmAddDisk,
     VmAddNet,
+    VmCounters,
 }
 
 impl ApiRequest {
@@ -93,6 +99,9 @@ impl ApiFailure {
 pub enum ApiReply {
     Empty,
     Json(String),
+    /// vm.counters: the HTTP thread completes it with the backends'
+    /// counters, off the VMM's threads, and answers the JSON map.
+    Counters(counters::CountersPlan),
 }
 
 pub type ApiResponse = Result<ApiReply, ApiFailure>;

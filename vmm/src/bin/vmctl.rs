@@ -60,6 +60,9 @@ enum Command {
         /// key=value list, as ch-remote takes it.
         spec: String,
     },
+    /// Show the VM's and every device's counters, backends' included
+    /// (vm.counters); a table, or the JSON map with --json.
+    Counters,
 }
 
 impl Command {
@@ -77,6 +80,7 @@ impl Command {
             Self::Delete => ApiRequest::VmDelete,
             Self::AddDisk { .. } => ApiRequest::VmAddDisk,
             Self::AddNet { .. } => ApiRequest::VmAddNet,
+            Self::Counters => ApiRequest::VmCounters,
         }
     }
 
@@ -86,12 +90,26 @@ impl Command {
             Self::Create { file } => {
                 std::fs::read(file).map_err(|e| format!("Cannot read {}: {e}", file.display()))
             }
-            Self::AddDisk { spec } => {
-                device_body(spec, &["vhost_socket", "num_queues", "queue_size", "id"])
-            }
+            Self::AddDisk { spec } => device_body(
+                spec,
+                &[
+                    "vhost_socket",
+                    "num_queues",
+                    "queue_size",
+                    "id",
+                    "metrics_socket",
+                ],
+            ),
             Self::AddNet { spec } => device_body(
                 spec,
-                &["vhost_socket", "mac", "num_queues", "queue_size", "id"],
+                &[
+                    "vhost_socket",
+                    "mac",
+                    "num_queues",
+                    "queue_size",
+                    "id",
+                    "metrics_socket",
+                ],
             ),
             _ => Ok(Vec::new()),
         }
@@ -197,7 +215,30 @@ fn human(command: &Command, body: &str) -> String {
                 Err(_) => body.to_string(),
             }
         }
+        Command::Counters => counters_table(body),
     }
+}
+
+/// vm.counters as `entry  counter  value` rows.
+fn counters_table(body: &str) -> String {
+    type Map = std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>;
+    let Ok(map) = serde_json::from_str::<Map>(body) else {
+        return body.to_string();
+    };
+    let width = map.keys().map(String::len).max().unwrap_or(0).max(6);
+    let name_width = map
+        .values()
+        .flat_map(|c| c.keys().map(String::len))
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    let mut s = format!("{:width$}  {:name_width$}  value\n", "device", "counter");
+    for (entry, counters) in &map {
+        for (name, value) in counters {
+            s.push_str(&format!("{entry:width$}  {name:name_width$}  {value}\n"));
+        }
+    }
+    s
 }
 
 fn error_chain(e: &ClientError) -> String {

@@ -91,6 +91,9 @@ pub struct DeviceConfig {
     /// when the backend offers one).
     pub queues: u16,
     pub queue_size: u16,
+    /// The backend's `--metrics-socket`, read for vm.counters (disk and
+    /// net only; never used to drive the device).
+    pub metrics_socket: Option<PathBuf>,
 }
 
 struct Queue {
@@ -591,6 +594,7 @@ mod tests {
             socket: PathBuf::from("/nonexistent"),
             queues,
             queue_size: 256,
+            metrics_socket: None,
         }
     }
 
