@@ -7,21 +7,24 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
-use common::{test_guest, vmm, wait, Scratch};
+use common::{read_until, test_guest, vmm, wait, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// A vmm serving the API, killed when dropped.
+/// A vmm serving the API, killed when dropped: booted with `--kernel`
+/// ([`Vm::start`], [`Vm::held`]) or, with only `--api-socket`, holding no
+/// VM until vm.create ([`Vm::empty`]).
 struct Vm {
     child: Option<Child>,
     socket: PathBuf,
-    /// Console lines after the ready line.
+    /// Console lines: those after the ready line for [`Vm::start`], every
+    /// line the guest prints for [`Vm::empty`].
     console: Receiver<String>,
-    _dir: Scratch,
+    dir: Scratch,
 }
 
 impl Vm {
@@ -37,34 +40,93 @@ impl Vm {
             .arg(&socket)
             .stdin(stdin);
         let mut child = c.spawn().unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut lines = Vec::new();
-        loop {
-            let mut l = String::new();
-            assert_ne!(out.read_line(&mut l).unwrap(), 0, "vmm exited: {lines:?}");
-            lines.push(l.trim_end().to_string());
-            if l.starts_with(ready) {
-                break;
-            }
-        }
-        let (tx, console) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines() {
-                let Ok(l) = l else { break };
-                let _ = tx.send(l.trim_end().to_string());
-            }
-        });
+        let (out, _) = read_until(&mut child, ready);
+        let console = forward(out);
         assert!(socket.exists(), "no API socket");
         Self {
             child: Some(child),
             socket,
             console,
-            _dir: dir,
+            dir,
         }
     }
 
     fn held(tag: &str) -> Self {
         Self::start(tag, "tg.hold", "TG: HOLD", Stdio::null())
+    }
+
+    /// Starts a vmm with only `--api-socket` (stderr to `<dir>/stderr`)
+    /// and waits until it answers.
+    fn empty(tag: &str) -> Self {
+        let dir = Scratch::new(tag);
+        let socket = dir.path("api.sock");
+        let err = std::fs::File::create(dir.path("stderr")).unwrap();
+        let mut c = vmm();
+        c.arg("--api-socket").arg(&socket).stderr(err);
+        let mut child = c.spawn().unwrap();
+        let console = forward(BufReader::new(child.stdout.take().unwrap()));
+        // The socket file appears at bind(), just before listen(): ping.
+        let deadline = std::time::Instant::now() + LIMIT;
+        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "vmm exited");
+            assert!(std::time::Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child: Some(child),
+            socket,
+            console,
+            dir,
+        }
+    }
+
+    /// `PUT endpoint` with `body`: (status, body).
+    fn put(&self, endpoint: &str, body: &str) -> (u16, String) {
+        let r = vmm::api::client::raw_with_body(&self.socket, "PUT", endpoint, body.as_bytes())
+            .unwrap();
+        (r.status, r.body)
+    }
+
+    fn get(&self, endpoint: &str) -> (u16, String) {
+        let r = vmm::api::client::raw(&self.socket, "GET", endpoint).unwrap();
+        (r.status, r.body)
+    }
+
+    /// The VM's state, or the status when vm.info is not 200.
+    fn state(&self) -> String {
+        match self.get("vm.info") {
+            (200, b) => serde_json::from_str::<serde_json::Value>(&b).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            (s, _) => s.to_string(),
+        }
+    }
+
+    /// Waits for the state to become `want`.
+    fn wait_state(&self, want: &str) {
+        let deadline = std::time::Instant::now() + LIMIT;
+        while self.state() != want {
+            assert!(std::time::Instant::now() < deadline, "never {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Console lines up to and including the first starting with `until`.
+    fn console_until(&self, until: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.console.recv_timeout(LIMIT) {
+                Ok(l) => {
+                    let done = l.starts_with(until);
+                    lines.push(l);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(_) => panic!("no {until:?} on the console: {lines:?}"),
+            }
+        }
     }
 
     fn vmctl(&self, args: &[&str]) -> Output {
@@ -92,6 +154,19 @@ impl Drop for Vm {
             let _ = c.wait();
         }
     }
+}
+
+/// Sends each line of `out` (line end trimmed) down the returned channel,
+/// from a thread, until the pipe ends.
+fn forward(out: BufReader<ChildStdout>) -> Receiver<String> {
+    let (tx, console) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines() {
+            let Ok(l) = l else { break };
+            let _ = tx.send(l.trim_end().to_string());
+        }
+    });
+    console
 }
 
 /// Writes `request` as is and returns everything the server sends back.
@@ -124,6 +199,7 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The VM's state as `vmctl --json info` reports it (which must succeed).
 fn state(vm: &Vm) -> String {
     json(&vm.vmctl(&["--json", "info"]))["state"]
         .as_str()
@@ -339,118 +415,6 @@ fn a_stale_socket_is_replaced() {
 
 // --- Creating and booting VMs through the API (no --kernel) -------------
 
-/// A vmm started with only `--api-socket`: no VM until vm.create.
-struct Vmm {
-    child: Option<Child>,
-    socket: PathBuf,
-    /// Every console line, as the guest prints them.
-    console: Receiver<String>,
-    dir: Scratch,
-}
-
-impl Vmm {
-    fn start(tag: &str) -> Self {
-        let dir = Scratch::new(tag);
-        let socket = dir.path("api.sock");
-        let err = std::fs::File::create(dir.path("stderr")).unwrap();
-        let mut c = vmm();
-        c.arg("--api-socket").arg(&socket).stderr(err);
-        let mut child = c.spawn().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, console) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines() {
-                let Ok(l) = l else { break };
-                let _ = tx.send(l.trim_end().to_string());
-            }
-        });
-        // The socket file appears at bind(), just before listen(): ping.
-        let deadline = std::time::Instant::now() + LIMIT;
-        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "vmm exited");
-            assert!(std::time::Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child: Some(child),
-            socket,
-            console,
-            dir,
-        }
-    }
-
-    /// `PUT endpoint` with `body`: (status, body).
-    fn put(&self, endpoint: &str, body: &str) -> (u16, String) {
-        let r = vmm::api::client::raw_with_body(&self.socket, "PUT", endpoint, body.as_bytes())
-            .unwrap();
-        (r.status, r.body)
-    }
-
-    fn get(&self, endpoint: &str) -> (u16, String) {
-        let r = vmm::api::client::raw(&self.socket, "GET", endpoint).unwrap();
-        (r.status, r.body)
-    }
-
-    /// The VM's state, or the status when vm.info is not 200.
-    fn state(&self) -> String {
-        match self.get("vm.info") {
-            (200, b) => serde_json::from_str::<serde_json::Value>(&b).unwrap()["state"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-            (s, _) => s.to_string(),
-        }
-    }
-
-    /// Waits for the state to become `want`.
-    fn wait_state(&self, want: &str) {
-        let deadline = std::time::Instant::now() + LIMIT;
-        while self.state() != want {
-            assert!(std::time::Instant::now() < deadline, "never {want}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Console lines up to and including the first starting with `until`.
-    fn console_until(&self, until: &str) -> Vec<String> {
-        let mut lines = Vec::new();
-        loop {
-            match self.console.recv_timeout(LIMIT) {
-                Ok(l) => {
-                    let done = l.starts_with(until);
-                    lines.push(l);
-                    if done {
-                        return lines;
-                    }
-                }
-                Err(_) => panic!("no {until:?} on the console: {lines:?}"),
-            }
-        }
-    }
-
-    fn vmctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmctl"))
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// A VmConfig for the test guest with `cmdline` and the console on stdout.
 fn guest_config(cmdline: &str, cpus: u8, memory: u64) -> serde_json::Value {
     serde_json::json!({
@@ -464,7 +428,7 @@ fn guest_config(cmdline: &str, cpus: u8, memory: u64) -> serde_json::Value {
 
 #[test]
 fn create_and_boot_run_what_the_config_says() {
-    let mut vmm = Vmm::start("api-create");
+    let mut vmm = Vm::empty("api-create");
     let cfg = guest_config("tg.hold", 2, 128 << 20).to_string();
 
     let before = vmm.get("vm.info");
@@ -501,7 +465,7 @@ fn create_and_boot_run_what_the_config_says() {
 
 #[test]
 fn invalid_transitions_are_4xx_and_the_vm_keeps_running() {
-    let mut vmm = Vmm::start("api-transitions");
+    let mut vmm = Vm::empty("api-transitions");
     let cfg = guest_config("tg.hold", 1, 64 << 20).to_string();
     let disk = r#"{"vhost_user": true, "vhost_socket": "/nonexistent.sock"}"#;
 
@@ -546,7 +510,7 @@ fn invalid_transitions_are_4xx_and_the_vm_keeps_running() {
 
 #[test]
 fn unsupported_and_unknown_fields_are_400_naming_them() {
-    let vmm = Vmm::start("api-fields");
+    let vmm = Vm::empty("api-fields");
     let with = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut c = guest_config("tg.hold", 1, 64 << 20);
         f(&mut c);
@@ -586,7 +550,7 @@ fn unsupported_and_unknown_fields_are_400_naming_them() {
 
 #[test]
 fn a_10_mib_body_is_refused_and_the_vmm_stays_small() {
-    let mut vmm = Vmm::start("api-big");
+    let mut vmm = Vm::empty("api-big");
     let rss = || {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", vmm.child.as_ref().unwrap().id()))
@@ -643,7 +607,7 @@ fn a_10_mib_body_is_refused_and_the_vmm_stays_small() {
 
 #[test]
 fn after_the_guest_powers_off_the_vmm_serves_on_and_boots_again() {
-    let mut vmm = Vmm::start("api-again");
+    let mut vmm = Vm::empty("api-again");
     let cfg = guest_config("", 1, 64 << 20).to_string();
 
     assert_eq!(vmm.put("vm.create", &cfg).0, 204);
@@ -659,7 +623,7 @@ fn after_the_guest_powers_off_the_vmm_serves_on_and_boots_again() {
     let second = vmm.console_until("TG: PASS");
     vmm.wait_state("Shutdown");
     let quit = vmm.put("vmm.shutdown", "");
-    let r = wait(vmm.child.take().unwrap(), LIMIT);
+    let r = wait(vmm.take(), LIMIT);
 
     assert!(alive);
     assert_eq!(create_over.0, 405, "{create_over:?}");
@@ -674,7 +638,7 @@ fn after_the_guest_powers_off_the_vmm_serves_on_and_boots_again() {
 
 #[test]
 fn vm_shutdown_without_kernel_leaves_the_vm_in_shutdown() {
-    let mut vmm = Vmm::start("api-vm-shutdown");
+    let mut vmm = Vm::empty("api-vm-shutdown");
     let cfg = guest_config("tg.hold", 1, 64 << 20).to_string();
     assert_eq!(vmm.put("vm.create", &cfg).0, 204);
     assert_eq!(vmm.put("vm.boot", "").0, 204);
@@ -689,9 +653,9 @@ fn vm_shutdown_without_kernel_leaves_the_vm_in_shutdown() {
     assert!(vmm.running());
 }
 
-#[test]
-fn a_disk_added_through_the_api_is_driven_by_the_guest() {
-    let vmm = Vmm::start("api-disk");
+/// A blk-backend on a 64 MiB image in `vmm`'s dir, with `metrics` (if
+/// any) as its `--metrics-socket`; returns it and its vhost-user socket.
+fn blk_backend(vmm: &Vm, metrics: Option<&Path>) -> (common::Daemon, PathBuf) {
     let image = vmm.dir.path("disk.img");
     let socket = vmm.dir.path("blk.sock");
     std::fs::File::create(&image)
@@ -704,7 +668,24 @@ fn a_disk_added_through_the_api_is_driven_by_the_guest() {
         .arg(&socket)
         .arg("--image")
         .arg(&image);
-    let _backend = common::Daemon::start(backend, &socket);
+    if let Some(metrics) = metrics {
+        backend.arg("--metrics-socket").arg(metrics);
+    }
+    let daemon = common::Daemon::start(backend, &socket);
+    if let Some(metrics) = metrics {
+        let deadline = std::time::Instant::now() + LIMIT;
+        while !metrics.exists() {
+            assert!(std::time::Instant::now() < deadline, "no metrics socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    (daemon, socket)
+}
+
+#[test]
+fn a_disk_added_through_the_api_is_driven_by_the_guest() {
+    let vmm = Vm::empty("api-disk");
+    let (_backend, socket) = blk_backend(&vmm, None);
     let cfg = guest_config("tg.virtio tg.seed=7", 2, 128 << 20).to_string();
 
     assert_eq!(vmm.put("vm.create", &cfg).0, 204);
@@ -728,7 +709,7 @@ fn a_disk_added_through_the_api_is_driven_by_the_guest() {
 
 #[test]
 fn vmctl_creates_boots_and_deletes() {
-    let vmm = Vmm::start("api-vmctl");
+    let vmm = Vm::empty("api-vmctl");
     let file = vmm.dir.path("vm.json");
     std::fs::write(&file, guest_config("tg.hold", 1, 64 << 20).to_string()).unwrap();
 
@@ -759,41 +740,16 @@ fn vmctl_creates_boots_and_deletes() {
 
 // --- vm.counters ---------------------------------------------------------
 
-/// A blk-backend on `dir` serving `metrics` as its `--metrics-socket`.
-fn blk_backend(vmm: &Vmm, metrics: &Path) -> (common::Daemon, PathBuf) {
-    let image = vmm.dir.path("disk.img");
-    let socket = vmm.dir.path("blk.sock");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let mut backend = Command::new(common::workspace_bin("blk-backend"));
-    backend
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--image")
-        .arg(&image)
-        .arg("--metrics-socket")
-        .arg(metrics);
-    let daemon = common::Daemon::start(backend, &socket);
-    let deadline = std::time::Instant::now() + LIMIT;
-    while !metrics.exists() {
-        assert!(std::time::Instant::now() < deadline, "no metrics socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (daemon, socket)
-}
-
-fn counters(vmm: &Vmm) -> (u16, serde_json::Value) {
+fn counters(vmm: &Vm) -> (u16, serde_json::Value) {
     let (status, body) = vmm.get("vm.counters");
     (status, serde_json::from_str(&body).unwrap_or_default())
 }
 
 #[test]
 fn vm_counters_move_with_the_guests_disk_io_and_count_vcpu_exits() {
-    let vmm = Vmm::start("api-counters");
+    let vmm = Vm::empty("api-counters");
     let metrics = vmm.dir.path("blk.metrics");
-    let (_backend, socket) = blk_backend(&vmm, &metrics);
+    let (_backend, socket) = blk_backend(&vmm, Some(&metrics));
     let mut cfg = guest_config("tg.virtio tg.seed=7 tg.hold", 1, 128 << 20);
     cfg["disks"] = serde_json::json!([{
         "vhost_user": true,
@@ -835,9 +791,9 @@ fn vm_counters_move_with_the_guests_disk_io_and_count_vcpu_exits() {
 
 #[test]
 fn a_device_whose_backend_metrics_socket_is_gone_still_gets_a_200_answer() {
-    let vmm = Vmm::start("api-counters-gone");
+    let vmm = Vm::empty("api-counters-gone");
     let metrics = vmm.dir.path("blk.metrics");
-    let (mut backend, socket) = blk_backend(&vmm, &metrics);
+    let (mut backend, socket) = blk_backend(&vmm, Some(&metrics));
     let mut cfg = guest_config("", 1, 64 << 20);
     cfg["disks"] = serde_json::json!([{
         "vhost_user": true,

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{run, test_guest, vmm, wait};
+use common::{read_until, run, test_guest, vmm, wait};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -22,16 +22,7 @@ fn held_vm_from(mut c: Command, cpus: u32) -> (Child, Vec<String>) {
         .arg(test_guest())
         .args(["--cpus", &cpus.to_string(), "--cmdline", "tg.hold"]);
     let mut child = c.spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    loop {
-        let mut l = String::new();
-        assert_ne!(out.read_line(&mut l).unwrap(), 0, "vmm exited: {lines:?}");
-        lines.push(l.trim_end().to_string());
-        if l.starts_with("TG: HOLD") {
-            break;
-        }
-    }
+    let (mut out, lines) = read_until(&mut child, "TG: HOLD");
     // Keep draining stdout so the VMM never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     (child, lines)

@@ -3,9 +3,9 @@
 
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,22 @@ pub fn vmm() -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     c
+}
+
+/// Reads `child`'s stdout up to and including the first line starting with
+/// `ready`; panics, naming the lines so far, if the pipe ends first.
+/// Returns the rest of the pipe and the lines read, without line ends.
+pub fn read_until(child: &mut Child, ready: &str) -> (BufReader<ChildStdout>, Vec<String>) {
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        assert_ne!(out.read_line(&mut l).unwrap(), 0, "vmm exited: {lines:?}");
+        lines.push(l.trim_end().to_string());
+        if l.starts_with(ready) {
+            return (out, lines);
+        }
+    }
 }
 
 /// Runs `cmd` to completion or kills it after `limit`.
