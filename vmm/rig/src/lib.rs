@@ -368,6 +368,14 @@ impl Rig {
         }
         let mut guard = guard;
         let status = guard.0.wait().ok();
+        // For the reader of a failed run: how QEMU ended (an L1 that resets
+        // ends it with status 0 under -no-reboot, printing nothing).
+        let line = match status {
+            Some(s) => format!("RIG-QEMU-EXIT {s}"),
+            None => "RIG-QEMU-EXIT unknown".to_string(),
+        };
+        progress(&line);
+        lines.push(line);
         Ok(Console {
             lines,
             qemu_ok: status.is_some_and(|s| s.success()),
