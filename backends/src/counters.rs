@@ -28,6 +28,28 @@ pub struct Metric {
     pub label: Option<&'static str>,
 }
 
+impl Metric {
+    /// A counter without an extra label.
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help,
+            kind: MetricKind::Counter,
+            label: None,
+        }
+    }
+
+    /// A gauge without an extra label.
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help,
+            kind: MetricKind::Gauge,
+            label: None,
+        }
+    }
+}
+
 /// One value of a metric on one queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {
@@ -274,18 +296,8 @@ pub fn check_prometheus_text(text: &str) -> Result<usize, String> {
 mod tests {
     use super::*;
 
-    static REQUESTS: Metric = Metric {
-        name: "requests",
-        help: "Requests taken.",
-        kind: MetricKind::Counter,
-        label: None,
-    };
-    static IN_FLIGHT: Metric = Metric {
-        name: "in_flight",
-        help: "Requests in flight.",
-        kind: MetricKind::Gauge,
-        label: None,
-    };
+    static REQUESTS: Metric = Metric::counter("requests", "Requests taken.");
+    static IN_FLIGHT: Metric = Metric::gauge("in_flight", "Requests in flight.");
     static DROPPED: Metric = Metric {
         name: "dropped_frames",
         help: "Frames dropped, by reason.",

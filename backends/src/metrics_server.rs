@@ -378,14 +378,9 @@ pub fn get(socket: &Path, target: &str, timeout: Duration) -> io::Result<Reply> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::counters::{Counters, Metric, MetricKind, QueueCounters, Sample};
+    use crate::counters::{Counters, Metric, QueueCounters, Sample};
 
-    static REQUESTS: Metric = Metric {
-        name: "requests",
-        help: "Requests taken.",
-        kind: MetricKind::Counter,
-        label: None,
-    };
+    static REQUESTS: Metric = Metric::counter("requests", "Requests taken.");
 
     struct Fixed;
 

@@ -4,32 +4,20 @@
 
 use std::sync::Arc;
 
-use backends::counters::{CounterSource, Counters, Metric, MetricKind, QueueCounters, Sample};
+use backends::counters::{CounterSource, Counters, Metric, QueueCounters, Sample};
 use backends::QueueMetrics;
 
-const fn counter(name: &'static str, help: &'static str) -> Metric {
-    Metric {
-        name,
-        help,
-        kind: MetricKind::Counter,
-        label: None,
-    }
-}
-
-static REQUESTS: Metric = counter("requests", "Requests taken from the available ring.");
-static READ_BYTES: Metric = counter("read_bytes", "Bytes read from storage into guest memory.");
-static WRITE_BYTES: Metric = counter("write_bytes", "Bytes written from guest memory to storage.");
-static ERRORS: Metric = counter("errors", "Requests completed with an error status.");
-static NOTIFICATIONS: Metric = counter(
+static REQUESTS: Metric = Metric::counter("requests", "Requests taken from the available ring.");
+static READ_BYTES: Metric =
+    Metric::counter("read_bytes", "Bytes read from storage into guest memory.");
+static WRITE_BYTES: Metric =
+    Metric::counter("write_bytes", "Bytes written from guest memory to storage.");
+static ERRORS: Metric = Metric::counter("errors", "Requests completed with an error status.");
+static NOTIFICATIONS: Metric = Metric::counter(
     "notifications",
     "Used-ring notifications sent to the frontend.",
 );
-static IN_FLIGHT: Metric = Metric {
-    name: "in_flight",
-    help: "Requests taken and not yet completed.",
-    kind: MetricKind::Gauge,
-    label: None,
-};
+static IN_FLIGHT: Metric = Metric::gauge("in_flight", "Requests taken and not yet completed.");
 
 /// Reads the server's per-queue counters (see
 /// [`backends::server::Server::metrics_handle`]).

@@ -117,40 +117,30 @@ impl NetQueueMetrics {
     }
 }
 
-const fn counter(name: &'static str, help: &'static str) -> Metric {
-    Metric {
-        name,
-        help,
-        kind: MetricKind::Counter,
-        label: None,
-    }
-}
-
-static RX_FRAMES: Metric = counter("rx_frames", "Frames delivered into the guest's RX buffers.");
-static RX_BYTES: Metric = counter(
+static RX_FRAMES: Metric =
+    Metric::counter("rx_frames", "Frames delivered into the guest's RX buffers.");
+static RX_BYTES: Metric = Metric::counter(
     "rx_bytes",
     "Bytes delivered to the guest, headers excluded.",
 );
-static TX_FRAMES: Metric = counter("tx_frames", "Frames the guest sent, written to the tap.");
-static TX_BYTES: Metric = counter("tx_bytes", "Bytes the guest sent, headers excluded.");
-static CTRL_COMMANDS: Metric = counter("ctrl_commands", "Control queue commands answered.");
+static TX_FRAMES: Metric =
+    Metric::counter("tx_frames", "Frames the guest sent, written to the tap.");
+static TX_BYTES: Metric = Metric::counter("tx_bytes", "Bytes the guest sent, headers excluded.");
+static CTRL_COMMANDS: Metric = Metric::counter("ctrl_commands", "Control queue commands answered.");
 static DROPPED: Metric = Metric {
     name: "dropped_frames",
     help: "Frames or chains dropped, by reason.",
     kind: MetricKind::Counter,
     label: Some("reason"),
 };
-static CHAINS: Metric = counter("chains", "Descriptor chains taken from the available ring.");
-static NOTIFICATIONS: Metric = counter(
+static CHAINS: Metric =
+    Metric::counter("chains", "Descriptor chains taken from the available ring.");
+static NOTIFICATIONS: Metric = Metric::counter(
     "notifications",
     "Used-ring notifications sent to the frontend.",
 );
-static IN_FLIGHT: Metric = Metric {
-    name: "in_flight",
-    help: "Descriptor chains taken and not yet returned.",
-    kind: MetricKind::Gauge,
-    label: None,
-};
+static IN_FLIGHT: Metric =
+    Metric::gauge("in_flight", "Descriptor chains taken and not yet returned.");
 
 /// The net device's counters and the server's generic per-queue ones (see
 /// [`backends::server::Server::metrics_handle`]), as `vmm_net_*` metrics.
