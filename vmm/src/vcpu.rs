@@ -9,7 +9,7 @@
 //!    +-------stop-------+----------stop------------+--> Stopped
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
@@ -63,9 +63,10 @@ struct Control {
     state: Mutex<VcpuState>,
     changed: Condvar,
     /// Whether the thread is outside `KVM_RUN` and will not re-enter it
-    /// (waiting while Created or Paused, or ended). Set by the thread.
-    parked: Mutex<bool>,
-    parked_changed: Condvar,
+    /// (waiting while Created or Paused, or ended). Changed by the thread
+    /// only while it holds `state`, and announced on `changed`, so that
+    /// [`VcpuHandle::wait_parked`] waits on the same lock and condvar.
+    parked: AtomicBool,
     /// `kvm_run.immediate_exit` of this vCPU: the mapping lives as long as
     /// the `VcpuFd`, which the thread hands back only when it ends.
     immediate_exit: *mut u8,
@@ -79,13 +80,12 @@ unsafe impl Send for Control {}
 unsafe impl Sync for Control {}
 
 impl Control {
-    /// Called on every pass of the run loop: an uncontended lock, and a
-    /// wake-up only on change.
-    fn set_parked(&self, v: bool) {
-        let mut p = lock(&self.parked);
-        if *p != v {
-            *p = v;
-            self.parked_changed.notify_all();
+    /// Called on every pass of the run loop with the state lock held: one
+    /// atomic load, and a store and wake-up only on change.
+    fn set_parked(&self, _guard: &VcpuState, v: bool) {
+        if self.parked.load(Ordering::Relaxed) != v {
+            self.parked.store(v, Ordering::Relaxed);
+            self.changed.notify_all();
         }
     }
 
@@ -132,8 +132,7 @@ impl VcpuHandle {
         let ctl = Arc::new(Control {
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
-            parked: Mutex::new(false),
-            parked_changed: Condvar::new(),
+            parked: AtomicBool::new(false),
             immediate_exit: &mut fd.get_kvm_run().immediate_exit,
         });
         let c = ctl.clone();
@@ -141,7 +140,7 @@ impl VcpuHandle {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 run_loop(id, &mut fd, &c, &ctx);
-                c.set_parked(true);
+                c.set_parked(&lock(&c.state), true);
                 fd
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
@@ -181,13 +180,9 @@ impl VcpuHandle {
     /// Waits until the thread is out of `KVM_RUN` and parked (after a
     /// move to Paused) or has ended.
     pub fn wait_parked(&self) {
-        let mut p = lock(&self.ctl.parked);
-        while !*p {
-            p = self
-                .ctl
-                .parked_changed
-                .wait(p)
-                .unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.ctl.state);
+        while !self.ctl.parked.load(Ordering::Relaxed) {
+            s = self.ctl.changed.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -208,14 +203,14 @@ fn wait_runnable(ctl: &Control) -> bool {
         match *s {
             VcpuState::Running => {
                 ctl.set_immediate_exit(&s, 0);
-                ctl.set_parked(false);
+                ctl.set_parked(&s, false);
                 return true;
             }
             VcpuState::Stopped => return false,
             VcpuState::Created | VcpuState::Paused => {
                 // Out of KVM_RUN, and it stays out until Running: the
                 // state lock is held from this check to the wait.
-                ctl.set_parked(true);
+                ctl.set_parked(&s, true);
                 s = ctl.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
         }
