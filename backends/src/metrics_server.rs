@@ -103,20 +103,6 @@ impl MetricsServer {
     fn start_with(
         path: &Path,
         source: Arc<dyn CounterSource>,
-        signals: bool,
-    ) -> Result<Self, MetricsServerError> {
-        let listener = bind(path)?;
-        let started = Self::spawn(path, listener, source, signals);
-        if started.is_err() {
-            let _ = std::fs::remove_file(path);
-        }
-        started
-    }
-
-    fn spawn(
-        path: &Path,
-        listener: UnixListener,
-        source: Arc<dyn CounterSource>,
         exit_on_signal: bool,
     ) -> Result<Self, MetricsServerError> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -124,28 +110,40 @@ impl MetricsServer {
             .enable_time()
             .build()
             .map_err(MetricsServerError::Runtime)?;
-        let (listener, signals) = {
-            let _guard = rt.enter();
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| MetricsServerError::Bind(path.display().to_string(), e))?;
-            let listener = tokio::net::UnixListener::from_std(listener)
-                .map_err(|e| MetricsServerError::Bind(path.display().to_string(), e))?;
-            let signals = if exit_on_signal {
-                let term = signal(SignalKind::terminate()).map_err(MetricsServerError::Signal)?;
-                let int = signal(SignalKind::interrupt()).map_err(MetricsServerError::Signal)?;
-                Some([term, int])
-            } else {
-                None
-            };
-            (listener, signals)
+        let guard = rt.enter();
+        // The signal handlers go in before the socket appears, so whoever
+        // sees the socket can rely on SIGTERM removing it.
+        let signals = if exit_on_signal {
+            let term = signal(SignalKind::terminate()).map_err(MetricsServerError::Signal)?;
+            let int = signal(SignalKind::interrupt()).map_err(MetricsServerError::Signal)?;
+            Some([term, int])
+        } else {
+            None
+        };
+        let listener = bind(path)?;
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixListener::from_std(listener));
+        drop(guard);
+        let listener = match listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(MetricsServerError::Bind(path.display().to_string(), e));
+            }
         };
         let (tx, rx) = oneshot::channel();
         let file = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || rt.block_on(accept_loop(listener, source, rx, signals, file)))
-            .map_err(MetricsServerError::Thread)?;
+            .spawn(move || rt.block_on(accept_loop(listener, source, rx, signals, file)));
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(MetricsServerError::Thread(e));
+            }
+        };
         tracing::info!(socket = %path.display(), "metrics endpoint listening");
         Ok(MetricsServer {
             path: path.to_path_buf(),
