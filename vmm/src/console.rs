@@ -51,6 +51,19 @@ impl Drop for RawStdin {
     }
 }
 
+/// How many bytes can be read from stdin now without blocking (FIONREAD;
+/// 0 when unknown). Lets an edge-triggered loop drain a blocking stdin.
+pub fn stdin_available() -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the valid pointer `n`.
+    let rc = unsafe { libc::ioctl(0, libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// Unbuffered stdout: every byte the guest writes shows at once.
 struct Stdout;
 

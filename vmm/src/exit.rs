@@ -17,6 +17,8 @@ pub enum ExitReason {
     Signal(i32),
     /// `vm.shutdown` or `vmm.shutdown` on the control API.
     ApiShutdown,
+    /// `vm.reboot` on the control API.
+    ApiReboot,
     /// A vCPU triple-faulted.
     TripleFault { cpu: u8 },
     /// KVM could not go on (emulation failure, entry failure...).
@@ -28,8 +30,17 @@ impl ExitReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            Self::GuestReset | Self::GuestShutdown | Self::Signal(_) | Self::ApiShutdown
+            Self::GuestReset
+                | Self::GuestShutdown
+                | Self::Signal(_)
+                | Self::ApiShutdown
+                | Self::ApiReboot
         )
+    }
+
+    /// Whether the VM asked to start again (guest reset, vm.reboot).
+    pub fn is_reboot(&self) -> bool {
+        matches!(self, Self::GuestReset | Self::ApiReboot)
     }
 }
 
@@ -40,6 +51,7 @@ impl std::fmt::Display for ExitReason {
             Self::GuestShutdown => write!(f, "guest shut down"),
             Self::Signal(s) => write!(f, "stopped by signal {s}"),
             Self::ApiShutdown => write!(f, "shut down through the API"),
+            Self::ApiReboot => write!(f, "rebooted through the API"),
             Self::TripleFault { cpu } => write!(f, "guest triple fault on vCPU {cpu}"),
             Self::KvmFailure { cpu, detail } => write!(f, "vCPU {cpu}: {detail}"),
         }

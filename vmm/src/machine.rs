@@ -9,19 +9,20 @@
 
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll};
 use thiserror::Error;
 use vm_superio::I8042Device;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{
-    ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, VmInfo, VmInfoConfig,
-    VmState, VmmPingResponse,
+    ApiError, ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, ApiSender,
+    VmInfo, VmInfoConfig, VmState, VmmPingResponse,
 };
 use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
@@ -30,7 +31,7 @@ use crate::arch::x86_64::layout::ram_ranges;
 use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::console::{serial_sink, ConsoleError, RawStdin};
+use crate::console::{serial_sink, stdin_available, ConsoleError, RawStdin};
 use crate::devices::acpi::{AcpiPm, Ged, GED_GSI, GED_LEN, GED_PORT, PM_BASE, PM_LEN};
 use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::legacy::{DebugCon, ResetTrigger, DEBUGCON_PORT, I8042, I8042_BASE, I8042_LEN};
@@ -79,6 +80,8 @@ pub enum MachineError {
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     #[error("Cannot {0}")]
     Io(&'static str, #[source] io::Error),
+    #[error("Cannot set up the VM's API channel")]
+    Api(#[source] ApiError),
 }
 
 type Result<T> = std::result::Result<T, MachineError>;
@@ -87,11 +90,10 @@ type Result<T> = std::result::Result<T, MachineError>;
 /// SIGPWR presses the power button.
 pub(crate) const VMM_SIGNALS: &[libc::c_int] = &[libc::SIGINT, libc::SIGTERM, libc::SIGPWR];
 
-/// Event sources of the VMM event loop.
+/// Event sources of the VMM event loop (`mio` tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u64)]
 enum Token {
-    Exit = 1,
+    Exit,
     Signal,
     Stdin,
     SerialDrained,
@@ -99,18 +101,25 @@ enum Token {
 }
 
 impl Token {
-    fn from_u64(v: u64) -> Option<Self> {
-        [
-            Self::Exit,
-            Self::Signal,
-            Self::Stdin,
-            Self::SerialDrained,
-            Self::Api,
-        ]
-        .into_iter()
-        .find(|t| *t as u64 == v)
+    const ALL: [Self; 5] = [
+        Self::Exit,
+        Self::Signal,
+        Self::Stdin,
+        Self::SerialDrained,
+        Self::Api,
+    ];
+
+    fn mio(self) -> mio::Token {
+        mio::Token(self as usize)
+    }
+
+    fn from_mio(t: mio::Token) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.mio() == t)
     }
 }
+
+/// Serial input read from stdin but not yet taken by the UART's FIFO.
+const STDIN_PENDING_MAX: usize = 4096;
 
 /// How the VM ended and what it did.
 #[derive(Debug)]
@@ -137,6 +146,7 @@ pub struct Machine {
     metrics: Arc<VcpuMetrics>,
     stdin_input: bool,
     signals: SignalFd,
+    poll: Poll,
     api: Option<ApiReceiver>,
     info: VmInfoConfig,
     paused: bool,
@@ -209,6 +219,7 @@ impl Machine {
             metrics,
             stdin_input: cfg.serial == SerialConfig::Stdio,
             signals,
+            poll: Poll::new().map_err(|e| MachineError::Io("create the poll", e))?,
             api: None,
             info: cfg.into(),
             paused: false,
@@ -216,10 +227,13 @@ impl Machine {
         })
     }
 
-    /// Serves control API requests from `api` in the event loop.
-    pub fn with_api(mut self, api: ApiReceiver) -> Self {
-        self.api = Some(api);
-        self
+    /// Serves control API requests in the event loop: returns the sender
+    /// whose messages the loop answers.
+    pub fn api_channel(&mut self) -> Result<ApiSender> {
+        let (tx, rx) = crate::api::channel(self.poll.registry(), Token::Api.mio())
+            .map_err(MachineError::Api)?;
+        self.api = Some(rx);
+        Ok(tx)
     }
 
     /// The counters vm.counters reads while the VM runs.
@@ -237,6 +251,18 @@ impl Machine {
 
     /// Runs the VM until it ends; stops and joins every vCPU thread.
     pub fn run(mut self) -> Result<Outcome> {
+        self.run_to_end()
+    }
+
+    /// Like [`Self::run`], and gives back the API receiver of
+    /// [`Self::api_channel`]: requests sent after the loop ended wait
+    /// there, unanswered, for whoever handles them next.
+    pub fn run_served(mut self) -> (Result<Outcome>, Option<ApiReceiver>) {
+        let result = self.run_to_end();
+        (result, self.api.take())
+    }
+
+    fn run_to_end(&mut self) -> Result<Outcome> {
         let _raw = self.stdin_input.then(RawStdin::enable);
         for v in &self.vcpus {
             v.set_state(VcpuState::Running);
@@ -249,8 +275,15 @@ impl Machine {
                 result = Err(e.into());
             }
         }
-        events::emit("vm", "shutdown", &[]);
         let reason = reason?;
+        // The controller says "rebooted" once the VM is back, or
+        // "shutdown" if it does not restart it.
+        let event = if reason.is_reboot() {
+            "rebooting"
+        } else {
+            "shutdown"
+        };
+        events::emit("vm", event, &[]);
         result?;
         Ok(Outcome {
             reason,
@@ -265,56 +298,45 @@ impl Machine {
     }
 
     fn event_loop(&mut self) -> Result<ExitReason> {
-        let epoll = Epoll::new().map_err(|e| MachineError::Io("create epoll", e))?;
-        let add = |fd: RawFd, t: Token| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, t as u64),
-            )
-        };
+        let registry = self.poll.registry();
+        let add =
+            |fd: i32, t: Token| registry.register(&mut SourceFd(&fd), t.mio(), Interest::READABLE);
         add(self.exit.evt.as_raw_fd(), Token::Exit)
             .map_err(|e| MachineError::Io("poll exit", e))?;
         add(self.signals.fd.as_raw_fd(), Token::Signal)
             .map_err(|e| MachineError::Io("poll signals", e))?;
         add(self.serial_drained.as_raw_fd(), Token::SerialDrained)
             .map_err(|e| MachineError::Io("poll serial", e))?;
-        if let Some(api) = &self.api {
-            add(api.wake.as_raw_fd(), Token::Api).map_err(|e| MachineError::Io("poll API", e))?;
-        }
         // stdin may be /dev/null or a file, which epoll refuses: no input then.
         let mut stdin_on = self.stdin_input && add(0, Token::Stdin).is_ok();
         let mut pending: Vec<u8> = Vec::new();
-        let mut events = vec![EpollEvent::default(); 8];
+        let mut events = Events::with_capacity(8);
+        // Signals that arrived before the loop: edge-triggered polling
+        // would not report them.
+        if let Some(r) = self.take_signals() {
+            return Ok(r);
+        }
         loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
+            match self.poll.poll(&mut events, None) {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(MachineError::Io("wait for events", e)),
-            };
-            for ev in &events[..n] {
-                match Token::from_u64(ev.data()) {
+            }
+            let mut stdin_closed = false;
+            for ev in events.iter() {
+                match Token::from_mio(ev.token()) {
                     Some(Token::Exit) => {
                         let _ = self.exit.evt.read();
                         if let Some(r) = self.exit.reason() {
                             return Ok(r);
                         }
                     }
-                    Some(Token::Signal) => match self.signals.read() {
-                        libc::SIGPWR => lock(&self.ged).press_power_button(),
-                        s => return Ok(ExitReason::Signal(s)),
-                    },
-                    Some(Token::Stdin) => {
-                        let mut buf = [0u8; 64];
-                        match io::stdin().lock().read(&mut buf) {
-                            Ok(0) | Err(_) => {
-                                let _ =
-                                    epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
-                                stdin_on = false;
-                            }
-                            Ok(k) => pending.extend_from_slice(&buf[..k]),
+                    Some(Token::Signal) => {
+                        if let Some(r) = self.take_signals() {
+                            return Ok(r);
                         }
                     }
+                    Some(Token::Stdin) => stdin_closed |= ev.is_read_closed(),
                     Some(Token::SerialDrained) => {
                         let _ = self.serial_drained.read();
                     }
@@ -324,39 +346,62 @@ impl Machine {
                             let (response, stop) = self.api_request(request);
                             // The client may have gone; the action stands.
                             let _ = reply.send(response);
-                            if stop {
-                                return Ok(ExitReason::ApiShutdown);
+                            if let Some(r) = stop {
+                                return Ok(r);
                             }
                         }
                     }
                     None => {}
                 }
             }
-            // Feed what the FIFO takes; stop reading stdin while input waits.
-            if !pending.is_empty() {
-                let k = lock(&self.serial).enqueue(&pending);
-                pending.drain(..k);
-            }
-            let want_stdin = stdin_on && pending.is_empty();
-            let op = if want_stdin {
-                EventSet::IN
-            } else {
-                EventSet::empty()
-            };
+            // Feed what the FIFO takes, then read what stdin holds up to the
+            // cap; whatever stays is read once the FIFO drains (edge-
+            // triggered polling reports only new input).
             if stdin_on {
-                let _ = epoll.ctl(
-                    ControlOperation::Modify,
-                    0,
-                    EpollEvent::new(op, Token::Stdin as u64),
-                );
+                loop {
+                    if !pending.is_empty() {
+                        let k = lock(&self.serial).enqueue(&pending);
+                        pending.drain(..k);
+                    }
+                    let room = STDIN_PENDING_MAX - pending.len();
+                    let want = stdin_available().min(room);
+                    if want == 0 {
+                        break;
+                    }
+                    let mut buf = vec![0u8; want];
+                    match io::stdin().lock().read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            stdin_closed = true;
+                            break;
+                        }
+                        Ok(k) => pending.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if stdin_closed && stdin_available() == 0 {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&0));
+                    stdin_on = false;
+                }
+            }
+        }
+    }
+
+    /// Reads every pending signal: SIGPWR presses the power button,
+    /// SIGINT/SIGTERM end the VM.
+    fn take_signals(&self) -> Option<ExitReason> {
+        let mut stop = None;
+        loop {
+            match self.signals.read() {
+                0 => return stop,
+                libc::SIGPWR => lock(&self.ged).press_power_button(),
+                s => stop = stop.or(Some(ExitReason::Signal(s))),
             }
         }
     }
 }
 
 impl Machine {
-    /// Handles one API request; `true` when the VM must stop now.
-    fn api_request(&mut self, request: ApiRequest) -> (ApiResponse, bool) {
+    /// Handles one API request; the reason when the VM must stop now.
+    fn api_request(&mut self, request: ApiRequest) -> (ApiResponse, Option<ExitReason>) {
         let json = |v: std::result::Result<String, serde_json::Error>| {
             v.map(ApiReply::Json)
                 .map_err(|e| ApiFailure::new(500, format!("Cannot encode the answer: {e}")))
@@ -364,7 +409,7 @@ impl Machine {
         match request {
             ApiRequest::VmmPing => (
                 json(serde_json::to_string(&VmmPingResponse::current())),
-                false,
+                None,
             ),
             ApiRequest::VmInfo => {
                 let info = VmInfo {
@@ -376,10 +421,10 @@ impl Machine {
                     },
                     memory_actual_size: self.memory.size,
                 };
-                (json(serde_json::to_string(&info)), false)
+                (json(serde_json::to_string(&info)), None)
             }
             ApiRequest::VmPause if self.paused => {
-                (Err(ApiFailure::new(405, "The VM is already paused")), false)
+                (Err(ApiFailure::new(405, "The VM is already paused")), None)
             }
             ApiRequest::VmPause => {
                 events::emit("vm", "pausing", &[]);
@@ -392,10 +437,10 @@ impl Machine {
                 self.paused = true;
                 events::emit("vm", "paused", &[]);
                 tracing::info!("VM paused");
-                (Ok(ApiReply::Empty), false)
+                (Ok(ApiReply::Empty), None)
             }
             ApiRequest::VmResume if !self.paused => {
-                (Err(ApiFailure::new(405, "The VM is not paused")), false)
+                (Err(ApiFailure::new(405, "The VM is not paused")), None)
             }
             ApiRequest::VmResume => {
                 events::emit("vm", "resuming", &[]);
@@ -405,15 +450,19 @@ impl Machine {
                 self.paused = false;
                 events::emit("vm", "resumed", &[]);
                 tracing::info!("VM resumed");
-                (Ok(ApiReply::Empty), false)
+                (Ok(ApiReply::Empty), None)
             }
             ApiRequest::VmPowerButton => {
                 lock(&self.ged).press_power_button();
-                (Ok(ApiReply::Empty), false)
+                (Ok(ApiReply::Empty), None)
             }
             ApiRequest::VmShutdown | ApiRequest::VmmShutdown => {
                 tracing::info!(?request, "shutdown requested through the API");
-                (Ok(ApiReply::Empty), true)
+                (Ok(ApiReply::Empty), Some(ExitReason::ApiShutdown))
+            }
+            ApiRequest::VmReboot => {
+                tracing::info!("reboot requested through the API");
+                (Ok(ApiReply::Empty), Some(ExitReason::ApiReboot))
             }
             // The controller answers these; they never reach a running VM.
             ApiRequest::VmCreate
@@ -423,7 +472,7 @@ impl Machine {
             | ApiRequest::VmAddNet
             | ApiRequest::VmCounters => (
                 Err(ApiFailure::new(405, "Not a request for the running VM")),
-                false,
+                None,
             ),
         }
     }

@@ -150,9 +150,8 @@ fn boot(
         return Ok(Some(vmm::Machine::new(&cfg)?.run()?));
     };
     let socket = ApiSocket::bind(path)?;
-    let (tx, rx) = vmm::api::channel()?;
     let exit_with_vm = cfg.is_some();
-    let mut controller = Controller::new(rx, exit_with_vm)?;
+    let (mut controller, tx) = Controller::new(exit_with_vm)?;
     let server = socket.serve(tx)?;
     if let Some(cfg) = cfg {
         controller.boot_now(cfg)?;

@@ -812,3 +812,63 @@ fn a_device_whose_backend_metrics_socket_is_gone_still_gets_a_200_answer() {
     assert_eq!(gone["_disk0"]["backend_unreachable"], 1, "{gone}");
     assert!(gone["_disk0"].get("requests").is_none(), "{gone}");
 }
+
+#[test]
+fn vm_reboot_boots_the_guest_again_in_the_same_process() {
+    let mut vmm = Vm::empty("api-reboot");
+    let cfg = guest_config("tg.hold", 2, 64 << 20).to_string();
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: HOLD");
+
+    let reboot = vmm.put("vm.reboot", "");
+    let again = vmm.console_until("TG: HOLD");
+    let state = vmm.state();
+    let alive = vmm.running();
+    let quit = vmm.put("vmm.shutdown", "");
+    let r = wait(vmm.take(), LIMIT);
+
+    assert_eq!(reboot, (204, String::new()));
+    assert!(again.contains(&"TG: hello".to_string()), "{again:?}");
+    assert!(again.contains(&"TG: cpus=2".to_string()), "{again:?}");
+    assert_eq!(state, "Running");
+    assert!(alive);
+    assert_eq!(quit.0, 204);
+    assert_eq!(r.code(), Some(0));
+}
+
+#[test]
+fn a_guest_reset_under_the_api_reboots_the_vm() {
+    let mut vmm = Vm::empty("api-reset");
+    let cfg = guest_config("tg.reset", 1, 64 << 20).to_string();
+    assert_eq!(vmm.put("vm.create", &cfg).0, 204);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+
+    let first = vmm.console_until("TG: reset");
+    let second = vmm.console_until("TG: reset");
+    let shutdown = vmm.put("vm.shutdown", "");
+    vmm.wait_state("Shutdown");
+    let quit = vmm.put("vmm.shutdown", "");
+    let r = wait(vmm.take(), LIMIT);
+
+    assert!(first.contains(&"TG: hello".to_string()), "{first:?}");
+    assert!(second.contains(&"TG: hello".to_string()), "{second:?}");
+    assert_eq!(shutdown.0, 204, "{shutdown:?}");
+    assert_eq!(quit.0, 204);
+    assert_eq!(r.code(), Some(0));
+}
+
+#[test]
+fn vm_reboot_without_a_running_vm_is_refused() {
+    let vmm = Vm::empty("api-reboot-refused");
+    let cfg = guest_config("tg.hold", 1, 64 << 20).to_string();
+
+    let no_vm = vmm.put("vm.reboot", "");
+    vmm.put("vm.create", &cfg);
+    let created = vmm.put("vm.reboot", "");
+    let state = vmm.state();
+
+    assert_eq!(no_vm.0, 404, "{no_vm:?}");
+    assert_eq!(created.0, 405, "{created:?}");
+    assert_eq!(state, "Created");
+}

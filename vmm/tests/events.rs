@@ -265,6 +265,35 @@ fn api_boot_shutdown_delete_emit_their_events() {
 }
 
 #[test]
+fn vm_reboot_emits_rebooting_then_a_new_boot_then_rebooted() {
+    let dir = Scratch::new("events-reboot");
+    let log = dir.path("events.json");
+    let mut vm = Vm::start(&dir, &format!("path={}", log.display()), vmm());
+
+    vm.call(ApiRequest::VmReboot);
+    let deadline = Instant::now() + LIMIT;
+    while events_of(&log, "vm").last().map(|e| e["event"].clone()) != Some("rebooted".into()) {
+        assert!(Instant::now() < deadline, "no vm/rebooted event");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.call(ApiRequest::VmShutdown);
+    let status = vm.exit();
+    let events = parse(&std::fs::read_to_string(&log).unwrap());
+
+    assert!(status.success());
+    assert_eq!(
+        names(&events),
+        booted_then(&[
+            "vm/rebooting",
+            "vm/booting",
+            "vm/booted",
+            "vm/rebooted",
+            "vm/shutdown"
+        ])
+    );
+}
+
+#[test]
 fn sigterm_ends_the_vm_with_its_events() {
     let dir = Scratch::new("events-sigterm");
     let log = dir.path("events.json");

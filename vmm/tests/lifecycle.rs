@@ -147,3 +147,22 @@ fn stdin_reaches_the_guest_serial_port() {
         r.stdout
     );
 }
+
+#[test]
+fn guest_reset_without_the_api_ends_the_vmm_with_status_zero() {
+    let mut c = vmm();
+    c.arg("--kernel")
+        .arg(test_guest())
+        .args(["--cmdline", "tg.reset"]);
+
+    let r = run(c, LIMIT);
+
+    assert_eq!(r.code(), Some(0), "{}", r.stderr);
+    assert!(r.lines().contains(&"TG: reset"), "{}", r.stdout);
+    assert_eq!(
+        r.lines().iter().filter(|l| **l == "TG: hello").count(),
+        1,
+        "{}",
+        r.stdout
+    );
+}

@@ -12,6 +12,15 @@
 //! for_running_vm`]) to it and answers the rest itself. When the VM's
 //! loop returns, its thread writes an eventfd and the controller reaps it.
 //!
+//! A VM that reboots (vm.reboot, or a guest reset when the VM came from
+//! vm.create) is reaped and built again from its config in this process:
+//! fresh memory and devices, new connections to the same backends. A
+//! request forwarded to a VM whose loop had just ended is given back with
+//! its thread and answered after the reap, so none is lost.
+//!
+//! Both this loop and the VM's are `mio::Poll`s with typed tokens; API
+//! requests wake them through a `mio::Waker`.
+//!
 //! With `exit_with_vm` (`--kernel` given on the command line) the
 //! controller returns as soon as the VM ends, as vmm always did; without
 //! it the process serves on with the VM in `Shutdown` until vmm.shutdown
@@ -22,9 +31,10 @@ use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll};
 use thiserror::Error;
 use tokio::sync::oneshot;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{parse, DiskConfigBody, NetConfigBody, VmConfigBody};
@@ -75,11 +85,18 @@ struct Running {
     api: ApiSender,
     counters: LiveCounters,
     /// `None` when the machine was never built (the error went to boot).
-    thread: JoinHandle<Option<std::result::Result<Outcome, MachineError>>>,
+    thread: JoinHandle<Option<VmEnd>>,
 }
+
+/// How a VM thread ended, and the requests forwarded to it too late.
+type VmEnd = (
+    std::result::Result<Outcome, MachineError>,
+    Option<ApiReceiver>,
+);
 
 /// The controller; see the module documentation.
 pub struct Controller {
+    poll: Poll,
     api: ApiReceiver,
     vm: Vm,
     exit_with_vm: bool,
@@ -89,14 +106,29 @@ pub struct Controller {
     quitting: bool,
     /// Set when the process must end, with the VM's outcome if any.
     exit: Option<Option<Outcome>>,
+    /// Requests forwarded to a VM whose loop had already ended: they are
+    /// answered once it is reaped.
+    backlog: Vec<ApiMessage>,
 }
 
-#[derive(Clone, Copy)]
-#[repr(u64)]
+/// Event sources of the controller's loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Token {
-    Api = 1,
+    Api,
     Signal,
     VmDone,
+}
+
+impl Token {
+    const ALL: [Self; 3] = [Self::Api, Self::Signal, Self::VmDone];
+
+    fn mio(self) -> mio::Token {
+        mio::Token(self as usize)
+    }
+
+    fn from_mio(t: mio::Token) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.mio() == t)
+    }
 }
 
 fn fail(status: u16, msg: impl Into<String>) -> ApiResponse {
@@ -111,18 +143,33 @@ fn json<T: serde::Serialize>(v: &T) -> ApiResponse {
 
 impl Controller {
     /// Blocks the VMM's signals in this thread; call it before starting
-    /// the API server thread so that thread inherits the mask.
-    pub fn new(api: ApiReceiver, exit_with_vm: bool) -> Result<Self> {
-        Ok(Self {
+    /// the API server thread so that thread inherits the mask. Returns the
+    /// sender the API server hands its requests to.
+    pub fn new(exit_with_vm: bool) -> Result<(Self, ApiSender)> {
+        let poll = Poll::new().map_err(|e| ControllerError::Io("create the poll", e))?;
+        let (tx, api) =
+            super::channel(poll.registry(), Token::Api.mio()).map_err(ControllerError::Channel)?;
+        let vm_done = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| ControllerError::Io("create eventfd", e))?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&vm_done.as_raw_fd()),
+                Token::VmDone.mio(),
+                Interest::READABLE,
+            )
+            .map_err(|e| ControllerError::Io("poll the VM thread", e))?;
+        let controller = Self {
+            poll,
             api,
             vm: Vm::None,
             exit_with_vm,
             signals: SignalFd::new(VMM_SIGNALS).map_err(ControllerError::Signals)?,
-            vm_done: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|e| ControllerError::Io("create eventfd", e))?,
+            vm_done,
             quitting: false,
             exit: None,
-        })
+            backlog: Vec::new(),
+        };
+        Ok((controller, tx))
     }
 
     /// Creates and boots `cfg` at once (the command-line VM). A failure
@@ -146,66 +193,66 @@ impl Controller {
     /// `exit_with_vm`, the end of the VM; returns the VM's outcome when
     /// one ended the process.
     pub fn run(mut self) -> Result<Option<Outcome>> {
-        let epoll = Epoll::new().map_err(|e| ControllerError::Io("create epoll", e))?;
-        let ev = |t: Token| EpollEvent::new(EventSet::IN, t as u64);
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.api.wake.as_raw_fd(),
-                ev(Token::Api),
-            )
-            .map_err(|e| ControllerError::Io("poll the API", e))?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.vm_done.as_raw_fd(),
-                ev(Token::VmDone),
-            )
-            .map_err(|e| ControllerError::Io("poll the VM thread", e))?;
         let sig_fd = self.signals.fd.as_raw_fd();
         let mut polling_signals = false;
-        let mut events = vec![EpollEvent::default(); 4];
+        let mut events = Events::with_capacity(8);
         loop {
             // A running VM's loop takes the signals; else the controller does.
             let want = !matches!(self.vm, Vm::Running(..));
             if want != polling_signals {
-                let op = if want {
-                    ControlOperation::Add
+                let registry = self.poll.registry();
+                let mut source = SourceFd(&sig_fd);
+                if want {
+                    registry.register(&mut source, Token::Signal.mio(), Interest::READABLE)
                 } else {
-                    ControlOperation::Delete
-                };
-                epoll
-                    .ctl(op, sig_fd, ev(Token::Signal))
-                    .map_err(|e| ControllerError::Io("poll signals", e))?;
+                    registry.deregister(&mut source)
+                }
+                .map_err(|e| ControllerError::Io("poll signals", e))?;
                 polling_signals = want;
+                // Edge-triggered: take what arrived while nobody polled.
+                if want && self.take_stop_signal() {
+                    self.stop_vm();
+                    return Ok(None);
+                }
             }
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
+            match self.poll.poll(&mut events, None) {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ControllerError::Io("wait for events", e)),
-            };
-            for e in &events[..n] {
-                if e.data() == Token::Signal as u64 {
-                    if let libc::SIGINT | libc::SIGTERM = self.signals.read() {
+            }
+            for e in events.iter() {
+                match Token::from_mio(e.token()) {
+                    Some(Token::Signal) if self.take_stop_signal() => {
                         // A VM booted earlier in this batch stops first.
                         self.stop_vm();
                         return Ok(None);
                     }
-                } else if e.data() == Token::VmDone as u64 {
                     // Cleared after every join: a count means a VM is ending.
-                    if self.vm_done.read().is_ok() {
-                        self.reap()?;
-                    }
-                } else if e.data() == Token::Api as u64 {
-                    for m in self.api.drain() {
-                        if self.handle(m)? {
-                            return Ok(None);
-                        }
+                    Some(Token::VmDone) if self.vm_done.read().is_ok() => self.reap()?,
+                    Some(Token::Api) => self.backlog.extend(self.api.drain()),
+                    _ => {}
+                }
+                while !self.backlog.is_empty() {
+                    let m = self.backlog.remove(0);
+                    if self.handle(m)? {
+                        return Ok(None);
                     }
                 }
                 if let Some(outcome) = self.exit.take() {
                     return Ok(outcome);
                 }
+            }
+        }
+    }
+
+    /// Reads every pending signal; `true` if one asks the VMM to stop.
+    fn take_stop_signal(&self) -> bool {
+        let mut stop = false;
+        loop {
+            match self.signals.read() {
+                0 => return stop,
+                libc::SIGINT | libc::SIGTERM => stop = true,
+                _ => {}
             }
         }
     }
@@ -228,6 +275,16 @@ impl Controller {
             .map_err(|_| ControllerError::Panicked)?;
         // Written before the thread ended: clear it, it is handled.
         let _ = self.vm_done.read();
+        let (joined, late) = match joined {
+            Some((result, late)) => (Some(result), late),
+            None => (None, None),
+        };
+        // Before anything answered now: they were sent first.
+        if let Some(late) = late {
+            let mut backlog = late.drain();
+            backlog.append(&mut self.backlog);
+            self.backlog = backlog;
+        }
         let outcome = match joined {
             Some(Ok(o)) => {
                 tracing::info!(reason = %o.reason, "VM stopped");
@@ -240,11 +297,50 @@ impl Controller {
             }
             None => None,
         };
-        let signal = outcome
-            .as_ref()
-            .is_some_and(|o| matches!(o.reason, ExitReason::Signal(_)));
+        let reason = outcome.as_ref().map(|o| &o.reason);
+        let signal = matches!(reason, Some(ExitReason::Signal(_)));
+        // vm.reboot always restarts; a guest reset does unless the process
+        // lives for the command-line VM only (it exits on reset, as
+        // without the API).
+        let restart = !self.quitting
+            && match reason {
+                Some(ExitReason::ApiReboot) => true,
+                Some(ExitReason::GuestReset) => !self.exit_with_vm,
+                _ => false,
+            };
+        if restart {
+            return self.restart();
+        }
+        if reason.is_some_and(ExitReason::is_reboot) {
+            crate::events::emit("vm", "shutdown", &[]);
+        }
         if self.exit_with_vm || self.quitting || signal {
             self.exit = Some(outcome);
+        }
+        Ok(())
+    }
+
+    /// Builds and boots the VM again from its config after a reboot; if
+    /// that fails the VM stays in `Shutdown` (and the process ends with
+    /// a command-line VM).
+    fn restart(&mut self) -> Result<()> {
+        let Vm::Shutdown(spec) = &self.vm else {
+            return Ok(());
+        };
+        let spec = spec.clone();
+        match self.start(&spec)? {
+            Ok(running) => {
+                tracing::info!("VM rebooted");
+                self.vm = Vm::Running(spec, running);
+                crate::events::emit("vm", "rebooted", &[]);
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "VM failed to reboot");
+                crate::events::emit("vm", "shutdown", &[]);
+                if self.exit_with_vm {
+                    return Err(ControllerError::Machine(e));
+                }
+            }
         }
         Ok(())
     }
@@ -252,7 +348,6 @@ impl Controller {
     /// Builds the VM on its thread and starts its loop; the outer error
     /// is the controller's, the inner one the machine's.
     fn start(&self, spec: &Spec) -> Result<std::result::Result<Running, MachineError>> {
-        let (tx, rx) = super::channel().map_err(ControllerError::Channel)?;
         let done = self
             .vm_done
             .try_clone()
@@ -262,10 +357,14 @@ impl Controller {
         let thread = std::thread::Builder::new()
             .name("vmm-vm".into())
             .spawn(move || {
-                let result = match Machine::new(&cfg) {
-                    Ok(m) => {
-                        let _ = built_tx.send(Ok(m.live_counters()));
-                        Some(m.with_api(rx).run())
+                let built = Machine::new(&cfg).and_then(|mut m| {
+                    let tx = m.api_channel()?;
+                    Ok((m, tx))
+                });
+                let result = match built {
+                    Ok((m, tx)) => {
+                        let _ = built_tx.send(Ok((m.live_counters(), tx)));
+                        Some(m.run_served())
                     }
                     Err(e) => {
                         let _ = built_tx.send(Err(e));
@@ -277,8 +376,8 @@ impl Controller {
             })
             .map_err(|e| ControllerError::Io("start the VM thread", e))?;
         match built.recv() {
-            Ok(Ok(counters)) => Ok(Ok(Running {
-                api: tx,
+            Ok(Ok((counters, api))) => Ok(Ok(Running {
+                api,
                 counters,
                 thread,
             })),
@@ -303,7 +402,9 @@ impl Controller {
                     body: Vec::new(),
                     reply,
                 });
-                let _ = r.thread.join();
+                if let Ok(Some((_, Some(late)))) = r.thread.join() {
+                    self.backlog.extend(late.drain());
+                }
                 // Written before the thread ended: clear it, it is handled.
                 let _ = self.vm_done.read();
                 Vm::Shutdown(s)
@@ -399,6 +500,7 @@ impl Controller {
             ApiRequest::VmPause
             | ApiRequest::VmResume
             | ApiRequest::VmPowerButton
+            | ApiRequest::VmReboot
             | ApiRequest::VmShutdown => match self.vm {
                 Vm::None => (no_vm(), false),
                 _ => (fail(405, "The VM is not running"), false),

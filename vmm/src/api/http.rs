@@ -40,6 +40,7 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
     ("vm.pause", "PUT", ApiRequest::VmPause),
     ("vm.resume", "PUT", ApiRequest::VmResume),
     ("vm.power-button", "PUT", ApiRequest::VmPowerButton),
+    ("vm.reboot", "PUT", ApiRequest::VmReboot),
     ("vm.shutdown", "PUT", ApiRequest::VmShutdown),
     ("vm.create", "PUT", ApiRequest::VmCreate),
     ("vm.boot", "PUT", ApiRequest::VmBoot),

@@ -7,10 +7,11 @@
 //! The HTTP server ([`http`]) runs a tokio runtime on its own thread. It
 //! never touches the VM: for each request it builds an [`ApiRequest`],
 //! pairs it with a fresh one-shot reply channel in an [`ApiMessage`],
-//! sends that over an `mpsc` channel ([`ApiSender`]) and then writes 1 to
-//! an eventfd. The [`controller`] polls that eventfd; when it fires, it
-//! reads the eventfd and drains every queued message
-//! ([`ApiReceiver::drain`]), handles each in order on its own thread, and
+//! sends that over an `mpsc` channel ([`ApiSender`]) and then wakes the
+//! receiver's `mio::Poll` through a `mio::Waker` registered under the
+//! receiver's API token. The [`controller`] polls; when the token fires it
+//! drains every queued message ([`ApiReceiver::drain`]), handles each in
+//! order on its own thread, and
 //! answers on the message's reply channel with an [`ApiResponse`]. While
 //! a VM runs, the controller forwards the requests about the running VM
 //! ([`ApiRequest::for_running_vm`]), reply channel and all, over a second
@@ -33,18 +34,17 @@ pub mod controller;
 pub mod counters;
 pub mod http;
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::oneshot;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of the message channel between the HTTP thread and the VMM.
 #[derive(Debug, Error)]
 pub enum ApiError {
-    #[error("Cannot create the API wake-up eventfd")]
-    EventFd(#[source] std::io::Error),
+    #[error("Cannot create the API waker")]
+    Waker(#[source] std::io::Error),
     #[error("The VMM is no longer serving requests")]
     VmmGone,
 }
@@ -58,6 +58,7 @@ pub enum ApiRequest {
     VmPause,
     VmResume,
     VmPowerButton,
+    VmReboot,
     VmShutdown,
     VmCreate,
     VmBoot,
@@ -73,7 +74,12 @@ impl ApiRequest {
     pub fn for_running_vm(self) -> bool {
         matches!(
             self,
-            Self::VmInfo | Self::VmPause | Self::VmResume | Self::VmPowerButton | Self::VmShutdown
+            Self::VmInfo
+                | Self::VmPause
+                | Self::VmResume
+                | Self::VmPowerButton
+                | Self::VmReboot
+                | Self::VmShutdown
         )
     }
 }
@@ -117,26 +123,24 @@ pub struct ApiMessage {
 /// The HTTP side of the channel.
 pub struct ApiSender {
     tx: mpsc::Sender<ApiMessage>,
-    wake: EventFd,
+    waker: Arc<mio::Waker>,
 }
 
-/// The VMM side of the channel; its eventfd goes into the event loop.
+/// The VMM side of the channel: its waker fires the token it was
+/// created with in the receiver's `mio::Poll`.
 pub struct ApiReceiver {
     rx: mpsc::Receiver<ApiMessage>,
-    pub wake: EventFd,
 }
 
-/// A connected sender/receiver pair.
-pub fn channel() -> Result<(ApiSender, ApiReceiver), ApiError> {
-    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ApiError::EventFd)?;
+/// A connected sender/receiver pair whose sender wakes `registry`'s poll
+/// with `token`.
+pub fn channel(
+    registry: &mio::Registry,
+    token: mio::Token,
+) -> Result<(ApiSender, ApiReceiver), ApiError> {
+    let waker = Arc::new(mio::Waker::new(registry, token).map_err(ApiError::Waker)?);
     let (tx, rx) = mpsc::channel();
-    Ok((
-        ApiSender {
-            tx,
-            wake: wake.try_clone().map_err(ApiError::EventFd)?,
-        },
-        ApiReceiver { rx, wake },
-    ))
+    Ok((ApiSender { tx, waker }, ApiReceiver { rx }))
 }
 
 impl ApiSender {
@@ -157,16 +161,18 @@ impl ApiSender {
     #[allow(clippy::result_large_err)]
     pub fn forward(&self, message: ApiMessage) -> Result<(), ApiMessage> {
         self.tx.send(message).map_err(|e| e.0)?;
-        // The counter only saturates after 2^64-2 unread wake-ups.
-        let _ = self.wake.write(1);
+        // A failed wake (the poll is gone) leaves the message unread; the
+        // caller's reply channel then closes and it answers 503.
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(error = %e, "cannot wake the VMM loop");
+        }
         Ok(())
     }
 }
 
 impl ApiReceiver {
-    /// Clears the wake-up and returns every queued message.
+    /// Every queued message (call it when the waker's token fires).
     pub fn drain(&self) -> Vec<ApiMessage> {
-        let _ = self.wake.read();
         self.rx.try_iter().collect()
     }
 }

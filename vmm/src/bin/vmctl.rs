@@ -34,6 +34,8 @@ enum Command {
     Resume,
     /// Press the guest's ACPI power button (vm.power-button).
     PowerButton,
+    /// Reboot the VM in the same vmm process (vm.reboot).
+    Reboot,
     /// Stop the VM at once (vm.shutdown); vmm exits if it was started
     /// with --kernel, else it serves on with the VM in Shutdown.
     Shutdown,
@@ -73,6 +75,7 @@ impl Command {
             Self::Pause => ApiRequest::VmPause,
             Self::Resume => ApiRequest::VmResume,
             Self::PowerButton => ApiRequest::VmPowerButton,
+            Self::Reboot => ApiRequest::VmReboot,
             Self::Shutdown => ApiRequest::VmShutdown,
             Self::ShutdownVmm => ApiRequest::VmmShutdown,
             Self::Create { .. } => ApiRequest::VmCreate,
@@ -204,6 +207,7 @@ fn human(command: &Command, body: &str) -> String {
         Command::Pause => "VM paused".into(),
         Command::Resume => "VM resumed".into(),
         Command::PowerButton => "Power button pressed".into(),
+        Command::Reboot => "VM rebooting".into(),
         Command::Shutdown => "VM shutting down".into(),
         Command::ShutdownVmm => "VMM shutting down".into(),
         Command::Create { .. } => "VM created".into(),

@@ -118,6 +118,10 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     if has(b"tg.echo") {
         echo_line();
     }
+    if has(b"tg.reset") {
+        line("TG: reset");
+        x86::reset();
+    }
     x86::power_off()
 }
 

@@ -156,12 +156,25 @@ pub fn wait_for_interrupt() {
     unsafe { asm!("sti", "hlt", "cli", options(nostack)) }
 }
 
-/// Powers the machine off through the i8042 reset line, then halts forever.
+/// Powers the machine off (ACPI S5, else the i8042 reset line), then
+/// halts forever.
 pub fn power_off() -> ! {
     if HOLD.load(core::sync::atomic::Ordering::Relaxed) {
         crate::serial::puts_raw("TG: HOLD\n");
         halt_forever();
     }
+    // ACPI S5: SLP_TYP 5 with SLP_EN in the FADT's sleep control register.
+    outb(0x600, (5 << 2) | (1 << 5));
+    // A VMM without that register: reset through the i8042 instead.
+    outb(0x64, 0xFE);
+    loop {
+        // SAFETY: halting with interrupts off just stops this CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+/// Resets the machine through the i8042 reset line (a reboot).
+pub fn reset() -> ! {
     outb(0x64, 0xFE);
     loop {
         // SAFETY: halting with interrupts off just stops this CPU.
