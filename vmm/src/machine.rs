@@ -137,6 +137,7 @@ pub struct Outcome {
 pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     transports: Vec<Arc<TransportMetrics>>,
+    virtio: Vec<Arc<Mutex<VirtioPci>>>,
     _vm: Arc<VmFd>,
     memory: Memory,
     serial: Arc<Mutex<Serial>>,
@@ -149,6 +150,7 @@ pub struct Machine {
     poll: Poll,
     api: Option<ApiReceiver>,
     info: VmInfoConfig,
+    started: bool,
     paused: bool,
     pub kernel: LoadedKernel,
 }
@@ -185,7 +187,8 @@ impl Machine {
         let (pio, serial, serial_drained) = legacy_devices(&vm, cfg, &exit)?;
         let ged = acpi_devices(&vm, &pio, &exit)?;
         let mmio = Arc::new(Bus::new("mmio"));
-        let transports = pci_devices(cfg, &vm, &memory, &pio, &mmio, ram_end)?;
+        let virtio = pci_devices(cfg, &vm, &memory, &pio, &mmio, ram_end)?;
+        let transports = virtio.iter().map(|d| lock(d).metrics.clone()).collect();
         let metrics = Arc::new(VcpuMetrics::default());
         let ctx = VcpuContext {
             pio: Arc::new(pio),
@@ -210,6 +213,7 @@ impl Machine {
         Ok(Self {
             vcpus,
             transports,
+            virtio,
             _vm: vm,
             memory,
             serial,
@@ -222,6 +226,7 @@ impl Machine {
             poll: Poll::new().map_err(|e| MachineError::Io("create the poll", e))?,
             api: None,
             info: cfg.into(),
+            started: false,
             paused: false,
             kernel,
         })
@@ -262,12 +267,22 @@ impl Machine {
         (result, self.api.take())
     }
 
-    fn run_to_end(&mut self) -> Result<Outcome> {
-        let _raw = self.stdin_input.then(RawStdin::enable);
+    /// Lets the vCPUs run (once): the VM is booted. [`Self::run`] does it
+    /// if nobody did before.
+    pub fn start_vcpus(&mut self) {
+        if self.started {
+            return;
+        }
+        self.started = true;
         for v in &self.vcpus {
             v.set_state(VcpuState::Running);
         }
         events::emit("vm", "booted", &[]);
+    }
+
+    fn run_to_end(&mut self) -> Result<Outcome> {
+        let _raw = self.stdin_input.then(RawStdin::enable);
+        self.start_vcpus();
         let reason = self.event_loop();
         let mut result: Result<()> = Ok(());
         for v in self.vcpus.drain(..) {
@@ -434,6 +449,10 @@ impl Machine {
                 for v in &self.vcpus {
                     v.wait_parked();
                 }
+                // With the vCPUs parked no register write races these.
+                for d in &self.virtio {
+                    lock(d).pause();
+                }
                 self.paused = true;
                 events::emit("vm", "paused", &[]);
                 tracing::info!("VM paused");
@@ -444,6 +463,9 @@ impl Machine {
             }
             ApiRequest::VmResume => {
                 events::emit("vm", "resuming", &[]);
+                for d in &self.virtio {
+                    lock(d).resume();
+                }
                 for v in &self.vcpus {
                     v.set_state(VcpuState::Running);
                 }
@@ -486,7 +508,7 @@ fn pci_devices(
     pio: &Bus,
     mmio: &Arc<Bus>,
     ram_end: u64,
-) -> Result<Vec<Arc<TransportMetrics>>> {
+) -> Result<Vec<Arc<Mutex<VirtioPci>>>> {
     let router = Arc::new(Router::new(vm.clone()));
     let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
     pio.insert(
@@ -500,16 +522,21 @@ fn pci_devices(
         Arc::new(Mutex::new(PciEcam::new(root.clone()))),
     )?;
     let mut bars = BarAllocator::new(ram_end);
-    let mut metrics = Vec::new();
+    let mut devices = Vec::new();
     for d in &cfg.devices {
         let backend = VhostUser::new(d.clone(), memory.guest.clone())?;
         let addr = bars.allocate(BAR_SIZE, true)?;
-        let dev = VirtioPci::new(Box::new(backend), addr, vm.clone(), router.clone())?;
-        metrics.push(dev.metrics.clone());
-        let slot = lock(&root).add(Arc::new(Mutex::new(dev)))?;
+        let dev = Arc::new(Mutex::new(VirtioPci::new(
+            Box::new(backend),
+            addr,
+            vm.clone(),
+            router.clone(),
+        )?));
+        let slot = lock(&root).add(dev.clone())?;
         tracing::info!(slot, socket = %d.socket.display(), bar = addr, "vhost-user device");
+        devices.push(dev);
     }
-    Ok(metrics)
+    Ok(devices)
 }
 
 /// COM1, the i8042, the CMOS clock and the debug console on the PIO bus.

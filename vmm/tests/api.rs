@@ -872,3 +872,56 @@ fn vm_reboot_without_a_running_vm_is_refused() {
     assert_eq!(created.0, 405, "{created:?}");
     assert_eq!(state, "Created");
 }
+
+/// Threads of `pid` serving a queue (blk-backend names them `queueN`).
+fn queue_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("queue"))
+        .count()
+}
+
+#[test]
+fn pause_stops_the_backends_rings_and_resume_restarts_them() {
+    let vmm = Vm::empty("api-pause-rings");
+    let (backend, socket) = blk_backend(&vmm, None);
+    let mut cfg = guest_config("tg.virtio tg.seed=3 tg.keepdev tg.hold", 1, 128 << 20);
+    cfg["disks"] = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    assert_eq!(vmm.put("vm.create", &cfg.to_string()).0, 204);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: HOLD");
+    let pid = backend.0.id();
+
+    let running = queue_workers(pid);
+    let pause = vmm.put("vm.pause", "");
+    let paused = queue_workers(pid);
+    let resume = vmm.put("vm.resume", "");
+    let resumed = queue_workers(pid);
+
+    assert_eq!(running, 1);
+    assert_eq!(pause.0, 204, "{pause:?}");
+    assert_eq!(paused, 0, "a queue worker runs while the VM is paused");
+    assert_eq!(resume.0, 204, "{resume:?}");
+    assert_eq!(resumed, 1);
+}
+
+#[test]
+fn vm_reboot_reconnects_the_disk_and_the_guest_drives_it_again() {
+    let vmm = Vm::empty("api-reboot-disk");
+    let (_backend, socket) = blk_backend(&vmm, None);
+    let mut cfg = guest_config("tg.virtio tg.seed=5 tg.hold", 1, 128 << 20);
+    cfg["disks"] = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    assert_eq!(vmm.put("vm.create", &cfg.to_string()).0, 204);
+    assert_eq!(vmm.put("vm.boot", "").0, 204);
+    vmm.console_until("TG: HOLD");
+
+    let reboot = vmm.put("vm.reboot", "");
+    let again = vmm.console_until("TG: HOLD");
+
+    assert_eq!(reboot.0, 204, "{reboot:?}");
+    for l in ["TG: hello", "TG: blk write ok", "TG: blk read ok"] {
+        assert!(again.contains(&l.to_string()), "missing {l}: {again:?}");
+    }
+    assert!(!again.iter().any(|l| l.contains("FAIL")), "{again:?}");
+}

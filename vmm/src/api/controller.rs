@@ -359,6 +359,8 @@ impl Controller {
             .spawn(move || {
                 let built = Machine::new(&cfg).and_then(|mut m| {
                     let tx = m.api_channel()?;
+                    // Booted before vm.boot answers (and before "rebooted").
+                    m.start_vcpus();
                     Ok((m, tx))
                 });
                 let result = match built {

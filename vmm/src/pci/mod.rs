@@ -6,7 +6,7 @@ pub mod config;
 pub mod msix;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use thiserror::Error;
 
@@ -35,6 +35,8 @@ pub enum PciError {
     BusFull,
     #[error("Cannot map a BAR")]
     Map(#[source] BusError),
+    #[error("The MMIO bus is gone")]
+    BusGone,
 }
 
 /// A PCI function on bus 0.
@@ -99,7 +101,10 @@ impl BusDevice for BarWindow {
 pub struct PciRoot {
     bridge: PciConfig,
     slots: BTreeMap<u8, Arc<Mutex<dyn PciDevice>>>,
-    mmio: Arc<Bus>,
+    /// Weak: the bus holds the ECAM window, which holds this root; a strong
+    /// reference would keep every device (and its backend connection)
+    /// alive after the VM is dropped.
+    mmio: Weak<Bus>,
 }
 
 const HOST_BRIDGE: PciId = PciId {
@@ -116,7 +121,7 @@ impl PciRoot {
         Self {
             bridge: PciConfig::new(HOST_BRIDGE, 0),
             slots: BTreeMap::new(),
-            mmio,
+            mmio: Arc::downgrade(&mmio),
         }
     }
 
@@ -131,14 +136,13 @@ impl PciRoot {
                 .filter_map(|i| d.config().bar(i).map(|b| (i, b)))
                 .collect()
         };
+        let mmio = self.mmio.upgrade().ok_or(PciError::BusGone)?;
         for (bar, b) in bars {
             let window = Arc::new(Mutex::new(BarWindow {
                 dev: dev.clone(),
                 bar,
             }));
-            self.mmio
-                .insert(b.addr, b.size, window)
-                .map_err(PciError::Map)?;
+            mmio.insert(b.addr, b.size, window).map_err(PciError::Map)?;
         }
         self.slots.insert(slot, dev);
         Ok(slot)
@@ -180,13 +184,16 @@ impl PciRoot {
     fn move_window(&self, dev: &Arc<Mutex<dyn PciDevice>>, m: BarMove, size: u64) {
         // Guest-triggered, hence debug level only.
         tracing::debug!(bar = m.index, from = m.from, to = m.to, "guest moved a BAR");
-        let window = self.mmio.remove(m.from).unwrap_or_else(|| {
+        let Some(mmio) = self.mmio.upgrade() else {
+            return;
+        };
+        let window = mmio.remove(m.from).unwrap_or_else(|| {
             Arc::new(Mutex::new(BarWindow {
                 dev: dev.clone(),
                 bar: m.index,
             }))
         });
-        if let Err(e) = self.mmio.insert(m.to, size, window) {
+        if let Err(e) = mmio.insert(m.to, size, window) {
             // The guest placed a BAR over another device: it stays unmapped
             // until moved again, as on real hardware with a conflict.
             tracing::warn!(error = %e, to = m.to, "guest moved a BAR onto another range");

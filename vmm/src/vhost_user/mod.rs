@@ -42,6 +42,9 @@ const NET_S_LINK_UP: u16 = 1;
 const TYPE_FS: u32 = 26;
 const FS_TAG_LEN: usize = 36;
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest a backend may take to answer a request: one that accepts
+/// and then never answers must not stop the VMM (a boot, a pause).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors connecting a vhost-user backend.
 #[derive(Debug, Error)]
@@ -64,6 +67,32 @@ pub enum VhostUserError {
     Thread(#[source] std::io::Error),
     #[error("Cannot duplicate a queue eventfd")]
     Dup(#[source] std::io::Error),
+    #[error("Cannot set the reply timeout on the backend socket")]
+    Timeout(#[source] std::io::Error),
+}
+
+/// Bounds every blocking receive on the connection `fd`.
+fn set_reply_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `fd` is an open socket owned by the caller; `tv` is a valid
+    // timeval whose size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// What kind of device the backend serves.
@@ -120,6 +149,8 @@ struct Inner {
     mem: GuestMemory,
     active: Option<Active>,
     config_cache: Vec<u8>,
+    /// The VM is paused: the rings stay disabled, across a reconnect too.
+    paused: bool,
 }
 
 /// A vhost-user device seen through virtio-pci.
@@ -145,6 +176,7 @@ fn handshake(
     let path = cfg.socket.display().to_string();
     let mut fe = Frontend::connect(&cfg.socket, u64::from(cfg.queues))
         .map_err(|e| VhostUserError::Connect(path.clone(), e))?;
+    set_reply_timeout(fe.as_raw_fd(), REPLY_TIMEOUT).map_err(VhostUserError::Timeout)?;
     req("SET_OWNER", fe.set_owner())?;
     let features = req("GET_FEATURES", fe.get_features())?;
     let mut protocol = VhostUserProtocolFeatures::empty();
@@ -214,6 +246,7 @@ impl VhostUser {
             mem,
             active: None,
             config_cache: Vec::new(),
+            paused: false,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (i, s) = (inner.clone(), stop.clone());
@@ -389,6 +422,14 @@ impl Inner {
             req("SET_VRING_CALL", fe.set_vring_call(q.index, &q.call))?;
             req("SET_VRING_KICK", fe.set_vring_kick(q.index, &q.kick))?;
         }
+        if self.paused {
+            // Ring addresses and bases are set; they start on resume. A
+            // backend without protocol features starts a ring at its kick.
+            if !has_protocol {
+                self.stop_rings();
+            }
+            return Ok(());
+        }
         if has_protocol {
             for q in &a.queues {
                 req("SET_VRING_ENABLE", fe.set_vring_enable(q.index, true))?;
@@ -424,6 +465,39 @@ impl Inner {
                 tracing::warn!(error = %e, queue = q.index, "GET_VRING_BASE failed");
             }
         }
+    }
+
+    /// Pauses (`false`) or resumes (`true`) every ring. Disabled, a
+    /// backend finishes what it took from the ring and takes nothing more;
+    /// the reply to GET_FEATURES, sent after, says it has done so (messages
+    /// are answered in order). Without protocol features a ring can only
+    /// be stopped (GET_VRING_BASE) and set up again.
+    fn set_running(&mut self, run: bool) -> Result<(), VhostUserError> {
+        self.paused = !run;
+        if self.active.is_none() || self.conn.is_none() {
+            return Ok(());
+        }
+        if !self.has_protocol {
+            if run {
+                return self.apply(true);
+            }
+            self.stop_rings();
+            return Ok(());
+        }
+        let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_ref()) else {
+            return Ok(());
+        };
+        for q in &a.queues {
+            req("SET_VRING_ENABLE", fe.set_vring_enable(q.index, run))?;
+        }
+        req("GET_FEATURES", fe.get_features())?;
+        if run {
+            // What the guest queued before the pause took effect.
+            for q in &a.queues {
+                let _ = q.kick.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// Config space built here, for backends without the CONFIG feature.
@@ -581,6 +655,25 @@ impl VirtioDevice for VhostUser {
         let mut g = lock(&self.inner);
         g.stop_rings();
         g.active = None;
+    }
+
+    fn pause(&mut self) {
+        let mut g = lock(&self.inner);
+        if let Err(e) = g.set_running(false) {
+            // The backend is gone, failing or too slow to answer: drop the
+            // connection (replies may be out of step); the monitor
+            // reconnects and keeps the rings disabled until the resume.
+            tracing::warn!(socket = %g.cfg.socket.display(), error = %crate::error_chain(&e), "cannot stop the rings for the pause; reconnecting");
+            g.conn = None;
+        }
+    }
+
+    fn resume(&mut self) {
+        let mut g = lock(&self.inner);
+        if let Err(e) = g.set_running(true) {
+            tracing::warn!(socket = %g.cfg.socket.display(), error = %crate::error_chain(&e), "cannot restart the rings after the pause; reconnecting");
+            g.conn = None;
+        }
     }
 }
 

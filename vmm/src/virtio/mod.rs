@@ -55,4 +55,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving the queues.
     fn reset(&mut self);
+    /// The VM pauses: stop touching guest memory and the queues until
+    /// [`Self::resume`]. Requests already taken complete first.
+    fn pause(&mut self) {}
+    /// The VM resumes: serve the queues again from where they stopped.
+    fn resume(&mut self) {}
 }

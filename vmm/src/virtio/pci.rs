@@ -275,6 +275,16 @@ impl VirtioPci {
     }
 
     /// The common configuration structure as the driver reads it.
+    /// Stops the device's queues while the VM is paused.
+    pub fn pause(&mut self) {
+        self.device.pause();
+    }
+
+    /// Restarts the queues [`Self::pause`] stopped.
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
     fn common_image(&self) -> [u8; COMMON_LEN as usize] {
         let q = self.queues.get(usize::from(self.queue_select));
         let features = self.device.features();

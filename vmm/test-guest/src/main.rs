@@ -105,6 +105,7 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
             burst: param(b"tg.blkburst=").unwrap_or(0),
             lat: param(b"tg.blklat=").unwrap_or(0),
             netrx: has(b"tg.netrx"),
+            keep: has(b"tg.keepdev"),
             msixmask: has(b"tg.msixmask"),
             ecam: param(b"tg.ecam="),
             barbase: param(b"tg.barbase="),

@@ -78,6 +78,9 @@ pub struct Opts {
     pub lat: u64,
     /// `tg.netrx`: wait for one received frame.
     pub netrx: bool,
+    /// `tg.keepdev`: leave the devices running after their checks (no
+    /// reset), so the host sees active queues while the guest idles.
+    pub keep: bool,
     /// `tg.msixmask`: virtio-blk MSI-X per-vector mask test.
     pub msixmask: bool,
     /// `tg.ecam=ADDR`: ECAM base of bus 0 when there is no MCFG.
@@ -658,8 +661,11 @@ pub fn run(opts: &Opts, rsdp_hint: u64) {
             26 => vdev::fs(&t),
             _ => vdev::rng(&t),
         }
-        // Quiesce: no more DMA into the shared buffers.
-        t.reset();
+        // Quiesce: no more DMA into the shared buffers. A kept device has
+        // nothing left in its queues, so the host has nothing to write.
+        if !opts.keep {
+            t.reset();
+        }
     }
     if slot == 0 {
         line("TG: virtio none");
