@@ -16,14 +16,17 @@ use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, Xsave, KVM_MAX_MSR_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer, VcpuFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 use vmm_sys_util::fam;
+use zerocopy::IntoBytes;
 
 /// `IA32_TSC`: written before the deadline below.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_FEATURE_CONTROL`: enables VMX; set before nested VMX state.
+const MSR_IA32_FEATURE_CONTROL: u32 = 0x3a;
 /// `IA32_TSC_DEADLINE`: KVM arms the LAPIC timer from it by comparing with
 /// the guest TSC, so it must be written after `IA32_TSC` (and after the
 /// LAPIC is in TSC-deadline mode) or the pending timer is lost.
@@ -53,6 +56,8 @@ pub enum VcpuStateError {
         "Saved XSAVE area is {saved} bytes, larger than the {host} bytes this host's KVM takes"
     )]
     XsaveTooLarge { saved: usize, host: usize },
+    #[error("Saved nested state is {saved} bytes, larger than KVM's {max}-byte buffer")]
+    NestedTooLarge { saved: usize, max: usize },
 }
 
 type Result<T> = std::result::Result<T, VcpuStateError>;
@@ -79,6 +84,15 @@ pub struct VcpuState {
     pub debug_regs: Option<kvm_debugregs>,
     /// Guest TSC frequency; `None` where KVM refused `KVM_GET_TSC_KHZ`.
     pub tsc_khz: Option<u32>,
+    /// VMX/SVM state of a guest hypervisor; `None` where the guest has none
+    /// or KVM cannot give it.
+    pub nested: Option<NestedState>,
+}
+
+/// `KVM_GET_NESTED_STATE`'s buffer, cut to the size KVM reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NestedState {
+    pub bytes: Vec<u8>,
 }
 
 /// `struct kvm_fpu` (x87 and SSE state), which kvm-bindings does not
@@ -174,6 +188,7 @@ impl VcpuState {
             .map_err(|e| VcpuStateError::Kvm("get LAPIC", e))?;
         let tsc_khz = optional("TSC frequency", fd.get_tsc_khz());
         let msrs = save_msrs(fd, kvm)?;
+        let nested = save_nested(fd, kvm);
         let events = fd
             .get_vcpu_events()
             .map_err(|e| VcpuStateError::Kvm("get vCPU events", e))?;
@@ -189,6 +204,7 @@ impl VcpuState {
             mp_state,
             debug_regs,
             tsc_khz,
+            nested,
         })
     }
 
@@ -197,23 +213,28 @@ impl VcpuState {
     /// accepts, and whether this vCPU is the BSP). `kvm` gives this host's
     /// XSAVE size.
     ///
-    /// Set order, and why (Firecracker and Cloud Hypervisor agree on it):
+    /// Set order, and why (Firecracker's, with nested state where QEMU puts
+    /// it):
     /// 1. TSC frequency: the TSC MSR below is written in guest cycles, so
     ///    the scaling ratio must already be the saved one.
     /// 2. MP state: early, like every ioctl that depends on whether the
     ///    vCPU is the BSP.
-    /// 3. Registers: `KVM_SET_REGS` drops any pending exception, so it must
+    /// 3. Special registers: they carry the APIC base MSR (APIC enabled,
+    ///    x2APIC mode), which the LAPIC state must land on, and EFER.SVME,
+    ///    which nested SVM state needs.
+    /// 4. Nested state, after `IA32_FEATURE_CONTROL` (VMX must be enabled
+    ///    there first): it may switch the vCPU into guest mode, and the
+    ///    registers saved then are the nested guest's, so they go after it.
+    /// 5. Registers: `KVM_SET_REGS` drops any pending exception, so it must
     ///    come before the vCPU events that carry it.
-    /// 4. Special registers: they carry the APIC base MSR (APIC enabled,
-    ///    x2APIC mode), which the LAPIC state must land on.
-    /// 5. FPU, then XSAVE (the superset, written over it), then XCRs.
-    /// 6. Debug registers.
-    /// 7. LAPIC: after the special registers (APIC base), before the MSRs
+    /// 6. FPU, then XSAVE (the superset, written over it), then XCRs.
+    /// 7. Debug registers.
+    /// 8. LAPIC: after the special registers (APIC base), before the MSRs
     ///    (`IA32_TSC_DEADLINE` is only taken with the LAPIC timer in
     ///    TSC-deadline mode).
-    /// 8. MSRs, `IA32_TSC_DEADLINE` in a last batch after `IA32_TSC`.
-    /// 9. vCPU events last: pending exception, interrupt, NMI and SMI,
-    ///    which the sets above may have cleared.
+    /// 9. MSRs, `IA32_TSC_DEADLINE` in a last batch after `IA32_TSC`.
+    /// 10. vCPU events last: pending exception, interrupt, NMI and SMI,
+    ///     which the sets above may have cleared.
     ///
     /// Then `KVM_KVMCLOCK_CTRL` tells a kvm-clock guest it was paused, so
     /// its soft-lockup watchdog does not fire.
@@ -221,10 +242,20 @@ impl VcpuState {
         self.restore_tsc_khz(fd)?;
         fd.set_mp_state(self.mp_state)
             .map_err(|e| VcpuStateError::Kvm("set MP state", e))?;
-        fd.set_regs(&self.regs)
-            .map_err(|e| VcpuStateError::Kvm("set registers", e))?;
         fd.set_sregs(&self.sregs)
             .map_err(|e| VcpuStateError::Kvm("set special registers", e))?;
+        if let Some(nested) = &self.nested {
+            let feature_control: Vec<_> = self
+                .msrs
+                .iter()
+                .filter(|m| m.index == MSR_IA32_FEATURE_CONTROL)
+                .copied()
+                .collect();
+            write_msrs(fd, &feature_control)?;
+            restore_nested(fd, nested)?;
+        }
+        fd.set_regs(&self.regs)
+            .map_err(|e| VcpuStateError::Kvm("set registers", e))?;
         fd.set_fpu(&kvm_fpu::from(&self.fpu))
             .map_err(|e| VcpuStateError::Kvm("set FPU", e))?;
         if let Some(xsave) = &self.xsave {
@@ -343,6 +374,39 @@ fn restore_xsave(fd: &VcpuFd, kvm: &Kvm, saved: &XsaveState) -> Result<()> {
     // is what KVM_SET_XSAVE reads from it; the saved area is no larger
     // (checked above) and the rest is zeroes.
     unsafe { fd.set_xsave2(&xsave) }.map_err(|e| VcpuStateError::Kvm("set XSAVE area", e))
+}
+
+/// The nested (VMX/SVM) state, if the vCPU runs a guest hypervisor.
+fn save_nested(fd: &VcpuFd, kvm: &Kvm) -> Option<NestedState> {
+    if !kvm.check_extension(Cap::NestedState) {
+        debug!("KVM has no KVM_CAP_NESTED_STATE; nested state not saved");
+        return None;
+    }
+    let mut buf = KvmNestedStateBuffer::empty();
+    match fd.nested_state(&mut buf) {
+        Ok(Some(len)) => Some(NestedState {
+            bytes: buf.as_bytes()[..len.get().min(buf.as_bytes().len())].to_vec(),
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            info!(error = %e, "KVM cannot give the nested state; not saved");
+            None
+        }
+    }
+}
+
+fn restore_nested(fd: &VcpuFd, nested: &NestedState) -> Result<()> {
+    let mut buf = KvmNestedStateBuffer::empty();
+    let dst = buf.as_mut_bytes();
+    let dst = dst
+        .get_mut(..nested.bytes.len())
+        .ok_or(VcpuStateError::NestedTooLarge {
+            saved: nested.bytes.len(),
+            max: std::mem::size_of::<KvmNestedStateBuffer>(),
+        })?;
+    dst.copy_from_slice(&nested.bytes);
+    fd.set_nested_state(&buf)
+        .map_err(|e| VcpuStateError::Kvm("set nested state", e))
 }
 
 /// Reads every MSR in KVM's index list; logs those that do not read.
@@ -526,6 +590,50 @@ mod tests {
 
         assert_eq!(read.len(), indices.len());
         assert!(skipped.is_empty());
+    }
+
+    #[test]
+    fn xsave_area_larger_than_the_hosts_is_refused() {
+        let (kvm, _vm, fd) = vcpu();
+        let host = host_xsave_bytes(&kvm);
+        let saved = XsaveState {
+            words: vec![0; host / 4 + 1],
+        };
+
+        let err = restore_xsave(&fd, &kvm, &saved).unwrap_err();
+
+        assert!(
+            matches!(err, VcpuStateError::XsaveTooLarge { saved, host: h }
+                if saved == host + 4 && h == host),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn xsave_area_round_trips_through_a_vcpu() {
+        let (kvm, _vm, fd) = vcpu();
+        let mut saved = save_xsave(&fd, &kvm).unwrap().unwrap();
+        saved.words[40] = 0x5a5a_5a5a; // XMM0 bytes 0..4 (legacy area offset 160)
+        saved.words[128] |= 0b10; // XSTATE_BV: SSE state present
+
+        restore_xsave(&fd, &kvm, &saved).unwrap();
+
+        assert_eq!(save_xsave(&fd, &kvm).unwrap().unwrap(), saved);
+    }
+
+    #[test]
+    fn nested_state_larger_than_kvms_buffer_is_refused() {
+        let (_kvm, _vm, fd) = vcpu();
+        let nested = NestedState {
+            bytes: vec![0; std::mem::size_of::<KvmNestedStateBuffer>() + 1],
+        };
+
+        let err = restore_nested(&fd, &nested).unwrap_err();
+
+        assert!(
+            matches!(err, VcpuStateError::NestedTooLarge { .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

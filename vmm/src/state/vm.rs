@@ -115,3 +115,93 @@ fn get_irqchip(vm: &VmFd, chip_id: u32, what: &str) -> Option<kvm_irqchip> {
         .ok()
         .map(|()| chip)
 }
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+    use kvm_ioctls::Kvm;
+
+    use super::*;
+
+    /// A VM with the VMM's in-kernel irqchip and PIT.
+    fn vm_with_devices(kvm: &Kvm) -> VmFd {
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).unwrap();
+        vm
+    }
+
+    #[test]
+    fn vm_without_irqchip_or_pit_saves_and_restores_only_the_clock() {
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let plain = kvm.create_vm().unwrap();
+
+        let state = VmState::save(&vm);
+        let restored = state.restore(&plain);
+
+        assert!(state.pic_master.is_none() && state.pic_slave.is_none());
+        assert!(state.ioapic.is_none() && state.pit.is_none());
+        assert!(state.clock.is_some());
+        assert!(restored.is_ok(), "{restored:?}");
+    }
+
+    #[test]
+    fn vm_with_irqchip_and_pit_saves_all_five_parts() {
+        let kvm = Kvm::new().unwrap();
+        let vm = vm_with_devices(&kvm);
+
+        let state = VmState::save(&vm);
+
+        assert!(state.pic_master.is_some() && state.pic_slave.is_some());
+        assert!(state.ioapic.is_some() && state.pit.is_some() && state.clock.is_some());
+    }
+
+    #[test]
+    fn programmed_pit_channel_is_restored() {
+        let kvm = Kvm::new().unwrap();
+        let first = vm_with_devices(&kvm);
+        let mut pit = first.get_pit2().unwrap();
+        pit.channels[2].count = 0x1234;
+        pit.channels[2].mode = 3;
+        first.set_pit2(&pit).unwrap();
+        let state = VmState::save(&first);
+        let second = vm_with_devices(&kvm);
+
+        state.restore(&second).unwrap();
+
+        let restored = second.get_pit2().unwrap().channels[2];
+        assert_eq!((restored.count, restored.mode), (0x1234, 3));
+    }
+
+    #[test]
+    fn ioapic_redirection_entry_is_restored() {
+        let kvm = Kvm::new().unwrap();
+        let first = vm_with_devices(&kvm);
+        let mut ioapic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        first.get_irqchip(&mut ioapic).unwrap();
+        // SAFETY: chip_id IOAPIC selects the `ioapic` member of the union.
+        unsafe { ioapic.chip.ioapic.redirtbl[5].bits = 0x0000_0000_0000_a031 };
+        first.set_irqchip(&ioapic).unwrap();
+        let state = VmState::save(&first);
+        let second = vm_with_devices(&kvm);
+
+        state.restore(&second).unwrap();
+
+        let mut restored = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        second.get_irqchip(&mut restored).unwrap();
+        // SAFETY: chip_id IOAPIC selects the `ioapic` member of the union.
+        let bits = unsafe { restored.chip.ioapic.redirtbl[5].bits };
+        assert_eq!(bits, 0xa031);
+    }
+}
