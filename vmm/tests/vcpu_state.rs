@@ -18,7 +18,7 @@ use vmm::arch::x86_64::regs::{
 };
 use vmm::memory::Memory;
 use vmm::state::file::encode_state;
-use vmm::state::vcpu::{FpuState, MSR_IA32_TSC};
+use vmm::state::vcpu::{finish_pending_io, FpuState, MSR_IA32_TSC};
 use vmm::state::{read_state_file, write_state_file, VcpuState, VmState};
 
 const MEM_SIZE: u64 = 2 << 20;
@@ -58,6 +58,14 @@ const GUEST_CODE: &[u8] = &[
     0xff, 0x00, 0x00, 0x00, 0x75, 0xed, 0x89, 0xd8, 0xe7, 0xe9, 0xeb, 0xe7,
 ];
 
+/// ```text
+/// 0x00  in eax, 0xe9
+/// 0x02  mov ebx, eax
+/// 0x04  jmp $
+/// ```
+const IN_CODE: &[u8] = &[0xe5, 0xe9, 0x89, 0xc3, 0xeb, 0xfe];
+const IN_VALUE: u32 = 0x5eed_1234;
+
 struct TestVm {
     vm: VmFd,
     vcpu: VcpuFd,
@@ -86,12 +94,17 @@ fn supported_cpuid(kvm: &Kvm) -> CpuId {
 
 /// A VM whose vCPU enters `GUEST_CODE` in long mode.
 fn booted_vm(kvm: &Kvm, cpuid: &CpuId) -> TestVm {
+    booted_vm_with(kvm, cpuid, GUEST_CODE)
+}
+
+/// A VM whose vCPU enters `code` in long mode.
+fn booted_vm_with(kvm: &Kvm, cpuid: &CpuId, code: &[u8]) -> TestVm {
     let t = new_vm(kvm, cpuid);
     write_gdt(&t.mem.guest).unwrap();
     write_page_tables(&t.mem.guest, MEM_SIZE).unwrap();
     t.mem
         .guest
-        .write_slice(GUEST_CODE, GuestAddress(CODE_ADDR))
+        .write_slice(code, GuestAddress(CODE_ADDR))
         .unwrap();
     let entry = Entry::Linux64 {
         rip: CODE_ADDR,
@@ -108,9 +121,8 @@ fn booted_vm(kvm: &Kvm, cpuid: &CpuId) -> TestVm {
 }
 
 /// Runs until the guest has reported `reports` times; returns the last
-/// value reported. Then completes the pending `out` with an
-/// `immediate_exit` run, as the VMM's pause does, so the state is whole.
-fn run_reports(vcpu: &mut VcpuFd, reports: u32) -> u64 {
+/// value reported. That `out` is left pending, as after any I/O exit.
+fn run_until_reports(vcpu: &mut VcpuFd, reports: u32) -> u64 {
     let mut last = 0;
     let mut seen = 0;
     while seen < reports {
@@ -130,11 +142,25 @@ fn run_reports(vcpu: &mut VcpuFd, reports: u32) -> u64 {
             vcpu.get_sregs()
         );
     }
-    vcpu.set_kvm_immediate_exit(1);
-    let completion = vcpu.run().map(|_| ()).map_err(|e| e.errno());
-    vcpu.set_kvm_immediate_exit(0);
-    assert_eq!(completion, Err(libc::EINTR));
     last
+}
+
+/// Like [`run_until_reports`], then completes the last `out`, as the VMM
+/// must before saving, so the state is whole.
+fn run_reports(vcpu: &mut VcpuFd, reports: u32) -> u64 {
+    let last = run_until_reports(vcpu, reports);
+    finish_pending_io(vcpu).unwrap();
+    vcpu.set_kvm_immediate_exit(0);
+    last
+}
+
+/// Runs to the guest's `in` and answers it with `value`.
+fn answer_one_in(vcpu: &mut VcpuFd, value: u32) {
+    match vcpu.run() {
+        Ok(VcpuExit::IoIn(DEBUG_PORT, data)) => data.copy_from_slice(&value.to_le_bytes()),
+        Ok(exit) => panic!("unexpected exit {exit:?}"),
+        Err(e) => panic!("KVM_RUN: {e}"),
+    }
 }
 
 fn snapshot_memory(t: &TestVm) -> Vec<u8> {
@@ -225,6 +251,21 @@ fn restored_vcpu_resumes_at_the_saved_rip_with_the_guest_written_msr() {
     assert_eq!(t.vcpu.get_regs().unwrap().rip, CODE_ADDR + AFTER_OUT);
     assert_eq!(saved.vcpu.msr(MSR_KERNEL_GS_BASE), Some(GS_BASE_VALUE));
     assert_eq!(read_msr(&t.vcpu, MSR_KERNEL_GS_BASE), GS_BASE_VALUE);
+}
+
+#[test]
+fn pending_in_lands_in_rax_without_running_the_guest_further() {
+    let kvm = Kvm::new().unwrap();
+    let cpuid = supported_cpuid(&kvm);
+    let mut t = booted_vm_with(&kvm, &cpuid, IN_CODE);
+    answer_one_in(&mut t.vcpu, IN_VALUE);
+
+    finish_pending_io(&mut t.vcpu).unwrap();
+
+    let regs = t.vcpu.get_regs().unwrap();
+    assert_eq!(regs.rax, u64::from(IN_VALUE));
+    assert_eq!(regs.rip, CODE_ADDR + 2);
+    assert_eq!(regs.rbx, 0);
 }
 
 fn lapic_reg(vcpu: &VcpuFd, offset: usize) -> u32 {

@@ -2,10 +2,12 @@
 //! order `KVM_SET_*` must put it back in.
 //!
 //! Save only a vCPU that is out of `KVM_RUN` with no I/O half done: after a
-//! `KVM_EXIT_IO`/`KVM_EXIT_MMIO` the instruction completes on the next
-//! `KVM_RUN`, so the vCPU thread must re-enter once with `immediate_exit`
-//! set (which returns `EINTR` after completing it) before its state is
-//! consistent. The project's pause kick does exactly that.
+//! `KVM_EXIT_IO`/`KVM_EXIT_MMIO` the instruction completes (RIP moves on,
+//! an `in` lands in RAX) only on the next `KVM_RUN`. So the vCPU thread,
+//! having handled its last exit, must re-enter once with `immediate_exit`
+//! set, which completes the instruction and returns `EINTR` without
+//! running the guest: [`finish_pending_io`]. Without it a restored guest
+//! would execute that `out`/`in`/MMIO access a second time.
 //!
 //! State this host's KVM cannot give (no `KVM_CAP_XSAVE`, `KVM_CAP_XCRS`,
 //! debug registers, TSC frequency; MSRs in the index list that do not read)
@@ -56,6 +58,8 @@ pub enum VcpuStateError {
         "Saved XSAVE area is {saved} bytes, larger than the {host} bytes this host's KVM takes"
     )]
     XsaveTooLarge { saved: usize, host: usize },
+    #[error("KVM_RUN with immediate_exit set ran the guest: {0}")]
+    UnexpectedExit(String),
     #[error("Saved nested state is {saved} bytes, larger than KVM's {max}-byte buffer")]
     NestedTooLarge { saved: usize, max: usize },
 }
@@ -302,6 +306,21 @@ impl VcpuState {
 
 fn tsc_khz_close(a: u32, b: u32) -> bool {
     u64::from(a.abs_diff(b)) * 1_000_000 <= u64::from(b) * TSC_KHZ_TOLERANCE_PPM
+}
+
+/// Completes an I/O or MMIO instruction whose exit was handled, without
+/// running the guest further: one `KVM_RUN` with `immediate_exit` set,
+/// which KVM answers with `EINTR` after finishing it. Call it on the vCPU
+/// thread after pausing and before [`VcpuState::save`]; it is harmless
+/// when nothing is pending. `immediate_exit` is left set: the vCPU loop
+/// clears it when it resumes.
+pub fn finish_pending_io(fd: &mut VcpuFd) -> Result<()> {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(VcpuStateError::Kvm("complete pending I/O", e)),
+        Ok(exit) => Err(VcpuStateError::UnexpectedExit(format!("{exit:?}"))),
+    }
 }
 
 /// `Some(value)`, or `None` with one log line when KVM refused.
