@@ -17,7 +17,6 @@ use vmm::arch::x86_64::regs::{
     setup_boot_regs, setup_fpu, setup_lint, setup_msrs, write_gdt, write_page_tables, Entry,
 };
 use vmm::memory::Memory;
-use vmm::state::file::encode_state;
 use vmm::state::vcpu::{finish_pending_io, FpuState, MSR_IA32_TSC};
 use vmm::state::{read_state_file, write_state_file, VcpuState, VmState};
 
@@ -318,15 +317,14 @@ fn state_files_round_trip_and_restore_to_equal_state() {
     let vm_again = VmState::save(&t.vm);
 
     assert_eq!(loaded.vcpu, saved.vcpu);
-    assert_eq!(
-        encode_state(&loaded.vm).unwrap(),
-        encode_state(&saved.vm).unwrap()
-    );
+    assert_eq!(loaded.vm, saved.vm);
     assert_eq!(stable(&again), stable(&saved.vcpu));
-    assert_eq!(
-        encode_state(&(vm_again.pic_master, vm_again.pic_slave, vm_again.ioapic)).unwrap(),
-        encode_state(&(saved.vm.pic_master, saved.vm.pic_slave, saved.vm.ioapic)).unwrap()
-    );
+    let chips = |v: &VmState| VmState {
+        pit: None,
+        clock: None,
+        ..*v
+    };
+    assert_eq!(chips(&vm_again), chips(&saved.vm));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

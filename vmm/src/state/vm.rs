@@ -15,6 +15,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::warn;
+use zerocopy::IntoBytes;
 
 /// Errors restoring the VM-wide state.
 #[derive(Debug, Error)]
@@ -44,6 +45,18 @@ impl std::fmt::Debug for VmState {
             .field("pit", &self.pit)
             .field("clock", &self.clock)
             .finish()
+    }
+}
+
+impl PartialEq for VmState {
+    // `kvm_irqchip` (a union) has no PartialEq: compare its bytes.
+    fn eq(&self, other: &Self) -> bool {
+        let chip = |c: &Option<kvm_irqchip>| c.as_ref().map(|c| c.as_bytes().to_vec());
+        chip(&self.pic_master) == chip(&other.pic_master)
+            && chip(&self.pic_slave) == chip(&other.pic_slave)
+            && chip(&self.ioapic) == chip(&other.ioapic)
+            && self.pit == other.pit
+            && self.clock == other.clock
     }
 }
 
