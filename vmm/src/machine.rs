@@ -144,7 +144,8 @@ pub struct Machine {
     serial_drained: EventFd,
     ged: Arc<Mutex<Ged>>,
     exit: Arc<ExitNotifier>,
-    metrics: Arc<VcpuMetrics>,
+    /// Per vCPU, in id order.
+    metrics: Vec<Arc<VcpuMetrics>>,
     stdin_input: bool,
     signals: SignalFd,
     poll: Poll,
@@ -189,12 +190,11 @@ impl Machine {
         let mmio = Arc::new(Bus::new("mmio"));
         let virtio = pci_devices(cfg, &vm, &memory, &pio, &mmio, ram_end)?;
         let transports = virtio.iter().map(|d| lock(d).metrics.clone()).collect();
-        let metrics = Arc::new(VcpuMetrics::default());
         let ctx = VcpuContext {
             pio: Arc::new(pio),
             mmio,
             exit: exit.clone(),
-            metrics: metrics.clone(),
+            metrics: Arc::default(),
         };
 
         let supported = kvm
@@ -206,9 +206,16 @@ impl Machine {
             .map(|n| feature_by_name(n))
             .collect::<std::result::Result<_, _>>()?;
         let mut vcpus = Vec::with_capacity(cfg.cpus.into());
+        let mut metrics = Vec::with_capacity(cfg.cpus.into());
         for id in 0..cfg.cpus {
             let fd = create_vcpu(&kvm, &vm, id, cfg.cpus, &supported, &hidden, &kernel)?;
-            vcpus.push(VcpuHandle::spawn(id, fd, ctx.clone())?);
+            let own = Arc::new(VcpuMetrics::default());
+            metrics.push(own.clone());
+            let ctx = VcpuContext {
+                metrics: own,
+                ..ctx.clone()
+            };
+            vcpus.push(VcpuHandle::spawn(id, fd, ctx)?);
         }
         Ok(Self {
             vcpus,
@@ -245,6 +252,7 @@ impl Machine {
     pub fn live_counters(&self) -> crate::api::counters::LiveCounters {
         crate::api::counters::LiveCounters {
             vcpus: self.metrics.clone(),
+            memory: self.memory.file.clone(),
             transports: self.transports.clone(),
         }
     }
@@ -302,8 +310,16 @@ impl Machine {
         result?;
         Ok(Outcome {
             reason,
-            pio_exits: self.metrics.pio_exits.load(Ordering::Relaxed),
-            mmio_exits: self.metrics.mmio_exits.load(Ordering::Relaxed),
+            pio_exits: self
+                .metrics
+                .iter()
+                .map(|m| m.pio_exits.load(Ordering::Relaxed))
+                .sum(),
+            mmio_exits: self
+                .metrics
+                .iter()
+                .map(|m| m.mmio_exits.load(Ordering::Relaxed))
+                .sum(),
             notify_exits: self
                 .transports
                 .iter()

@@ -33,6 +33,8 @@ pub enum MemoryError {
 pub struct Memory {
     pub guest: GuestMemory,
     pub size: u64,
+    /// The memfd every region maps.
+    pub file: std::sync::Arc<File>,
 }
 
 impl Memory {
@@ -59,8 +61,16 @@ impl Memory {
             })
             .collect();
         let guest = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
-        Ok(Self { guest, size })
+        Ok(Self { guest, size, file })
     }
+}
+
+/// Bytes of guest RAM the host has backed so far: the memfd's allocated
+/// pages (touched by the guest, the VMM or a backend), whether resident
+/// or swapped out.
+pub fn allocated_bytes(file: &File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| m.blocks() * 512)
 }
 
 fn memfd(name: &CStr, hugepages: bool) -> io::Result<File> {

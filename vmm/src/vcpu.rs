@@ -9,7 +9,8 @@
 //!    +-------stop-------+----------stop------------+--> Stopped
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 
@@ -51,11 +52,50 @@ impl VcpuState {
     }
 }
 
-/// Exit counters, shared by all vCPUs.
-#[derive(Debug, Default)]
+/// One vCPU's exit counters by reason, and its thread's CPU clock.
+#[derive(Debug)]
 pub struct VcpuMetrics {
     pub pio_exits: AtomicU64,
     pub mmio_exits: AtomicU64,
+    /// HLT exits (none with the in-kernel LAPIC, which handles HLT).
+    pub hlt_exits: AtomicU64,
+    /// `KVM_RUN` returned EINTR/EAGAIN: a kick (pause, stop) or a retry.
+    pub interrupted: AtomicU64,
+    /// The thread's CPU-time clock (`pthread_getcpuclockid`), once the
+    /// thread exists; `i64::MIN` before.
+    cpu_clock: AtomicI64,
+}
+
+impl Default for VcpuMetrics {
+    fn default() -> Self {
+        Self {
+            pio_exits: AtomicU64::new(0),
+            mmio_exits: AtomicU64::new(0),
+            hlt_exits: AtomicU64::new(0),
+            interrupted: AtomicU64::new(0),
+            cpu_clock: AtomicI64::new(i64::MIN),
+        }
+    }
+}
+
+impl VcpuMetrics {
+    /// CPU time the vCPU thread has used (user + system, KVM_RUN included),
+    /// in microseconds; `None` before it started or after it ended.
+    pub fn cpu_time_us(&self) -> Option<u64> {
+        let clock = libc::clockid_t::try_from(self.cpu_clock.load(Ordering::Relaxed)).ok()?;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer; a stale clock id only makes
+        // the call fail.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        let us =
+            u64::try_from(ts.tv_sec).ok()? * 1_000_000 + u64::try_from(ts.tv_nsec).ok()? / 1_000;
+        Some(us)
+    }
 }
 
 /// What the vCPU thread and its controller share.
@@ -136,6 +176,7 @@ impl VcpuHandle {
             immediate_exit: &mut fd.get_kvm_run().immediate_exit,
         });
         let c = ctl.clone();
+        let metrics = ctx.metrics.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
@@ -144,6 +185,12 @@ impl VcpuHandle {
                 fd
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the pthread_t is that of the thread just spawned, which
+        // is not joined yet; `clock` is a valid out-pointer.
+        if unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) } == 0 {
+            metrics.cpu_clock.store(clock.into(), Ordering::Relaxed);
+        }
         Ok(Self {
             id,
             ctl,
@@ -242,7 +289,10 @@ fn run_loop(id: u8, fd: &mut VcpuFd, ctl: &Control, ctx: &VcpuContext) {
                 None
             }
             // The in-kernel LAPIC handles HLT; nothing to do if one leaks out.
-            Ok(VcpuExit::Hlt) => None,
+            Ok(VcpuExit::Hlt) => {
+                ctx.metrics.hlt_exits.fetch_add(1, Ordering::Relaxed);
+                None
+            }
             Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { cpu: id }),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::GuestShutdown),
@@ -267,7 +317,10 @@ fn run_loop(id: u8, fd: &mut VcpuFd, ctl: &Control, ctx: &VcpuContext) {
                 ))
             }
             Ok(other) => fail(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                ctx.metrics.interrupted.fetch_add(1, Ordering::Relaxed);
+                None
+            }
             Err(e) => fail(format!("KVM_RUN failed: {e}")),
         };
         if let Some(reason) = stop {

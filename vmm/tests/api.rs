@@ -781,6 +781,15 @@ fn vm_counters_move_with_the_guests_disk_io_and_count_vcpu_exits() {
     );
     assert!(after["vm"]["pio_exits"].as_u64().unwrap() > 0, "{after}");
     assert!(after["vm"]["mmio_exits"].as_u64().unwrap() > 0, "{after}");
+    // One vCPU: its entry is the VM's sum.
+    assert_eq!(after["vcpu0"]["pio_exits"], after["vm"]["pio_exits"]);
+    assert!(
+        after["vcpu0"]["cpu_time_us"].as_u64().unwrap() > 0,
+        "{after}"
+    );
+    assert!(after.get("vcpu1").is_none(), "{after}");
+    let allocated = after["vm"]["memory_allocated_bytes"].as_u64().unwrap();
+    assert!(allocated > 0 && allocated <= 128 << 20, "{after}");
     assert!(
         table
             .lines()
@@ -924,4 +933,18 @@ fn vm_reboot_reconnects_the_disk_and_the_guest_drives_it_again() {
         assert!(again.contains(&l.to_string()), "missing {l}: {again:?}");
     }
     assert!(!again.iter().any(|l| l.contains("FAIL")), "{again:?}");
+}
+
+#[test]
+fn a_device_id_naming_a_vcpu_entry_is_refused() {
+    let vmm = Vm::empty("api-vcpu-id");
+    let socket = vmm.dir.path("blk.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut cfg = guest_config("", 1, 64 << 20);
+    cfg["disks"] = serde_json::json!([{"vhost_user": true, "vhost_socket": socket, "id": "vcpu0"}]);
+
+    let create = vmm.put("vm.create", &cfg.to_string());
+
+    assert_eq!(create.0, 400, "{create:?}");
+    assert!(create.1.contains("reserved"), "{create:?}");
 }

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{parse, DiskConfigBody, NetConfigBody, VmConfigBody};
-use super::counters::{CountersPlan, LiveCounters, VM_ENTRY};
+use super::counters::{reserved_id, CountersPlan, LiveCounters};
 use super::{
     ApiError, ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, ApiSender,
     VmInfo, VmState, VmmPingResponse,
@@ -614,7 +614,7 @@ impl Spec {
         if self.ids.contains(&id) {
             return Err(format!("Device id '{id}' is already in use"));
         }
-        if id == VM_ENTRY {
+        if reserved_id(&id) {
             return Err(format!("Device id '{id}' is reserved for vm.counters"));
         }
         self.ids.push(id);

@@ -2,8 +2,10 @@
 //! u64 } }` map, with what it cannot give for vhost-user devices.
 //!
 //! The controller answers at once with a [`CountersPlan`]: the VM-wide
-//! counters it reads from the running VM's atomics (entry `vm`:
-//! `pio_exits`, `mmio_exits`, summed over the vCPUs), and per device its
+//! counters it reads from the running VM's atomics (entry `vm`: exits by
+//! reason and vCPU CPU time summed over the vCPUs, and
+//! `memory_allocated_bytes`, the guest RAM the host has backed; entries
+//! `vcpu0`.. the same per vCPU), and per device its
 //! id, the VMM's own `notify_exits` and the backend's metrics socket if
 //! one was named. The HTTP thread then resolves the plan on tokio's
 //! blocking pool ([`CountersPlan::resolve`]), so neither the controller nor
@@ -32,6 +34,8 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The entry of the VM-wide counters.
 pub const VM_ENTRY: &str = "vm";
+/// The prefix of the per-vCPU entries: `vcpu0`, `vcpu1`, ...
+pub const VCPU_ENTRY: &str = "vcpu";
 
 /// Errors fetching a backend's counters.
 #[derive(Debug, Error)]
@@ -52,7 +56,10 @@ pub type Counters = BTreeMap<String, u64>;
 /// The running VM's shared counters, handed to the controller at boot.
 #[derive(Clone, Debug)]
 pub struct LiveCounters {
-    pub vcpus: Arc<VcpuMetrics>,
+    /// Per vCPU, in id order.
+    pub vcpus: Vec<Arc<VcpuMetrics>>,
+    /// Guest RAM's memfd.
+    pub memory: Arc<std::fs::File>,
     /// One per device, in device order.
     pub transports: Vec<Arc<TransportMetrics>>,
 }
@@ -71,6 +78,8 @@ pub struct DevicePlan {
 pub struct CountersPlan {
     /// VM-wide counters (absent when no VM runs).
     pub vm: Option<Counters>,
+    /// Per vCPU (entries `vcpu0`, `vcpu1`, ...; empty when no VM runs).
+    pub vcpus: Vec<Counters>,
     pub devices: Vec<DevicePlan>,
 }
 
@@ -82,17 +91,22 @@ impl CountersPlan {
         live: Option<&LiveCounters>,
     ) -> Self {
         let vm = live.map(|l| {
-            Counters::from([
-                (
-                    "pio_exits".into(),
-                    l.vcpus.pio_exits.load(Ordering::Relaxed),
-                ),
-                (
-                    "mmio_exits".into(),
-                    l.vcpus.mmio_exits.load(Ordering::Relaxed),
-                ),
-            ])
+            let per_vcpu: Vec<Counters> = l.vcpus.iter().map(|m| vcpu_counters(m)).collect();
+            let mut vm = Counters::new();
+            for c in &per_vcpu {
+                for (k, v) in c {
+                    *vm.entry(k.clone()).or_default() += v;
+                }
+            }
+            if let Some(bytes) = crate::memory::allocated_bytes(&l.memory) {
+                vm.insert("memory_allocated_bytes".into(), bytes);
+            }
+            (vm, per_vcpu)
         });
+        let (vm, vcpus) = match vm {
+            Some((vm, vcpus)) => (Some(vm), vcpus),
+            None => (None, Vec::new()),
+        };
         let devices = devices
             .enumerate()
             .map(|(i, (id, metrics_socket))| DevicePlan {
@@ -109,7 +123,7 @@ impl CountersPlan {
                 metrics_socket,
             })
             .collect();
-        Self { vm, devices }
+        Self { vm, vcpus, devices }
     }
 
     /// Fetches every backend's counters, one thread each, and returns the
@@ -152,8 +166,37 @@ impl CountersPlan {
         if let Some(vm) = self.vm {
             out.insert(VM_ENTRY.into(), vm);
         }
+        for (i, c) in self.vcpus.into_iter().enumerate() {
+            out.insert(format!("{VCPU_ENTRY}{i}"), c);
+        }
         out
     }
+}
+
+/// One vCPU's entry: exits by reason and its thread's CPU time.
+fn vcpu_counters(m: &VcpuMetrics) -> Counters {
+    let mut c = Counters::from([
+        ("pio_exits".into(), m.pio_exits.load(Ordering::Relaxed)),
+        ("mmio_exits".into(), m.mmio_exits.load(Ordering::Relaxed)),
+        ("hlt_exits".into(), m.hlt_exits.load(Ordering::Relaxed)),
+        (
+            "interrupted_exits".into(),
+            m.interrupted.load(Ordering::Relaxed),
+        ),
+    ]);
+    if let Some(us) = m.cpu_time_us() {
+        c.insert("cpu_time_us".into(), us);
+    }
+    c
+}
+
+/// Whether `id` names a VM-wide entry (`vm`, `vcpuN`), which device ids
+/// may not take.
+pub fn reserved_id(id: &str) -> bool {
+    id == VM_ENTRY
+        || id
+            .strip_prefix(VCPU_ENTRY)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `GET /counters` on `socket`, its totals flattened.
