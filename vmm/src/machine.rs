@@ -232,11 +232,16 @@ impl Machine {
             signals,
             poll: Poll::new().map_err(|e| MachineError::Io("create the poll", e))?,
             api: None,
-            info: cfg.into(),
+            info: VmInfoConfig::new(cfg, &[]),
             started: false,
             paused: false,
             kernel,
         })
+    }
+
+    /// What vm.info reports as the config (the API's device ids).
+    pub fn set_info(&mut self, info: VmInfoConfig) {
+        self.info = info;
     }
 
     /// Serves control API requests in the event loop: returns the sender
@@ -443,15 +448,12 @@ impl Machine {
                 None,
             ),
             ApiRequest::VmInfo => {
-                let info = VmInfo {
-                    config: self.info.clone(),
-                    state: if self.paused {
-                        VmState::Paused
-                    } else {
-                        VmState::Running
-                    },
-                    memory_actual_size: self.memory.size,
+                let state = if self.paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
                 };
+                let info = VmInfo::new(self.info.clone(), state, self.memory.size);
                 (json(serde_json::to_string(&info)), None)
             }
             ApiRequest::VmPause if self.paused => {

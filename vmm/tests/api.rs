@@ -696,8 +696,17 @@ fn a_disk_added_through_the_api_is_driven_by_the_guest() {
     ]);
     let boot = vmm.put("vm.boot", "");
     let console = vmm.console_until("TG: PASS");
+    let info: serde_json::Value = serde_json::from_str(&vmm.get("vm.info").1).unwrap();
 
     let added = json(&add);
+    assert_eq!(info["config"]["disks"][0]["id"], "data", "{info}");
+    assert_eq!(
+        info["config"]["disks"][0]["vhost_socket"],
+        socket.to_str().unwrap()
+    );
+    assert_eq!(info["config"]["disks"][0]["num_queues"], 1, "{info}");
+    assert_eq!(info["device_tree"]["data"]["pci_bdf"], "0000:00:01.0");
+    assert_eq!(info["config"]["serial"]["mode"], "Tty", "{info}");
     assert_eq!(added["id"], "data");
     assert_eq!(added["bdf"], "0000:00:01.0");
     assert_eq!(boot.0, 204, "{boot:?}");
@@ -891,6 +900,19 @@ fn queue_workers(pid: u32) -> usize {
         .count()
 }
 
+/// [`queue_workers`] once it is `want`, or what it is after a second: a
+/// new thread names itself a moment after it starts.
+fn queue_workers_settled(pid: u32, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let n = queue_workers(pid);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn pause_stops_the_backends_rings_and_resume_restarts_them() {
     let vmm = Vm::empty("api-pause-rings");
@@ -902,11 +924,12 @@ fn pause_stops_the_backends_rings_and_resume_restarts_them() {
     vmm.console_until("TG: HOLD");
     let pid = backend.0.id();
 
-    let running = queue_workers(pid);
+    let running = queue_workers_settled(pid, 1);
     let pause = vmm.put("vm.pause", "");
+    // The worker is joined before the pause is answered.
     let paused = queue_workers(pid);
     let resume = vmm.put("vm.resume", "");
-    let resumed = queue_workers(pid);
+    let resumed = queue_workers_settled(pid, 1);
 
     assert_eq!(running, 1);
     assert_eq!(pause.0, 204, "{pause:?}");

@@ -41,7 +41,7 @@ use super::config::{parse, DiskConfigBody, NetConfigBody, VmConfigBody};
 use super::counters::{reserved_id, CountersPlan, LiveCounters};
 use super::{
     ApiError, ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, ApiSender,
-    VmInfo, VmState, VmmPingResponse,
+    VmInfo, VmInfoConfig, VmState, VmmPingResponse,
 };
 use crate::exit::ExitReason;
 use crate::machine::{SignalFd, VMM_SIGNALS};
@@ -354,10 +354,12 @@ impl Controller {
             .map_err(|e| ControllerError::Io("clone eventfd", e))?;
         let (built_tx, built) = mpsc::channel();
         let cfg = spec.cfg.clone();
+        let info = VmInfoConfig::new(&spec.cfg, &spec.ids);
         let thread = std::thread::Builder::new()
             .name("vmm-vm".into())
             .spawn(move || {
                 let built = Machine::new(&cfg).and_then(|mut m| {
+                    m.set_info(info);
                     let tx = m.api_channel()?;
                     // Booted before vm.boot answers (and before "rebooted").
                     m.start_vcpus();
@@ -492,11 +494,11 @@ impl Controller {
                     Vm::Shutdown(s) => (s, VmState::Shutdown),
                     Vm::Running(s, _) => (s, VmState::Running),
                 };
-                let info = VmInfo {
-                    config: (&spec.cfg).into(),
+                let info = VmInfo::new(
+                    VmInfoConfig::new(&spec.cfg, &spec.ids),
                     state,
-                    memory_actual_size: spec.cfg.memory,
-                };
+                    spec.cfg.memory,
+                );
                 (json(&info), false)
             }
             ApiRequest::VmPause

@@ -34,6 +34,7 @@ pub mod controller;
 pub mod counters;
 pub mod http;
 
+use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc};
 
 use serde::{Deserialize, Serialize};
@@ -203,6 +204,47 @@ pub struct VmInfo {
     pub config: VmInfoConfig,
     pub state: VmState,
     pub memory_actual_size: u64,
+    /// Every device by id, with its PCI address.
+    #[serde(default)]
+    pub device_tree: BTreeMap<String, DeviceNode>,
+}
+
+impl VmInfo {
+    pub fn new(config: VmInfoConfig, state: VmState, memory_actual_size: u64) -> Self {
+        let device_tree = config
+            .disks
+            .iter()
+            .map(|d| (&d.id, d.pci_slot))
+            .chain(config.net.iter().map(|n| (&n.id, n.pci_slot)))
+            .map(|(id, slot)| {
+                let node = DeviceNode {
+                    id: id.clone(),
+                    pci_bdf: Some(format!("0000:00:{slot:02x}.0")),
+                    children: Vec::new(),
+                    resources: Vec::new(),
+                };
+                (id.clone(), node)
+            })
+            .collect();
+        Self {
+            config,
+            state,
+            memory_actual_size,
+            device_tree,
+        }
+    }
+}
+
+/// Cloud Hypervisor's `DeviceNode`: a device and its PCI address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNode {
+    pub id: String,
+    #[serde(default)]
+    pub pci_bdf: Option<String>,
+    #[serde(default)]
+    pub children: Vec<String>,
+    #[serde(default)]
+    pub resources: Vec<serde_json::Value>,
 }
 
 /// The VM's life-cycle state as the API names it.
@@ -231,6 +273,52 @@ pub struct VmInfoConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub payload: PayloadConfig,
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
+    #[serde(default)]
+    pub net: Vec<NetInfo>,
+    pub serial: ConsoleInfo,
+    pub console: ConsoleInfo,
+}
+
+/// A disk as `VmConfig.disks` has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub id: String,
+    pub vhost_user: bool,
+    pub vhost_socket: String,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_socket: Option<String>,
+    /// Where it sits on PCI bus 0 (for the device tree).
+    #[serde(skip)]
+    pci_slot: usize,
+}
+
+/// A NIC as `VmConfig.net` has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInfo {
+    pub id: String,
+    pub vhost_user: bool,
+    pub vhost_socket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Queues: two per pair, as Cloud Hypervisor counts them.
+    pub num_queues: u16,
+    pub queue_size: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_socket: Option<String>,
+    #[serde(skip)]
+    pci_slot: usize,
+}
+
+/// `ConsoleConfig`: the serial port's or console's mode and file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleInfo {
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,8 +344,58 @@ pub struct PayloadConfig {
     pub cmdline: Option<String>,
 }
 
-impl From<&crate::VmConfig> for VmInfoConfig {
-    fn from(c: &crate::VmConfig) -> Self {
+impl VmInfoConfig {
+    /// The config of `c`, whose devices have the API ids `ids` (generated
+    /// ones where `ids` is short).
+    pub fn new(c: &crate::VmConfig, ids: &[String]) -> Self {
+        use crate::vhost_user::Kind;
+        let mut disks = Vec::new();
+        let mut net = Vec::new();
+        for (i, d) in c.devices.iter().enumerate() {
+            let id = ids.get(i).cloned().unwrap_or_else(|| format!("_dev{i}"));
+            let socket = d.socket.display().to_string();
+            let metrics_socket = d.metrics_socket.as_ref().map(|p| p.display().to_string());
+            match &d.kind {
+                Kind::Net { mac, queue_pairs } => net.push(NetInfo {
+                    id,
+                    vhost_user: true,
+                    vhost_socket: socket,
+                    mac: mac.map(|m| {
+                        m.iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    }),
+                    num_queues: queue_pairs * 2,
+                    queue_size: d.queue_size,
+                    metrics_socket,
+                    pci_slot: i + 1,
+                }),
+                _ => disks.push(DiskInfo {
+                    id,
+                    vhost_user: true,
+                    vhost_socket: socket,
+                    num_queues: d.queues,
+                    queue_size: d.queue_size,
+                    metrics_socket,
+                    pci_slot: i + 1,
+                }),
+            }
+        }
+        let serial = match &c.serial {
+            crate::config::SerialConfig::Stdio => ConsoleInfo {
+                mode: "Tty".into(),
+                file: None,
+            },
+            crate::config::SerialConfig::File(p) => ConsoleInfo {
+                mode: "File".into(),
+                file: Some(p.display().to_string()),
+            },
+            crate::config::SerialConfig::Off => ConsoleInfo {
+                mode: "Off".into(),
+                file: None,
+            },
+        };
         Self {
             cpus: CpusConfig {
                 boot_vcpus: c.cpus,
@@ -271,6 +409,13 @@ impl From<&crate::VmConfig> for VmInfoConfig {
                 kernel: Some(c.kernel.display().to_string()),
                 initramfs: c.initramfs.as_ref().map(|p| p.display().to_string()),
                 cmdline: Some(c.cmdline.clone()),
+            },
+            disks,
+            net,
+            serial,
+            console: ConsoleInfo {
+                mode: "Off".into(),
+                file: None,
             },
         }
     }
