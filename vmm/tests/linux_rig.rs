@@ -101,16 +101,19 @@ echo L2-POWER-BUTTON-IGNORED
     )
 }
 
+/// Booted twice: L1 reboots it through the API after the first line,
+/// then presses the power button.
 const PVH_SCRIPT: &str = r#"#!/bin/sh
-echo "L2-PVH-USERSPACE L2-NPROC=$(nproc)"
-poweroff -f
+echo "L2-PVH-USERSPACE L2-NPROC=$(nproc) L2-BOOT-ID=$(cat /proc/sys/kernel/random/boot_id)"
+sleep 600
+echo L2-PVH-NOT-REBOOTED
 "#;
 
 const L1_SCRIPT: &str = r#"
 L2_TIMEOUT=400
 CMDLINE="console=ttyS0 reboot=k panic=1"
-blk-backend --socket /tmp/blk.sock --image /dev/vda --queues 2 >/tmp/blk.log 2>&1 &
-net-backend --socket /tmp/net.sock --tap vmtap0 --create-tap >/tmp/net.log 2>&1 &
+blk-backend --socket /tmp/blk.sock --image /dev/vda --queues 2 --metrics-socket /tmp/blk.metrics >/tmp/blk.log 2>&1 &
+net-backend --socket /tmp/net.sock --tap vmtap0 --create-tap --metrics-socket /tmp/net.metrics >/tmp/net.log 2>&1 &
 qemu-storage-daemon --blockdev driver=host_device,node-name=d1,filename=/dev/vdb \
     --export type=vhost-user-blk,id=e1,node-name=d1,addr.type=unix,addr.path=/tmp/qsd.sock,writable=on,num-queues=2 \
     >/tmp/qsd.log 2>&1 &
@@ -127,13 +130,15 @@ exec 5<>/tmp/in
 # While L2 waits for input: pause it through the API (vmctl), read its
 # state, resume it, then type the line it waits for.
 ( wait_for /tmp/l2-main.log L2-WANTS-INPUT &&
+  echo "L1-COUNTERS=$(vmctl --api-socket /tmp/api.sock --json counters | tr -d '\n ')" &&
   vmctl --api-socket /tmp/api.sock pause && echo "L1-PAUSED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" &&
   sleep 3 && vmctl --api-socket /tmp/api.sock resume &&
   echo "L1-RESUMED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" &&
   echo typed-by-the-host >&5 ) &
 echo "L1-DATE-BEFORE=$(date +%s)"
 l2 main --kernel $L2_KERNEL --memory 512M --cpus 2 --api-socket /tmp/api.sock \
-    --disk socket=/tmp/blk.sock,queues=2 --net socket=/tmp/net.sock,mac=52:54:00:12:34:56 \
+    --disk socket=/tmp/blk.sock,queues=2,metrics-socket=/tmp/blk.metrics \
+    --net socket=/tmp/net.sock,mac=52:54:00:12:34:56,metrics-socket=/tmp/net.metrics \
     --cmdline "$CMDLINE run=/l2/main.sh" </tmp/in
 echo "L1-DATE-AFTER=$(date +%s)"
 echo "L1-TCP-RECEIVED-SHA=$(sha256sum </tmp/tcp.bin | cut -d' ' -f1) L1-TCP-SENT-SHA=$(sha256sum </tmp/l1.bin | cut -d' ' -f1)"
@@ -141,7 +146,11 @@ echo "L1-TCP-RECEIVED-SHA=$(sha256sum </tmp/tcp.bin | cut -d' ' -f1) L1-TCP-SENT
   vmctl --api-socket /tmp/api-qsd.sock power-button && echo L1-POWER-BUTTON-PRESSED ) &
 l2 qsd --kernel $L2_KERNEL --memory 512M --cpus 4 --disk socket=/tmp/qsd.sock --api-socket /tmp/api-qsd.sock \
     --cmdline "$CMDLINE run=/l2/qsd.sh" </dev/null
-l2 pvh --kernel $L2_VMLINUX --boot pvh --memory 256M --cpus 1 \
+( wait_for /tmp/l2-pvh.log L2-PVH-USERSPACE &&
+  vmctl --api-socket /tmp/api-pvh.sock reboot && echo L1-REBOOT-SENT &&
+  n=0; until [ "$(grep -c L2-PVH-USERSPACE /tmp/l2-pvh.log)" -ge 2 ] || [ $n -gt 600 ]; do sleep 1; n=$((n + 1)); done &&
+  sleep 1 && vmctl --api-socket /tmp/api-pvh.sock power-button ) &
+l2 pvh --kernel $L2_VMLINUX --boot pvh --memory 256M --cpus 1 --api-socket /tmp/api-pvh.sock \
     --cmdline "$CMDLINE run=/l2/pvh.sh" </dev/null
 kill $(pidof blk-backend) $(pidof net-backend) $(pidof qemu-storage-daemon)
 sleep 1
@@ -422,9 +431,38 @@ fn acpi_power_button_powers_linux_off() {
 }
 
 #[test]
-fn linux_boots_through_the_pvh_entry() {
+fn linux_boots_through_the_pvh_entry_and_reboots_through_the_api() {
     let lines = l2("pvh");
+    let all: Vec<&str> = outcome().console.lines.iter().map(String::as_str).collect();
 
-    assert!(lines.iter().any(|l| l.contains("L2-PVH-USERSPACE")));
+    let boot_ids: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains("L2-PVH-USERSPACE"))
+        .map(|l| Console::value(&[l], "L2-BOOT-ID").unwrap_or_default())
+        .collect();
+    assert!(all.iter().any(|l| l.contains("L1-REBOOT-SENT")));
+    assert_eq!(boot_ids.len(), 2, "{lines:#?}");
+    assert_ne!(boot_ids[0], boot_ids[1]);
+    assert!(!lines.iter().any(|l| l.contains("L2-PVH-NOT-REBOOTED")));
     assert_eq!(outcome().console.l2_status("pvh"), Some(0));
+}
+
+#[test]
+fn vm_counters_of_linux_move_with_its_disk_and_network_traffic() {
+    l2("main");
+    let all: Vec<&str> = outcome().console.lines.iter().map(String::as_str).collect();
+
+    let c: serde_json::Value = serde_json::from_str(value(&all, "L1-COUNTERS")).unwrap();
+
+    // 4 MiB went each way over TCP before the counters were read.
+    assert!(c["_net1"]["rx_bytes"].as_u64().unwrap() > 4 << 20, "{c}");
+    assert!(c["_net1"]["tx_bytes"].as_u64().unwrap() > 4 << 20, "{c}");
+    assert!(c["_disk0"]["requests"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["_disk0"]["read_bytes"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(c["_net1"]["notify_exits"], 0, "{c}");
+    assert_eq!(c["_disk0"]["notify_exits"], 0, "{c}");
+    for v in ["vcpu0", "vcpu1"] {
+        assert!(c[v]["cpu_time_us"].as_u64().unwrap() > 0, "{c}");
+    }
+    assert!(c["vm"]["memory_allocated_bytes"].as_u64().unwrap() > 16 << 20, "{c}");
 }
