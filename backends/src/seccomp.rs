@@ -337,6 +337,25 @@ pub fn apply_or_exit(kind: ThreadKind) {
     }
 }
 
+/// The `Seccomp:` field of every thread of process `pid`, with the
+/// thread's name (0: none, 2: filtered); for tests and diagnostics.
+pub fn thread_modes(pid: u32) -> std::io::Result<Vec<(String, u32)>> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let name = std::fs::read_to_string(dir.join("comm"))?;
+        let status = std::fs::read_to_string(dir.join("status"))?;
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| std::io::Error::other("no Seccomp line"))?;
+        modes.push((name.trim_end().to_string(), mode));
+    }
+    modes.sort();
+    Ok(modes)
+}
+
 /// `siginfo_t` as the kernel fills it for SIGSYS (`_sigsys` in the union).
 #[repr(C)]
 struct SigsysInfo {
