@@ -165,8 +165,9 @@ pub fn drop_to(ids: Ids, sockets: &[&Path]) -> Result<(), PrivilegeError> {
     check(unsafe { libc::setgid(ids.gid) }, ids)?;
     // SAFETY: as above.
     check(unsafe { libc::setuid(ids.uid) }, ids)?;
-    // SAFETY: as above; this one must fail unless the target is root itself.
-    if ids.uid != 0 && unsafe { libc::setuid(0) } == 0 {
+    // SAFETY: as above; these must fail unless the target is root itself.
+    let regained = unsafe { libc::setuid(0) == 0 || libc::setgid(0) == 0 };
+    if ids.uid != 0 && regained {
         return Err(PrivilegeError::Regained(ids.uid));
     }
     tracing::info!(uid = ids.uid, gid = ids.gid, "dropped privileges");

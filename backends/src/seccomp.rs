@@ -52,7 +52,7 @@ pub enum SeccompError {
     #[error("Cannot install the {0:?} seccomp filter")]
     Apply(ThreadKind, #[source] seccompiler::Error),
     /// [`enable`] was called twice with different modes.
-    #[error("seccomp is already enabled in another mode")]
+    #[error("Seccomp is already enabled in another mode")]
     AlreadyEnabled,
 }
 
