@@ -40,6 +40,15 @@ impl Default for Confinement {
 }
 
 impl Confinement {
+    /// Looks `--user` up, so that a wrong name fails before anything is
+    /// opened or bound.
+    pub fn check(&self) -> Result<(), ConfineError> {
+        if let Some(user) = &self.user {
+            user.resolve()?;
+        }
+        Ok(())
+    }
+
     /// Drops privileges (handing `sockets` to the user) and turns seccomp
     /// on; no thread is confined yet. Call with one thread, after opening
     /// everything that needs privileges.

@@ -67,6 +67,7 @@ pub fn open_storage(cfg: &BlkConfig) -> Result<Arc<dyn storage::Storage>, Error>
 /// Opens the storage and the sockets, drops privileges, starts the metrics
 /// thread, confines the main thread, then serves (see `backends::seccomp`).
 pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
+    cfg.confinement.check()?;
     let storage = open_storage(cfg)?;
     if cfg.storage == StorageKind::File {
         uring::check_restrictions()?;

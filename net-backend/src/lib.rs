@@ -83,6 +83,7 @@ pub fn build_device(cfg: &NetConfig) -> Result<NetDevice, Error> {
 /// Opens the tap and the sockets, drops privileges, starts the helper
 /// threads, confines the main thread, then serves (see `backends::seccomp`).
 pub fn run(cfg: &NetConfig) -> Result<(), Error> {
+    cfg.confinement.check()?;
     let device = Arc::new(build_device(cfg)?);
     uring::check_restrictions()?;
     tracing::info!(tap = %cfg.tap, pairs = cfg.queue_pairs, mac = %cfg.mac, socket = %cfg.socket.display(), "net-backend starting");
