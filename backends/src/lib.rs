@@ -1,6 +1,8 @@
 //! Shared plumbing for vhost-user backend daemons.
 //!
-//! - [`daemon`]: logging and exit status for a daemon's `main`.
+//! - [`daemon`]: logging, exit status and confinement for a daemon's `main`.
+//! - [`seccomp`]: the per-thread-kind seccomp filters and the SIGSYS report.
+//! - [`privileges`]: `--user`, dropping root after set-up.
 //! - [`server`]: listen on a unix socket and serve one frontend after another.
 //! - [`handler`]: our vhost-user request handler (memory table, vrings,
 //!   inflight tracking) over the `vhost` crate's protocol layer.
@@ -26,8 +28,10 @@ pub mod inflight;
 pub mod memory;
 pub mod metrics;
 pub mod metrics_server;
+pub mod privileges;
 pub mod qemu;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod server;
 pub mod uring;
 pub mod vring;

@@ -38,6 +38,7 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::counters::{self, CounterSource};
 use crate::ratelimit::LogLimiter;
+use crate::seccomp::{self, ThreadKind};
 
 /// Time a client has to send its request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -87,7 +88,7 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Binds `path` and serves `source`'s counters on a thread of its own.
     pub fn start(path: &Path, source: Arc<dyn CounterSource>) -> Result<Self, MetricsServerError> {
-        Self::start_with(path, source, false)
+        BoundMetrics::bind(path, source, false)?.start()
     }
 
     /// Like [`Self::start`], and on SIGTERM or SIGINT removes the socket and
@@ -97,10 +98,36 @@ impl MetricsServer {
         path: &Path,
         source: Arc<dyn CounterSource>,
     ) -> Result<Self, MetricsServerError> {
-        Self::start_with(path, source, true)
+        Self::bind_for_daemon(path, source)?.start()
     }
 
-    fn start_with(
+    /// [`Self::start_for_daemon`] in two steps: the socket is bound and the
+    /// signals watched now, the thread starts with [`BoundMetrics::start`]
+    /// (after the daemon dropped privileges, which it must do with one thread).
+    pub fn bind_for_daemon(
+        path: &Path,
+        source: Arc<dyn CounterSource>,
+    ) -> Result<BoundMetrics, MetricsServerError> {
+        BoundMetrics::bind(path, source, true)
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A metrics endpoint whose socket is bound and whose thread is not started.
+pub struct BoundMetrics {
+    path: PathBuf,
+    rt: tokio::runtime::Runtime,
+    listener: tokio::net::UnixListener,
+    signals: Option<[Signal; 2]>,
+    source: Arc<dyn CounterSource>,
+}
+
+impl BoundMetrics {
+    fn bind(
         path: &Path,
         source: Arc<dyn CounterSource>,
         exit_on_signal: bool,
@@ -132,29 +159,51 @@ impl MetricsServer {
                 return Err(MetricsServerError::Bind(path.display().to_string(), e));
             }
         };
-        let (tx, rx) = oneshot::channel();
-        let file = path.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || rt.block_on(accept_loop(listener, source, rx, signals, file)));
-        let thread = match thread {
-            Ok(thread) => thread,
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                return Err(MetricsServerError::Thread(e));
-            }
-        };
-        tracing::info!(socket = %path.display(), "metrics endpoint listening");
-        Ok(MetricsServer {
+        Ok(BoundMetrics {
             path: path.to_path_buf(),
-            shutdown: Some(tx),
-            thread: Some(thread),
+            rt,
+            listener,
+            signals,
+            source,
         })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Starts serving on a thread of its own, which confines itself
+    /// ([`ThreadKind::Metrics`]) before its first request.
+    pub fn start(self) -> Result<MetricsServer, MetricsServerError> {
+        let BoundMetrics {
+            path,
+            rt,
+            listener,
+            signals,
+            source,
+        } = self;
+        let (tx, rx) = oneshot::channel();
+        let file = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                seccomp::apply_or_exit(ThreadKind::Metrics);
+                rt.block_on(accept_loop(listener, source, rx, signals, file))
+            });
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(MetricsServerError::Thread(e));
+            }
+        };
+        tracing::info!(socket = %path.display(), "metrics endpoint listening");
+        Ok(MetricsServer {
+            path,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
     }
 }
 
@@ -187,18 +236,34 @@ fn bind(path: &Path) -> Result<UnixListener, MetricsServerError> {
             Err(e) => return Err(MetricsServerError::RemoveStale(shown(), e)),
         }
     }
-    // Bound under a temporary name and renamed, so the socket is never
-    // reachable at `path` with a wider mode.
+    bind_private(path).map_err(|e| match e {
+        PrivateBindError::Bind(e) => MetricsServerError::Bind(shown(), e),
+        PrivateBindError::Place(e) => MetricsServerError::SocketFile(shown(), e),
+    })
+}
+
+/// Why [`bind_private`] failed.
+pub(crate) enum PrivateBindError {
+    /// bind(2) failed.
+    Bind(io::Error),
+    /// chmod or rename failed.
+    Place(io::Error),
+}
+
+/// Listens on `path` with mode 0600, replacing whatever is there: bound
+/// under a temporary name and renamed, so the socket is never reachable at
+/// `path` with a wider mode.
+pub(crate) fn bind_private(path: &Path) -> Result<UnixListener, PrivateBindError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(|e| MetricsServerError::Bind(shown(), e))?;
+    let listener = UnixListener::bind(&tmp).map_err(PrivateBindError::Bind)?;
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&tmp);
-        return Err(MetricsServerError::SocketFile(shown(), e));
+        return Err(PrivateBindError::Place(e));
     }
     Ok(listener)
 }

@@ -13,6 +13,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use crate::device::Device;
 use crate::handler::Handler;
 use crate::metrics::{QueueMetrics, QueueMetricsSnapshot};
+use crate::metrics_server::{bind_private, PrivateBindError};
 
 /// Errors of the server loop.
 #[derive(Debug, Error)]
@@ -64,10 +65,13 @@ impl<D: Device> Server<D> {
         self.metrics.iter().map(|m| m.snapshot()).collect()
     }
 
-    /// Binds `path` (replacing a stale socket file).
+    /// Binds `path` with mode 0600 (replacing a stale socket file).
     pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
-        let _ = std::fs::remove_file(path);
-        UnixListener::bind(path).map_err(|e| ServerError::Bind(path.display().to_string(), e))
+        bind_private(path).map_err(|e| match e {
+            PrivateBindError::Bind(e) | PrivateBindError::Place(e) => {
+                ServerError::Bind(path.display().to_string(), e)
+            }
+        })
     }
 
     /// Accepts and serves frontends forever, one at a time.

@@ -12,9 +12,18 @@
 //! instead of handing their completions to the caller. A completion then
 //! costs one system call return instead of an epoll wake-up interrupted by
 //! io_uring task work (EINTR) and a second `epoll_wait`.
+//!
+//! Every ring is restricted ([`Restrictions`]): created disabled, its
+//! completion eventfd and fixed files registered, then limited to the opcodes
+//! its owner submits (and the poll of [`Uring::watch`]), to the FIXED_FILE
+//! submission flag if it has fixed files and to no flag otherwise, and to no
+//! further `io_uring_register` operation, before it is enabled. Anything
+//! else completes with -EACCES. A kernel without ring restrictions (before
+//! 5.10) is refused: [`check_restrictions`] finds that out at startup.
 
 use std::os::fd::{AsRawFd, RawFd};
 
+use io_uring::register::Restriction;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -31,6 +40,9 @@ pub enum UringError {
     /// Registering files with the ring failed.
     #[error("Cannot register files with io_uring")]
     Register(#[source] std::io::Error),
+    /// The kernel refused the ring's restrictions or enabling the ring.
+    #[error("Cannot restrict io_uring (needs Linux 5.10)")]
+    Restrict(#[source] std::io::Error),
     /// io_uring_enter failed.
     #[error("Cannot submit to io_uring")]
     Submit(#[source] std::io::Error),
@@ -40,6 +52,31 @@ pub enum UringError {
 pub const WATCH_BIT: u64 = 1 << 63;
 /// Most fds one ring can watch (bits of [`Uring::take_fired`]).
 pub const MAX_WATCHES: usize = 64;
+
+/// What a ring may be used for, fixed when it is created.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Restrictions<'a> {
+    /// Opcodes the owner submits (`opcode::Read::CODE`, ...); the poll of
+    /// [`Uring::watch`] is always allowed.
+    pub ops: &'a [u8],
+    /// Files registered as the fixed file table: entries name them by index
+    /// (`types::Fixed(i)`), sparing the kernel an fd lookup per operation.
+    pub fixed_files: &'a [RawFd],
+}
+
+/// Creates and drops a small restricted ring: an error if the kernel cannot
+/// restrict rings, for a daemon to report at startup rather than when a
+/// frontend starts a queue.
+pub fn check_restrictions() -> Result<(), UringError> {
+    Uring::new(
+        1,
+        Restrictions {
+            ops: &[opcode::Nop::CODE],
+            fixed_files: &[],
+        },
+    )
+    .map(drop)
+}
 
 /// One io_uring with a completion eventfd.
 pub struct Uring {
@@ -55,8 +92,8 @@ pub struct Uring {
 }
 
 impl Uring {
-    /// Creates a ring with room for `entries` submissions.
-    pub fn new(entries: u32) -> Result<Self, UringError> {
+    /// Creates a ring with room for `entries` submissions, restricted to `allowed`.
+    pub fn new(entries: u32, allowed: Restrictions<'_>) -> Result<Self, UringError> {
         let entries = entries.max(1).next_power_of_two();
         // Default task-run mode. A worker sleeping in epoll gets EINTR when a
         // completion's task work runs, then the eventfd fires; a worker
@@ -67,12 +104,37 @@ impl Uring {
         // COOP_TASKRUN no better.
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
+            .setup_r_disabled()
             .build(entries)
             .map_err(UringError::Setup)?;
         let notifier = EventFd::new(EFD_NONBLOCK).map_err(UringError::EventFd)?;
-        ring.submitter()
+        let submitter = ring.submitter();
+        submitter
             .register_eventfd(notifier.as_raw_fd())
             .map_err(UringError::EventFd)?;
+        if !allowed.fixed_files.is_empty() {
+            submitter
+                .register_files(allowed.fixed_files)
+                .map_err(UringError::Register)?;
+        }
+        // Watches poll eventfds by number, so FIXED_FILE is allowed on a
+        // ring with fixed files but cannot be required.
+        let flags = if allowed.fixed_files.is_empty() {
+            0
+        } else {
+            squeue::Flags::FIXED_FILE.bits()
+        };
+        let mut restrictions: Vec<Restriction> = allowed
+            .ops
+            .iter()
+            .chain(&[opcode::PollAdd::CODE])
+            .map(|&op| Restriction::sqe_op(op))
+            .chain([Restriction::sqe_flags_allowed(flags)])
+            .collect();
+        submitter
+            .register_restrictions(&mut restrictions)
+            .and_then(|()| submitter.register_enable_rings())
+            .map_err(UringError::Restrict)?;
         Ok(Uring {
             ring,
             notifier,
@@ -125,15 +187,6 @@ impl Uring {
     /// The eventfd that becomes readable when completions are posted.
     pub fn notifier(&self) -> RawFd {
         self.notifier.as_raw_fd()
-    }
-
-    /// Registers `fds` as the ring's fixed file table: entries then name them
-    /// by index (`types::Fixed(i)`), sparing the kernel an fd lookup per operation.
-    pub fn register_files(&self, fds: &[RawFd]) -> Result<(), UringError> {
-        self.ring
-            .submitter()
-            .register_files(fds)
-            .map_err(UringError::Register)
     }
 
     /// Queues one submission; it reaches the kernel at the next [`Self::submit`]
@@ -235,7 +288,14 @@ mod tests {
     fn batched_reads_complete_and_signal_the_eventfd() {
         let mut file = tempfile();
         file.write_all(&[7u8; 8192]).unwrap();
-        let mut ring = Uring::new(8).unwrap();
+        let mut ring = Uring::new(
+            8,
+            Restrictions {
+                ops: &[opcode::Read::CODE],
+                fixed_files: &[],
+            },
+        )
+        .unwrap();
         let mut bufs = vec![vec![0u8; 4096]; 2];
         for (i, buf) in bufs.iter_mut().enumerate() {
             let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), buf.as_mut_ptr(), 4096)
@@ -260,7 +320,7 @@ mod tests {
 
     #[test]
     fn watched_eventfd_fires_once_per_signal_and_is_not_reaped_as_io() {
-        let mut ring = Uring::new(4).unwrap();
+        let mut ring = Uring::new(4, Restrictions::default()).unwrap();
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let id = ring.watch(kick.as_raw_fd()).unwrap();
         ring.submit().unwrap();
@@ -276,6 +336,74 @@ mod tests {
         let second = ring.take_fired();
 
         assert_eq!((first, second, io), (1 << id, 1 << id, vec![]));
+    }
+
+    #[test]
+    fn restricted_ring_refuses_an_opcode_outside_its_list() {
+        let mut ring = Uring::new(
+            4,
+            Restrictions {
+                ops: &[opcode::Read::CODE],
+                fixed_files: &[],
+            },
+        )
+        .unwrap();
+        let path = c"/etc/hostname";
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(1);
+
+        // SAFETY: `path` is a static string; we wait for the completion below.
+        unsafe { ring.push(&open) }.unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            ring.wait().unwrap();
+            ring.reap(|token, res| done.push((token, res)));
+        }
+
+        assert_eq!(done, vec![(1, -libc::EACCES)]);
+    }
+
+    #[test]
+    fn ring_without_fixed_files_refuses_the_fixed_file_flag() {
+        let file = tempfile();
+        let mut ring = Uring::new(
+            4,
+            Restrictions {
+                ops: &[opcode::Read::CODE],
+                fixed_files: &[],
+            },
+        )
+        .unwrap();
+        let mut buf = [0u8; 8];
+        let read = opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(2);
+
+        // SAFETY: `buf` outlives the operation; we wait for the completion below.
+        unsafe { ring.push(&read) }.unwrap();
+        let mut done = Vec::new();
+        while done.is_empty() {
+            ring.wait().unwrap();
+            ring.reap(|token, res| done.push((token, res)));
+        }
+        drop(file);
+
+        assert_eq!(done, vec![(2, -libc::EACCES)]);
+    }
+
+    #[test]
+    fn restricted_ring_refuses_registering_more_files() {
+        let file = tempfile();
+        let ring = Uring::new(4, Restrictions::default()).unwrap();
+
+        let err = ring
+            .ring
+            .submitter()
+            .register_files(&[file.as_raw_fd()])
+            .unwrap_err();
+
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
     }
 
     fn tempfile() -> std::fs::File {

@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{QueueHandler, Used};
 use crate::memory::GuestMemoryShared;
+use crate::seccomp::{self, ThreadKind};
 use crate::uring::Uring;
 use crate::vring::Vring;
 
@@ -130,7 +131,11 @@ pub fn spawn(name: String, worker: Worker) -> Result<WorkerHandle, WorkerError> 
     let stop_fd = stop.as_raw_fd();
     let thread = std::thread::Builder::new()
         .name(name)
-        .spawn(move || worker.run(epoll, stop_fd, &flag))
+        .spawn(move || {
+            // Confined before the first look at the queue.
+            seccomp::apply_or_exit(ThreadKind::Worker);
+            worker.run(epoll, stop_fd, &flag)
+        })
         .map_err(WorkerError::Spawn)?;
     Ok(WorkerHandle {
         stop,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use backends::daemon::Confinement;
 use thiserror::Error;
 
 /// Where the disk's bytes live.
@@ -77,6 +78,8 @@ pub struct BlkConfig {
     pub poll_us: u64,
     /// Unix socket of the HTTP metrics endpoint (none: no endpoint).
     pub metrics_socket: Option<PathBuf>,
+    /// seccomp and `--user`, applied once the image and sockets are open.
+    pub confinement: Confinement,
 }
 
 impl BlkConfig {

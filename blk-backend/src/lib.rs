@@ -17,8 +17,10 @@ pub mod storage;
 
 use std::sync::Arc;
 
-use backends::metrics_server::{MetricsServer, MetricsServerError};
+use backends::daemon::ConfineError;
+use backends::metrics_server::{BoundMetrics, MetricsServer, MetricsServerError};
 use backends::server::{Server, ServerError};
+use backends::uring::{self, UringError};
 use thiserror::Error;
 
 pub use config::{BlkConfig, StorageKind};
@@ -39,6 +41,12 @@ pub enum Error {
     /// The metrics endpoint could not start.
     #[error("Cannot start the metrics endpoint")]
     Metrics(#[from] MetricsServerError),
+    /// The kernel cannot restrict io_uring rings.
+    #[error("io_uring is unusable")]
+    Uring(#[from] UringError),
+    /// seccomp or `--user` could not be applied.
+    #[error("Cannot confine the daemon")]
+    Confine(#[from] ConfineError),
 }
 
 /// Opens the storage the configuration names.
@@ -55,8 +63,15 @@ pub fn open_storage(cfg: &BlkConfig) -> Result<Arc<dyn storage::Storage>, Error>
 }
 
 /// Runs the daemon until a fatal error: serves one frontend after another.
+///
+/// Opens the storage and the sockets, drops privileges, starts the metrics
+/// thread, confines the main thread, then serves (see `backends::seccomp`).
 pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
+    cfg.confinement.check()?;
     let storage = open_storage(cfg)?;
+    if cfg.storage == StorageKind::File {
+        uring::check_restrictions()?;
+    }
     let opts = BlkOptions {
         read_only: cfg.read_only,
         queues: cfg.queues,
@@ -66,18 +81,30 @@ pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
     tracing::info!(capacity = storage.capacity(), queues = cfg.queues, socket = %cfg.socket.display(), "blk-backend starting");
     let server = Server::new(Arc::new(BlkDevice::new(storage, opts)))
         .with_poll(std::time::Duration::from_micros(cfg.poll_us));
-    // Dropped (socket removed) when serving fails; SIGTERM/SIGINT remove it too.
-    let _metrics = match &cfg.metrics_socket {
-        Some(path) => Some(MetricsServer::start_for_daemon(
+    let listener = match cfg.client {
+        true => None,
+        false => Some(Server::<BlkDevice>::bind(&cfg.socket)?),
+    };
+    let metrics = match &cfg.metrics_socket {
+        Some(path) => Some(MetricsServer::bind_for_daemon(
             path,
             Arc::new(metrics::BlkCounters::new(server.metrics_handle())),
         )?),
         None => None,
     };
-    if cfg.client {
-        server.serve_client(&cfg.socket);
+    let sockets: Vec<_> = listener
+        .as_ref()
+        .map(|_| cfg.socket.as_path())
+        .into_iter()
+        .chain(metrics.as_ref().map(BoundMetrics::path))
+        .collect();
+    cfg.confinement.prepare(&sockets)?;
+    // Dropped (socket removed) when serving fails; SIGTERM/SIGINT remove it too.
+    let _metrics = metrics.map(BoundMetrics::start).transpose()?;
+    cfg.confinement.confine_main()?;
+    match listener {
+        None => server.serve_client(&cfg.socket),
+        Some(listener) => server.serve(&listener)?,
     }
-    let listener = Server::<BlkDevice>::bind(&cfg.socket)?;
-    server.serve(&listener)?;
     Ok(())
 }

@@ -1,6 +1,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use backends::daemon::Confinement;
+use backends::privileges::UserSpec;
+use backends::seccomp::SeccompMode;
 use blk_backend::{BlkConfig, StorageKind};
 use clap::Parser;
 
@@ -43,6 +46,15 @@ struct Args {
     /// (`GET /counters`: JSON, `GET /metrics`: Prometheus text).
     #[arg(long)]
     metrics_socket: Option<PathBuf>,
+    /// seccomp filters per thread: `true` (a forbidden system call ends the
+    /// daemon with status 159 and one line on stderr), `log` (allowed, logged
+    /// by the kernel) or `false` (none).
+    #[arg(long, default_value = "true")]
+    seccomp: SeccompMode,
+    /// Become USER (and GROUP, default USER's group) once the image and the
+    /// sockets are open; the sockets are handed to that user.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<UserSpec>,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +72,10 @@ fn main() -> ExitCode {
         serial: a.serial,
         poll_us: a.poll_us,
         metrics_socket: a.metrics_socket,
+        confinement: Confinement {
+            seccomp: a.seccomp,
+            user: a.user,
+        },
     };
     backends::daemon::exit_code(blk_backend::run(&cfg))
 }

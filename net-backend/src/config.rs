@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use backends::daemon::Confinement;
 use thiserror::Error;
 
 /// Errors parsing or checking configuration values.
@@ -89,6 +90,8 @@ pub struct NetConfig {
     pub metrics_interval: u64,
     /// Unix socket of the HTTP metrics endpoint (none: no endpoint).
     pub metrics_socket: Option<PathBuf>,
+    /// seccomp and `--user`, applied once the tap and sockets are open.
+    pub confinement: Confinement,
 }
 
 impl NetConfig {
@@ -107,6 +110,7 @@ impl NetConfig {
             mrg_rxbuf: true,
             metrics_interval: 0,
             metrics_socket: None,
+            confinement: Confinement::default(),
         }
     }
 

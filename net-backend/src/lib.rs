@@ -22,8 +22,11 @@ pub mod vnet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backends::metrics_server::{MetricsServer, MetricsServerError};
+use backends::daemon::ConfineError;
+use backends::metrics_server::{BoundMetrics, MetricsServer, MetricsServerError};
+use backends::seccomp::{self, ThreadKind};
 use backends::server::ServerError;
+use backends::uring::{self, UringError};
 use server::NetServer;
 use thiserror::Error;
 
@@ -45,6 +48,15 @@ pub enum Error {
     /// The metrics endpoint could not start.
     #[error("Cannot start the metrics endpoint")]
     Metrics(#[from] MetricsServerError),
+    /// The kernel cannot restrict io_uring rings.
+    #[error("io_uring is unusable")]
+    Uring(#[from] UringError),
+    /// seccomp or `--user` could not be applied.
+    #[error("Cannot confine the daemon")]
+    Confine(#[from] ConfineError),
+    /// The metrics logger thread could not be spawned.
+    #[error("Cannot spawn the metrics logger")]
+    Logger(#[source] std::io::Error),
 }
 
 /// Opens the tap and builds the device the configuration describes.
@@ -67,32 +79,57 @@ pub fn build_device(cfg: &NetConfig) -> Result<NetDevice, Error> {
 }
 
 /// Runs the daemon until a fatal error: serves one frontend after another.
+///
+/// Opens the tap and the sockets, drops privileges, starts the helper
+/// threads, confines the main thread, then serves (see `backends::seccomp`).
 pub fn run(cfg: &NetConfig) -> Result<(), Error> {
+    cfg.confinement.check()?;
     let device = Arc::new(build_device(cfg)?);
+    uring::check_restrictions()?;
     tracing::info!(tap = %cfg.tap, pairs = cfg.queue_pairs, mac = %cfg.mac, socket = %cfg.socket.display(), "net-backend starting");
-    if cfg.metrics_interval > 0 {
-        let dev = device.clone();
-        let every = Duration::from_secs(cfg.metrics_interval);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(every);
-            for (q, m) in dev.metrics().iter().enumerate() {
-                tracing::info!(queue = q, kind = ?dev.kind(q), ?m, "net metrics");
-            }
-        });
-    }
     let server = NetServer::new(device.clone());
-    // Dropped (socket removed) when serving fails; SIGTERM/SIGINT remove it too.
-    let _metrics = match &cfg.metrics_socket {
-        Some(path) => Some(MetricsServer::start_for_daemon(
+    let listener = match cfg.client {
+        true => None,
+        false => Some(NetServer::bind(&cfg.socket)?),
+    };
+    let metrics = match &cfg.metrics_socket {
+        Some(path) => Some(MetricsServer::bind_for_daemon(
             path,
-            Arc::new(metrics::NetCounters::new(device, server.metrics_handle())),
+            Arc::new(metrics::NetCounters::new(
+                device.clone(),
+                server.metrics_handle(),
+            )),
         )?),
         None => None,
     };
-    if cfg.client {
-        server.serve_client(&cfg.socket);
+    let sockets: Vec<_> = listener
+        .as_ref()
+        .map(|_| cfg.socket.as_path())
+        .into_iter()
+        .chain(metrics.as_ref().map(BoundMetrics::path))
+        .collect();
+    cfg.confinement.prepare(&sockets)?;
+    if cfg.metrics_interval > 0 {
+        let every = Duration::from_secs(cfg.metrics_interval);
+        std::thread::Builder::new()
+            .name("metrics-log".into())
+            .spawn(move || {
+                seccomp::apply_or_exit(ThreadKind::Logger);
+                loop {
+                    std::thread::sleep(every);
+                    for (q, m) in device.metrics().iter().enumerate() {
+                        tracing::info!(queue = q, kind = ?device.kind(q), ?m, "net metrics");
+                    }
+                }
+            })
+            .map_err(Error::Logger)?;
     }
-    let listener = NetServer::bind(&cfg.socket)?;
-    server.serve(&listener)?;
+    // Dropped (socket removed) when serving fails; SIGTERM/SIGINT remove it too.
+    let _metrics = metrics.map(BoundMetrics::start).transpose()?;
+    cfg.confinement.confine_main()?;
+    match listener {
+        None => server.serve_client(&cfg.socket),
+        Some(listener) => server.serve(&listener)?,
+    }
     Ok(())
 }

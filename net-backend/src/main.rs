@@ -1,6 +1,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use backends::daemon::Confinement;
+use backends::privileges::UserSpec;
+use backends::seccomp::SeccompMode;
 use clap::Parser;
 use net_backend::{MacAddr, NetConfig};
 
@@ -45,6 +48,15 @@ struct Args {
     /// (`GET /counters`: JSON, `GET /metrics`: Prometheus text).
     #[arg(long)]
     metrics_socket: Option<PathBuf>,
+    /// seccomp filters per thread: `true` (a forbidden system call ends the
+    /// daemon with status 159 and one line on stderr), `log` (allowed, logged
+    /// by the kernel) or `false` (none).
+    #[arg(long, default_value = "true")]
+    seccomp: SeccompMode,
+    /// Become USER (and GROUP, default USER's group) once the tap and the
+    /// sockets are open; the sockets are handed to that user.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    user: Option<UserSpec>,
 }
 
 fn main() -> ExitCode {
@@ -61,5 +73,9 @@ fn main() -> ExitCode {
     cfg.mrg_rxbuf = !a.no_mrg_rxbuf;
     cfg.metrics_interval = a.metrics_interval;
     cfg.metrics_socket = a.metrics_socket;
+    cfg.confinement = Confinement {
+        seccomp: a.seccomp,
+        user: a.user,
+    };
     backends::daemon::exit_code(net_backend::run(&cfg))
 }

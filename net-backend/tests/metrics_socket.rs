@@ -4,79 +4,15 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use backends::counters::check_prometheus_text;
-use backends::frontend::net::NetDriver;
-use backends::frontend::{FrontendConfig, SyntheticFrontend};
 use backends::metrics_server::get;
 use common::*;
 use serde_json::Value;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// net-backend serving the tap `tap` of `ns`, killed on drop.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    metrics: PathBuf,
-}
-
-impl Daemon {
-    fn start(ns: &NetNs, dir: &TempDir) -> Self {
-        let tap = ns.tap("t");
-        ns.ip(&["link", "set", &tap, "up"]);
-        let socket = dir.path("net.sock");
-        let metrics = dir.path("metrics.sock");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_net-backend")])
-            .args(["--tap", &tap, "--queue-size", &QUEUE_SIZE.to_string()])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--metrics-socket")
-            .arg(&metrics)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let daemon = Daemon {
-            child,
-            socket,
-            metrics,
-        };
-        wait_for_socket(&daemon.metrics);
-        daemon
-    }
-
-    fn driver(&self) -> NetDriver {
-        let cfg = FrontendConfig {
-            mem_size: 48 << 20,
-            num_queues: 3,
-            queue_size: QUEUE_SIZE,
-            ..Default::default()
-        };
-        let fe = SyntheticFrontend::connect(&self.socket, cfg).unwrap();
-        NetDriver::new(fe, 1, RX_BUF, 32, 70 << 10).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + TIMEOUT;
-    while UnixStream::connect(path).is_err() {
-        assert!(Instant::now() < deadline, "no metrics socket at {path:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn counters(metrics: &Path) -> Value {
     let reply = get(metrics, "/counters", HTTP_TIMEOUT).unwrap();

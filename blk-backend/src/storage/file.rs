@@ -27,7 +27,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use backends::uring::{Uring, UringError};
+use backends::uring::{Restrictions, Uring, UringError};
 use io_uring::{opcode, types};
 
 use super::{Completion, Storage, StorageQueue};
@@ -37,6 +37,15 @@ pub const SUBMIT_CHUNK: usize = 8;
 
 /// Index of the file in the ring's registered file table.
 const FILE_INDEX: types::Fixed = types::Fixed(0);
+/// Every opcode a queue's ring submits (its restrictions).
+const OPS: [u8; 6] = [
+    opcode::Read::CODE,
+    opcode::Write::CODE,
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fallocate::CODE,
+    opcode::Fsync::CODE,
+];
 
 /// Alignment of buffer addresses and lengths that `O_DIRECT` takes as is.
 const DIRECT_ALIGN: usize = 512;
@@ -77,9 +86,14 @@ impl Storage for FileStorage {
     }
 
     fn open_queue(&self) -> io::Result<Box<dyn StorageQueue>> {
-        let ring = Uring::new(self.ring_entries).map_err(uring_io)?;
-        ring.register_files(&[self.file.as_raw_fd()])
-            .map_err(uring_io)?;
+        let ring = Uring::new(
+            self.ring_entries,
+            Restrictions {
+                ops: &OPS,
+                fixed_files: &[self.file.as_raw_fd()],
+            },
+        )
+        .map_err(uring_io)?;
         Ok(Box::new(FileQueue {
             _file: self.file.clone(),
             ring,

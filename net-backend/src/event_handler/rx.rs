@@ -13,7 +13,7 @@ use std::sync::Arc;
 use backends::desc::{walk_chain, Descriptor};
 use backends::memory::{GuestMem, GuestMemRef};
 use backends::ratelimit::LogLimiter;
-use backends::uring::Uring;
+use backends::uring::{Restrictions, Uring};
 use backends::{QueueHandler, QueueMetrics, Used};
 use io_uring::{opcode, types};
 use thiserror::Error;
@@ -166,7 +166,19 @@ impl RxQueue {
         net: Arc<NetQueueMetrics>,
         metrics: Arc<QueueMetrics>,
     ) -> std::io::Result<Self> {
-        let ring = Uring::new(READS as u32 * 2).map_err(std::io::Error::other)?;
+        // Reads name the tap by number: no fixed files.
+        let ring = Uring::new(
+            READS as u32 * 2,
+            Restrictions {
+                ops: &[
+                    opcode::Read::CODE,
+                    opcode::AsyncCancel::CODE,
+                    opcode::Nop::CODE,
+                ],
+                fixed_files: &[],
+            },
+        )
+        .map_err(std::io::Error::other)?;
         Ok(RxQueue {
             tap,
             ring,

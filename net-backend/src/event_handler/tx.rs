@@ -11,7 +11,7 @@ use std::sync::Arc;
 use backends::desc::{walk_chain, Descriptor};
 use backends::memory::GuestMemRef;
 use backends::ratelimit::LogLimiter;
-use backends::uring::Uring;
+use backends::uring::{Restrictions, Uring};
 use backends::{QueueHandler, QueueMetrics, Used};
 use io_uring::{opcode, types};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -74,9 +74,14 @@ impl TxQueue {
         net: Arc<NetQueueMetrics>,
         metrics: Arc<QueueMetrics>,
     ) -> std::io::Result<Self> {
-        let ring = Uring::new(u32::from(queue_size)).map_err(std::io::Error::other)?;
-        ring.register_files(&[tap.as_raw_fd()])
-            .map_err(std::io::Error::other)?;
+        let ring = Uring::new(
+            u32::from(queue_size),
+            Restrictions {
+                ops: &[opcode::Write::CODE, opcode::Writev::CODE],
+                fixed_files: &[tap.as_raw_fd()],
+            },
+        )
+        .map_err(std::io::Error::other)?;
         Ok(TxQueue {
             _tap: tap,
             ring,

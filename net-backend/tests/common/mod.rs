@@ -3,7 +3,9 @@
 //! namespace, packet sockets on the tap, and synthetic net drivers.
 #![allow(dead_code)]
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -278,3 +280,70 @@ pub fn recv_matching(d: &mut NetDriver, pair: usize, pred: impl Fn(&RxFrame) -> 
 
 /// A plain TX header: no offloads.
 pub const PLAIN: [u8; 12] = [0; 12];
+
+/// net-backend serving the tap `tap` of `ns`, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub metrics: PathBuf,
+}
+
+impl Daemon {
+    /// With a metrics socket; ready when that answers.
+    pub fn start(ns: &NetNs, dir: &TempDir) -> Self {
+        Self::start_with(ns, dir, &[])
+    }
+
+    /// Like [`Self::start`], with more command-line arguments.
+    pub fn start_with(ns: &NetNs, dir: &TempDir, args: &[&str]) -> Self {
+        let tap = ns.tap("t");
+        ns.ip(&["link", "set", &tap, "up"]);
+        let socket = dir.path("net.sock");
+        let metrics = dir.path("metrics.sock");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, env!("CARGO_BIN_EXE_net-backend")])
+            .args(["--tap", &tap, "--queue-size", &QUEUE_SIZE.to_string()])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--metrics-socket")
+            .arg(&metrics)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            socket,
+            metrics,
+        };
+        wait_for_socket(&daemon.metrics);
+        daemon
+    }
+
+    pub fn driver(&self) -> NetDriver {
+        let cfg = FrontendConfig {
+            mem_size: 48 << 20,
+            num_queues: 3,
+            queue_size: QUEUE_SIZE,
+            ..Default::default()
+        };
+        let fe = SyntheticFrontend::connect(&self.socket, cfg).unwrap();
+        NetDriver::new(fe, 1, RX_BUF, 32, 70 << 10).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < deadline, "no metrics socket at {path:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
