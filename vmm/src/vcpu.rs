@@ -30,7 +30,14 @@ pub enum VcpuError {
     Spawn(u8, #[source] std::io::Error),
     #[error("vCPU {0} thread panicked")]
     Panicked(u8),
+    #[error("vCPU {0} is not paused")]
+    NotParked(u8),
+    #[error("vCPU {0} thread has ended")]
+    Gone(u8),
 }
+
+/// Work for a parked vCPU's thread (saving its state, for one).
+type Task = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 /// The life cycle of a vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +109,9 @@ impl VcpuMetrics {
 struct Control {
     state: Mutex<VcpuState>,
     changed: Condvar,
+    /// Run by the thread while parked ([`VcpuHandle::on_thread`]); set
+    /// under `state` and announced on `changed`.
+    task: Mutex<Option<Task>>,
     /// Whether the thread is outside `KVM_RUN` and will not re-enter it
     /// (waiting while Created or Paused, or ended). Changed by the thread
     /// only while it holds `state`, and announced on `changed`, so that
@@ -172,6 +182,7 @@ impl VcpuHandle {
         let ctl = Arc::new(Control {
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
+            task: Mutex::new(None),
             parked: AtomicBool::new(false),
             immediate_exit: &mut fd.get_kvm_run().immediate_exit,
         });
@@ -233,6 +244,27 @@ impl VcpuHandle {
         }
     }
 
+    /// Runs `f` with the vCPU's fd on its own thread while it is parked
+    /// (Created, or Paused once [`Self::wait_parked`] returned), and
+    /// returns what `f` returns. KVM wants vCPU ioctls from that thread.
+    pub fn on_thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Result<R, VcpuError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let s = lock(&self.ctl.state);
+            if !matches!(*s, VcpuState::Created | VcpuState::Paused) {
+                return Err(VcpuError::NotParked(self.id));
+            }
+            *lock(&self.ctl.task) = Some(Box::new(move |fd| {
+                let _ = tx.send(f(fd));
+            }));
+        }
+        self.ctl.changed.notify_all();
+        rx.recv().map_err(|_| VcpuError::Gone(self.id))
+    }
+
     /// Stops the vCPU and waits for its thread.
     pub fn join(mut self) -> Result<(), VcpuError> {
         self.set_state(VcpuState::Stopped);
@@ -243,8 +275,9 @@ impl VcpuHandle {
     }
 }
 
-/// Waits while Created or Paused; returns false once Stopped.
-fn wait_runnable(ctl: &Control) -> bool {
+/// Waits while Created or Paused, running the tasks it is given; returns
+/// false once Stopped.
+fn wait_runnable(ctl: &Control, fd: &mut VcpuFd) -> bool {
     let mut s = lock(&ctl.state);
     loop {
         match *s {
@@ -258,6 +291,10 @@ fn wait_runnable(ctl: &Control) -> bool {
                 // Out of KVM_RUN, and it stays out until Running: the
                 // state lock is held from this check to the wait.
                 ctl.set_parked(&s, true);
+                if let Some(task) = lock(&ctl.task).take() {
+                    task(fd);
+                    continue;
+                }
                 s = ctl.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
         }
@@ -265,7 +302,7 @@ fn wait_runnable(ctl: &Control) -> bool {
 }
 
 fn run_loop(id: u8, fd: &mut VcpuFd, ctl: &Control, ctx: &VcpuContext) {
-    while wait_runnable(ctl) {
+    while wait_runnable(ctl, fd) {
         let fail = |detail: String| Some(ExitReason::KvmFailure { cpu: id, detail });
         let stop = match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
