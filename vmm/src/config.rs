@@ -42,7 +42,7 @@ pub enum ConfigError {
 }
 
 /// Where the guest's COM1 output goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialConfig {
     /// Output to stdout, input from stdin.
     Stdio,
@@ -68,7 +68,17 @@ impl std::str::FromStr for SerialConfig {
 }
 
 /// Which boot protocol to use for an ELF kernel.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum BootProtocol {
     /// PVH when the ELF has a PVH note, the Linux 64-bit protocol otherwise
     /// (a bzImage always uses the Linux 64-bit protocol).
@@ -81,7 +91,7 @@ pub enum BootProtocol {
 }
 
 /// Everything needed to build and run one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,

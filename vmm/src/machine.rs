@@ -10,6 +10,7 @@
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -25,10 +26,11 @@ use crate::api::{
     VmInfo, VmInfoConfig, VmState, VmmPingResponse,
 };
 use crate::arch::x86_64::acpi::{self, AcpiError};
-use crate::arch::x86_64::boot::{self, BootError, LoadedKernel};
+use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, feature_by_name, Topology};
 use crate::arch::x86_64::layout::ram_ranges;
 use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::arch::x86_64::regs::Entry;
 use crate::arch::x86_64::regs::{self, RegsError};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::console::{serial_sink, stdin_available, ConsoleError, RawStdin};
@@ -42,6 +44,8 @@ use crate::exit::{ExitNotifier, ExitReason};
 use crate::interrupts::Router;
 use crate::memory::{Memory, MemoryError};
 use crate::pci::{BarAllocator, PciConfigIo, PciEcam, PciError, PciRoot};
+use crate::snapshot::{self, SnapshotError, SnapshotState};
+use crate::state::{self, finish_pending_io, VcpuStateError, VmStateError};
 use crate::vcpu::{VcpuContext, VcpuError, VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vhost_user::{VhostUser, VhostUserError};
 use crate::virtio::pci::{TransportMetrics, VirtioPci, VirtioPciError, BAR_SIZE};
@@ -82,6 +86,12 @@ pub enum MachineError {
     Io(&'static str, #[source] io::Error),
     #[error("Cannot set up the VM's API channel")]
     Api(#[source] ApiError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("Cannot restore a vCPU")]
+    VcpuState(#[from] VcpuStateError),
+    #[error("Cannot restore the VM's interrupt controllers and clock")]
+    VmState(#[from] VmStateError),
 }
 
 type Result<T> = std::result::Result<T, MachineError>;
@@ -138,7 +148,12 @@ pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     transports: Vec<Arc<TransportMetrics>>,
     virtio: Vec<Arc<Mutex<VirtioPci>>>,
-    _vm: Arc<VmFd>,
+    kvm: Arc<Kvm>,
+    vm: Arc<VmFd>,
+    config: VmConfig,
+    /// The API ids of the devices (saved in snapshots).
+    ids: Vec<String>,
+    restored_ids: Option<Vec<String>>,
     memory: Memory,
     serial: Arc<Mutex<Serial>>,
     serial_drained: EventFd,
@@ -153,35 +168,67 @@ pub struct Machine {
     info: VmInfoConfig,
     started: bool,
     paused: bool,
-    pub kernel: LoadedKernel,
 }
 
 impl Machine {
     /// Builds the VM: memory, kernel, boot tables, devices, vCPU threads.
     pub fn new(cfg: &VmConfig) -> Result<Self> {
+        Self::build(cfg, None)
+    }
+
+    /// Builds the VM a snapshot directory holds, paused: its memory, its
+    /// vCPUs' and the VM's KVM state. Everything is checked first.
+    pub fn restore(dir: &Path) -> Result<Self> {
+        let state = snapshot::load(dir)?;
+        let cfg = state.config.clone();
+        let mut m = Self::build(&cfg, Some((dir, state)))?;
+        m.ids = m.restored_ids.take().unwrap_or_default();
+        m.info = VmInfoConfig::new(&cfg, &m.ids);
+        Ok(m)
+    }
+
+    fn build(cfg: &VmConfig, restore: Option<(&Path, SnapshotState)>) -> Result<Self> {
         cfg.validate()?;
-        events::emit("vm", "booting", &[]);
+        events::emit(
+            "vm",
+            if restore.is_some() {
+                "restoring"
+            } else {
+                "booting"
+            },
+            &[],
+        );
         // Before any thread exists, so that every vCPU thread inherits the mask.
         let signals = SignalFd::new(VMM_SIGNALS)?;
-        let kvm = vm::open_kvm()?;
+        let kvm = Arc::new(vm::open_kvm()?);
         let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
         let memory = Memory::new(cfg.memory, cfg.hugepages)?;
         vm::register_memory(&vm, &memory.guest)?;
 
         let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
-        let rsdp = acpi::write(&memory.guest, cfg.cpus, ram_end)?;
-        let kernel = boot::load(
-            &memory.guest,
-            memory.size,
-            &cfg.kernel,
-            cfg.initramfs.as_deref(),
-            &cfg.cmdline,
-            cfg.boot,
-            rsdp,
-        )?;
-        regs::write_gdt(&memory.guest)?;
-        regs::write_page_tables(&memory.guest, ram_end)?;
-        mptable::write(&memory.guest, cfg.cpus)?;
+        let entry = match &restore {
+            Some((dir, state)) => {
+                snapshot::load_memory(dir, &memory.file, memory.size)?;
+                state.vm.restore(&vm)?;
+                None
+            }
+            None => {
+                let rsdp = acpi::write(&memory.guest, cfg.cpus, ram_end)?;
+                let kernel = boot::load(
+                    &memory.guest,
+                    memory.size,
+                    &cfg.kernel,
+                    cfg.initramfs.as_deref(),
+                    &cfg.cmdline,
+                    cfg.boot,
+                    rsdp,
+                )?;
+                regs::write_gdt(&memory.guest)?;
+                regs::write_page_tables(&memory.guest, ram_end)?;
+                mptable::write(&memory.guest, cfg.cpus)?;
+                Some(kernel.entry)
+            }
+        };
 
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
@@ -208,7 +255,10 @@ impl Machine {
         let mut vcpus = Vec::with_capacity(cfg.cpus.into());
         let mut metrics = Vec::with_capacity(cfg.cpus.into());
         for id in 0..cfg.cpus {
-            let fd = create_vcpu(&kvm, &vm, id, cfg.cpus, &supported, &hidden, &kernel)?;
+            let fd = create_vcpu(&kvm, &vm, id, cfg.cpus, &supported, &hidden, entry)?;
+            if let Some((_, state)) = &restore {
+                state.vcpus[usize::from(id)].restore(&fd, &kvm)?;
+            }
             let own = Arc::new(VcpuMetrics::default());
             metrics.push(own.clone());
             let ctx = VcpuContext {
@@ -217,11 +267,16 @@ impl Machine {
             };
             vcpus.push(VcpuHandle::spawn(id, fd, ctx)?);
         }
+        let restored = restore.is_some();
         Ok(Self {
             vcpus,
             transports,
             virtio,
-            _vm: vm,
+            kvm,
+            vm,
+            config: cfg.clone(),
+            ids: Vec::new(),
+            restored_ids: restore.map(|(_, s)| s.ids),
             memory,
             serial,
             serial_drained,
@@ -233,15 +288,50 @@ impl Machine {
             poll: Poll::new().map_err(|e| MachineError::Io("create the poll", e))?,
             api: None,
             info: VmInfoConfig::new(cfg, &[]),
-            started: false,
-            paused: false,
-            kernel,
+            // A restored VM comes back paused: resume lets it run.
+            started: restored,
+            paused: restored,
         })
     }
 
-    /// What vm.info reports as the config (the API's device ids).
-    pub fn set_info(&mut self, info: VmInfoConfig) {
-        self.info = info;
+    /// The API ids of the devices, for vm.info and snapshots.
+    pub fn set_ids(&mut self, cfg: &VmConfig, ids: Vec<String>) {
+        self.info = VmInfoConfig::new(cfg, &ids);
+        self.ids = ids;
+    }
+
+    /// The API ids of the devices.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Saves the paused VM into `dir` (see [`crate::snapshot`]): each
+    /// vCPU's state, taken on its own thread once its last I/O
+    /// instruction is complete, the VM-wide state and guest memory.
+    pub fn snapshot(&self, dir: &Path) -> std::result::Result<u64, String> {
+        if !self.paused {
+            return Err("The VM must be paused first".into());
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let kvm = self.kvm.clone();
+            let state = v
+                .on_thread(move |fd| {
+                    finish_pending_io(fd)?;
+                    state::VcpuState::save(fd, &kvm)
+                })
+                .map_err(|e| crate::error_chain(&e))?
+                .map_err(|e| crate::error_chain(&e))?;
+            vcpus.push(state);
+        }
+        let state = SnapshotState {
+            config: self.config.clone(),
+            ids: self.ids.clone(),
+            vcpus,
+            vm: state::VmState::save(&self.vm),
+        };
+        snapshot::save(dir, &state, &self.memory.file, self.memory.size)
+            .map_err(|e| crate::error_chain(&e))
     }
 
     /// Serves control API requests in the event loop: returns the sender
@@ -378,8 +468,13 @@ impl Machine {
                     }
                     Some(Token::Api) => {
                         let messages = self.api.as_ref().map(|a| a.drain()).unwrap_or_default();
-                        for ApiMessage { request, reply, .. } in messages {
-                            let (response, stop) = self.api_request(request);
+                        for ApiMessage {
+                            request,
+                            body,
+                            reply,
+                        } in messages
+                        {
+                            let (response, stop) = self.api_request(request, &body);
                             // The client may have gone; the action stands.
                             let _ = reply.send(response);
                             if let Some(r) = stop {
@@ -437,7 +532,11 @@ impl Machine {
 
 impl Machine {
     /// Handles one API request; the reason when the VM must stop now.
-    fn api_request(&mut self, request: ApiRequest) -> (ApiResponse, Option<ExitReason>) {
+    fn api_request(
+        &mut self,
+        request: ApiRequest,
+        body: &[u8],
+    ) -> (ApiResponse, Option<ExitReason>) {
         let json = |v: std::result::Result<String, serde_json::Error>| {
             v.map(ApiReply::Json)
                 .map_err(|e| ApiFailure::new(500, format!("Cannot encode the answer: {e}")))
@@ -504,17 +603,39 @@ impl Machine {
                 tracing::info!("reboot requested through the API");
                 (Ok(ApiReply::Empty), Some(ExitReason::ApiReboot))
             }
+            ApiRequest::VmSnapshot => (self.api_snapshot(body), None),
             // The controller answers these; they never reach a running VM.
             ApiRequest::VmCreate
             | ApiRequest::VmBoot
             | ApiRequest::VmDelete
             | ApiRequest::VmAddDisk
             | ApiRequest::VmAddNet
+            | ApiRequest::VmRestore
             | ApiRequest::VmCounters => (
                 Err(ApiFailure::new(405, "Not a request for the running VM")),
                 None,
             ),
         }
+    }
+}
+
+impl Machine {
+    fn api_snapshot(&self, body: &[u8]) -> ApiResponse {
+        let cfg: crate::api::VmSnapshotConfig = crate::api::config::parse(body)
+            .map_err(|e| ApiFailure::new(400, crate::error_chain(&e)))?;
+        let dir = snapshot::dir_from_url(&cfg.destination_url)
+            .map_err(|e| ApiFailure::new(400, e.to_string()))?;
+        if !self.paused {
+            return Err(ApiFailure::new(405, "The VM must be paused first"));
+        }
+        events::emit("vm", "snapshotting", &[]);
+        let started = std::time::Instant::now();
+        let copied = self
+            .snapshot(&dir)
+            .map_err(|e| ApiFailure::new(500, format!("Cannot snapshot the VM: {e}")))?;
+        tracing::info!(dir = %dir.display(), memory_bytes = copied, ms = started.elapsed().as_millis() as u64, "VM snapshotted");
+        events::emit("vm", "snapshotted", &[]);
+        Ok(ApiReply::Empty)
     }
 }
 
@@ -615,7 +736,7 @@ fn create_vcpu(
     cpus: u8,
     supported: &kvm_bindings::CpuId,
     hidden: &[&'static cpuid::Feature],
-    kernel: &LoadedKernel,
+    entry: Option<Entry>,
 ) -> Result<VcpuFd> {
     let fd = vm
         .create_vcpu(id.into())
@@ -630,8 +751,8 @@ fn create_vcpu(
     regs::setup_msrs(&fd)?;
     regs::setup_fpu(&fd)?;
     regs::setup_lint(&fd)?;
-    if id == 0 {
-        regs::setup_boot_regs(&fd, kernel.entry)?;
+    if let (0, Some(entry)) = (id, entry) {
+        regs::setup_boot_regs(&fd, entry)?;
     }
     Ok(fd)
 }

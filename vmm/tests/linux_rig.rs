@@ -464,5 +464,8 @@ fn vm_counters_of_linux_move_with_its_disk_and_network_traffic() {
     for v in ["vcpu0", "vcpu1"] {
         assert!(c[v]["cpu_time_us"].as_u64().unwrap() > 0, "{c}");
     }
-    assert!(c["vm"]["memory_allocated_bytes"].as_u64().unwrap() > 16 << 20, "{c}");
+    assert!(
+        c["vm"]["memory_allocated_bytes"].as_u64().unwrap() > 16 << 20,
+        "{c}"
+    );
 }

@@ -28,6 +28,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -184,7 +185,7 @@ impl Controller {
             // Generated ids are unique: this cannot fail.
             let _ = spec.push_id(None);
         }
-        let running = self.start(&spec)?.map_err(ControllerError::Machine)?;
+        let running = self.start(&spec, None)?.map_err(ControllerError::Machine)?;
         self.vm = Vm::Running(spec, running);
         Ok(())
     }
@@ -328,7 +329,7 @@ impl Controller {
             return Ok(());
         };
         let spec = spec.clone();
-        match self.start(&spec)? {
+        match self.start(&spec, None)? {
             Ok(running) => {
                 tracing::info!("VM rebooted");
                 self.vm = Vm::Running(spec, running);
@@ -347,19 +348,27 @@ impl Controller {
 
     /// Builds the VM on its thread and starts its loop; the outer error
     /// is the controller's, the inner one the machine's.
-    fn start(&self, spec: &Spec) -> Result<std::result::Result<Running, MachineError>> {
+    fn start(
+        &self,
+        spec: &Spec,
+        restore: Option<PathBuf>,
+    ) -> Result<std::result::Result<Running, MachineError>> {
         let done = self
             .vm_done
             .try_clone()
             .map_err(|e| ControllerError::Io("clone eventfd", e))?;
         let (built_tx, built) = mpsc::channel();
         let cfg = spec.cfg.clone();
-        let info = VmInfoConfig::new(&spec.cfg, &spec.ids);
+        let ids = spec.ids.clone();
         let thread = std::thread::Builder::new()
             .name("vmm-vm".into())
             .spawn(move || {
-                let built = Machine::new(&cfg).and_then(|mut m| {
-                    m.set_info(info);
+                let machine = match &restore {
+                    Some(dir) => Machine::restore(dir),
+                    None => Machine::new(&cfg),
+                };
+                let built = machine.and_then(|mut m| {
+                    m.set_ids(&cfg, ids);
                     let tx = m.api_channel()?;
                     // Booted before vm.boot answers (and before "rebooted").
                     m.start_vcpus();
@@ -460,6 +469,7 @@ impl Controller {
                 (Ok(ApiReply::Empty), true)
             }
             ApiRequest::VmCreate => (self.create(body), false),
+            ApiRequest::VmRestore => (self.restore(body)?, false),
             ApiRequest::VmBoot => (self.boot()?, false),
             ApiRequest::VmDelete => {
                 self.stop_vm();
@@ -505,6 +515,7 @@ impl Controller {
             | ApiRequest::VmResume
             | ApiRequest::VmPowerButton
             | ApiRequest::VmReboot
+            | ApiRequest::VmSnapshot
             | ApiRequest::VmShutdown => match self.vm {
                 Vm::None => (no_vm(), false),
                 _ => (fail(405, "The VM is not running"), false),
@@ -541,7 +552,7 @@ impl Controller {
             Vm::Running(..) => return Ok(fail(405, "The VM is already running")),
             Vm::Created(s) | Vm::Shutdown(s) => s.clone(),
         };
-        Ok(match self.start(&spec)? {
+        Ok(match self.start(&spec, None)? {
             Ok(running) => {
                 tracing::info!("VM booted through the API");
                 self.vm = Vm::Running(spec, running);
@@ -553,6 +564,64 @@ impl Controller {
                 format!("Cannot boot the VM: {}", crate::error_chain(&e)),
             ),
         })
+    }
+
+    /// vm.restore: the snapshot's VM, built paused (resumed if asked).
+    fn restore(&mut self, body: &[u8]) -> Result<ApiResponse> {
+        let cfg: super::RestoreConfig = match parse(body) {
+            Ok(c) => c,
+            Err(e) => return Ok(fail(400, crate::error_chain(&e))),
+        };
+        let dir = match crate::snapshot::dir_from_url(&cfg.source_url) {
+            Ok(d) => d,
+            Err(e) => return Ok(fail(400, e.to_string())),
+        };
+        if !matches!(self.vm, Vm::None) {
+            return Ok(fail(405, "A VM is already created: delete it first"));
+        }
+        Ok(match self.restore_now(dir, cfg.resume)? {
+            Ok(()) => Ok(ApiReply::Empty),
+            Err(e) => fail(
+                400,
+                format!("Cannot restore the VM: {}", crate::error_chain(&e)),
+            ),
+        })
+    }
+
+    /// Restores the snapshot in `dir` as the VM (there must be none);
+    /// the outer error is the controller's, the inner the machine's (a bad
+    /// snapshot: nothing changes).
+    pub fn restore_now(
+        &mut self,
+        dir: PathBuf,
+        resume: bool,
+    ) -> Result<std::result::Result<(), MachineError>> {
+        let state = match crate::snapshot::load(&dir) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let spec = Spec {
+            cfg: state.config,
+            ids: state.ids,
+        };
+        let running = match self.start(&spec, Some(dir))? {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        crate::events::emit("vm", "restored", &[]);
+        tracing::info!(resume, "VM restored");
+        if resume {
+            let (reply, answer) = oneshot::channel();
+            let _ = running.api.forward(ApiMessage {
+                request: ApiRequest::VmResume,
+                body: Vec::new(),
+                reply,
+            });
+            // Answered by the VM's loop; it only fails if the VM ended.
+            let _ = answer.blocking_recv();
+        }
+        self.vm = Vm::Running(spec, running);
+        Ok(Ok(()))
     }
 
     fn add_device(&mut self, request: ApiRequest, body: &[u8]) -> ApiResponse {

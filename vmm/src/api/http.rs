@@ -41,6 +41,8 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
     ("vm.resume", "PUT", ApiRequest::VmResume),
     ("vm.power-button", "PUT", ApiRequest::VmPowerButton),
     ("vm.reboot", "PUT", ApiRequest::VmReboot),
+    ("vm.snapshot", "PUT", ApiRequest::VmSnapshot),
+    ("vm.restore", "PUT", ApiRequest::VmRestore),
     ("vm.shutdown", "PUT", ApiRequest::VmShutdown),
     ("vm.create", "PUT", ApiRequest::VmCreate),
     ("vm.boot", "PUT", ApiRequest::VmBoot),

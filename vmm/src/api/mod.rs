@@ -60,6 +60,8 @@ pub enum ApiRequest {
     VmResume,
     VmPowerButton,
     VmReboot,
+    VmSnapshot,
+    VmRestore,
     VmShutdown,
     VmCreate,
     VmBoot,
@@ -80,6 +82,7 @@ impl ApiRequest {
                 | Self::VmResume
                 | Self::VmPowerButton
                 | Self::VmReboot
+                | Self::VmSnapshot
                 | Self::VmShutdown
         )
     }
@@ -176,6 +179,28 @@ impl ApiReceiver {
     pub fn drain(&self) -> Vec<ApiMessage> {
         self.rx.try_iter().collect()
     }
+}
+
+/// `PUT /vm.snapshot`'s body: Cloud Hypervisor's `VmSnapshotConfig`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotConfig {
+    /// `file:///dir`
+    pub destination_url: String,
+}
+
+/// `PUT /vm.restore`'s body: Cloud Hypervisor's `RestoreConfig`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// `file:///dir`
+    pub source_url: String,
+    /// Accepted; guest memory is always read in full before the VM runs.
+    #[serde(default)]
+    pub prefault: bool,
+    /// Run the VM once restored (else it stays paused until vm.resume).
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// `GET /vmm.ping`: Cloud Hypervisor's `VmmPingResponse`.

@@ -96,7 +96,7 @@ fn set_reply_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
 }
 
 /// What kind of device the backend serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     Block,
     Net {
@@ -112,7 +112,7 @@ pub enum Kind {
 }
 
 /// One `--disk`, `--net` or `--vhost-user` device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfig {
     pub kind: Kind,
     pub socket: PathBuf,

@@ -119,11 +119,50 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     if has(b"tg.echo") {
         echo_line();
     }
+    if has(b"tg.count") {
+        count_forever();
+    }
     if has(b"tg.reset") {
         line("TG: reset");
         x86::reset();
     }
     x86::power_off()
+}
+
+/// Words of memory `tg.count` rewrites each round.
+const COUNT_WORDS: usize = 2048;
+static mut COUNT_BUF: [u64; COUNT_WORDS] = [0; COUNT_WORDS];
+
+/// The word `i` holds after round `round`.
+fn count_word(round: u64, i: usize) -> u64 {
+    (round.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64)).rotate_left((i % 61) as u32)
+}
+
+/// `tg.count`: forever, checks that memory still holds the last round's
+/// pattern, writes the next, and prints `TG: count N`. A VM restored from
+/// a snapshot must go on from the saved round with its memory intact.
+fn count_forever() -> ! {
+    let mut round: u64 = 0;
+    loop {
+        let buf = core::ptr::addr_of_mut!(COUNT_BUF).cast::<u64>();
+        for i in 0..COUNT_WORDS {
+            let want = if round == 0 {
+                0
+            } else {
+                count_word(round - 1, i)
+            };
+            // SAFETY: `i` < COUNT_WORDS, inside the static buffer, which
+            // only this CPU touches.
+            if unsafe { buf.add(i).read_volatile() } != want {
+                out().s("TG: FAIL count memory round ").dec(round).nl();
+                x86::power_off();
+            }
+            // SAFETY: as above.
+            unsafe { buf.add(i).write_volatile(count_word(round, i)) };
+        }
+        out().s("TG: count ").dec(round).nl();
+        round += 1;
+    }
 }
 
 /// Parses a decimal or `0x` hex number (stops at the first non-digit).
