@@ -160,6 +160,11 @@ impl Msix {
         Ok(())
     }
 
+    /// Where the capability sits in the configuration space.
+    pub fn cap_offset(&self) -> usize {
+        self.cap_offset
+    }
+
     pub fn count(&self) -> usize {
         self.entries.len()
     }
