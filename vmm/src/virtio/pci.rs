@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::interrupts::{InterruptError, Router};
-use crate::pci::msix::{Msix, MsixError, MsixState};
+use crate::pci::msix::{Msix, MsixError, MsixState, MSIX_CAP_ID};
 use crate::pci::{BarMove, PciConfig, PciConfigError, PciConfigState, PciDevice, PciId};
 
 /// Errors creating a virtio-pci device.
@@ -45,6 +45,8 @@ pub enum VirtioPciError {
     Features { missing: u64 },
     #[error("Saved configuration space has no BAR 0")]
     NoBar,
+    #[error("Saved configuration space has no MSI-X capability at {0:#x}")]
+    MsixCap(usize),
     #[error("Cannot restore the configuration space")]
     Config(#[source] PciConfigError),
     #[error("Cannot restore MSI-X")]
@@ -281,6 +283,13 @@ impl VirtioPci {
             .check_identity(&state.config)
             .map_err(VirtioPciError::Config)?;
         dev.config = PciConfig::restore(&state.config).map_err(VirtioPciError::Config)?;
+        // MSI-X follows its message control at the offset this build put
+        // the capability: the saved space must have it there too.
+        let mut cap = [0u8];
+        dev.config.read_bytes(dev.msix.cap_offset(), &mut cap);
+        if cap[0] != MSIX_CAP_ID {
+            return Err(VirtioPciError::MsixCap(dev.msix.cap_offset()));
+        }
         dev.msix
             .restore(&state.msix)
             .map_err(VirtioPciError::MsixState)?;
@@ -919,6 +928,24 @@ mod tests {
 
         assert!(
             matches!(r, Err(VirtioPciError::Features { missing: 0x20 })),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn saved_space_without_msix_where_this_build_has_it_is_refused() {
+        let (t, _, _) = transport();
+        let mut state = t.state();
+        let at = t.msix.cap_offset();
+        state.config.regs[at / 4] &= !(0xff << ((at % 4) * 8));
+        let (vm, router) = vm();
+        let (dev, _) = fake(TYPE_BLOCK);
+
+        let r = VirtioPci::restore(dev, &state, vm, router);
+
+        assert!(
+            matches!(r, Err(VirtioPciError::MsixCap(o)) if o == at),
             "{:?}",
             r.err()
         );
