@@ -657,7 +657,15 @@ mod tests {
         queues: Vec<(usize, u16, u64, u64, u64)>,
     }
 
-    type Log = Arc<Mutex<Vec<Started>>>;
+    /// What a fake device was given: its starts, and the raw call fd of
+    /// each queue at the last start.
+    #[derive(Default)]
+    struct Record {
+        started: Mutex<Vec<Started>>,
+        calls: Mutex<Vec<std::os::fd::RawFd>>,
+    }
+
+    type Log = Arc<Record>;
 
     struct Fake {
         dtype: u32,
@@ -665,12 +673,16 @@ mod tests {
     }
 
     impl Fake {
-        fn record(&self, restored: bool, features: u64, queues: &[ActiveQueue]) {
-            let queues = queues
+        fn record(&self, restored: bool, features: u64, active: &[ActiveQueue]) {
+            *self.log.calls.lock().unwrap() = active
+                .iter()
+                .map(|q| std::os::fd::AsRawFd::as_raw_fd(q.call))
+                .collect();
+            let queues = active
                 .iter()
                 .map(|q| (q.index, q.size, q.desc, q.avail, q.used))
                 .collect();
-            self.log.lock().unwrap().push(Started {
+            self.log.started.lock().unwrap().push(Started {
                 restored,
                 features,
                 queues,
@@ -843,10 +855,10 @@ mod tests {
 
         let (_r, rlog, _, _) = restored(&t);
 
-        let mut expected = log.lock().unwrap()[0].clone();
+        let mut expected = log.started.lock().unwrap()[0].clone();
         expected.restored = true;
         assert_eq!(expected.queues, [(0, 128, 0x1000, 0x2000, 0x1_0000_3000)]);
-        assert_eq!(*rlog.lock().unwrap(), [expected]);
+        assert_eq!(*rlog.started.lock().unwrap(), [expected]);
     }
 
     #[test]
@@ -854,13 +866,13 @@ mod tests {
         let (mut t, _, _) = transport();
         set_up(&mut t);
         let (mut r, rlog, _, _) = restored(&t);
-        let before = rlog.lock().unwrap().len();
+        let before = rlog.started.lock().unwrap().len();
 
         driver_ok(&mut r);
 
         assert_eq!(before, 0);
         assert_eq!(
-            *rlog.lock().unwrap(),
+            *rlog.started.lock().unwrap(),
             [Started {
                 restored: false,
                 features: FEATURES,
@@ -949,5 +961,17 @@ mod tests {
             "{:?}",
             r.err()
         );
+    }
+
+    #[test]
+    fn restarted_queue_signals_its_vector_through_the_restored_irqfd() {
+        let (mut t, _, _) = transport();
+        set_up(&mut t);
+        driver_ok(&mut t);
+
+        let (r, rlog, _, _) = restored(&t);
+
+        let vector_1 = std::os::fd::AsRawFd::as_raw_fd(&r.msix.irqfds[1]);
+        assert_eq!(*rlog.calls.lock().unwrap(), [vector_1]);
     }
 }
