@@ -1,6 +1,13 @@
 //! GSI routing: the legacy PIC/IOAPIC routes KVM starts with, plus one MSI
 //! route per MSI-X vector in use. `KVM_SET_GSI_ROUTING` replaces the whole
 //! table, so every change re-sends all of it.
+//!
+//! The routing table is not saved on its own: it is derived from the MSI-X
+//! tables, and restoring each function's [`crate::pci::msix::MsixState`]
+//! re-creates its routes here (`KVM_SET_GSI_ROUTING` is not part of the
+//! irqchip state KVM saves). GSIs are allocated again in device order, so
+//! a VM rebuilt like the saved one gets the same numbers, though nothing
+//! depends on that.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -83,6 +90,11 @@ impl Router {
             self.commit(&g.1)?;
         }
         Ok(())
+    }
+
+    /// The MSI routes in place, by GSI.
+    pub fn msi_routes(&self) -> BTreeMap<u32, MsiMessage> {
+        lock(&self.msi).1.clone()
     }
 
     fn commit(&self, msi: &BTreeMap<u32, MsiMessage>) -> Result<(), InterruptError> {

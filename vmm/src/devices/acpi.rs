@@ -9,10 +9,16 @@
 //!   reads (and so clears) the event register and notifies `\_SB_.PWRB`.
 //!
 //! The AML that names these registers is in `arch::x86_64::dsdt`.
+//!
+//! Saved state: [`AcpiPmState`] and [`GedState`]. Neither restore raises
+//! anything: a power-button press the guest has not read yet is still in
+//! the event register, and its interrupt already went into the in-kernel
+//! irqchip, whose state is saved with the VM.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
@@ -48,6 +54,20 @@ fn log_allowed(count: &mut u64) -> bool {
     *count <= 8 || *count % 4096 == 0
 }
 
+/// What the sleep and reset registers hold, for snapshot and migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    /// The guest entered S5 (the VM is on its way down).
+    pub powered_off: bool,
+}
+
+/// What the GED holds, for snapshot and migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GedState {
+    /// Event register bits the guest has not read yet.
+    pub pending: u8,
+}
+
 /// The sleep and reset registers.
 pub struct AcpiPm {
     exit: Arc<ExitNotifier>,
@@ -61,6 +81,21 @@ impl AcpiPm {
             exit,
             powered_off: false,
             ignored: 0,
+        }
+    }
+
+    /// The registers' state, for a snapshot.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {
+            powered_off: self.powered_off,
+        }
+    }
+
+    /// Registers carrying on from `state`, ending the VM through `exit`.
+    pub fn restore(state: &AcpiPmState, exit: Arc<ExitNotifier>) -> Self {
+        Self {
+            powered_off: state.powered_off,
+            ..Self::new(exit)
         }
     }
 
@@ -114,6 +149,22 @@ impl Ged {
     pub fn new(irq: EventFd) -> Self {
         Self {
             pending: AtomicU8::new(0),
+            irq,
+        }
+    }
+
+    /// The event register, for a snapshot.
+    pub fn state(&self) -> GedState {
+        GedState {
+            pending: self.pending.load(Ordering::SeqCst),
+        }
+    }
+
+    /// A GED carrying on from `state`, raising `irq` (an irqfd on
+    /// [`GED_GSI`]) for new events only.
+    pub fn restore(state: &GedState, irq: EventFd) -> Self {
+        Self {
+            pending: AtomicU8::new(state.pending),
             irq,
         }
     }
@@ -228,5 +279,43 @@ mod tests {
         ged.read(0, &mut b);
 
         assert_eq!(b, [0]);
+    }
+
+    #[test]
+    fn restored_ged_keeps_an_unread_press_without_raising_it_again() {
+        let (old, _old_irq) = ged();
+        old.press_power_button();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ged = Ged::restore(&old.state(), irq.try_clone().unwrap());
+
+        let mut b = [0u8];
+        ged.read(0, &mut b);
+
+        assert_eq!(b, [GED_POWER_BUTTON]);
+        assert!(irq.read().is_err(), "no second interrupt");
+    }
+
+    #[test]
+    fn restored_ged_raises_its_new_irqfd_for_a_new_press() {
+        let (old, _old_irq) = ged();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ged = Ged::restore(&old.state(), irq.try_clone().unwrap());
+
+        ged.press_power_button();
+
+        assert_eq!(irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn restored_pm_keeps_the_powered_off_flag_and_still_powers_off() {
+        let (mut old, _) = pm();
+        old.write(0, &[SLP_EN | (S5_SLP_TYP << SLP_TYP_SHIFT)]);
+        let exit = Arc::new(ExitNotifier::new().unwrap());
+        let mut pm = AcpiPm::restore(&old.state(), exit.clone());
+
+        pm.write(0, &[SLP_EN | (S5_SLP_TYP << SLP_TYP_SHIFT)]);
+
+        assert_eq!(pm.state(), AcpiPmState { powered_off: true });
+        assert_eq!(exit.reason(), Some(ExitReason::GuestShutdown));
     }
 }

@@ -11,8 +11,16 @@
 //! 12/24-hour bits are honoured. The alarm, periodic and update interrupts
 //! are not emulated: register C never shows a flag. The other bytes of the
 //! 128 are plain NVRAM.
+//!
+//! Saved state ([`RtcState`]) keeps the guest's offset from host time, not
+//! the time it read: like a battery-backed clock, a restored RTC counts the
+//! time the VM spent saved and reads correct wall-clock time (plus whatever
+//! the guest set) on any host whose clock is right.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use super::bus::BusDevice;
 
@@ -57,16 +65,43 @@ pub fn host_clock() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// CMOS bytes, NVRAM included.
+const CMOS_LEN: usize = 128;
+
+/// Errors restoring the RTC from saved state.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RtcError {
+    #[error("Saved CMOS holds {0} bytes, not {CMOS_LEN}")]
+    CmosSize(usize),
+}
+
 /// A broken-down UTC time. Fields hold whatever a guest wrote (a month of
 /// 0x99 included); conversion to seconds normalises them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct DateTime {
-    year: i64,
-    month: u8,
-    day: u8,
-    hour: u8,
-    minute: u8,
-    second: u8,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateTime {
+    pub year: i64,
+    pub month: u8,
+    pub day: u8,
+    pub hour: u8,
+    pub minute: u8,
+    pub second: u8,
+}
+
+/// What the RTC holds, for snapshot and migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcState {
+    /// The register the data port reaches (the guest may save between
+    /// writing the index and using the data port).
+    pub index: u8,
+    /// All 128 CMOS bytes: status registers A and B, NVRAM. The time bytes
+    /// are not used (the time comes from the clock and `offset`).
+    pub cmos: Vec<u8>,
+    /// Guest time minus host time, in seconds: 0 unless the guest set the
+    /// clock.
+    pub offset: i64,
+    /// The time being edited while register B's SET bit is held, exactly
+    /// as written so far.
+    pub frozen: Option<DateTime>,
 }
 
 impl DateTime {
@@ -132,7 +167,7 @@ fn civil_from_days(days: i64) -> (i64, u8, u8) {
 pub struct Rtc {
     clock: Clock,
     index: u8,
-    cmos: [u8; 128],
+    cmos: [u8; CMOS_LEN],
     /// Guest time minus host time, in seconds.
     offset: i64,
     /// The time being edited while register B's SET bit is held.
@@ -153,7 +188,7 @@ impl Rtc {
 
     /// An RTC on `clock` (tests use a fake one).
     pub fn with_clock(clock: Clock) -> Self {
-        let mut cmos = [0u8; 128];
+        let mut cmos = [0u8; CMOS_LEN];
         cmos[usize::from(REG_A)] = A_DEFAULT;
         cmos[usize::from(REG_B)] = B_24H;
         Self {
@@ -163,6 +198,34 @@ impl Rtc {
             offset: 0,
             frozen: None,
         }
+    }
+
+    /// The RTC's state, for a snapshot.
+    pub fn state(&self) -> RtcState {
+        RtcState {
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+            offset: self.offset,
+            frozen: self.frozen,
+        }
+    }
+
+    /// An RTC on `clock` (normally [`host_clock`]) that carries on from
+    /// `state`: it reads `clock` plus the saved offset, so the time the VM
+    /// spent saved has passed for it, as for a battery-backed clock.
+    pub fn restore(state: &RtcState, clock: Clock) -> Result<Self, RtcError> {
+        let cmos = state
+            .cmos
+            .as_slice()
+            .try_into()
+            .map_err(|_| RtcError::CmosSize(state.cmos.len()))?;
+        Ok(Self {
+            clock,
+            index: state.index & INDEX_MASK,
+            cmos,
+            offset: state.offset,
+            frozen: state.frozen,
+        })
     }
 
     fn now(&self) -> DateTime {
@@ -505,5 +568,81 @@ mod tests {
         set(&mut rtc, 0x0e, 0x5a);
 
         assert_eq!([get(&mut rtc, 0x7f), get(&mut rtc, 0x0e)], [0xa5, 0x5a]);
+    }
+
+    /// An RTC restored from `rtc`'s state, on a fake clock at `now`.
+    fn restored(rtc: &Rtc, now: i64) -> (Rtc, Arc<AtomicI64>) {
+        let clock = Arc::new(AtomicI64::new(now));
+        let c = clock.clone();
+        let r = Rtc::restore(&rtc.state(), Box::new(move || c.load(Ordering::Relaxed))).unwrap();
+        (r, clock)
+    }
+
+    #[test]
+    fn restored_at_the_same_instant_reads_the_same_time() {
+        let (mut rtc, _) = fake_clock(LEAP_DAY_EVE);
+        set(&mut rtc, REG_B, B_24H | B_BINARY);
+        set(&mut rtc, YEAR, 7);
+
+        let (mut r, _) = restored(&rtc, LEAP_DAY_EVE);
+
+        assert_eq!(read_time(&mut r), read_time(&mut rtc));
+        assert_eq!(get(&mut r, REG_B), B_24H | B_BINARY);
+    }
+
+    #[test]
+    fn restored_clock_keeps_the_guest_offset_and_counts_time_saved() {
+        let (mut rtc, _) = fake_clock(LEAP_DAY_EVE);
+        set(&mut rtc, HOURS, 0x10);
+        let (mut r, _) = restored(&rtc, LEAP_DAY_EVE + 100);
+
+        let time = read_time(&mut r);
+
+        // 2024-02-29 10:59:58 + 100 s.
+        assert_eq!(time, [0x20, 0x24, 0x02, 0x29, 0x11, 0x01, 0x38]);
+    }
+
+    #[test]
+    fn restored_clock_finishes_a_half_done_set() {
+        let (mut rtc, _) = fake_clock(LEAP_DAY_EVE);
+        set(&mut rtc, REG_B, B_24H | B_SET);
+        set(&mut rtc, YEAR, 0x30);
+        set(&mut rtc, MONTH, 0x99);
+        let (mut r, now) = restored(&rtc, LEAP_DAY_EVE + 50);
+
+        let while_set = get(&mut r, MONTH);
+        set(&mut r, MONTH, 0x06);
+        set(&mut r, REG_B, B_24H);
+        now.fetch_add(1, Ordering::Relaxed);
+
+        assert_eq!(while_set, 0x99);
+        assert_eq!(
+            read_time(&mut r),
+            [0x20, 0x30, 0x06, 0x29, 0x23, 0x59, 0x59]
+        );
+    }
+
+    #[test]
+    fn restored_rtc_keeps_nvram_and_the_selected_index() {
+        let (mut rtc, _) = fake_clock(0);
+        set(&mut rtc, 0x40, 0xa5);
+        rtc.write(0, &[0x40]);
+        let (mut r, _) = restored(&rtc, 0);
+
+        let mut b = [0u8];
+        r.read(1, &mut b);
+
+        assert_eq!(b, [0xa5]);
+    }
+
+    #[test]
+    fn saved_cmos_of_the_wrong_size_is_refused() {
+        let (rtc, _) = fake_clock(0);
+        let mut state = rtc.state();
+        state.cmos.truncate(64);
+
+        let err = Rtc::restore(&state, Box::new(|| 0)).err();
+
+        assert_eq!(err, Some(RtcError::CmosSize(64)));
     }
 }

@@ -31,6 +31,8 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
@@ -89,6 +91,42 @@ const MSR_CONNECTED: u8 = MSR_DCD | MSR_DSR | MSR_CTS;
 /// Failed host writes logged in full before only every 4096th is.
 const LOG_FIRST: u64 = 8;
 
+/// Errors restoring a UART from saved state.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SerialError {
+    #[error("Saved receive buffer holds {0} bytes, more than the {RX_CAPACITY} it can")]
+    RxOverflow(usize),
+}
+
+/// What a UART holds, for snapshot and migration: every register the guest
+/// can read or that changes what it reads, the receive buffer, and the
+/// interrupt state.
+///
+/// `line` is the interrupt line as last signalled. It is restored as is
+/// and never re-signalled: a rising edge already went through the irqfd
+/// into the in-kernel irqchip, whose state (IOAPIC, LAPIC IRR) is saved
+/// with the VM and vCPUs, so raising it again would deliver it twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub ier: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    pub fcr: u8,
+    pub scr: u8,
+    pub dll: u8,
+    pub dlm: u8,
+    /// MSR delta bits not yet read.
+    pub msr_delta: u8,
+    /// Overrun error not yet read from LSR.
+    pub overrun: bool,
+    /// The THR-empty interrupt is armed.
+    pub thr_pending: bool,
+    /// Received bytes the guest has not read, oldest first.
+    pub rx: Vec<u8>,
+    /// The interrupt line as last signalled.
+    pub line: bool,
+}
+
 /// The COM1 device on the PIO bus.
 pub struct Serial {
     ier: u8,
@@ -135,6 +173,62 @@ impl Serial {
             out,
             failures: 0,
         }
+    }
+
+    /// The UART's state, for a snapshot. The VM must be paused (no vCPU in
+    /// the middle of an access).
+    pub fn state(&self) -> SerialState {
+        SerialState {
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            fcr: self.fcr,
+            scr: self.scr,
+            dll: self.dll,
+            dlm: self.dlm,
+            msr_delta: self.msr_delta,
+            overrun: self.overrun,
+            thr_pending: self.thr_pending,
+            rx: self.rx.iter().copied().collect(),
+            line: self.line,
+        }
+    }
+
+    /// A UART that carries on from `state`, with the same handles as
+    /// [`Self::new`]. Nothing is signalled: see [`SerialState`] for why
+    /// the interrupt line is not raised again. `drained` is not written
+    /// either; the event loop feeds input once the guest reads the buffer.
+    pub fn restore(
+        state: &SerialState,
+        irq: EventFd,
+        drained: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialError> {
+        if state.rx.len() > RX_CAPACITY {
+            return Err(SerialError::RxOverflow(state.rx.len()));
+        }
+        let mut rx = VecDeque::with_capacity(RX_CAPACITY);
+        rx.extend(&state.rx);
+        Ok(Self {
+            // The masks the register writes apply, so that a hand-edited
+            // state cannot set bits the guest never could.
+            ier: state.ier & 0x0f,
+            lcr: state.lcr,
+            mcr: state.mcr & 0x1f,
+            fcr: state.fcr & 0xc9,
+            scr: state.scr,
+            dll: state.dll,
+            dlm: state.dlm,
+            msr_delta: state.msr_delta & 0x0f,
+            overrun: state.overrun,
+            thr_pending: state.thr_pending,
+            rx,
+            line: state.line,
+            irq,
+            drained,
+            out,
+            failures: 0,
+        })
     }
 
     /// Queues guest input; returns how many bytes fit in the buffer.
@@ -588,5 +682,139 @@ mod tests {
         raised(&irq);
         s.write(0, b"x");
         assert_eq!(raised(&irq), 1);
+    }
+
+    /// A UART restored from `s`'s state, with fresh handles.
+    fn restored(s: &Serial, out: Buf) -> (Serial, EventFd, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let r = Serial::restore(
+            &s.state(),
+            irq.try_clone().unwrap(),
+            drained.try_clone().unwrap(),
+            Box::new(out),
+        )
+        .unwrap();
+        (r, irq, drained)
+    }
+
+    /// Every register as the guest reads it without side effects (not
+    /// RBR, IIR, LSR or MSR, whose reads change state).
+    fn quiet_registers(s: &mut Serial) -> [u8; 5] {
+        [reg(s, 1), reg(s, 3), reg(s, 4), reg(s, 7), s.fcr]
+    }
+
+    #[test]
+    fn restored_uart_reads_back_the_same_registers() {
+        let (mut s, _, _) = serial(Buf::default());
+        s.write(3, &[0x80]); // DLAB
+        s.write(0, &[0x01]);
+        s.write(1, &[0x00]);
+        s.write(3, &[0x1b]); // 8E1
+        s.write(1, &[0x0f]);
+        s.write(2, &[0xc1]);
+        s.write(4, &[0x0b]);
+        s.write(7, &[0x5a]);
+        let (mut r, _, _) = restored(&s, Buf::default());
+
+        let regs = (quiet_registers(&mut r), reg(&mut r, 5), reg(&mut r, 2));
+
+        assert_eq!(
+            regs,
+            (quiet_registers(&mut s), reg(&mut s, 5), reg(&mut s, 2))
+        );
+        assert_eq!(r.state(), s.state());
+    }
+
+    #[test]
+    fn restored_uart_keeps_unread_input_and_its_interrupt() {
+        let (mut s, _, _) = serial(Buf::default());
+        s.write(1, &[IER_RDI]);
+        s.enqueue(b"abc");
+        reg(&mut s, 0);
+        let (mut r, irq, drained) = restored(&s, Buf::default());
+
+        let iir = reg(&mut r, 2);
+        let input = [reg(&mut r, 0), reg(&mut r, 0)];
+
+        assert_eq!(iir, IIR_RDI);
+        assert_eq!(&input, b"bc");
+        assert_eq!(drained.read().unwrap(), 1);
+        assert_eq!(raised(&irq), 0, "the edge was delivered before the save");
+    }
+
+    #[test]
+    fn restored_uart_keeps_a_pending_thre_interrupt() {
+        let (mut s, _, _) = serial(Buf::default());
+        s.write(1, &[IER_THRI]);
+        let (mut r, irq, _) = restored(&s, Buf::default());
+
+        let iirs = [reg(&mut r, 2), reg(&mut r, 2)];
+
+        assert_eq!(iirs, [IIR_THRI, IIR_NONE]);
+        assert_eq!(raised(&irq), 0);
+    }
+
+    #[test]
+    fn restored_raised_line_gives_no_second_edge_for_more_input() {
+        let (mut s, _, _) = serial(Buf::default());
+        s.write(1, &[IER_RDI]);
+        s.enqueue(b"a");
+        let (mut r, irq, _) = restored(&s, Buf::default());
+
+        r.enqueue(b"b");
+
+        assert_eq!(raised(&irq), 0);
+    }
+
+    #[test]
+    fn restored_uart_continues_a_half_written_divisor() {
+        let (mut s, _, _) = serial(Buf::default());
+        s.write(3, &[0x83]);
+        s.write(0, &[0x01]);
+        let (mut r, _, _) = restored(&s, Buf::default());
+
+        r.write(1, &[0x02]);
+        let latch = (reg(&mut r, 0), reg(&mut r, 1));
+
+        assert_eq!(latch, (0x01, 0x02));
+    }
+
+    #[test]
+    fn restored_uart_writes_to_the_new_sink() {
+        let (s, _, _) = serial(Buf::default());
+        let out = Buf::default();
+        let (mut r, _, _) = restored(&s, out.clone());
+
+        r.write(0, b"k");
+
+        assert_eq!(*out.0.lock().unwrap(), b"k");
+    }
+
+    #[test]
+    fn restored_loopback_overrun_is_still_reported() {
+        let (mut s, _, _) = serial(Buf::default());
+        s.write(4, &[MCR_LOOP]);
+        s.write(1, &[IER_RLSI]);
+        for _ in 0..=RX_CAPACITY {
+            s.write(0, b"o");
+        }
+        let (mut r, _, _) = restored(&s, Buf::default());
+
+        let iir = reg(&mut r, 2);
+
+        assert_eq!((iir, reg(&mut r, 5) & LSR_OE), (IIR_RLSI, LSR_OE));
+    }
+
+    #[test]
+    fn saved_receive_buffer_larger_than_the_fifo_is_refused() {
+        let (s, _, _) = serial(Buf::default());
+        let mut state = s.state();
+        state.rx = vec![0; RX_CAPACITY + 1];
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+
+        let err = Serial::restore(&state, evt(), evt(), Box::new(Buf::default())).err();
+
+        assert_eq!(err, Some(SerialError::RxOverflow(RX_CAPACITY + 1)));
     }
 }

@@ -1,6 +1,13 @@
 //! A type-0 PCI configuration space: read-only identity, writable command
 //! and BARs (with size probing), a capability list, 4 KiB so that ECAM sees
 //! the extended space too.
+//!
+//! Saved state ([`PciConfigState`]) is the whole space with its write
+//! masks and the BARs' current places, so a restored function answers
+//! every read as before, even in the middle of a BAR size probe.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 /// Dwords in the (extended) configuration space.
 pub const CONFIG_DWORDS: usize = 1024;
@@ -13,8 +20,23 @@ const STATUS_CAP_LIST: u32 = 1 << 20;
 const COMMAND_WMASK: u32 = 0x0407;
 const BAR_MEM64: u32 = 0x4;
 
+/// Errors restoring a configuration space.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PciConfigError {
+    #[error("Saved configuration space has {0} dwords, not {CONFIG_DWORDS}")]
+    Size(usize),
+    #[error("Saved configuration space has {0} BAR slots, not 6")]
+    BarCount(usize),
+    #[error("Saved BAR {0} has a size that is not a power of two of at least 16 bytes")]
+    BarSize(usize),
+    #[error("Saved capability offset {0:#x} is outside the standard space")]
+    CapOffset(u32),
+    #[error("Saved configuration space is for another function (vendor/device {saved:#010x}, expected {expected:#010x})")]
+    Identity { saved: u32, expected: u32 },
+}
+
 /// The place of a BAR in guest physical memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bar {
     pub addr: u64,
     pub size: u64,
@@ -40,6 +62,26 @@ pub struct PciId {
     pub subsystem_vendor: u16,
     pub subsystem: u16,
 }
+
+/// What a configuration space holds, for snapshot and migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigState {
+    /// Every dword of the 4 KiB space, as the guest reads it.
+    pub regs: Vec<u32>,
+    /// The bits of each dword the guest may write.
+    pub wmask: Vec<u32>,
+    /// The six BAR slots: where each BAR is mapped now (a BAR the guest
+    /// moved has its new address; one being size-probed its old one).
+    pub bars: Vec<Option<Bar>>,
+    /// Where the next capability would go, and the last one added.
+    pub next_cap: u32,
+    pub last_cap: Option<u32>,
+}
+
+/// Dwords that identify a function: vendor/device, class/revision,
+/// header type, subsystem.
+const IDENTITY: [usize; 4] = [0, 2, 3, 0xb];
+const HEADER_TYPE_MASK: u32 = 0x00ff_0000;
 
 /// Configuration space contents and write masks.
 pub struct PciConfig {
@@ -70,6 +112,65 @@ impl PciConfig {
             next_cap: FIRST_CAP,
             last_cap: None,
         }
+    }
+
+    /// The space's state, for a snapshot.
+    pub fn state(&self) -> PciConfigState {
+        PciConfigState {
+            regs: self.regs.to_vec(),
+            wmask: self.wmask.to_vec(),
+            bars: self.bars.to_vec(),
+            next_cap: self.next_cap as u32,
+            last_cap: self.last_cap.map(|c| c as u32),
+        }
+    }
+
+    /// A configuration space carrying on from `state`.
+    pub fn restore(state: &PciConfigState) -> Result<Self, PciConfigError> {
+        let dwords = |v: &[u32]| -> Result<Box<[u32; CONFIG_DWORDS]>, PciConfigError> {
+            let a: [u32; CONFIG_DWORDS] =
+                v.try_into().map_err(|_| PciConfigError::Size(v.len()))?;
+            Ok(Box::new(a))
+        };
+        let bars: [Option<Bar>; 6] = state
+            .bars
+            .as_slice()
+            .try_into()
+            .map_err(|_| PciConfigError::BarCount(state.bars.len()))?;
+        if let Some(i) = bars
+            .iter()
+            .position(|b| b.is_some_and(|b| !b.size.is_power_of_two() || b.size < 16))
+        {
+            return Err(PciConfigError::BarSize(i));
+        }
+        for off in std::iter::once(state.next_cap).chain(state.last_cap) {
+            if off > 0x100 {
+                return Err(PciConfigError::CapOffset(off));
+            }
+        }
+        Ok(Self {
+            regs: dwords(&state.regs)?,
+            wmask: dwords(&state.wmask)?,
+            bars,
+            next_cap: state.next_cap as usize,
+            last_cap: state.last_cap.map(|c| c as usize),
+        })
+    }
+
+    /// Checks that `state` was saved from a function with this one's
+    /// identity (vendor, device, class, header type, subsystem).
+    pub fn check_identity(&self, state: &PciConfigState) -> Result<(), PciConfigError> {
+        let same = IDENTITY.iter().all(|&r| {
+            let mask = if r == 3 { HEADER_TYPE_MASK } else { u32::MAX };
+            state.regs.get(r).map(|v| v & mask) == Some(self.regs[r] & mask)
+        });
+        if same {
+            return Ok(());
+        }
+        Err(PciConfigError::Identity {
+            saved: state.regs.first().copied().unwrap_or(u32::MAX),
+            expected: self.regs[0],
+        })
     }
 
     /// Declares a memory BAR of `size` bytes (a power of two) at `addr`.
@@ -253,5 +354,126 @@ mod tests {
         assert_eq!(next[0] as usize, b);
         c.write(b / 4, 2, &[0xff, 0xff]);
         assert_eq!(c.read(b / 4) >> 16, 0xc000);
+    }
+
+    #[test]
+    fn restored_space_reads_back_every_dword() {
+        let mut c = cfg();
+        c.set_bar(0, 0xc000_0000, 0x1000, false);
+        c.add_capability(0x11, &[0, 0], &[0, 0xc0]);
+        c.write(1, 0, &[0x06]);
+        c.write(0xf, 0, &[0x0b]);
+
+        let r = PciConfig::restore(&c.state()).unwrap();
+
+        assert!((0..CONFIG_DWORDS).all(|i| r.read(i) == c.read(i)));
+        assert_eq!(r.state(), c.state());
+    }
+
+    #[test]
+    fn restored_space_keeps_its_write_masks() {
+        let c = cfg();
+        let mut r = PciConfig::restore(&c.state()).unwrap();
+
+        r.write(0, 0, &[0; 4]);
+        r.write(1, 0, &[0xff, 0xff]);
+
+        assert_eq!(r.read(0), 0x1042_1af4);
+        assert_eq!(r.read(1) & 0xffff, COMMAND_WMASK);
+    }
+
+    #[test]
+    fn restored_space_keeps_a_moved_bar_at_its_new_address() {
+        let mut c = cfg();
+        c.set_bar(0, 0xc000_0000, 0x1000, false);
+        c.write(4, 0, &0xd000_0000u32.to_le_bytes());
+
+        let r = PciConfig::restore(&c.state()).unwrap();
+
+        assert_eq!(r.bar(0).unwrap().addr, 0xd000_0000);
+        assert_eq!(r.read(4), 0xd000_0000);
+    }
+
+    #[test]
+    fn restored_space_finishes_a_size_probe_as_the_original_does() {
+        let mut c = cfg();
+        c.set_bar(0, 0x1_0000_0000, 0x10000, true);
+        c.write(4, 0, &[0xff; 4]);
+        c.write(5, 0, &[0xff; 4]);
+        let mut r = PciConfig::restore(&c.state()).unwrap();
+        let finish = |c: &mut PciConfig| {
+            let probed = (c.read(4), c.read(5));
+            let lo = c.write(4, 0, &0x2000_0000u32.to_le_bytes());
+            let hi = c.write(5, 0, &1u32.to_le_bytes());
+            (probed, lo, hi, c.bar(0))
+        };
+
+        let restored = finish(&mut r);
+
+        assert_eq!(restored, finish(&mut c));
+        assert_eq!(restored.0, (0xffff_0000 | BAR_MEM64, 0xffff_ffff));
+        assert_eq!(restored.3.unwrap().addr, 0x1_2000_0000);
+    }
+
+    #[test]
+    fn restored_space_takes_further_capabilities_after_the_last() {
+        let mut c = cfg();
+        let a = c.add_capability(0x09, &[16, 1, 0, 0], &[]);
+        let mut r = PciConfig::restore(&c.state()).unwrap();
+
+        let b = r.add_capability(0x11, &[0, 0], &[]);
+
+        let mut next = [0u8];
+        r.read_bytes(a + 1, &mut next);
+        assert_eq!(next[0] as usize, b);
+    }
+
+    #[test]
+    fn saved_space_of_the_wrong_size_is_refused() {
+        let mut state = cfg().state();
+        state.regs.truncate(64);
+
+        let err = PciConfig::restore(&state).err();
+
+        assert_eq!(err, Some(PciConfigError::Size(64)));
+    }
+
+    #[test]
+    fn saved_bar_of_size_zero_is_refused() {
+        let mut state = cfg().state();
+        state.bars[2] = Some(Bar {
+            addr: 0,
+            size: 0,
+            is64: false,
+        });
+
+        let err = PciConfig::restore(&state).err();
+
+        assert_eq!(err, Some(PciConfigError::BarSize(2)));
+    }
+
+    #[test]
+    fn state_of_another_function_fails_the_identity_check() {
+        let other = PciConfig::new(
+            PciId {
+                vendor: 0x1af4,
+                device: 0x1041,
+                revision: 1,
+                class: 0x020000,
+                subsystem_vendor: 0x1af4,
+                subsystem: 0x40,
+            },
+            0,
+        );
+
+        let err = cfg().check_identity(&other.state()).err();
+
+        assert_eq!(
+            err,
+            Some(PciConfigError::Identity {
+                saved: 0x1041_1af4,
+                expected: 0x1042_1af4
+            })
+        );
     }
 }

@@ -1,6 +1,14 @@
 //! PCI: a host bridge on bus 0 reached through configuration mechanism #1
 //! (ports 0xCF8/0xCFC) and ECAM, BAR allocation in the MMIO hole (64-bit
 //! BARs above RAM), and the device model that virtio-pci builds on.
+//!
+//! Saved state: [`PciRootState`] (the host bridge's configuration space
+//! and which slots are taken) and [`PciConfigIoState`] (the 0xCF8 address
+//! latch). Each function saves its own configuration space. Restore order:
+//! [`PciRoot::restore`], then each function rebuilt from its state and
+//! plugged back with [`PciRoot::add_at`] into its saved slot, which maps
+//! its BARs where its restored configuration space says (a BAR the guest
+//! moved is mapped at its new address), then [`PciConfigIo::restore`].
 
 pub mod config;
 pub mod msix;
@@ -8,9 +16,10 @@ pub mod msix;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use config::{Bar, BarMove, PciConfig, PciId};
+pub use config::{Bar, BarMove, PciConfig, PciConfigError, PciConfigState, PciId};
 
 use crate::devices::bus::{lock, Bus, BusDevice, BusError};
 
@@ -37,6 +46,25 @@ pub enum PciError {
     Map(#[source] BusError),
     #[error("The MMIO bus is gone")]
     BusGone,
+    #[error("PCI slot {0} is taken or not a device slot")]
+    Slot(u8),
+    #[error("Cannot restore the host bridge")]
+    Bridge(#[source] PciConfigError),
+}
+
+/// What the PCI root holds, for snapshot and migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciRootState {
+    pub bridge: PciConfigState,
+    /// The slots holding a function, in ascending order.
+    pub slots: Vec<u8>,
+}
+
+/// What the configuration mechanism #1 ports hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigIoState {
+    /// The last dword written to 0xCF8.
+    pub address: u32,
 }
 
 /// A PCI function on bus 0.
@@ -125,11 +153,40 @@ impl PciRoot {
         }
     }
 
+    /// The root's state, for a snapshot (the functions save their own).
+    pub fn state(&self) -> PciRootState {
+        PciRootState {
+            bridge: self.bridge.state(),
+            slots: self.slots.keys().copied().collect(),
+        }
+    }
+
+    /// A root with the host bridge of `state` and no functions yet: plug
+    /// each one back with [`Self::add_at`] at its slot in `state.slots`.
+    pub fn restore(mmio: Arc<Bus>, state: &PciRootState) -> Result<Self, PciError> {
+        let mut root = Self::new(mmio);
+        root.bridge
+            .check_identity(&state.bridge)
+            .map_err(PciError::Bridge)?;
+        root.bridge = PciConfig::restore(&state.bridge).map_err(PciError::Bridge)?;
+        Ok(root)
+    }
+
     /// Plugs `dev` into the next free slot and maps its BARs; returns the slot.
     pub fn add(&mut self, dev: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciError> {
         let slot = (1..32u8)
             .find(|s| !self.slots.contains_key(s))
             .ok_or(PciError::BusFull)?;
+        self.add_at(slot, dev)?;
+        Ok(slot)
+    }
+
+    /// Plugs `dev` into `slot` (1 to 31, free) and maps its BARs at the
+    /// addresses its configuration space holds.
+    pub fn add_at(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>) -> Result<(), PciError> {
+        if !(1..32).contains(&slot) || self.slots.contains_key(&slot) {
+            return Err(PciError::Slot(slot));
+        }
         let bars: Vec<(usize, Bar)> = {
             let d = lock(&dev);
             (0..6)
@@ -145,7 +202,7 @@ impl PciRoot {
             mmio.insert(b.addr, b.size, window).map_err(PciError::Map)?;
         }
         self.slots.insert(slot, dev);
-        Ok(slot)
+        Ok(())
     }
 
     fn read(&self, slot: u8, func: u8, reg: usize) -> u32 {
@@ -210,6 +267,21 @@ pub struct PciConfigIo {
 impl PciConfigIo {
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         Self { root, address: 0 }
+    }
+
+    /// The address latch, for a snapshot.
+    pub fn state(&self) -> PciConfigIoState {
+        PciConfigIoState {
+            address: self.address,
+        }
+    }
+
+    /// Ports carrying on from `state` in front of `root`.
+    pub fn restore(root: Arc<Mutex<PciRoot>>, state: &PciConfigIoState) -> Self {
+        Self {
+            root,
+            address: state.address,
+        }
     }
 
     /// (slot, function, dword) of the current address, if enabled on bus 0.
@@ -382,5 +454,73 @@ mod tests {
         let mut big = BarAllocator::new(6 << 30);
         assert_eq!(big.allocate(0x4000, true).unwrap(), 6 << 30);
         assert!(a.allocate(1 << 30, false).is_err());
+    }
+
+    /// A root and device restored from `root` and `dev` onto a new bus.
+    fn restored(
+        root: &Arc<Mutex<PciRoot>>,
+        dev: &Arc<Mutex<Dummy>>,
+    ) -> (Arc<Bus>, Arc<Mutex<PciRoot>>, Arc<Mutex<Dummy>>) {
+        let state = lock(root).state();
+        let config = PciConfig::restore(&lock(dev).0.state()).unwrap();
+        let mmio = Arc::new(Bus::new("mmio"));
+        let r = Arc::new(Mutex::new(PciRoot::restore(mmio.clone(), &state).unwrap()));
+        let d = Arc::new(Mutex::new(Dummy(config, vec![])));
+        lock(&r).add_at(state.slots[0], d.clone()).unwrap();
+        (mmio, r, d)
+    }
+
+    #[test]
+    fn restored_root_maps_a_moved_bar_at_its_new_address() {
+        let (_, root, dev) = setup();
+        PciEcam::new(root.clone()).write((1 << 15) + 0x10, &0xc100_0000u32.to_le_bytes());
+        let (mmio, _, d) = restored(&root, &dev);
+
+        mmio.write(0xc100_0008, &[9]);
+        let mut old = [0u8];
+        mmio.read(0xc000_0000, &mut old);
+
+        assert_eq!(lock(&d).1, vec![(0, 8, vec![9])]);
+        assert_eq!(old, [0xff]);
+    }
+
+    #[test]
+    fn restored_root_keeps_slots_and_the_bridge_registers() {
+        let (_, root, dev) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        io.write(0, &0x8000_0004u32.to_le_bytes());
+        io.write(4, &0x0006u16.to_le_bytes());
+        let (_, r, _) = restored(&root, &dev);
+        let mut rio = PciConfigIo::new(r);
+
+        let regs = [cf8(&mut rio, 0, 1), cf8(&mut rio, 1, 0)];
+
+        assert_eq!(regs, [cf8(&mut io, 0, 1), 0x1041_1af4]);
+        assert_eq!(regs[0] & 0x6, 0x6);
+    }
+
+    #[test]
+    fn restored_config_ports_keep_the_address_latch() {
+        let (_, root, dev) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        io.write(0, &(0x8000_0000u32 | 1 << 11).to_le_bytes());
+        let (_, r, _) = restored(&root, &dev);
+        let mut rio = PciConfigIo::restore(r, &io.state());
+
+        let mut d = [0u8; 4];
+        rio.read(4, &mut d);
+
+        assert_eq!(u32::from_le_bytes(d), 0x1041_1af4);
+    }
+
+    #[test]
+    fn adding_at_a_taken_slot_is_refused() {
+        let (_, root, _) = setup();
+        let cfg = PciConfig::new(HOST_BRIDGE, 0);
+        let d = Arc::new(Mutex::new(Dummy(cfg, vec![])));
+
+        let err = lock(&root).add_at(1, d).unwrap_err();
+
+        assert!(matches!(err, PciError::Slot(1)), "{err:?}");
     }
 }

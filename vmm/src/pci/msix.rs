@@ -4,10 +4,21 @@
 //! enabled, function and vector unmasked). While masked, a signal stays
 //! counted in the eventfd and KVM delivers it when the irqfd is attached
 //! again, which is the pending-then-deliver behaviour the spec asks for.
+//!
+//! Saved state ([`MsixState`]) is the table, the message control and the
+//! pending bits. Restoring it into a freshly built [`Msix`] re-creates the
+//! GSI routes and attaches the irqfds of the live vectors; a pending bit is
+//! restored as a signal counted in the new vector's eventfd, so it is
+//! delivered when the guest unmasks the vector, as before the save. GSI
+//! numbers are host-side only (the guest sees the messages), so a
+//! restored table may sit on other GSIs than the saved one.
 
+use std::io;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::PciConfig;
@@ -18,12 +29,34 @@ const ENTRY_SIZE: u64 = 16;
 const CTRL_ENABLE: u16 = 1 << 15;
 const CTRL_FUNCTION_MASK: u16 = 1 << 14;
 
-#[derive(Clone, Copy, Default)]
-struct Entry {
-    addr_lo: u32,
-    addr_hi: u32,
-    data: u32,
-    control: u32,
+/// Errors restoring MSI-X state.
+#[derive(Debug, Error)]
+pub enum MsixError {
+    #[error("Saved MSI-X state has {saved} vectors, the device {device}")]
+    Count { saved: usize, device: usize },
+    #[error("Cannot mark MSI-X vector {0} pending")]
+    Pending(usize, #[source] io::Error),
+}
+
+/// One vector table entry, as the guest programmed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub addr_lo: u32,
+    pub addr_hi: u32,
+    pub data: u32,
+    /// Vector control: bit 0 masks the vector.
+    pub control: u32,
+}
+
+/// What a function's MSI-X holds, for snapshot and migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    pub entries: Vec<Entry>,
+    /// The capability's message control as last picked up (enable and
+    /// function mask bits).
+    pub control: u16,
+    /// The pending bit of each vector: signalled while it could not fire.
+    pub pending: Vec<bool>,
 }
 
 impl Entry {
@@ -83,6 +116,53 @@ impl Msix {
             vm,
             router,
         })
+    }
+
+    /// The vectors' state, for a snapshot. The VM must be paused and the
+    /// device quiesced, so that no signal arrives while it is read.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self.entries.clone(),
+            control: self.control,
+            pending: (0..self.entries.len())
+                .map(|v| !self.attached[v] && self.pending(v))
+                .collect(),
+        }
+    }
+
+    /// Puts `state` into vectors just built by [`Self::new`] for the same
+    /// function: re-routes every vector, attaches the irqfds of those that
+    /// may fire and marks the pending ones. The message control in the
+    /// configuration space is restored with the rest of that space.
+    pub fn restore(&mut self, state: &MsixState) -> Result<(), MsixError> {
+        let count = self.entries.len();
+        if state.entries.len() != count || state.pending.len() != count {
+            return Err(MsixError::Count {
+                saved: state.entries.len().max(state.pending.len()),
+                device: count,
+            });
+        }
+        for (v, _) in state.pending.iter().enumerate().filter(|(_, p)| **p) {
+            self.irqfds[v]
+                .write(1)
+                .map_err(|e| MsixError::Pending(v, e))?;
+        }
+        self.entries = state
+            .entries
+            .iter()
+            .map(|e| Entry {
+                control: e.control & 1,
+                ..*e
+            })
+            .collect();
+        self.control = state.control;
+        self.sync_all();
+        Ok(())
+    }
+
+    /// Where the capability sits in the configuration space.
+    pub fn cap_offset(&self) -> usize {
+        self.cap_offset
     }
 
     pub fn count(&self) -> usize {
@@ -291,5 +371,99 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         m.pba_read(0, &mut pba);
         assert_eq!(pba[0] & 1, 0);
+    }
+
+    /// Vectors restored from `m`'s state on a VM of their own.
+    fn restored(m: &Msix) -> Msix {
+        let (mut r, _) = setup();
+        r.restore(&m.state()).unwrap();
+        r
+    }
+
+    fn table(m: &Msix) -> Vec<u8> {
+        let mut t = vec![0u8; 32];
+        for (i, c) in t.chunks_mut(4).enumerate() {
+            m.table_read(i as u64 * 4, c);
+        }
+        t
+    }
+
+    #[test]
+    fn restored_vectors_read_back_the_same_table() {
+        let (mut m, mut cfg) = setup();
+        program(&mut m, 0, false);
+        program(&mut m, 1, true);
+        enable(&mut m, &mut cfg, CTRL_ENABLE);
+
+        let r = restored(&m);
+
+        assert_eq!(table(&r), table(&m));
+        assert_eq!(r.state(), m.state());
+    }
+
+    #[test]
+    fn restored_vectors_are_routed_and_attached_as_before() {
+        let (mut m, mut cfg) = setup();
+        program(&mut m, 0, false);
+        program(&mut m, 1, true);
+        enable(&mut m, &mut cfg, CTRL_ENABLE);
+
+        let r = restored(&m);
+
+        assert_eq!(r.attached, m.attached);
+        assert_eq!(r.router.msi_routes(), m.router.msi_routes());
+        assert_eq!(r.router.msi_routes().len(), 2);
+    }
+
+    #[test]
+    fn restored_function_mask_keeps_vectors_detached() {
+        let (mut m, mut cfg) = setup();
+        program(&mut m, 0, false);
+        enable(&mut m, &mut cfg, CTRL_ENABLE | CTRL_FUNCTION_MASK);
+
+        let r = restored(&m);
+
+        assert_eq!(r.attached, [false, false]);
+    }
+
+    #[test]
+    fn restored_pending_vector_is_pending_then_delivers_on_unmask() {
+        let (mut m, mut cfg) = setup();
+        program(&mut m, 0, true);
+        enable(&mut m, &mut cfg, CTRL_ENABLE);
+        m.irqfds[0].write(1).unwrap();
+        let mut r = restored(&m);
+        let mut pba = [0u8; 8];
+        r.pba_read(0, &mut pba);
+        let before = pba[0];
+
+        program(&mut r, 0, false);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        r.pba_read(0, &mut pba);
+
+        assert_eq!((before & 1, pba[0] & 1), (1, 0));
+        assert!(r.attached[0]);
+    }
+
+    #[test]
+    fn saved_state_with_another_vector_count_is_refused() {
+        let (m, _) = setup();
+        let mut state = m.state();
+        state.entries.push(Entry::default());
+        state.pending.push(false);
+        let (mut r, _) = setup();
+
+        let err = r.restore(&state).unwrap_err();
+
+        assert!(
+            matches!(
+                err,
+                MsixError::Count {
+                    saved: 3,
+                    device: 2
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

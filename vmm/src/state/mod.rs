@@ -5,6 +5,9 @@
 //!   MSRs, pending events, MP state, debug registers, TSC frequency and
 //!   nested-virtualization state.
 //! - [`vm::VmState`]: the in-kernel PIC pair, IOAPIC, PIT and kvm-clock.
+//! - [`devices::DevicesState`]: every device the VMM emulates (serial,
+//!   RTC, i8042, ACPI, PCI, virtio-pci transports), each device's state
+//!   type defined beside the device.
 //! - [`mod@file`]: a versioned, checksummed container for any serde type.
 //!
 //! Every type here is plain data (`serde`), so snapshot, migration and live
@@ -21,10 +24,12 @@
 //! registered and filled), then restores [`vm::VmState`] and then each
 //! [`vcpu::VcpuState`] before the first `KVM_RUN`.
 
+pub mod devices;
 pub mod file;
 pub mod vcpu;
 pub mod vm;
 
+pub use devices::{DevicesState, DevicesStateError};
 pub use file::{read_state_file, write_state_file, StateFileError};
 pub use vcpu::{finish_pending_io, VcpuState, VcpuStateError};
 pub use vm::{VmState, VmStateError};

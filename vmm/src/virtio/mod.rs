@@ -53,6 +53,20 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK: start serving `queues` with `features`.
     fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), ActivateError>;
+    /// The transport was restored from saved state with the driver running
+    /// (DRIVER_OK): serve `queues` with `features`, carrying on from where
+    /// the rings are in the restored guest memory, not from index 0. The
+    /// default treats this as a fresh activation, which suits a device
+    /// that keeps no position of its own; one that does (a vhost-user
+    /// frontend: `SET_VRING_BASE` to the used index in guest memory, not
+    /// 0) must override it.
+    fn restore_activated(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue],
+    ) -> Result<(), ActivateError> {
+        self.activate(features, queues)
+    }
     /// The driver reset the device: stop serving the queues.
     fn reset(&mut self);
     /// The VM pauses: stop touching guest memory and the queues until
