@@ -14,6 +14,7 @@ pub mod interrupts;
 pub mod machine;
 pub mod memory;
 pub mod pci;
+pub mod platform;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

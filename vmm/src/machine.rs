@@ -12,14 +12,12 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll};
 use thiserror::Error;
-use vm_superio::I8042Device;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{
     ApiError, ApiFailure, ApiMessage, ApiReceiver, ApiReply, ApiRequest, ApiResponse, ApiSender,
@@ -30,25 +28,18 @@ use crate::arch::x86_64::boot::{self, BootError};
 use crate::arch::x86_64::cpuid::{self, feature_by_name, Topology};
 use crate::arch::x86_64::layout::ram_ranges;
 use crate::arch::x86_64::mptable::{self, MpTableError};
-use crate::arch::x86_64::regs::Entry;
-use crate::arch::x86_64::regs::{self, RegsError};
+use crate::arch::x86_64::regs::{self, Entry, RegsError};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::console::{serial_sink, stdin_available, ConsoleError, RawStdin};
-use crate::devices::acpi::{AcpiPm, Ged, GED_GSI, GED_LEN, GED_PORT, PM_BASE, PM_LEN};
-use crate::devices::bus::{lock, Bus, BusError};
-use crate::devices::legacy::{DebugCon, ResetTrigger, DEBUGCON_PORT, I8042, I8042_BASE, I8042_LEN};
-use crate::devices::rtc::{Rtc, RTC_BASE, RTC_LEN};
-use crate::devices::serial::{Serial, COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::console::{stdin_available, RawStdin};
+use crate::devices::bus::lock;
 use crate::events;
 use crate::exit::{ExitNotifier, ExitReason};
-use crate::interrupts::Router;
 use crate::memory::{Memory, MemoryError};
-use crate::pci::{BarAllocator, PciConfigIo, PciEcam, PciError, PciRoot};
+use crate::platform::{Platform, PlatformError};
 use crate::snapshot::{self, SnapshotError, SnapshotState};
 use crate::state::{self, finish_pending_io, VcpuStateError, VmStateError};
 use crate::vcpu::{VcpuContext, VcpuError, VcpuHandle, VcpuMetrics, VcpuState};
-use crate::vhost_user::{VhostUser, VhostUserError};
-use crate::virtio::pci::{TransportMetrics, VirtioPci, VirtioPciError, BAR_SIZE};
+use crate::virtio::pci::TransportMetrics;
 use crate::vm::{self, VmError};
 
 /// Errors building or running the VM.
@@ -68,18 +59,10 @@ pub enum MachineError {
     Acpi(#[from] AcpiError),
     #[error("Cannot write the MP table")]
     MpTable(#[from] MpTableError),
-    #[error("Cannot place a device")]
-    Bus(#[from] BusError),
-    #[error(transparent)]
-    Console(#[from] ConsoleError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
-    VhostUser(#[from] VhostUserError),
-    #[error("Cannot create a virtio-pci device")]
-    VirtioPci(#[from] VirtioPciError),
-    #[error("Cannot set up PCI")]
-    Pci(#[from] PciError),
+    Platform(#[from] PlatformError),
     #[error("Cannot {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     #[error("Cannot {0}")]
@@ -147,7 +130,7 @@ pub struct Outcome {
 pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     transports: Vec<Arc<TransportMetrics>>,
-    virtio: Vec<Arc<Mutex<VirtioPci>>>,
+    platform: Platform,
     kvm: Arc<Kvm>,
     vm: Arc<VmFd>,
     config: VmConfig,
@@ -155,9 +138,6 @@ pub struct Machine {
     ids: Vec<String>,
     restored_ids: Option<Vec<String>>,
     memory: Memory,
-    serial: Arc<Mutex<Serial>>,
-    serial_drained: EventFd,
-    ged: Arc<Mutex<Ged>>,
     exit: Arc<ExitNotifier>,
     /// Per vCPU, in id order.
     metrics: Vec<Arc<VcpuMetrics>>,
@@ -232,14 +212,16 @@ impl Machine {
 
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
-        let (pio, serial, serial_drained) = legacy_devices(&vm, cfg, &exit)?;
-        let ged = acpi_devices(&vm, &pio, &exit)?;
-        let mmio = Arc::new(Bus::new("mmio"));
-        let virtio = pci_devices(cfg, &vm, &memory, &pio, &mmio, ram_end)?;
-        let transports = virtio.iter().map(|d| lock(d).metrics.clone()).collect();
+        let saved = restore.as_ref().map(|(_, s)| &s.devices);
+        let platform = Platform::new(cfg, &vm, &memory, &exit, ram_end, saved)?;
+        let transports = platform
+            .virtio
+            .iter()
+            .map(|d| lock(d).metrics.clone())
+            .collect();
         let ctx = VcpuContext {
-            pio: Arc::new(pio),
-            mmio,
+            pio: platform.pio.clone(),
+            mmio: platform.mmio.clone(),
             exit: exit.clone(),
             metrics: Arc::default(),
         };
@@ -271,16 +253,13 @@ impl Machine {
         Ok(Self {
             vcpus,
             transports,
-            virtio,
+            platform,
             kvm,
             vm,
             config: cfg.clone(),
             ids: Vec::new(),
             restored_ids: restore.map(|(_, s)| s.ids),
             memory,
-            serial,
-            serial_drained,
-            ged,
             exit,
             metrics,
             stdin_input: cfg.serial == SerialConfig::Stdio,
@@ -303,6 +282,24 @@ impl Machine {
     /// The API ids of the devices.
     pub fn ids(&self) -> &[String] {
         &self.ids
+    }
+
+    /// Lets a paused (or restored) VM run again: its rings first, then
+    /// its vCPUs.
+    pub fn resume(&mut self) {
+        if !self.paused {
+            return;
+        }
+        events::emit("vm", "resuming", &[]);
+        for d in &self.platform.virtio {
+            lock(d).resume();
+        }
+        for v in &self.vcpus {
+            v.set_state(VcpuState::Running);
+        }
+        self.paused = false;
+        events::emit("vm", "resumed", &[]);
+        tracing::info!("VM resumed");
     }
 
     /// Saves the paused VM into `dir` (see [`crate::snapshot`]): each
@@ -329,6 +326,7 @@ impl Machine {
             ids: self.ids.clone(),
             vcpus,
             vm: state::VmState::save(&self.vm),
+            devices: self.platform.state(),
         };
         snapshot::save(dir, &state, &self.memory.file, self.memory.size)
             .map_err(|e| crate::error_chain(&e))
@@ -431,8 +429,11 @@ impl Machine {
             .map_err(|e| MachineError::Io("poll exit", e))?;
         add(self.signals.fd.as_raw_fd(), Token::Signal)
             .map_err(|e| MachineError::Io("poll signals", e))?;
-        add(self.serial_drained.as_raw_fd(), Token::SerialDrained)
-            .map_err(|e| MachineError::Io("poll serial", e))?;
+        add(
+            self.platform.serial_drained.as_raw_fd(),
+            Token::SerialDrained,
+        )
+        .map_err(|e| MachineError::Io("poll serial", e))?;
         // stdin may be /dev/null or a file, which epoll refuses: no input then.
         let mut stdin_on = self.stdin_input && add(0, Token::Stdin).is_ok();
         let mut pending: Vec<u8> = Vec::new();
@@ -464,7 +465,7 @@ impl Machine {
                     }
                     Some(Token::Stdin) => stdin_closed |= ev.is_read_closed(),
                     Some(Token::SerialDrained) => {
-                        let _ = self.serial_drained.read();
+                        let _ = self.platform.serial_drained.read();
                     }
                     Some(Token::Api) => {
                         let messages = self.api.as_ref().map(|a| a.drain()).unwrap_or_default();
@@ -491,7 +492,7 @@ impl Machine {
             if stdin_on {
                 loop {
                     if !pending.is_empty() {
-                        let k = lock(&self.serial).enqueue(&pending);
+                        let k = lock(&self.platform.serial).enqueue(&pending);
                         pending.drain(..k);
                     }
                     let room = STDIN_PENDING_MAX - pending.len();
@@ -523,7 +524,7 @@ impl Machine {
         loop {
             match self.signals.read() {
                 0 => return stop,
-                libc::SIGPWR => lock(&self.ged).press_power_button(),
+                libc::SIGPWR => lock(&self.platform.ged).press_power_button(),
                 s => stop = stop.or(Some(ExitReason::Signal(s))),
             }
         }
@@ -567,7 +568,7 @@ impl Machine {
                     v.wait_parked();
                 }
                 // With the vCPUs parked no register write races these.
-                for d in &self.virtio {
+                for d in &self.platform.virtio {
                     lock(d).pause();
                 }
                 self.paused = true;
@@ -579,20 +580,11 @@ impl Machine {
                 (Err(ApiFailure::new(405, "The VM is not paused")), None)
             }
             ApiRequest::VmResume => {
-                events::emit("vm", "resuming", &[]);
-                for d in &self.virtio {
-                    lock(d).resume();
-                }
-                for v in &self.vcpus {
-                    v.set_state(VcpuState::Running);
-                }
-                self.paused = false;
-                events::emit("vm", "resumed", &[]);
-                tracing::info!("VM resumed");
+                self.resume();
                 (Ok(ApiReply::Empty), None)
             }
             ApiRequest::VmPowerButton => {
-                lock(&self.ged).press_power_button();
+                lock(&self.platform.ged).press_power_button();
                 (Ok(ApiReply::Empty), None)
             }
             ApiRequest::VmShutdown | ApiRequest::VmmShutdown => {
@@ -637,96 +629,6 @@ impl Machine {
         events::emit("vm", "snapshotted", &[]);
         Ok(ApiReply::Empty)
     }
-}
-
-/// The PCI host bridge and one virtio-pci device per vhost-user backend.
-fn pci_devices(
-    cfg: &VmConfig,
-    vm: &Arc<VmFd>,
-    memory: &Memory,
-    pio: &Bus,
-    mmio: &Arc<Bus>,
-    ram_end: u64,
-) -> Result<Vec<Arc<Mutex<VirtioPci>>>> {
-    let router = Arc::new(Router::new(vm.clone()));
-    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
-    pio.insert(
-        crate::pci::CONFIG_IO_BASE,
-        crate::pci::CONFIG_IO_LEN,
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-    )?;
-    mmio.insert(
-        crate::pci::ECAM_BASE,
-        crate::pci::ECAM_SIZE,
-        Arc::new(Mutex::new(PciEcam::new(root.clone()))),
-    )?;
-    let mut bars = BarAllocator::new(ram_end);
-    let mut devices = Vec::new();
-    for d in &cfg.devices {
-        let backend = VhostUser::new(d.clone(), memory.guest.clone())?;
-        let addr = bars.allocate(BAR_SIZE, true)?;
-        let dev = Arc::new(Mutex::new(VirtioPci::new(
-            Box::new(backend),
-            addr,
-            vm.clone(),
-            router.clone(),
-        )?));
-        let slot = lock(&root).add(dev.clone())?;
-        tracing::info!(slot, socket = %d.socket.display(), bar = addr, "vhost-user device");
-        devices.push(dev);
-    }
-    Ok(devices)
-}
-
-/// COM1, the i8042, the CMOS clock and the debug console on the PIO bus.
-fn legacy_devices(
-    vm: &Arc<VmFd>,
-    cfg: &VmConfig,
-    exit: &Arc<ExitNotifier>,
-) -> Result<(Bus, Arc<Mutex<Serial>>, EventFd)> {
-    let evt = || {
-        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| MachineError::Io("create eventfd", e))
-    };
-    let irq = evt()?;
-    vm.register_irqfd(&irq, COM1_GSI)
-        .map_err(|e| MachineError::Kvm("register serial irqfd", e))?;
-    let drained = evt()?;
-    let serial = Arc::new(Mutex::new(Serial::new(
-        irq,
-        drained
-            .try_clone()
-            .map_err(|e| MachineError::Io("clone eventfd", e))?,
-        serial_sink(&cfg.serial)?,
-    )));
-    let pio = Bus::new("pio");
-    pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
-    pio.insert(
-        I8042_BASE,
-        I8042_LEN,
-        Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
-            exit.clone(),
-        ))))),
-    )?;
-    pio.insert(RTC_BASE, RTC_LEN, Arc::new(Mutex::new(Rtc::new())))?;
-    pio.insert(DEBUGCON_PORT, 1, Arc::new(Mutex::new(DebugCon::default())))?;
-    Ok((pio, serial, drained))
-}
-
-/// The ACPI sleep/reset registers and the GED (power button, by irqfd).
-fn acpi_devices(vm: &VmFd, pio: &Bus, exit: &Arc<ExitNotifier>) -> Result<Arc<Mutex<Ged>>> {
-    let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map_err(|e| MachineError::Io("create eventfd", e))?;
-    vm.register_irqfd(&irq, GED_GSI)
-        .map_err(|e| MachineError::Kvm("register GED irqfd", e))?;
-    let ged = Arc::new(Mutex::new(Ged::new(irq)));
-    pio.insert(
-        PM_BASE,
-        PM_LEN,
-        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
-    )?;
-    pio.insert(GED_PORT, GED_LEN, ged.clone())?;
-    Ok(ged)
 }
 
 fn create_vcpu(

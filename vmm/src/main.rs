@@ -20,7 +20,7 @@ struct Cli {
     /// Kernel image: bzImage, or ELF vmlinux (PVH entry used when present).
     /// Without it (only with --api-socket) no VM is started: one is
     /// created and booted through the API (vm.create, vm.boot).
-    #[arg(long, required_unless_present = "api_socket")]
+    #[arg(long, required_unless_present_any = ["api_socket", "restore"])]
     kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) loaded at the top of low RAM.
     #[arg(long)]
@@ -67,6 +67,41 @@ struct Cli {
     /// path=PATH or fd=N
     #[arg(long)]
     event_monitor: Option<events::Target>,
+    /// Restore the VM a snapshot directory holds instead of booting one:
+    /// source_url=file:///DIR[,resume=on|off]. It stays paused (for
+    /// vm.resume) unless resume=on; without --api-socket resume=on is
+    /// required.
+    #[arg(long, conflicts_with = "kernel", value_parser = parse_restore)]
+    restore: Option<Restore>,
+}
+
+/// `--restore`: the snapshot directory and whether to run it at once.
+#[derive(Clone, Debug)]
+struct Restore {
+    dir: PathBuf,
+    resume: bool,
+}
+
+fn parse_restore(s: &str) -> Result<Restore, String> {
+    let mut dir = None;
+    let mut resume = false;
+    for item in s.split(',') {
+        match item.split_once('=') {
+            Some(("source_url", url)) => {
+                dir = Some(vmm::snapshot::dir_from_url(url).map_err(|e| e.to_string())?)
+            }
+            Some(("resume", "on")) => resume = true,
+            Some(("resume", "off")) => resume = false,
+            Some(("prefault", "on" | "off")) => {}
+            _ => {
+                return Err(format!(
+                    "'{item}': expected source_url=file:///DIR, resume=on|off or prefault=on|off"
+                ))
+            }
+        }
+    }
+    let dir = dir.ok_or("source_url=file:///DIR is required")?;
+    Ok(Restore { dir, resume })
 }
 
 /// Feature names to hide (a newtype: clap treats a bare `Vec` as many values).
@@ -111,7 +146,7 @@ fn main() -> ExitCode {
             .chain(cli.vhost_user)
             .collect(),
     });
-    let result = boot(cfg, cli.api_socket.as_deref());
+    let result = boot(cfg, cli.restore, cli.api_socket.as_deref());
     events::finish();
     match result {
         Ok(None) => ExitCode::SUCCESS,
@@ -143,18 +178,32 @@ fn main() -> ExitCode {
 /// command line (the process ends with it) or none, waiting for vm.create.
 fn boot(
     cfg: Option<VmConfig>,
+    restore: Option<Restore>,
     api_socket: Option<&Path>,
 ) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
     let Some(path) = api_socket else {
+        if let Some(r) = restore {
+            if !r.resume {
+                return Err("--restore without --api-socket needs resume=on".into());
+            }
+            let mut m = vmm::Machine::restore(&r.dir)?;
+            m.resume();
+            return Ok(Some(m.run()?));
+        }
         let cfg = cfg.ok_or("--kernel is required without --api-socket")?;
         return Ok(Some(vmm::Machine::new(&cfg)?.run()?));
     };
     let socket = ApiSocket::bind(path)?;
-    let exit_with_vm = cfg.is_some();
+    let exit_with_vm = cfg.is_some() || restore.is_some();
     let (mut controller, tx) = Controller::new(exit_with_vm)?;
     let server = socket.serve(tx)?;
     if let Some(cfg) = cfg {
         controller.boot_now(cfg)?;
+    }
+    if let Some(r) = restore {
+        controller
+            .restore_now(r.dir, r.resume)?
+            .map_err(vmm::api::controller::ControllerError::Machine)?;
     }
     let outcome = controller.run();
     drop(server);

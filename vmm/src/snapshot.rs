@@ -3,7 +3,8 @@
 //!
 //! A snapshot is a directory with two files:
 //! - `state`: a [`SnapshotState`] (the VM's config and device ids, every
-//!   vCPU's and the VM-wide KVM state) in the versioned, checksummed
+//!   vCPU's and the VM-wide KVM state, every emulated device's state,
+//!   virtio-pci transports included) in the versioned, checksummed
 //!   container of [`crate::state::file`];
 //! - `memory`: guest RAM as the memfd holds it, byte for byte at the same
 //!   offsets, written sparsely: only the memfd's data ranges (`SEEK_DATA`
@@ -22,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::VmConfig;
-use crate::state::{read_state_file, write_state_file, StateFileError, VcpuState, VmState};
+use crate::state::{
+    read_state_file, write_state_file, DevicesState, StateFileError, VcpuState, VmState,
+};
 
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -62,6 +65,8 @@ pub struct SnapshotState {
     pub ids: Vec<String>,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
+    /// Every device the VMM emulates.
+    pub devices: DevicesState,
 }
 
 /// The directory a `file:///dir` URL names.

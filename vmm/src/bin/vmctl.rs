@@ -65,6 +65,29 @@ enum Command {
     /// Show the VM's and every device's counters, backends' included
     /// (vm.counters); a table, or the JSON map with --json.
     Counters,
+    /// Save the paused VM into a directory (vm.snapshot).
+    Snapshot {
+        /// file:///DIR, or a plain absolute directory path.
+        destination: String,
+    },
+    /// Restore a snapshot into this vmm, which must have no VM
+    /// (vm.restore); the VM stays paused unless --resume.
+    Restore {
+        /// file:///DIR, or a plain absolute directory path.
+        source: String,
+        /// Run the VM once restored.
+        #[arg(long)]
+        resume: bool,
+    },
+}
+
+/// `file:///dir` as given, or a plain path made into one.
+fn file_url(s: &str) -> String {
+    if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("file://{s}")
+    }
 }
 
 impl Command {
@@ -84,6 +107,8 @@ impl Command {
             Self::AddDisk { .. } => ApiRequest::VmAddDisk,
             Self::AddNet { .. } => ApiRequest::VmAddNet,
             Self::Counters => ApiRequest::VmCounters,
+            Self::Snapshot { .. } => ApiRequest::VmSnapshot,
+            Self::Restore { .. } => ApiRequest::VmRestore,
         }
     }
 
@@ -114,6 +139,17 @@ impl Command {
                     "metrics_socket",
                 ],
             ),
+            Self::Snapshot { destination } => Ok(
+                serde_json::json!({ "destination_url": file_url(destination) })
+                    .to_string()
+                    .into_bytes(),
+            ),
+            Self::Restore { source, resume } => Ok(serde_json::json!({
+                "source_url": file_url(source),
+                "resume": resume,
+            })
+            .to_string()
+            .into_bytes()),
             _ => Ok(Vec::new()),
         }
     }
@@ -208,6 +244,9 @@ fn human(command: &Command, body: &str) -> String {
         Command::Resume => "VM resumed".into(),
         Command::PowerButton => "Power button pressed".into(),
         Command::Reboot => "VM rebooting".into(),
+        Command::Snapshot { destination } => format!("VM saved to {destination}"),
+        Command::Restore { resume: true, .. } => "VM restored and running".into(),
+        Command::Restore { .. } => "VM restored, paused".into(),
         Command::Shutdown => "VM shutting down".into(),
         Command::ShutdownVmm => "VMM shutting down".into(),
         Command::Create { .. } => "VM created".into(),

@@ -593,6 +593,40 @@ fn dup(e: &EventFd) -> Result<EventFd, VhostUserError> {
     e.try_clone().map_err(VhostUserError::Dup)
 }
 
+impl VhostUser {
+    /// Records the active rings and sends them to the backend, from index
+    /// 0, or (`resume`) from the used index guest memory holds.
+    fn start(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue],
+        resume: bool,
+    ) -> Result<(), ActivateError> {
+        let queues = queues
+            .iter()
+            .map(|q| {
+                Ok(Queue {
+                    index: q.index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: dup(q.kick)?,
+                    call: dup(q.call)?,
+                })
+            })
+            .collect::<Result<Vec<_>, VhostUserError>>()?;
+        let mut g = lock(&self.inner);
+        g.active = Some(Active {
+            features,
+            queues,
+            inflight: None,
+        });
+        // With the backend away, the rings start when it reconnects.
+        Ok(g.apply(resume)?)
+    }
+}
+
 impl VirtioDevice for VhostUser {
     fn device_type(&self) -> u32 {
         self.device_type
@@ -627,28 +661,20 @@ impl VirtioDevice for VhostUser {
     }
 
     fn activate(&mut self, features: u64, queues: &[ActiveQueue]) -> Result<(), ActivateError> {
-        let queues = queues
-            .iter()
-            .map(|q| {
-                Ok(Queue {
-                    index: q.index,
-                    size: q.size,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    kick: dup(q.kick)?,
-                    call: dup(q.call)?,
-                })
-            })
-            .collect::<Result<Vec<_>, VhostUserError>>()?;
-        let mut g = lock(&self.inner);
-        g.active = Some(Active {
-            features,
-            queues,
-            inflight: None,
-        });
-        // With the backend away, the rings start when it reconnects.
-        Ok(g.apply(false)?)
+        self.start(features, queues, false)
+    }
+
+    /// A restored VM comes back paused: the rings are set up at the used
+    /// index the restored guest memory holds (every request taken before
+    /// the snapshot had completed: the pause drained them) and stay
+    /// disabled until the VM resumes.
+    fn restore_activated(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue],
+    ) -> Result<(), ActivateError> {
+        lock(&self.inner).paused = true;
+        self.start(features, queues, true)
     }
 
     fn reset(&mut self) {

@@ -106,6 +106,7 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
             lat: param(b"tg.blklat=").unwrap_or(0),
             netrx: has(b"tg.netrx"),
             keep: has(b"tg.keepdev"),
+            blkcount: has(b"tg.blkcount"),
             msixmask: has(b"tg.msixmask"),
             ecam: param(b"tg.ecam="),
             barbase: param(b"tg.barbase="),

@@ -329,6 +329,20 @@ pub fn blk(t: &Transport, o: &Opts) {
     zero(buf(OFF_RBUF), u64::from(BLK_LEN));
     blk_read_check(&mut q, t, o.seed, BLK_SECTOR, "blk reinit read");
     line("TG: blk reinit ok");
+
+    if o.blkcount {
+        // Forever: write a block whose pattern is the round, read it
+        // back, check it. A VM restored from a snapshot must go on from
+        // the saved round, with its rings and the disk where they were.
+        let mut round: u64 = 1;
+        loop {
+            blk_write(&mut q, t, round, BURST_SECTOR);
+            zero(buf(OFF_RBUF), u64::from(BLK_LEN));
+            blk_read_check(&mut q, t, round, BURST_SECTOR, "blk count read");
+            out().s("TG: blkcount ").dec(round).nl();
+            round += 1;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

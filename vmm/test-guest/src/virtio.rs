@@ -81,6 +81,9 @@ pub struct Opts {
     /// `tg.keepdev`: leave the devices running after their checks (no
     /// reset), so the host sees active queues while the guest idles.
     pub keep: bool,
+    /// `tg.blkcount`: after the checks, write and read back a block per
+    /// round forever, printing `TG: blkcount N`.
+    pub blkcount: bool,
     /// `tg.msixmask`: virtio-blk MSI-X per-vector mask test.
     pub msixmask: bool,
     /// `tg.ecam=ADDR`: ECAM base of bus 0 when there is no MCFG.

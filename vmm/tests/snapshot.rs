@@ -1,0 +1,392 @@
+//! vm.snapshot / vm.restore on real vmm processes running the test guest:
+//! a guest that checks its own memory and counts goes on where it was,
+//! with its vhost-user disk (blk-backend and qemu-storage-daemon), in two
+//! VMs from one snapshot, paused until resumed; and every bad snapshot is
+//! refused before anything is built, leaving the vmm serving.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use common::{test_guest, vmm, workspace_bin, Daemon, Scratch};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A vmm serving the API on `<dir>/<name>.sock`, killed when dropped.
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+    console: Receiver<String>,
+}
+
+impl Vmm {
+    fn start(dir: &Scratch, name: &str) -> Self {
+        let socket = dir.path(&format!("{name}.sock"));
+        let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
+        let mut child = vmm()
+            .arg("--api-socket")
+            .arg(&socket)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, console) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l.trim_end().to_string());
+            }
+        });
+        let deadline = Instant::now() + LIMIT;
+        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
+            assert!(Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            socket,
+            console,
+        }
+    }
+
+    fn put(&self, endpoint: &str, body: &str) -> (u16, String) {
+        let r = vmm::api::client::raw_with_body(&self.socket, "PUT", endpoint, body.as_bytes())
+            .unwrap();
+        (r.status, r.body)
+    }
+
+    fn state(&self) -> String {
+        let r = vmm::api::client::raw(&self.socket, "GET", "vm.info").unwrap();
+        match r.status {
+            200 => serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            s => s.to_string(),
+        }
+    }
+
+    /// The number on the next console line starting with `prefix`.
+    fn next_count(&self, prefix: &str) -> u64 {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self
+                .console
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {prefix:?} line"));
+            assert!(!l.contains("FAIL"), "{l}");
+            if let Some(n) = l.strip_prefix(prefix) {
+                return n.trim().parse().unwrap();
+            }
+        }
+    }
+
+    /// Creates and boots the test guest with `cmdline` and `disks`.
+    fn boot(&self, cmdline: &str, cpus: u8, disks: serde_json::Value) {
+        let cfg = serde_json::json!({
+            "payload": {"kernel": test_guest(), "cmdline": cmdline},
+            "cpus": {"boot_vcpus": cpus, "max_vcpus": cpus},
+            "memory": {"size": 128 << 20},
+            "serial": {"mode": "Tty"},
+            "disks": disks,
+        });
+        assert_eq!(self.put("vm.create", &cfg.to_string()).0, 204);
+        assert_eq!(self.put("vm.boot", "").0, 204);
+    }
+
+    /// Pauses and snapshots into `dir`; returns the last count printed.
+    fn snapshot(&self, prefix: &str, dir: &Path) -> u64 {
+        let mut last = self.next_count(prefix);
+        assert_eq!(self.put("vm.pause", "").0, 204);
+        while let Ok(l) = self.console.recv_timeout(Duration::from_millis(300)) {
+            if let Some(n) = l.strip_prefix(prefix) {
+                last = n.trim().parse().unwrap();
+            }
+        }
+        let body = serde_json::json!({"destination_url": url(dir)}).to_string();
+        let r = self.put("vm.snapshot", &body);
+        assert_eq!(r.0, 204, "{r:?}");
+        last
+    }
+
+    fn restore(&self, dir: &Path, resume: bool) -> (u16, String) {
+        let body = serde_json::json!({"source_url": url(dir), "resume": resume}).to_string();
+        self.put("vm.restore", &body)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+/// Whether `first`, the first whole count line of a restored VM, goes on
+/// from `last`, the last whole one before the pause: the next, or the one
+/// after when the pause split a line (its start went to the old console).
+fn continues(last: u64, first: u64) -> bool {
+    first == last + 1 || first == last + 2
+}
+
+/// A 64 MiB image served by blk-backend on `<dir>/blk.sock`.
+fn blk_backend(dir: &Scratch) -> (Daemon, PathBuf) {
+    let image = dir.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let socket = dir.path("blk.sock");
+    let mut cmd = Command::new(workspace_bin("blk-backend"));
+    cmd.arg("--socket").arg(&socket).arg("--image").arg(&image);
+    (Daemon::start(cmd, &socket), socket)
+}
+
+/// A guest counting with `tg.count` (2 vCPUs), snapshotted into a
+/// directory; returns the directory and the last count before the pause.
+fn counting_snapshot(dir: &Scratch) -> (PathBuf, u64) {
+    let source = Vmm::start(dir, "source");
+    source.boot("tg.count", 2, serde_json::json!([]));
+    let snap = dir.path("snap");
+    let last = source.snapshot("TG: count ", &snap);
+    (snap, last)
+}
+
+#[test]
+fn a_restored_vm_goes_on_counting_with_its_memory_intact() {
+    let dir = Scratch::new("snap-count");
+    let (snap, last) = counting_snapshot(&dir);
+
+    let target = Vmm::start(&dir, "target");
+    let restore = target.restore(&snap, true);
+    let first = target.next_count("TG: count ");
+    let later = target.next_count("TG: count ");
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(continues(last, first), "{last} then {first}");
+    assert_eq!(later, first + 1);
+    assert_eq!(target.state(), "Running");
+}
+
+#[test]
+fn a_restored_vm_stays_paused_until_resumed() {
+    let dir = Scratch::new("snap-paused");
+    let (snap, last) = counting_snapshot(&dir);
+
+    let target = Vmm::start(&dir, "target");
+    let restore = target.restore(&snap, false);
+    let state = target.state();
+    let quiet = target.console.recv_timeout(Duration::from_millis(500));
+    let resume = target.put("vm.resume", "");
+    let first = target.next_count("TG: count ");
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert_eq!(state, "Paused");
+    assert!(quiet.is_err(), "the paused VM printed {quiet:?}");
+    assert_eq!(resume.0, 204);
+    assert!(continues(last, first), "{last} then {first}");
+}
+
+#[test]
+fn one_snapshot_restores_into_two_vms() {
+    let dir = Scratch::new("snap-twice");
+    let (snap, last) = counting_snapshot(&dir);
+
+    let a = Vmm::start(&dir, "a");
+    let b = Vmm::start(&dir, "b");
+    let ra = a.restore(&snap, true);
+    let rb = b.restore(&snap, true);
+
+    assert_eq!(ra.0, 204, "{ra:?}");
+    assert_eq!(rb.0, 204, "{rb:?}");
+    let (fa, fb) = (a.next_count("TG: count "), b.next_count("TG: count "));
+    assert!(continues(last, fa), "{last} then {fa}");
+    assert_eq!(fa, fb);
+}
+
+#[test]
+fn a_restored_vm_drives_its_blk_backend_disk_from_where_it_was() {
+    let dir = Scratch::new("snap-blk");
+    let (_backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.virtio tg.blkcount", 1, disks);
+    let snap = dir.path("snap");
+    let last = source.snapshot("TG: blkcount ", &snap);
+    drop(source);
+
+    let target = Vmm::start(&dir, "target");
+    let restore = target.restore(&snap, true);
+    let first = target.next_count("TG: blkcount ");
+    let later = target.next_count("TG: blkcount ");
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(continues(last, first), "{last} then {first}");
+    assert_eq!(later, first + 1);
+}
+
+#[test]
+fn a_restored_vm_drives_its_qemu_storage_daemon_disk_from_where_it_was() {
+    let dir = Scratch::new("snap-qsd");
+    let image = dir.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let socket = dir.path("qsd.sock");
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=d0,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    let _qsd = Daemon::start(cmd, &socket);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.virtio tg.blkcount", 1, disks);
+    let snap = dir.path("snap");
+    let last = source.snapshot("TG: blkcount ", &snap);
+    drop(source);
+
+    let target = Vmm::start(&dir, "target");
+    let restore = target.restore(&snap, true);
+    let first = target.next_count("TG: blkcount ");
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(continues(last, first), "{last} then {first}");
+}
+
+#[test]
+fn snapshot_of_a_running_vm_is_405_and_a_bad_url_400() {
+    let dir = Scratch::new("snap-running");
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.count", 1, serde_json::json!([]));
+    let body = serde_json::json!({"destination_url": url(&dir.path("snap"))}).to_string();
+
+    let running = source.put("vm.snapshot", &body);
+    source.put("vm.pause", "");
+    let bad_url = source.put("vm.snapshot", r#"{"destination_url":"tcp:1.2.3.4:5"}"#);
+    let unknown_field = source.put("vm.snapshot", r#"{"destination":"file:///tmp"}"#);
+
+    assert_eq!(running.0, 405, "{running:?}");
+    assert_eq!(bad_url.0, 400, "{bad_url:?}");
+    assert_eq!(unknown_field.0, 400, "{unknown_field:?}");
+    assert!(!dir.path("snap").exists());
+}
+
+/// Restores `snap` into a fresh vmm: the status, the message, and the
+/// state after (it must still have no VM).
+fn refused(dir: &Scratch, snap: &Path) -> (u16, String, String) {
+    let target = Vmm::start(dir, "refused");
+    let (status, body) = target.restore(snap, true);
+    (status, body, target.state())
+}
+
+#[test]
+fn bad_snapshots_are_refused_before_anything_is_built() {
+    let dir = Scratch::new("snap-bad");
+    let (snap, _) = counting_snapshot(&dir);
+    let copy = |name: &str| {
+        let to = dir.path(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["state", "memory"] {
+            std::fs::copy(snap.join(f), to.join(f)).unwrap();
+        }
+        to
+    };
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    let last = state.len() - 1;
+    state[last] ^= 0x55;
+    std::fs::write(flipped.join("state"), state).unwrap();
+    let version = copy("version");
+    let mut state = std::fs::read(version.join("state")).unwrap();
+    state[8] ^= 0x7f;
+    std::fs::write(version.join("state"), state).unwrap();
+    let short = copy("short");
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(short.join("memory"))
+        .unwrap();
+    mem.set_len((128 << 20) - 4096).unwrap();
+    let missing = dir.path("missing");
+
+    for (snap, want) in [
+        (&flipped, "checksum"),
+        (&version, "version"),
+        (&short, "bytes"),
+        (&missing, "Cannot read"),
+    ] {
+        let (status, body, state) = refused(&dir, snap);
+        assert_eq!(status, 400, "{}: {body}", snap.display());
+        assert!(body.contains(want), "{}: {body}", snap.display());
+        assert_eq!(state, "404", "{}", snap.display());
+    }
+}
+
+#[test]
+fn vmctl_snapshots_and_vmm_restore_runs_the_snapshot() {
+    let dir = Scratch::new("snap-cli");
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.count", 1, serde_json::json!([]));
+    let mut last = source.next_count("TG: count ");
+    let vmctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vmctl"))
+            .arg("--api-socket")
+            .arg(&source.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let pause = vmctl(&["pause"]);
+    while let Ok(l) = source.console.recv_timeout(Duration::from_millis(300)) {
+        if let Some(n) = l.strip_prefix("TG: count ") {
+            last = n.trim().parse().unwrap();
+        }
+    }
+    let snap = dir.path("snap");
+    let saved = vmctl(&["snapshot", snap.to_str().unwrap()]);
+
+    let mut restored = vmm()
+        .arg("--restore")
+        .arg(format!("source_url={},resume=on", url(&snap)))
+        .spawn()
+        .unwrap();
+    let (out, _) = common::read_until(&mut restored, "TG: count ");
+    let mut lines = out.lines().map_while(Result::ok);
+    let later = lines.next().unwrap();
+    let _ = restored.kill();
+    let _ = restored.wait();
+
+    assert!(pause.status.success(), "{pause:?}");
+    assert!(saved.status.success(), "{saved:?}");
+    let later: u64 = later.strip_prefix("TG: count ").unwrap().parse().unwrap();
+    assert!(continues(last + 1, later), "{last} then {later}");
+}
+
+#[test]
+fn restore_without_the_api_must_resume() {
+    let out = vmm()
+        .args(["--restore", "source_url=file:///nonexistent"])
+        .output()
+        .unwrap();
+
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resume=on"),
+        "{out:?}"
+    );
+}
