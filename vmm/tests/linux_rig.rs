@@ -101,6 +101,36 @@ echo L2-POWER-BUTTON-IGNORED
     )
 }
 
+/// Writes checksummed 64 KiB blocks to the disk, one a second, each read
+/// back from the disk (not the page cache) at once and all again at the
+/// end; the list of checksums lives in L2's RAM. L1 snapshots the VM
+/// mid-loop, kills its vmm and restores it in a new one: the loop must
+/// go on, and memory and disk must still agree.
+const SNAP_SCRIPT: &str = r#"#!/bin/sh
+: >/tmp/sums
+check() {
+    echo 3 >/proc/sys/vm/drop_caches
+    dd if=/dev/vda bs=64k skip=$((100 + $1)) count=1 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+i=1
+while [ $i -le 16 ]; do
+    head -c 65536 /dev/urandom >/tmp/blk
+    s=$(sha256sum </tmp/blk | cut -d' ' -f1)
+    dd if=/tmp/blk of=/dev/vda bs=64k seek=$((100 + i)) count=1 oflag=direct conv=notrunc 2>/dev/null
+    [ "$(check $i)" = "$s" ] || echo "L2-SNAP-MISMATCH round=$i"
+    echo "$i $s" >>/tmp/sums
+    echo "L2-SNAP-ROUND round=$i"
+    i=$((i + 1))
+    sleep 1
+done
+bad=0
+while read n s; do
+    [ "$(check $n)" = "$s" ] || bad=$((bad + 1))
+done </tmp/sums
+echo "L2-SNAP-VERIFIED rounds=$(wc -l </tmp/sums) bad=$bad"
+poweroff -f
+"#;
+
 /// Booted twice: L1 reboots it through the API after the first line,
 /// then presses the power button.
 const PVH_SCRIPT: &str = r#"#!/bin/sh
@@ -152,6 +182,13 @@ l2 qsd --kernel $L2_KERNEL --memory 512M --cpus 4 --disk socket=/tmp/qsd.sock --
   sleep 1 && vmctl --api-socket /tmp/api-pvh.sock power-button ) &
 l2 pvh --kernel $L2_VMLINUX --boot pvh --memory 256M --cpus 1 --api-socket /tmp/api-pvh.sock \
     --cmdline "$CMDLINE run=/l2/pvh.sh" </dev/null
+( wait_for /tmp/l2-snap.log "round=4" &&
+  vmctl --api-socket /tmp/api-snap.sock pause &&
+  vmctl --api-socket /tmp/api-snap.sock snapshot /tmp/snap && echo "L1-SNAPSHOT-TAKEN";
+  kill -9 $(pidof vmm) ) &
+l2 snap --kernel $L2_KERNEL --memory 256M --cpus 2 --api-socket /tmp/api-snap.sock \
+    --disk socket=/tmp/blk.sock --cmdline "$CMDLINE run=/l2/snap.sh" </dev/null
+l2 snap-restored --restore source_url=file:///tmp/snap,resume=on --api-socket /tmp/api-snap2.sock </dev/null
 kill $(pidof blk-backend) $(pidof net-backend) $(pidof qemu-storage-daemon)
 sleep 1
 sync
@@ -188,6 +225,7 @@ fn run_rig() -> Result<Outcome, String> {
             ("main".to_string(), main_script()),
             ("qsd".to_string(), qsd_script()),
             ("pvh".to_string(), PVH_SCRIPT.to_string()),
+            ("snap".to_string(), SNAP_SCRIPT.to_string()),
         ]
         .into(),
         script: L1_SCRIPT.to_string(),
@@ -468,4 +506,38 @@ fn vm_counters_of_linux_move_with_its_disk_and_network_traffic() {
         c["vm"]["memory_allocated_bytes"].as_u64().unwrap() > 16 << 20,
         "{c}"
     );
+}
+
+#[test]
+fn linux_snapshotted_mid_write_loop_goes_on_in_a_new_vmm() {
+    let before = l2("snap");
+    let after = l2("snap-restored");
+    let all: Vec<&str> = outcome().console.lines.iter().map(String::as_str).collect();
+    let rounds = |lines: &[&'static str]| -> Vec<u64> {
+        lines
+            .iter()
+            .filter(|l| l.contains("L2-SNAP-ROUND"))
+            .filter_map(|l| Console::value(&[l], "round")?.parse().ok())
+            .collect()
+    };
+
+    let (saved, resumed) = (rounds(&before), rounds(&after));
+    assert!(all.iter().any(|l| l.contains("L1-SNAPSHOT-TAKEN")));
+    let last = *saved.last().expect("no round before the snapshot");
+    assert!(last >= 4, "{saved:?}");
+    // The next round, or the one after if the pause split its line.
+    assert!(
+        resumed
+            .first()
+            .is_some_and(|f| *f == last + 1 || *f == last + 2),
+        "{saved:?} then {resumed:?}"
+    );
+    assert_eq!(resumed.last(), Some(&16), "{after:#?}");
+    assert_eq!(value(&after, "rounds"), "16");
+    assert_eq!(value(&after, "bad"), "0");
+    assert!(!before
+        .iter()
+        .chain(&after)
+        .any(|l| l.contains("L2-SNAP-MISMATCH")));
+    assert_eq!(outcome().console.l2_status("snap-restored"), Some(0));
 }

@@ -179,7 +179,8 @@ if [ -c /dev/kvm ]; then echo RIG-READY; else echo "RIG-ERROR no /dev/kvm in L1"
 # TCG's nested SVM (QEMU's own microvm guest in L1 hung in 1 of 4 boots).
 l2() {
     name=$1; shift
-    cat $L2_INITRD $RIG/l2/$name.cpio >/tmp/l2-$name.initrd
+    # A boot without a script of its own (a restore) gets the plain image.
+    cat $L2_INITRD $(ls $RIG/l2/$name.cpio 2>/dev/null) >/tmp/l2-$name.initrd
     echo "RIG-L2-BEGIN $name"
     for try in 1 2; do
         { timeout -s KILL ${L2_TIMEOUT:-600} vmm --initramfs /tmp/l2-$name.initrd "$@" 2>&1
