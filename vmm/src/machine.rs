@@ -36,7 +36,7 @@ use crate::events;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::memory::{Memory, MemoryError};
 use crate::platform::{Platform, PlatformError};
-use crate::snapshot::{self, SnapshotError, SnapshotState};
+use crate::snapshot::{self, MemoryRestore, SnapshotError, SnapshotState};
 use crate::state::{self, finish_pending_io, VcpuStateError, VmStateError};
 use crate::vcpu::{VcpuContext, VcpuError, VcpuHandle, VcpuMetrics, VcpuState};
 use crate::virtio::pci::TransportMetrics;
@@ -158,16 +158,19 @@ impl Machine {
 
     /// Builds the VM a snapshot directory holds, paused: its memory, its
     /// vCPUs' and the VM's KVM state. Everything is checked first.
-    pub fn restore(dir: &Path) -> Result<Self> {
+    pub fn restore(dir: &Path, memory: MemoryRestore) -> Result<Self> {
         let state = snapshot::load(dir)?;
         let cfg = state.config.clone();
-        let mut m = Self::build(&cfg, Some((dir, state)))?;
+        let mut m = Self::build(&cfg, Some((dir, state, memory)))?;
         m.ids = m.restored_ids.take().unwrap_or_default();
         m.info = VmInfoConfig::new(&cfg, &m.ids);
         Ok(m)
     }
 
-    fn build(cfg: &VmConfig, restore: Option<(&Path, SnapshotState)>) -> Result<Self> {
+    fn build(
+        cfg: &VmConfig,
+        restore: Option<(&Path, SnapshotState, MemoryRestore)>,
+    ) -> Result<Self> {
         cfg.validate()?;
         events::emit(
             "vm",
@@ -182,13 +185,22 @@ impl Machine {
         let signals = SignalFd::new(VMM_SIGNALS)?;
         let kvm = Arc::new(vm::open_kvm()?);
         let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
-        let memory = Memory::new(cfg.memory, cfg.hugepages)?;
+        let memory = match &restore {
+            Some((dir, _, MemoryRestore::Map)) => {
+                Memory::with_file(snapshot::open_memory_for_map(dir)?, cfg.memory)?
+            }
+            Some((dir, _, MemoryRestore::Copy)) => {
+                let m = Memory::new(cfg.memory, cfg.hugepages)?;
+                snapshot::load_memory(dir, &m.file, m.size)?;
+                m
+            }
+            None => Memory::new(cfg.memory, cfg.hugepages)?,
+        };
         vm::register_memory(&vm, &memory.guest)?;
 
         let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
         let entry = match &restore {
-            Some((dir, state)) => {
-                snapshot::load_memory(dir, &memory.file, memory.size)?;
+            Some((_, state, _)) => {
                 state.vm.restore(&vm)?;
                 None
             }
@@ -212,7 +224,7 @@ impl Machine {
 
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
-        let saved = restore.as_ref().map(|(_, s)| &s.devices);
+        let saved = restore.as_ref().map(|(_, s, _)| &s.devices);
         let platform = Platform::new(cfg, &vm, &memory, &exit, ram_end, saved)?;
         let transports = platform
             .virtio
@@ -238,7 +250,7 @@ impl Machine {
         let mut metrics = Vec::with_capacity(cfg.cpus.into());
         for id in 0..cfg.cpus {
             let fd = create_vcpu(&kvm, &vm, id, cfg.cpus, &supported, &hidden, entry)?;
-            if let Some((_, state)) = &restore {
+            if let Some((_, state, _)) = &restore {
                 state.vcpus[usize::from(id)].restore(&fd, &kvm)?;
             }
             let own = Arc::new(VcpuMetrics::default());
@@ -258,7 +270,7 @@ impl Machine {
             vm,
             config: cfg.clone(),
             ids: Vec::new(),
-            restored_ids: restore.map(|(_, s)| s.ids),
+            restored_ids: restore.map(|(_, s, _)| s.ids),
             memory,
             exit,
             metrics,

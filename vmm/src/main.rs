@@ -68,7 +68,8 @@ struct Cli {
     #[arg(long)]
     event_monitor: Option<events::Target>,
     /// Restore the VM a snapshot directory holds instead of booting one:
-    /// source_url=file:///DIR[,resume=on|off]. It stays paused (for
+    /// source_url=file:///DIR[,resume=on|off][,memory_restore_mode=copy|map].
+    /// It stays paused (for
     /// vm.resume) unless resume=on; without --api-socket resume=on is
     /// required.
     #[arg(long, conflicts_with = "kernel", value_parser = parse_restore)]
@@ -80,11 +81,13 @@ struct Cli {
 struct Restore {
     dir: PathBuf,
     resume: bool,
+    memory: vmm::snapshot::MemoryRestore,
 }
 
 fn parse_restore(s: &str) -> Result<Restore, String> {
     let mut dir = None;
     let mut resume = false;
+    let mut memory = vmm::snapshot::MemoryRestore::Copy;
     for item in s.split(',') {
         match item.split_once('=') {
             Some(("source_url", url)) => {
@@ -93,15 +96,20 @@ fn parse_restore(s: &str) -> Result<Restore, String> {
             Some(("resume", "on")) => resume = true,
             Some(("resume", "off")) => resume = false,
             Some(("prefault", "on" | "off")) => {}
+            Some(("memory_restore_mode", m)) => memory = m.parse()?,
             _ => {
                 return Err(format!(
-                    "'{item}': expected source_url=file:///DIR, resume=on|off or prefault=on|off"
+                    "'{item}': expected source_url=file:///DIR, resume=on|off, prefault=on|off or memory_restore_mode=copy|map"
                 ))
             }
         }
     }
     let dir = dir.ok_or("source_url=file:///DIR is required")?;
-    Ok(Restore { dir, resume })
+    Ok(Restore {
+        dir,
+        resume,
+        memory,
+    })
 }
 
 /// Feature names to hide (a newtype: clap treats a bare `Vec` as many values).
@@ -186,7 +194,7 @@ fn boot(
             if !r.resume {
                 return Err("--restore without --api-socket needs resume=on".into());
             }
-            let mut m = vmm::Machine::restore(&r.dir)?;
+            let mut m = vmm::Machine::restore(&r.dir, r.memory)?;
             m.resume();
             return Ok(Some(m.run()?));
         }
@@ -202,7 +210,7 @@ fn boot(
     }
     if let Some(r) = restore {
         controller
-            .restore_now(r.dir, r.resume)?
+            .restore_now(r.dir, r.resume, r.memory)?
             .map_err(vmm::api::controller::ControllerError::Machine)?;
     }
     let outcome = controller.run();

@@ -50,6 +50,13 @@ impl Memory {
         let file = memfd(c"guest-ram", hugepages).map_err(MemoryError::Memfd)?;
         file.set_len(size)
             .map_err(|e| MemoryError::Truncate(size, e))?;
+        Self::with_file(file, size)
+    }
+
+    /// Guest RAM that is `file` itself (`size` bytes, shared-memory
+    /// capable: tmpfs or hugetlbfs), mapped `MAP_SHARED`: what the guest
+    /// writes goes to the file.
+    pub fn with_file(file: File, size: u64) -> Result<Self, MemoryError> {
         let file = std::sync::Arc::new(file);
         let mut offset = 0;
         let regions: Vec<_> = ram_ranges(size)

@@ -53,9 +53,39 @@ pub enum SnapshotError {
     },
     #[error("The snapshot has {found} vCPU states for {expected} vCPUs")]
     VcpuCount { found: usize, expected: usize },
+    #[error("Memory file {0} is not on tmpfs or hugetlbfs: it cannot be mapped as guest RAM (restore with copy)")]
+    NotSharedMemory(String),
 }
 
 type Result<T> = std::result::Result<T, SnapshotError>;
+
+/// How guest RAM comes back on restore.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryRestore {
+    /// Into a new memfd, from the memory file's data ranges: the snapshot
+    /// stays as it is and can be restored again.
+    #[default]
+    Copy,
+    /// The memory file itself becomes guest RAM (`MAP_SHARED`; it must be
+    /// on tmpfs or hugetlbfs): nothing is copied, and the snapshot is
+    /// consumed (the guest writes into it).
+    Map,
+}
+
+impl std::str::FromStr for MemoryRestore {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "copy" => Ok(Self::Copy),
+            "map" => Ok(Self::Map),
+            _ => Err(format!(
+                "memory_restore_mode '{s}' is not supported: Copy or Map"
+            )),
+        }
+    }
+}
 
 /// Everything but guest RAM.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,6 +148,32 @@ pub fn load(dir: &Path) -> Result<SnapshotState> {
         });
     }
     Ok(state)
+}
+
+/// Opens the snapshot's memory file to become guest RAM
+/// ([`MemoryRestore::Map`]); refused unless it is on tmpfs or hugetlbfs,
+/// where a shared mapping of it is plain memory.
+pub fn open_memory_for_map(dir: &Path) -> Result<File> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let path = dir.join(MEMORY_FILE);
+    let shown = || path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| SnapshotError::Read(shown(), e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs fills the statfs `st` points to for an open fd.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(SnapshotError::Read(shown(), io::Error::last_os_error()));
+    }
+    // SAFETY: fstatfs succeeded, so `st` is initialised.
+    let fs_type = unsafe { st.assume_init() }.f_type as i64;
+    if fs_type != TMPFS_MAGIC && fs_type != HUGETLBFS_MAGIC {
+        return Err(SnapshotError::NotSharedMemory(shown()));
+    }
+    Ok(file)
 }
 
 /// Fills `memfd` (already `size` bytes) from the snapshot's memory file;

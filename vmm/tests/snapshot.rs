@@ -390,3 +390,74 @@ fn restore_without_the_api_must_resume() {
         "{out:?}"
     );
 }
+
+#[test]
+fn map_mode_runs_the_guest_on_the_snapshot_file_itself() {
+    let dir = Scratch::new("snap-map");
+    let (snap, last) = counting_snapshot(&dir);
+    let shm = Path::new("/dev/shm").join(format!("vmm-snap-map-{}", std::process::id()));
+    std::fs::create_dir_all(&shm).unwrap();
+    for f in ["state", "memory"] {
+        std::fs::copy(snap.join(f), shm.join(f)).unwrap();
+    }
+    let before = std::fs::read(shm.join("memory")).unwrap();
+
+    let target = Vmm::start(&dir, "target");
+    let body = serde_json::json!({
+        "source_url": url(&shm), "resume": true, "memory_restore_mode": "Map",
+    });
+    let restore = target.put("vm.restore", &body.to_string());
+    let first = target.next_count("TG: count ");
+    let later = target.next_count("TG: count ");
+    drop(target);
+    let after = std::fs::read(shm.join("memory")).unwrap();
+    let _ = std::fs::remove_dir_all(&shm);
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(continues(last, first), "{last} then {first}");
+    assert_eq!(later, first + 1);
+    // The guest ran on the file: its pattern rounds are in it now.
+    assert_ne!(before, after);
+}
+
+#[test]
+fn map_mode_refuses_a_snapshot_on_a_disk_file_system() {
+    let dir = Scratch::new("snap-map-disk");
+    let (snap, _) = counting_snapshot(&dir);
+    // The build tree is on a disk file system, unlike /dev/shm.
+    let on_disk =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("snap-map-{}", std::process::id()));
+    std::fs::create_dir_all(&on_disk).unwrap();
+    for f in ["state", "memory"] {
+        std::fs::copy(snap.join(f), on_disk.join(f)).unwrap();
+    }
+    assert!(!is_tmpfs(&on_disk));
+
+    let target = Vmm::start(&dir, "target");
+    let body = serde_json::json!({
+        "source_url": url(&on_disk), "resume": true, "memory_restore_mode": "Map",
+    });
+    let restore = target.put("vm.restore", &body.to_string());
+    let bad_mode = target.put(
+        "vm.restore",
+        &serde_json::json!({"source_url": url(&snap), "memory_restore_mode": "OnDemand"})
+            .to_string(),
+    );
+    let state = target.state();
+    let _ = std::fs::remove_dir_all(&on_disk);
+
+    assert_eq!(restore.0, 400, "{restore:?}");
+    assert!(restore.1.contains("tmpfs"), "{restore:?}");
+    assert_eq!(bad_mode.0, 400, "{bad_mode:?}");
+    assert_eq!(state, "404");
+}
+
+/// Whether `p` is on tmpfs (the temp dir may be, on some machines).
+fn is_tmpfs(p: &Path) -> bool {
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "tmpfs"
+}

@@ -29,6 +29,8 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+
+use crate::snapshot::MemoryRestore;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -351,7 +353,7 @@ impl Controller {
     fn start(
         &self,
         spec: &Spec,
-        restore: Option<PathBuf>,
+        restore: Option<(PathBuf, MemoryRestore)>,
     ) -> Result<std::result::Result<Running, MachineError>> {
         let done = self
             .vm_done
@@ -364,7 +366,7 @@ impl Controller {
             .name("vmm-vm".into())
             .spawn(move || {
                 let machine = match &restore {
-                    Some(dir) => Machine::restore(dir),
+                    Some((dir, memory)) => Machine::restore(dir, *memory),
                     None => Machine::new(&cfg),
                 };
                 let built = machine.and_then(|mut m| {
@@ -576,10 +578,15 @@ impl Controller {
             Ok(d) => d,
             Err(e) => return Ok(fail(400, e.to_string())),
         };
+        let memory = match cfg.memory_restore_mode.as_deref().map(str::parse) {
+            None => MemoryRestore::Copy,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Ok(fail(400, e)),
+        };
         if !matches!(self.vm, Vm::None) {
             return Ok(fail(405, "A VM is already created: delete it first"));
         }
-        Ok(match self.restore_now(dir, cfg.resume)? {
+        Ok(match self.restore_now(dir, cfg.resume, memory)? {
             Ok(()) => Ok(ApiReply::Empty),
             Err(e) => fail(
                 400,
@@ -595,6 +602,7 @@ impl Controller {
         &mut self,
         dir: PathBuf,
         resume: bool,
+        memory: MemoryRestore,
     ) -> Result<std::result::Result<(), MachineError>> {
         let state = match crate::snapshot::load(&dir) {
             Ok(s) => s,
@@ -604,7 +612,7 @@ impl Controller {
             cfg: state.config,
             ids: state.ids,
         };
-        let running = match self.start(&spec, Some(dir))? {
+        let running = match self.start(&spec, Some((dir, memory)))? {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };

@@ -201,6 +201,10 @@ pub struct RestoreConfig {
     /// Run the VM once restored (else it stays paused until vm.resume).
     #[serde(default)]
     pub resume: bool,
+    /// `Copy` (Cloud Hypervisor's default) or ours, `Map`: the memory
+    /// file becomes guest RAM (see [`crate::snapshot::MemoryRestore`]).
+    #[serde(default)]
+    pub memory_restore_mode: Option<String>,
 }
 
 /// `GET /vmm.ping`: Cloud Hypervisor's `VmmPingResponse`.
