@@ -169,7 +169,7 @@ pub fn open_memory_for_map(dir: &Path) -> Result<File> {
         return Err(SnapshotError::Read(shown(), io::Error::last_os_error()));
     }
     // SAFETY: fstatfs succeeded, so `st` is initialised.
-    let fs_type = unsafe { st.assume_init() }.f_type as i64;
+    let fs_type: i64 = unsafe { st.assume_init() }.f_type;
     if fs_type != TMPFS_MAGIC && fs_type != HUGETLBFS_MAGIC {
         return Err(SnapshotError::NotSharedMemory(shown()));
     }
