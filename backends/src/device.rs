@@ -99,4 +99,11 @@ pub trait QueueHandler: Send {
     fn in_flight(&self) -> usize;
     /// Blocks until a completion can be reaped.
     fn wait(&mut self);
+    /// On stop, after the drain: the heads started but never to be used
+    /// (the newest taken, in the order taken), which the worker gives back
+    /// to the available ring. The default gives back none: every started
+    /// request completes.
+    fn unused(&mut self) -> Vec<u16> {
+        Vec::new()
+    }
 }

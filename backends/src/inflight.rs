@@ -166,6 +166,14 @@ impl InflightQueue {
         }
     }
 
+    /// Undoes [`Self::start`] for a head given back to the available ring
+    /// unused (the ring is rewound over it).
+    pub fn abandon(&mut self, head: u16) {
+        if let Some(d) = self.desc(head) {
+            self.region.put(d, 0u8);
+        }
+    }
+
     /// First half of completing `head`: link it into the last batch. Call
     /// before publishing it in the used ring.
     pub fn complete_begin(&mut self, head: u16) {

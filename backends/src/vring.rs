@@ -163,6 +163,22 @@ impl Vring {
         Some(head)
     }
 
+    /// Gives back the last `heads` taken (newest last) without using them:
+    /// the next pops take them again. For chains a stopping queue never
+    /// filled (receive buffers with no frame yet), which the driver must
+    /// not see completed.
+    pub fn unpop(&mut self, heads: &[u16]) {
+        for &head in heads {
+            if let Some(q) = self.inflight.as_mut() {
+                q.abandon(head);
+            }
+        }
+        let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+        let next = self.queue.next_avail().wrapping_sub(n);
+        self.queue.set_next_avail(next);
+        QueueMetrics::sub(&self.metrics.in_flight, u64::from(n));
+    }
+
     /// Suppresses guest notifications while draining the available ring.
     pub fn disable_notification(&mut self, mem: &GuestMem) {
         let _ = self.queue.disable_notification(mem);

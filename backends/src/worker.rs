@@ -328,6 +328,10 @@ impl Worker {
             self.handler.wait();
             self.reap(done);
         }
+        let unused = self.handler.unused();
+        if !unused.is_empty() {
+            self.vring.unpop(&unused);
+        }
         self.vring.next_avail()
     }
 }

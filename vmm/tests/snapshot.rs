@@ -461,3 +461,77 @@ fn is_tmpfs(p: &Path) -> bool {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim() == "tmpfs"
 }
+
+/// Sends one frame to the guest's MAC on the tap.
+const SEND_ONE: &str = r#"
+import socket, sys
+iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind((iface, 0))
+s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'after the restore'.ljust(46, b'\0'))
+"#;
+
+#[test]
+fn a_restored_vm_receives_frames_through_its_net_backend() {
+    let ns = common::Netns::new().expect("cannot create a network namespace");
+    let dir = Scratch::new("snap-net");
+    let sock = dir.path("net.sock");
+    let mut backend = ns.exec(&[]);
+    backend
+        .arg(workspace_bin("net-backend"))
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--tap", "vmtap0", "--create-tap"]);
+    let _nb = Daemon::start(backend, &sock);
+    // Only our frame on the link: no IPv6 autoconfiguration chatter.
+    ns.run(&[
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+    ]);
+    ns.run(&["ip", "link", "set", "vmtap0", "up"]);
+    let mac = "52:54:00:aa:bb:dd";
+    let source = Vmm::start(&dir, "source");
+    let cfg = serde_json::json!({
+        "payload": {"kernel": test_guest(), "cmdline": "tg.virtio tg.netrx"},
+        "memory": {"size": 128 << 20},
+        "serial": {"mode": "Tty"},
+        "net": [{"vhost_user": true, "vhost_socket": sock, "mac": mac}],
+    });
+    assert_eq!(source.put("vm.create", &cfg.to_string()).0, 204);
+    assert_eq!(source.put("vm.boot", "").0, 204);
+    let deadline = Instant::now() + LIMIT;
+    while source.console.recv_timeout(LIMIT).unwrap() != "TG: net tx ok" {
+        assert!(Instant::now() < deadline, "no TG: net tx ok");
+    }
+    // The guest now waits (about 5 s) for a frame.
+    assert_eq!(source.put("vm.pause", "").0, 204);
+    let snap = dir.path("snap");
+    let body = serde_json::json!({"destination_url": url(&snap)}).to_string();
+    assert_eq!(source.put("vm.snapshot", &body).0, 204);
+    drop(source);
+
+    let target = Vmm::start(&dir, "target");
+    let restore = target.restore(&snap, true);
+    let script = dir.path("send.py");
+    std::fs::write(&script, SEND_ONE).unwrap();
+    let sent = ns
+        .exec(&["python3", script.to_str().unwrap(), "vmtap0", mac])
+        .status()
+        .unwrap();
+    let mut lines = Vec::new();
+    while let Ok(l) = target.console.recv_timeout(LIMIT) {
+        let done = l.starts_with("TG: net rx payload") || l.contains("FAIL");
+        lines.push(l);
+        if done {
+            break;
+        }
+    }
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(sent.success());
+    assert!(
+        lines.contains(&"TG: net rx payload=after the restore".to_string()),
+        "{lines:?}"
+    );
+}

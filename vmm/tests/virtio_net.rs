@@ -5,44 +5,11 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{run, stat, test_guest, vmm, workspace_bin, Daemon, Scratch};
+use common::{run, stat, test_guest, vmm, workspace_bin, Daemon, Netns, Scratch};
 
 const GUEST_MAC: &str = "52:54:00:aa:bb:cc";
-
-/// A network namespace, deleted (with everything in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Option<Self> {
-        let name = format!("vmmtest{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .ok()?
-            .success();
-        ok.then_some(Self(name))
-    }
-
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
-    fn run(&self, args: &[&str]) {
-        let s = self.exec(args).status().unwrap();
-        assert!(s.success(), "{args:?} failed");
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// Waits for the guest's frame on the tap, then answers with one of its own.
 const PEER: &str = r#"

@@ -146,6 +146,8 @@ pub struct RxQueue {
     chains: VecDeque<(u16, Vec<Descriptor>)>,
     spare: Vec<Vec<Descriptor>>,
     ready: Vec<Used>,
+    /// Heads of chains a stopping queue gives back unfilled.
+    unused: Vec<u16>,
     lens: Vec<u32>,
     cqes: Vec<(u64, i32)>,
     mem: Option<GuestMemRef>,
@@ -190,6 +192,7 @@ impl RxQueue {
             chains: VecDeque::new(),
             spare: Vec::new(),
             ready: Vec::new(),
+            unused: Vec::new(),
             lens: Vec::new(),
             cqes: Vec::new(),
             mem: None,
@@ -400,13 +403,20 @@ impl QueueHandler for RxQueue {
         self.chains.len() + self.ready.len() + self.reading
     }
 
+    fn unused(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.unused)
+    }
+
     fn wait(&mut self) {
         if !self.stopping {
             self.stopping = true;
             self.cancel_reads();
+            // Buffers with no frame are given back to the available ring
+            // (see `unused`), never completed empty: the driver would count
+            // each as a receive error.
             while let Some((head, descs)) = self.chains.pop_front() {
                 self.spare.push(descs);
-                self.ready.push(Used { head, len: 0 });
+                self.unused.push(head);
             }
         }
         if self.ready.is_empty() && self.reading > 0 {

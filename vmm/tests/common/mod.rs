@@ -270,3 +270,35 @@ pub fn stat(stderr: &str, key: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// A network namespace, deleted (with everything in it) on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new() -> Option<Self> {
+        let name = format!("vmmtest{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(Self(name))
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) {
+        let s = self.exec(args).status().unwrap();
+        assert!(s.success(), "{args:?} failed");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
