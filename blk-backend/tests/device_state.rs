@@ -123,3 +123,21 @@ fn save_while_a_ring_runs_is_refused() {
 
     assert!(matches!(saved, Err(FrontendError::Vhost(_))));
 }
+
+#[test]
+fn state_disagreeing_with_the_frontend_ring_base_is_refused() {
+    let dir = TempDir::new("ds-base");
+    let (first, image, _drv, state) = saved_after_io(&dir);
+    drop(first);
+    let second = Backend::spawn(&dir.path("b.sock"), &image_args(&image));
+    // A fresh driver sets its ring up from index 0, the state says 10.
+    let mut fresh = driver(&second.socket, config(1));
+    fresh.frontend().stop_queues().unwrap();
+
+    let loaded = fresh.frontend().load_device_state(&state);
+    fresh.frontend().resume_queues().unwrap();
+    let status = fresh.write(0, 0, &pattern(9, BLOCK), TIMEOUT).unwrap();
+
+    assert!(matches!(loaded, Err(FrontendError::StateCheck(_))));
+    assert_eq!(status, S_OK);
+}
