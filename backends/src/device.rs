@@ -62,6 +62,22 @@ pub trait Device: Send + Sync + 'static {
     }
     /// Called when a frontend has gone, after the generic metrics are logged.
     fn disconnected(&self) {}
+    /// Names the device type in a saved state, so that one type's state is
+    /// never loaded into another.
+    fn state_kind(&self) -> &'static str {
+        "device"
+    }
+    /// The device's own part of a saved state (SET_DEVICE_STATE_FD, SAVE),
+    /// taken with every queue stopped. The device versions its bytes itself.
+    fn save_state(&self) -> io::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    /// Checks `state` (from [`Self::save_state`] of a device of the same
+    /// kind, possibly in another process) against this device and applies
+    /// it, with every queue stopped. On error nothing has changed.
+    fn load_state(&self, _state: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Per-queue request processing, driven by the queue's worker thread.

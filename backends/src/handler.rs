@@ -6,6 +6,11 @@
 //! A queue starts when it has addresses, a kick eventfd and is enabled; it
 //! stops (draining in-flight requests) on GET_VRING_BASE, disable, a new kick
 //! eventfd, reset or disconnect.
+//!
+//! Saving and loading the backend's own state (SET_DEVICE_STATE_FD,
+//! CHECK_DEVICE_STATE) is in [`device_state`].
+
+pub mod device_state;
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -27,10 +32,13 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::daemon::error_chain;
 use crate::device::Device;
 use crate::inflight::InflightRegion;
 use crate::memory::GuestMemoryShared;
 use crate::metrics::QueueMetrics;
+use crate::ratelimit::LogLimiter;
+use crate::transfer::{Direction, Transfer};
 use crate::vring::{CallFd, Vring, VringConfig};
 use crate::worker::{self, Worker, WorkerHandle};
 
@@ -64,6 +72,10 @@ struct VringSlot {
     call: CallFd,
     enabled: bool,
     worker: Option<WorkerHandle>,
+    /// SET_VRING_BASE was sent (the base is the frontend's, not ours).
+    base_set: bool,
+    /// The next available index a device state LOAD set, until SET_VRING_BASE.
+    loaded_base: Option<u16>,
 }
 
 /// The per-connection vhost-user state of one device.
@@ -80,6 +92,12 @@ pub struct Handler<D: Device> {
     poll: std::time::Duration,
     /// Whether the frontend has sent SET_VRING_ENABLE itself.
     explicit_enable: bool,
+    /// A device state transfer under way (SET_DEVICE_STATE_FD).
+    transfer: Option<Transfer>,
+    /// Features in a state loaded before SET_FEATURES, to compare with it.
+    loaded_features: Option<u64>,
+    /// Device state transfer outcomes, which the frontend can trigger at will.
+    state_log: LogLimiter,
 }
 
 fn invalid(msg: &'static str) -> VhostUserError {
@@ -112,6 +130,9 @@ impl<D: Device> Handler<D> {
             inflight: None,
             poll,
             explicit_enable: false,
+            transfer: None,
+            loaded_features: None,
+            state_log: LogLimiter::default(),
         }
     }
 
@@ -248,8 +269,11 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         for slot in &mut self.vrings {
             slot.enabled = false;
             slot.next_avail = 0;
+            slot.base_set = false;
+            slot.loaded_base = None;
         }
         self.features = None;
+        self.loaded_features = None;
         Ok(())
     }
 
@@ -267,6 +291,15 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
             .set_acked_features(features & !protocol)
             .map_err(VhostUserError::ReqHandlerError)?;
         self.features = Some(features);
+        if let Some(saved) = self.loaded_features.take().filter(|&f| f != features) {
+            if self.state_log.allow() {
+                tracing::warn!(
+                    saved = format_args!("{saved:#x}"),
+                    acked = format_args!("{features:#x}"),
+                    "features differ from the loaded device state"
+                );
+            }
+        }
         let enabled = if features & protocol == 0 {
             self.vrings.len()
         } else if !self.explicit_enable {
@@ -346,7 +379,20 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostUserResult<()> {
-        self.slot(index)?.next_avail = base as u16;
+        let slot = self.slot(index)?;
+        slot.next_avail = base as u16;
+        slot.base_set = true;
+        let loaded = slot.loaded_base.take().filter(|&l| l != base as u16);
+        if let Some(loaded) = loaded {
+            if self.state_log.allow() {
+                tracing::warn!(
+                    queue = index,
+                    base,
+                    loaded,
+                    "ring base differs from the loaded device state; the frontend's wins"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -526,15 +572,45 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn set_device_state_fd(
         &mut self,
-        _direction: VhostTransferStateDirection,
-        _phase: VhostTransferStatePhase,
-        _fd: File,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        fd: File,
     ) -> VhostUserResult<Option<File>> {
-        Err(invalid("device state transfer not supported"))
+        // STOPPED is the only phase the protocol defines (and the vhost crate decodes).
+        let VhostTransferStatePhase::STOPPED = phase;
+        let direction = match direction {
+            VhostTransferStateDirection::SAVE => Direction::Save,
+            VhostTransferStateDirection::LOAD => Direction::Load,
+        };
+        match self.start_transfer(direction, fd) {
+            Ok(()) => {
+                tracing::debug!(?direction, "device state transfer started");
+                Ok(None)
+            }
+            Err(e) => {
+                if self.state_log.allow() {
+                    tracing::warn!(?direction, "{}", error_chain(&e));
+                }
+                Err(internal(e))
+            }
+        }
     }
 
     fn check_device_state(&mut self) -> VhostUserResult<()> {
-        Err(invalid("device state transfer not supported"))
+        match self.finish_transfer() {
+            Ok(direction) => {
+                if self.state_log.allow() {
+                    tracing::info!(?direction, "device state transferred");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.state_log.allow() {
+                    tracing::warn!("device state check failed: {}", error_chain(&e));
+                }
+                Err(internal(e))
+            }
+        }
     }
 
     fn get_shmem_config(&mut self) -> VhostUserResult<VhostUserShMemConfig> {

@@ -10,6 +10,8 @@
 //!   also polls the kick and stop eventfds) or in an epoll loop over the kick
 //!   eventfd, the device's completion eventfd and a stop eventfd.
 //! - [`uring`]: the io_uring engine, one ring per worker thread.
+//! - [`state`]: the backend's saved state (DEVICE_STATE): format and types.
+//! - [`transfer`]: moving a saved state over the frontend's fd on a thread.
 //! - [`inflight`]: the shared inflight-tracking region (GET/SET_INFLIGHT_FD).
 //! - [`metrics`]: per-queue atomic counters.
 //! - [`counters`]: a device's counters as data, as JSON and as Prometheus text.
@@ -33,6 +35,8 @@ pub mod qemu;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod server;
+pub mod state;
+pub mod transfer;
 pub mod uring;
 pub mod vring;
 pub mod worker;

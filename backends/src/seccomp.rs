@@ -10,9 +10,10 @@
 //! 2. threads that the main thread spawns before confining itself (the
 //!    metrics endpoint, the net metrics logger) confine themselves first thing;
 //! 3. the main (vhost-user protocol) thread confines itself, then serves;
-//! 4. queue workers, spawned by the confined main thread, confine themselves
-//!    before touching the queue. The main list therefore also holds what a
-//!    worker needs, and the worker's own filter narrows it down.
+//! 4. queue workers and device state transfers, spawned by the confined
+//!    main thread, confine themselves before touching the queue or the
+//!    frontend's pipe. The main list therefore also holds what they need,
+//!    and their own filters narrow it down.
 //!
 //! The lists were derived from `strace -ff` of the daemons under the whole
 //! backend test suites (the QEMU interop tests included), by thread name.
@@ -92,13 +93,17 @@ pub enum ThreadKind {
     Metrics,
     /// A thread that only sleeps and logs (net-backend's `--metrics-interval`).
     Logger,
+    /// A device state transfer (SET_DEVICE_STATE_FD): reads or writes the
+    /// frontend's pipe, waiting for it with `poll`.
+    Transfer,
 }
 
-const KINDS: [ThreadKind; 4] = [
+const KINDS: [ThreadKind; 5] = [
     ThreadKind::Main,
     ThreadKind::Worker,
     ThreadKind::Metrics,
     ThreadKind::Logger,
+    ThreadKind::Transfer,
 ];
 
 /// What every thread needs: memory management by the allocator (`mmap`
@@ -144,6 +149,10 @@ const WORKER: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_read,
 ];
+
+/// A state transfer thread: the pipe (its flags through `fcntl`, writing
+/// and closing through [`COMMON`]) and waits on it.
+const TRANSFER: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
 
 /// The metrics endpoint: tokio's epoll driver, accepted unix connections,
 /// removing its socket on SIGTERM/SIGINT.
@@ -245,6 +254,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::Main => {
             allow(&mut rules, MAIN);
             allow(&mut rules, WORKER);
+            allow(&mut rules, TRANSFER);
             one_of(&mut rules, libc::SYS_ioctl, 1, MAIN_IOCTLS)?;
             one_of(&mut rules, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
             one_of(&mut rules, libc::SYS_prctl, 0, MAIN_PRCTLS)?;
@@ -261,6 +271,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::Worker => allow(&mut rules, WORKER),
         ThreadKind::Metrics => allow(&mut rules, METRICS),
         ThreadKind::Logger => {}
+        ThreadKind::Transfer => allow(&mut rules, TRANSFER),
     }
     Ok(rules)
 }

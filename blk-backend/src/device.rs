@@ -8,6 +8,7 @@ use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::event_handler::{BlkQueue, DiskInfo};
 use crate::request::{ID_LEN, SECTOR};
+use crate::state::{BlkState, BLK_STATE_VERSION, KIND};
 use crate::storage::Storage;
 
 /// virtio-blk feature bits.
@@ -117,6 +118,17 @@ impl BlkDevice {
         c[56] = u8::from(self.disk.discard);
         c
     }
+
+    /// The device's part of a saved state: the disk's identity.
+    pub fn state(&self) -> BlkState {
+        BlkState {
+            version: BLK_STATE_VERSION,
+            capacity: self.disk.capacity,
+            read_only: self.disk.read_only,
+            queues: self.opts.queues as u16,
+            serial: self.opts.serial.clone(),
+        }
+    }
 }
 
 impl Device for BlkDevice {
@@ -156,10 +168,26 @@ impl Device for BlkDevice {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) {
         backends::device::read_config_bytes(&self.config(), offset, buf);
+    }
+
+    fn state_kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn save_state(&self) -> io::Result<Vec<u8>> {
+        self.state().to_bytes().map_err(io::Error::other)
+    }
+
+    fn load_state(&self, state: &[u8]) -> io::Result<()> {
+        // Nothing to apply: the check is the whole load.
+        BlkState::check(state, &self.state())
+            .map(|_| ())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     fn queue_handler(

@@ -5,6 +5,7 @@
 //! - [`request`]: parsing descriptor chains into virtio-blk requests.
 //! - [`event_handler`]: executing one queue's requests on storage.
 //! - [`device`]: features, config space, queue processors.
+//! - [`state`]: the blk part of a saved backend state (DEVICE_STATE).
 //! - [`metrics`]: the per-queue counters as the metrics endpoint serves them.
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
 
@@ -13,6 +14,7 @@ pub mod device;
 pub mod event_handler;
 pub mod metrics;
 pub mod request;
+pub mod state;
 pub mod storage;
 
 use std::sync::Arc;

@@ -10,12 +10,21 @@ use backends::frontend::blk::{BlkDriver, S_OK};
 use backends::seccomp::thread_modes;
 use common::*;
 
-/// The daemon's threads once `count` of them exist (or whatever there is at the timeout).
+/// The daemon's threads once `count` of them (io_uring's kernel workers
+/// aside) exist and have their own names, or whatever there is at the
+/// timeout. A thread just cloned still carries the daemon's name until it
+/// names itself, so a duplicate name means one is still starting.
 fn threads(backend: &Backend, count: usize) -> Vec<(String, u32)> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let modes = thread_modes(backend.child.id()).unwrap();
-        if modes.len() >= count || Instant::now() > deadline {
+        let user: Vec<&str> = modes
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| !n.starts_with("iou-"))
+            .collect();
+        let named = user.windows(2).all(|w| w[0] != w[1]);
+        if (user.len() >= count && named) || Instant::now() > deadline {
             return modes;
         }
         std::thread::sleep(Duration::from_millis(20));

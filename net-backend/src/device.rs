@@ -3,16 +3,17 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use backends::{Device, QueueHandler, QueueMetrics};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::config::MacAddr;
-use crate::event_handler::ctrl::CtrlQueue;
+use crate::event_handler::ctrl::{CtrlQueue, CtrlSettings};
 use crate::event_handler::rx::{RxFormat, RxQueue};
 use crate::event_handler::tx::{TxLimits, TxQueue};
 use crate::metrics::{NetQueueMetrics, NetQueueSnapshot};
+use crate::state::{NetState, KIND, NET_STATE_VERSION};
 use crate::tap::{Tap, TapError};
 use crate::vnet::{features, hdr_len, offload_features, tun_offload_for};
 
@@ -53,6 +54,9 @@ pub struct NetDevice {
     opts: NetOptions,
     metrics: Vec<Arc<NetQueueMetrics>>,
     acked: AtomicU64,
+    /// What the driver set through the control queue; the control queue
+    /// worker, the metrics endpoint and state save/load take it briefly.
+    ctrl: Arc<Mutex<CtrlSettings>>,
 }
 
 impl NetDevice {
@@ -66,6 +70,7 @@ impl NetDevice {
             opts,
             metrics,
             acked: AtomicU64::new(0),
+            ctrl: Arc::default(),
         }
     }
 
@@ -121,6 +126,32 @@ impl NetDevice {
     pub fn tap(&self) -> &Tap {
         &self.tap
     }
+
+    /// What the driver set through the control queue.
+    pub fn ctrl_settings(&self) -> CtrlSettings {
+        self.ctrl.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The device's part of a saved state.
+    pub fn state(&self) -> NetState {
+        NetState {
+            version: NET_STATE_VERSION,
+            acked_features: self.acked_features(),
+            ctrl: self.ctrl_settings(),
+        }
+    }
+
+    /// Checks a saved state and applies its control queue settings.
+    pub fn load(&self, bytes: &[u8]) -> io::Result<()> {
+        let saved = NetState::check(bytes, self.queue_pairs() as u16)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut ctrl = self
+            .ctrl
+            .lock()
+            .map_err(|_| io::Error::other("control settings lock poisoned"))?;
+        *ctrl = saved.ctrl;
+        Ok(())
+    }
 }
 
 impl Device for NetDevice {
@@ -134,6 +165,18 @@ impl Device for NetDevice {
 
     fn queues_enabled_at_features(&self) -> usize {
         2
+    }
+
+    fn state_kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn save_state(&self) -> io::Result<Vec<u8>> {
+        self.state().to_bytes().map_err(io::Error::other)
+    }
+
+    fn load_state(&self, state: &[u8]) -> io::Result<()> {
+        self.load(state)
     }
 
     fn disconnected(&self) {
@@ -163,6 +206,7 @@ impl Device for NetDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::DEVICE_STATE
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) {
@@ -202,7 +246,11 @@ impl Device for NetDevice {
                     metrics,
                 )?)
             }
-            QueueKind::Ctrl => Box::new(CtrlQueue::new(self.queue_pairs() as u16, net)),
+            QueueKind::Ctrl => Box::new(CtrlQueue::new(
+                self.queue_pairs() as u16,
+                self.ctrl.clone(),
+                net,
+            )),
         })
     }
 }

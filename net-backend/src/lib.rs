@@ -6,6 +6,7 @@
 //! - [`event_handler`]: RX, TX and control queue processing.
 //! - [`device`]: features, config space, queue processors.
 //! - [`metrics`]: per-queue frames, bytes and drops by reason.
+//! - [`state`]: the net part of a saved backend state (DEVICE_STATE).
 //! - [`server`]: `backends`' server for this device.
 //! - [`testnet`]: namespaces and packet sockets for tests and benchmarks.
 //! - [`config`]: the typed configuration; [`run`] is the daemon's entry point.
@@ -15,6 +16,7 @@ pub mod device;
 pub mod event_handler;
 pub mod metrics;
 pub mod server;
+pub mod state;
 pub mod tap;
 pub mod testnet;
 pub mod vnet;

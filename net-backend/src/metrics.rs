@@ -141,6 +141,18 @@ static NOTIFICATIONS: Metric = Metric::counter(
 );
 static IN_FLIGHT: Metric =
     Metric::gauge("in_flight", "Descriptor chains taken and not yet returned.");
+static CTRL_QUEUE_PAIRS: Metric = Metric::gauge(
+    "ctrl_queue_pairs",
+    "Queue pairs in use as the driver set them (0: not set, one pair).",
+);
+static CTRL_RX_MODE: Metric = Metric::gauge(
+    "ctrl_rx_mode",
+    "RX mode bits the driver set (promisc 1, allmulti 2, alluni 4, nomulti 8, nouni 16, nobcast 32).",
+);
+static CTRL_MAC_FILTERS: Metric = Metric::gauge(
+    "ctrl_mac_filters",
+    "Unicast and multicast MAC filter entries the driver set.",
+);
 
 /// The net device's counters and the server's generic per-queue ones (see
 /// [`backends::server::Server::metrics_handle`]), as `vmm_net_*` metrics.
@@ -159,14 +171,25 @@ impl NetCounters {
 }
 
 /// One queue's samples, `kind` telling which direction its frames count
-/// for; `generic` is the queue's chains, notifications and chains in flight.
-pub fn queue_samples(kind: QueueKind, net: &NetQueueSnapshot, generic: [u64; 3]) -> Vec<Sample> {
+/// for; `generic` is the queue's chains, notifications and chains in
+/// flight; `settings` the control queue's settings (pairs in use, RX mode, MAC
+/// filter entries), shown on the control queue only.
+pub fn queue_samples(
+    kind: QueueKind,
+    net: &NetQueueSnapshot,
+    generic: [u64; 3],
+    settings: [u64; 3],
+) -> Vec<Sample> {
     let (rx, tx, ctrl) = match kind {
         QueueKind::Rx(_) => ((net.frames, net.bytes), (0, 0), 0),
         QueueKind::Tx(_) => ((0, 0), (net.frames, net.bytes), 0),
         QueueKind::Ctrl => ((0, 0), (0, 0), net.frames),
     };
     let [chains, notifications, in_flight] = generic;
+    let [pairs, rx_mode, mac_filters] = match kind {
+        QueueKind::Ctrl => settings,
+        _ => [0; 3],
+    };
     vec![
         Sample::new(&RX_FRAMES, rx.0),
         Sample::new(&RX_BYTES, rx.1),
@@ -182,11 +205,20 @@ pub fn queue_samples(kind: QueueKind, net: &NetQueueSnapshot, generic: [u64; 3])
         Sample::new(&CHAINS, chains),
         Sample::new(&NOTIFICATIONS, notifications),
         Sample::new(&IN_FLIGHT, in_flight),
+        Sample::new(&CTRL_QUEUE_PAIRS, pairs),
+        Sample::new(&CTRL_RX_MODE, rx_mode),
+        Sample::new(&CTRL_MAC_FILTERS, mac_filters),
     ]
 }
 
 impl CounterSource for NetCounters {
     fn counters(&self) -> Counters {
+        let c = self.device.ctrl_settings();
+        let ctrl = [
+            u64::from(c.queue_pairs),
+            u64::from(c.rx_mode),
+            (c.unicast.len() + c.multicast.len()) as u64,
+        ];
         let queues = self
             .device
             .metrics()
@@ -205,7 +237,7 @@ impl CounterSource for NetCounters {
                         QueueKind::Tx(_) => "tx",
                         QueueKind::Ctrl => "ctrl",
                     }),
-                    samples: queue_samples(kind, net, generic),
+                    samples: queue_samples(kind, net, generic, ctrl),
                 }
             })
             .collect();
@@ -226,7 +258,7 @@ mod tests {
         net.frame(1000);
         net.dropped(DropReason::BadChain);
 
-        let s = queue_samples(QueueKind::Tx(0), &net.snapshot(), [2, 1, 0]);
+        let s = queue_samples(QueueKind::Tx(0), &net.snapshot(), [2, 1, 0], [2, 1, 3]);
 
         let get = |name: &str, label: &str| {
             s.iter()
@@ -243,6 +275,24 @@ mod tests {
         );
         assert_eq!(get("dropped_frames", "bad_chain"), Some(1));
         assert_eq!(get("chains", ""), Some(2));
+        assert_eq!(get("ctrl_queue_pairs", ""), Some(0));
+    }
+
+    #[test]
+    fn control_queue_shows_the_driver_settings() {
+        let net = NetQueueMetrics::default();
+
+        let s = queue_samples(QueueKind::Ctrl, &net.snapshot(), [0; 3], [2, 1, 3]);
+
+        let get = |name: &str| s.iter().find(|x| x.metric.name == name).map(|x| x.value);
+        assert_eq!(
+            (
+                get("ctrl_queue_pairs"),
+                get("ctrl_rx_mode"),
+                get("ctrl_mac_filters")
+            ),
+            (Some(2), Some(1), Some(3))
+        );
     }
 
     #[test]

@@ -91,8 +91,8 @@ fn oversize_frame_is_a_labelled_drop_in_well_formed_prometheus_text() {
     let reply = get(&daemon.metrics, "/metrics", HTTP_TIMEOUT).unwrap();
 
     assert_eq!(reply.status, 200);
-    // 14 samples on each of the 3 queues.
-    assert_eq!(check_prometheus_text(&reply.body), Ok(42), "{}", reply.body);
+    // 17 samples on each of the 3 queues.
+    assert_eq!(check_prometheus_text(&reply.body), Ok(51), "{}", reply.body);
     for line in [
         "# TYPE vmm_net_tx_frames_total counter",
         "vmm_net_tx_frames_total{queue=\"1\"} 1",

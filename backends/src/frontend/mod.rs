@@ -6,6 +6,7 @@
 
 pub mod blk;
 pub mod net;
+mod state;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -65,6 +66,15 @@ pub enum FrontendError {
     /// Guest memory is exhausted.
     #[error("Guest memory exhausted")]
     OutOfMemory,
+    /// The vhost-user connection is closed.
+    #[error("Not connected to a backend")]
+    NotConnected,
+    /// Moving a device state over its pipe failed.
+    #[error("Device state transfer failed")]
+    StateIo(#[source] std::io::Error),
+    /// CHECK_DEVICE_STATE reported a failure.
+    #[error("Backend reported a failed device state transfer")]
+    StateCheck(#[source] vhost::Error),
 }
 
 /// What the frontend negotiates and lays out.
@@ -397,7 +407,7 @@ impl SyntheticFrontend {
             inflight: None,
             next_free: next,
         };
-        fe.setup(vu, false)?;
+        fe.setup(vu, false, None)?;
         Ok(fe)
     }
 
@@ -406,7 +416,20 @@ impl SyntheticFrontend {
     pub fn reconnect(&mut self, socket: &Path) -> Result<(), FrontendError> {
         self.vu = None;
         let vu = connect_retry(socket, self.cfg.num_queues as u64)?;
-        self.setup(vu, true)
+        self.setup(vu, true, None)
+    }
+
+    /// Like [`Self::reconnect`], loading `state` (from
+    /// [`Self::save_device_state`]) into the backend after SET_MEM_TABLE
+    /// and before any ring is set up, as a VMM restoring a snapshot does.
+    pub fn reconnect_with_state(
+        &mut self,
+        socket: &Path,
+        state: &[u8],
+    ) -> Result<(), FrontendError> {
+        self.vu = None;
+        let vu = connect_retry(socket, self.cfg.num_queues as u64)?;
+        self.setup(vu, true, Some(state))
     }
 
     /// Closes the vhost-user connection.
@@ -414,7 +437,12 @@ impl SyntheticFrontend {
         self.vu = None;
     }
 
-    fn setup(&mut self, mut vu: Frontend, restart: bool) -> Result<(), FrontendError> {
+    fn setup(
+        &mut self,
+        mut vu: Frontend,
+        restart: bool,
+        state: Option<&[u8]>,
+    ) -> Result<(), FrontendError> {
         let vh = FrontendError::Vhost;
         vu.set_owner().map_err(vh)?;
         let offered = vu.get_features().map_err(vh)?;
@@ -431,7 +459,8 @@ impl SyntheticFrontend {
             let proto = vu.get_protocol_features().map_err(vh)?;
             let mut wanted = VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK;
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::DEVICE_STATE;
             if self.cfg.inflight {
                 wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
             }
@@ -486,6 +515,9 @@ impl SyntheticFrontend {
             vu.add_mem_region(&info(0, half)).map_err(vh)?;
         } else {
             vu.set_mem_table(&[info(0, region.len())]).map_err(vh)?;
+        }
+        if let Some(state) = state {
+            state::load(&vu, state)?;
         }
         let host = region.as_ptr() as u64;
         let event_idx = self.acked & EVENT_IDX != 0;

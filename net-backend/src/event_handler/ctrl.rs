@@ -1,8 +1,12 @@
 //! The control queue: `VIRTIO_NET_CTRL_MQ` (queue pairs in use), RX mode and
-//! MAC filter commands (acknowledged: the tap delivers every frame and the
-//! guest filters). Anything else is answered with an error.
+//! MAC filter commands. Each accepted command is recorded in the device's
+//! [`CtrlSettings`] (shown on the metrics endpoint, saved with the device
+//! state); RX mode and MAC filters are not enforced (the tap delivers every
+//! frame and the guest filters). Anything else is answered with an error.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
 
 use backends::desc::{walk_chain, Descriptor};
 use backends::memory::GuestMemRef;
@@ -24,37 +28,102 @@ pub const CLASS_MAC: u8 = 1;
 pub const CLASS_MQ: u8 = 4;
 /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
 pub const MQ_VQ_PAIRS_SET: u8 = 0;
+/// VIRTIO_NET_CTRL_MAC_TABLE_SET.
+pub const MAC_TABLE_SET: u8 = 0;
+/// VIRTIO_NET_CTRL_MAC_ADDR_SET.
+pub const MAC_ADDR_SET: u8 = 1;
 
-/// Answers one command: `cmd` is the device-readable part of the chain.
-pub fn answer(cmd: &[u8], max_pairs: u16) -> u8 {
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// What the driver set through the control queue. Kept in the device, so
+/// it outlives a frontend reconnect, and saved with the device state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtrlSettings {
+    /// Queue pairs in use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET); 0 until the
+    /// driver sets it, which means one.
+    pub queue_pairs: u16,
+    /// RX mode: bit n is VIRTIO_NET_CTRL_RX command n switched on (PROMISC,
+    /// ALLMULTI, ALLUNI, NOMULTI, NOUNI, NOBCAST).
+    pub rx_mode: u8,
+    /// Address set with VIRTIO_NET_CTRL_MAC_ADDR_SET.
+    pub mac: Option<Mac>,
+    /// Unicast filter (VIRTIO_NET_CTRL_MAC_TABLE_SET).
+    pub unicast: Vec<Mac>,
+    /// Multicast filter (VIRTIO_NET_CTRL_MAC_TABLE_SET).
+    pub multicast: Vec<Mac>,
+}
+
+/// Splits one `struct virtio_net_ctrl_mac` (le32 count, then the entries)
+/// off the front of `data`.
+fn mac_table(data: &[u8]) -> Option<(Vec<Mac>, &[u8])> {
+    let (count, rest) = data.split_first_chunk::<4>()?;
+    let len = (u32::from_le_bytes(*count) as usize).checked_mul(6)?;
+    let entries = rest.get(..len)?;
+    let macs = entries
+        .chunks_exact(6)
+        .map(|m| m.try_into().unwrap_or_default())
+        .collect();
+    Some((macs, &rest[len..]))
+}
+
+/// Answers one command and records what it set: `cmd` is the
+/// device-readable part of the chain. A refused command changes nothing.
+pub fn answer(cmd: &[u8], max_pairs: u16, settings: &mut CtrlSettings) -> u8 {
     match cmd {
         [CLASS_MQ, MQ_VQ_PAIRS_SET, lo, hi, ..] => {
             let pairs = u16::from_le_bytes([*lo, *hi]);
-            if (1..=max_pairs).contains(&pairs) {
-                OK
-            } else {
-                ERR
+            if !(1..=max_pairs).contains(&pairs) {
+                return ERR;
+            }
+            settings.queue_pairs = pairs;
+        }
+        [CLASS_RX, bit @ 0..=5, on, ..] => {
+            let mask = 1u8 << bit;
+            match on {
+                0 => settings.rx_mode &= !mask,
+                _ => settings.rx_mode |= mask,
             }
         }
-        [CLASS_RX, 0..=5, _, ..] => OK,
-        [CLASS_MAC, 0..=1, ..] => OK,
-        _ => ERR,
+        [CLASS_MAC, MAC_ADDR_SET, mac @ ..] => match <Mac>::try_from(mac) {
+            Ok(mac) => settings.mac = Some(mac),
+            Err(_) => return ERR,
+        },
+        [CLASS_MAC, MAC_TABLE_SET, tables @ ..] => {
+            let Some((unicast, rest)) = mac_table(tables) else {
+                return ERR;
+            };
+            let Some((multicast, [])) = mac_table(rest) else {
+                return ERR;
+            };
+            settings.unicast = unicast;
+            settings.multicast = multicast;
+        }
+        _ => return ERR,
     }
+    OK
 }
 
 /// The control queue processor.
 pub struct CtrlQueue {
     max_pairs: u16,
+    settings: Arc<Mutex<CtrlSettings>>,
     descs: Vec<Descriptor>,
     net: Arc<NetQueueMetrics>,
     log: LogLimiter,
 }
 
 impl CtrlQueue {
-    /// A control queue for a device of `max_pairs` queue pairs.
-    pub fn new(max_pairs: u16, net: Arc<NetQueueMetrics>) -> Self {
+    /// A control queue for a device of `max_pairs` queue pairs, recording
+    /// accepted commands in `settings`.
+    pub fn new(
+        max_pairs: u16,
+        settings: Arc<Mutex<CtrlSettings>>,
+        net: Arc<NetQueueMetrics>,
+    ) -> Self {
         CtrlQueue {
             max_pairs,
+            settings,
             descs: Vec::new(),
             net,
             log: LogLimiter::default(),
@@ -98,7 +167,10 @@ impl QueueHandler for CtrlQueue {
                 return self.bad(head);
             }
         }
-        let status = answer(&cmd, self.max_pairs);
+        let status = match self.settings.lock() {
+            Ok(mut settings) => answer(&cmd, self.max_pairs, &mut settings),
+            Err(_) => ERR,
+        };
         if status == OK {
             self.net.frame(cmd.len());
         }
@@ -124,21 +196,75 @@ impl QueueHandler for CtrlQueue {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mq_pairs_within_range_is_ok() {
-        assert_eq!(answer(&[CLASS_MQ, MQ_VQ_PAIRS_SET, 2, 0], 2), OK);
+    fn run(cmd: &[u8], max_pairs: u16) -> (u8, CtrlSettings) {
+        let mut s = CtrlSettings::default();
+        let status = answer(cmd, max_pairs, &mut s);
+        (status, s)
     }
 
     #[test]
-    fn mq_pairs_zero_or_too_many_is_err() {
-        assert_eq!(answer(&[CLASS_MQ, MQ_VQ_PAIRS_SET, 0, 0], 2), ERR);
-        assert_eq!(answer(&[CLASS_MQ, MQ_VQ_PAIRS_SET, 3, 0], 2), ERR);
+    fn mq_pairs_within_range_is_ok_and_recorded() {
+        let (status, s) = run(&[CLASS_MQ, MQ_VQ_PAIRS_SET, 2, 0], 2);
+
+        assert_eq!((status, s.queue_pairs), (OK, 2));
     }
 
     #[test]
-    fn promisc_is_acknowledged_and_unknown_class_is_err() {
-        assert_eq!(answer(&[CLASS_RX, 0, 1], 1), OK);
-        assert_eq!(answer(&[9, 0], 1), ERR);
-        assert_eq!(answer(&[], 1), ERR);
+    fn mq_pairs_zero_or_too_many_is_err_and_changes_nothing() {
+        assert_eq!(
+            run(&[CLASS_MQ, MQ_VQ_PAIRS_SET, 0, 0], 2),
+            (ERR, CtrlSettings::default())
+        );
+        assert_eq!(
+            run(&[CLASS_MQ, MQ_VQ_PAIRS_SET, 3, 0], 2),
+            (ERR, CtrlSettings::default())
+        );
+    }
+
+    #[test]
+    fn promisc_is_recorded_and_unknown_class_is_err() {
+        assert_eq!(run(&[CLASS_RX, 0, 1], 1).1.rx_mode, 1);
+        assert_eq!(run(&[9, 0], 1).0, ERR);
+        assert_eq!(run(&[], 1).0, ERR);
+    }
+
+    #[test]
+    fn rx_mode_off_clears_only_its_bit() {
+        let mut s = CtrlSettings {
+            rx_mode: 0b11,
+            ..Default::default()
+        };
+
+        let status = answer(&[CLASS_RX, 1, 0], 1, &mut s);
+
+        assert_eq!((status, s.rx_mode), (OK, 0b01));
+    }
+
+    #[test]
+    fn mac_table_set_records_both_tables() {
+        let mut cmd = vec![CLASS_MAC, MAC_TABLE_SET, 1, 0, 0, 0];
+        cmd.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        cmd.extend_from_slice(&[2, 0, 0, 0]);
+        cmd.extend_from_slice(&[1, 0, 0x5e, 0, 0, 1, 1, 0, 0x5e, 0, 0, 2]);
+
+        let (status, s) = run(&cmd, 1);
+
+        assert_eq!(status, OK);
+        assert_eq!(s.unicast, vec![[2, 0, 0, 0, 0, 1]]);
+        assert_eq!(s.multicast.len(), 2);
+    }
+
+    #[test]
+    fn mac_table_with_a_short_count_is_err() {
+        let cmd = [CLASS_MAC, MAC_TABLE_SET, 2, 0, 0, 0, 2, 0, 0, 0, 0, 1];
+
+        assert_eq!(run(&cmd, 1), (ERR, CtrlSettings::default()));
+    }
+
+    #[test]
+    fn mac_addr_set_records_the_address() {
+        let (status, s) = run(&[CLASS_MAC, MAC_ADDR_SET, 2, 0, 0, 0, 0, 9], 1);
+
+        assert_eq!((status, s.mac), (OK, Some([2, 0, 0, 0, 0, 9])));
     }
 }

@@ -322,14 +322,19 @@ impl Daemon {
     }
 
     pub fn driver(&self) -> NetDriver {
+        self.driver_pairs(1)
+    }
+
+    /// A driver of `pairs` queue pairs and the control queue.
+    pub fn driver_pairs(&self, pairs: usize) -> NetDriver {
         let cfg = FrontendConfig {
             mem_size: 48 << 20,
-            num_queues: 3,
+            num_queues: 2 * pairs + 1,
             queue_size: QUEUE_SIZE,
             ..Default::default()
         };
         let fe = SyntheticFrontend::connect(&self.socket, cfg).unwrap();
-        NetDriver::new(fe, 1, RX_BUF, 32, 70 << 10).unwrap()
+        NetDriver::new(fe, pairs, RX_BUF, 32, 70 << 10).unwrap()
     }
 }
 
