@@ -72,6 +72,9 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     let top = memory_map(&bi);
     let (mapped, huge) = cpu::setup_paging(top);
     memory_test(&bi, mapped, huge);
+    if has(b"tg.touch") {
+        touch_pages(&bi);
+    }
 
     let bsp = check_cpuid();
     io_exits();
@@ -268,6 +271,40 @@ fn memory_test(bi: &BootInfo, mapped: u64, huge: bool) {
         }
     }
     line("TG: memory ok");
+}
+
+/// `tg.touch`: writes one word to every 4 KiB page of RAM above 1 MiB
+/// outside this image (already checked mapped by `memory_test`), so the
+/// whole of guest memory is allocated and dirty (the snapshot benchmark).
+/// Each guest instruction is costly under a nested hypervisor: the inner
+/// loop is one store and an add.
+fn touch_pages(bi: &BootInfo) {
+    const PAGE: u64 = 4096;
+    let img_lo = core::ptr::addr_of!(__image_start) as u64;
+    let img_hi = core::ptr::addr_of!(__image_end) as u64;
+    let mut pages = 0u64;
+    for i in 0..bi.entries {
+        let e = bi.entry(i);
+        if e.kind != E820_RAM {
+            continue;
+        }
+        let end = (e.addr + e.size) & !(PAGE - 1);
+        let lo = (e.addr.max(MIB) + PAGE - 1) & !(PAGE - 1);
+        // The image splits the range in two at most.
+        let img_lo = img_lo & !(PAGE - 1);
+        let img_hi = (img_hi + PAGE - 1) & !(PAGE - 1);
+        for (a, b) in [(lo, end.min(img_lo)), (lo.max(img_hi), end)] {
+            let mut p = a;
+            while p < b {
+                // SAFETY: `p` is page-aligned usable RAM from the memory map,
+                // identity mapped, outside this image; nothing else uses it.
+                unsafe { core::ptr::write_volatile(p as *mut u64, p) };
+                p += PAGE;
+            }
+            pages += b.saturating_sub(a) / PAGE;
+        }
+    }
+    out().s("TG: touched ").dec(pages).s(" pages").nl();
 }
 
 /// Prints the BSP's CPUID APIC IDs and checks them against the LAPIC; returns the ID.
