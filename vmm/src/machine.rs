@@ -224,7 +224,9 @@ impl Machine {
 
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
-        let saved = restore.as_ref().map(|(_, s, _)| &s.devices);
+        let saved = restore
+            .as_ref()
+            .map(|(_, s, _)| (&s.devices, &s.backends[..]));
         let platform = Platform::new(cfg, &vm, &memory, &exit, ram_end, saved)?;
         let transports = platform
             .virtio
@@ -333,12 +335,19 @@ impl Machine {
                 .map_err(|e| crate::error_chain(&e))?;
             vcpus.push(state);
         }
+        let backends = self
+            .platform
+            .virtio
+            .iter()
+            .map(|d| lock(d).save_backend_state())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let state = SnapshotState {
             config: self.config.clone(),
             ids: self.ids.clone(),
             vcpus,
             vm: state::VmState::save(&self.vm),
             devices: self.platform.state(),
+            backends,
         };
         snapshot::save(dir, &state, &self.memory.file, self.memory.size)
             .map_err(|e| crate::error_chain(&e))

@@ -86,8 +86,10 @@ impl Platform {
         memory: &Memory,
         exit: &Arc<ExitNotifier>,
         ram_end: u64,
-        saved: Option<&DevicesState>,
+        saved: Option<(&DevicesState, &[Option<Vec<u8>>])>,
     ) -> Result<Self> {
+        let backends = saved.map(|(_, b)| b).unwrap_or_default();
+        let saved = saved.map(|(d, _)| d);
         if let Some(s) = saved {
             s.check()?;
             if s.virtio.len() != cfg.devices.len() {
@@ -150,8 +152,11 @@ impl Platform {
         let mut virtio = Vec::with_capacity(cfg.devices.len());
         match saved {
             Some(s) => {
-                for ((slot, state), d) in s.virtio_slots().zip(&cfg.devices) {
+                for (i, ((slot, state), d)) in s.virtio_slots().zip(&cfg.devices).enumerate() {
                     let backend = VhostUser::new(d.clone(), memory.guest.clone())?;
+                    if let Some(Some(bytes)) = backends.get(i) {
+                        backend.load_state_on_restore(bytes.clone());
+                    }
                     let dev = Arc::new(Mutex::new(VirtioPci::restore(
                         Box::new(backend),
                         state,

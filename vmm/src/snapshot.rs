@@ -97,6 +97,9 @@ pub struct SnapshotState {
     pub vm: VmState,
     /// Every device the VMM emulates.
     pub devices: DevicesState,
+    /// Per device (in `config.devices` order), its vhost-user backend's
+    /// own state when the backend offers DEVICE_STATE.
+    pub backends: Vec<Option<Vec<u8>>>,
 }
 
 /// The directory a `file:///dir` URL names.

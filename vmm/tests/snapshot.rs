@@ -222,12 +222,16 @@ fn a_restored_vm_drives_its_blk_backend_disk_from_where_it_was() {
     let snap = dir.path("snap");
     let last = source.snapshot("TG: blkcount ", &snap);
     drop(source);
+    let saved: vmm::snapshot::SnapshotState =
+        vmm::state::read_state_file(&snap.join("state")).unwrap();
 
     let target = Vmm::start(&dir, "target");
     let restore = target.restore(&snap, true);
     let first = target.next_count("TG: blkcount ");
     let later = target.next_count("TG: blkcount ");
 
+    // blk-backend offers DEVICE_STATE: its own state is in the snapshot.
+    assert!(saved.backends[0].as_ref().is_some_and(|s| !s.is_empty()));
     assert_eq!(restore.0, 204, "{restore:?}");
     assert!(continues(last, first), "{last} then {first}");
     assert_eq!(later, first + 1);
@@ -260,6 +264,10 @@ fn a_restored_vm_drives_its_qemu_storage_daemon_disk_from_where_it_was() {
     let snap = dir.path("snap");
     let last = source.snapshot("TG: blkcount ", &snap);
     drop(source);
+    let saved: vmm::snapshot::SnapshotState =
+        vmm::state::read_state_file(&snap.join("state")).unwrap();
+    // qemu-storage-daemon has no DEVICE_STATE: rings and memory suffice.
+    assert_eq!(saved.backends, [None]);
 
     let target = Vmm::start(&dir, "target");
     let restore = target.restore(&snap, true);
@@ -534,4 +542,78 @@ fn a_restored_vm_receives_frames_through_its_net_backend() {
         lines.contains(&"TG: net rx payload=after the restore".to_string()),
         "{lines:?}"
     );
+}
+
+#[test]
+fn the_source_vm_goes_on_with_its_disk_after_a_snapshot() {
+    let dir = Scratch::new("snap-source");
+    let (_backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.virtio tg.blkcount", 1, disks);
+    let last = source.snapshot("TG: blkcount ", &dir.path("snap"));
+
+    let resume = source.put("vm.resume", "");
+    let first = source.next_count("TG: blkcount ");
+    let later = source.next_count("TG: blkcount ");
+
+    assert_eq!(resume.0, 204, "{resume:?}");
+    assert!(continues(last, first), "{last} then {first}");
+    assert_eq!(later, first + 1);
+}
+
+#[test]
+fn a_restored_vm_carries_on_with_a_freshly_started_blk_backend() {
+    let dir = Scratch::new("snap-new-backend");
+    let (mut backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.virtio tg.blkcount", 1, disks);
+    let snap = dir.path("snap");
+    let last = source.snapshot("TG: blkcount ", &snap);
+    drop(source);
+    backend.kill();
+    let mut cmd = Command::new(workspace_bin("blk-backend"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(dir.path("disk.img"));
+    let _fresh = Daemon::start(cmd, &socket);
+
+    let target = Vmm::start(&dir, "target");
+    let restore = target.restore(&snap, true);
+    let first = target.next_count("TG: blkcount ");
+    let later = target.next_count("TG: blkcount ");
+
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(continues(last, first), "{last} then {first}");
+    assert_eq!(later, first + 1);
+}
+
+#[test]
+fn restore_against_a_backend_with_another_disk_is_refused() {
+    let dir = Scratch::new("snap-other-disk");
+    let (mut backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(&dir, "source");
+    source.boot("tg.virtio tg.blkcount", 1, disks);
+    let snap = dir.path("snap");
+    source.snapshot("TG: blkcount ", &snap);
+    drop(source);
+    backend.kill();
+    let other = dir.path("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mut cmd = Command::new(workspace_bin("blk-backend"));
+    cmd.arg("--socket").arg(&socket).arg("--image").arg(&other);
+    let _other = Daemon::start(cmd, &socket);
+
+    let target = Vmm::start(&dir, "target");
+    let (status, body) = target.restore(&snap, true);
+
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("CHECK_DEVICE_STATE"), "{body}");
+    assert_eq!(target.state(), "404");
 }

@@ -16,6 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use thiserror::Error;
+
+mod device_state;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -69,6 +71,10 @@ pub enum VhostUserError {
     Dup(#[source] std::io::Error),
     #[error("Cannot set the reply timeout on the backend socket")]
     Timeout(#[source] std::io::Error),
+    #[error("Cannot transfer the backend's device state")]
+    StateTransfer(#[source] std::io::Error),
+    #[error("The backend at {0} is not connected")]
+    NotConnected(String),
 }
 
 /// Bounds every blocking receive on the connection `fd`.
@@ -151,6 +157,11 @@ struct Inner {
     config_cache: Vec<u8>,
     /// The VM is paused: the rings stay disabled, across a reconnect too.
     paused: bool,
+    /// The rings were stopped (GET_VRING_BASE) to save the backend's
+    /// state: running again needs them set up anew.
+    rings_stopped: bool,
+    /// Backend state from a snapshot, loaded before the rings start.
+    pending_state: Option<Vec<u8>>,
 }
 
 /// A vhost-user device seen through virtio-pci.
@@ -186,7 +197,8 @@ fn handshake(
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::DEVICE_STATE;
         protocol = offered & wanted;
         req("SET_PROTOCOL_FEATURES", fe.set_protocol_features(protocol))?;
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -247,6 +259,8 @@ impl VhostUser {
             active: None,
             config_cache: Vec::new(),
             paused: false,
+            rings_stopped: false,
+            pending_state: None,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (i, s) = (inner.clone(), stop.clone());
@@ -263,6 +277,12 @@ impl VhostUser {
             stop,
             monitor: Some(monitor),
         })
+    }
+
+    /// Backend state saved in a snapshot, loaded into the backend before
+    /// its rings are set up on restore.
+    pub fn load_state_on_restore(&self, state: Vec<u8>) {
+        lock(&self.inner).pending_state = Some(state);
     }
 
     /// Whether the backend is connected now.
@@ -384,6 +404,11 @@ impl Inner {
         let inflight_wanted = self
             .protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        let state = self.pending_state.take();
+        let can_load = self
+            .protocol
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE);
+        let socket = self.cfg.socket.display().to_string();
         let has_protocol = self.has_protocol;
         let nq = self.cfg.queues;
         let queue_size = self.cfg.queue_size;
@@ -405,6 +430,14 @@ impl Inner {
                     fe.set_inflight_fd(info, file.as_raw_fd()),
                 )?;
             }
+        }
+        match (state, can_load) {
+            (Some(s), true) => device_state::load(fe, &s)?,
+            (Some(_), false) => tracing::warn!(
+                %socket,
+                "the snapshot holds this backend's state but it no longer offers DEVICE_STATE: restarting from the rings alone"
+            ),
+            (None, _) => {}
         }
         for (q, (base, (desc, avail, used))) in a.queues.iter().zip(bases.iter().zip(&addrs)) {
             req("SET_VRING_NUM", fe.set_vring_num(q.index, q.size))?;
@@ -477,6 +510,11 @@ impl Inner {
         if self.active.is_none() || self.conn.is_none() {
             return Ok(());
         }
+        if run && self.rings_stopped {
+            // Stopped for a state save: set every ring up again.
+            self.rings_stopped = false;
+            return self.apply(true);
+        }
         if !self.has_protocol {
             if run {
                 return self.apply(true);
@@ -498,6 +536,30 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Stops the (already disabled) rings and saves the backend's own
+    /// state, if it offers DEVICE_STATE; `None` if it does not.
+    fn save_state(&mut self) -> Result<Option<Vec<u8>>, VhostUserError> {
+        if !self
+            .protocol
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+        {
+            return Ok(None);
+        }
+        let socket = self.cfg.socket.display().to_string();
+        let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_ref()) else {
+            return match self.active {
+                Some(_) => Err(VhostUserError::NotConnected(socket)),
+                None => Ok(None),
+            };
+        };
+        for q in &a.queues {
+            req("GET_VRING_BASE", fe.get_vring_base(q.index))?;
+        }
+        self.rings_stopped = true;
+        let fe = self.conn.as_mut().expect("connected");
+        device_state::save(fe).map(Some)
     }
 
     /// Config space built here, for backends without the CONFIG feature.
@@ -692,6 +754,12 @@ impl VirtioDevice for VhostUser {
             tracing::warn!(socket = %g.cfg.socket.display(), error = %crate::error_chain(&e), "cannot stop the rings for the pause; reconnecting");
             g.conn = None;
         }
+    }
+
+    fn save_backend_state(&mut self) -> Result<Option<Vec<u8>>, String> {
+        lock(&self.inner)
+            .save_state()
+            .map_err(|e| crate::error_chain(&e))
     }
 
     fn resume(&mut self) {

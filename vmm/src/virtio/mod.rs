@@ -74,4 +74,9 @@ pub trait VirtioDevice: Send {
     fn pause(&mut self) {}
     /// The VM resumes: serve the queues again from where they stopped.
     fn resume(&mut self) {}
+    /// The paused device's backend state for a snapshot, if it keeps one
+    /// outside guest memory (a vhost-user backend with DEVICE_STATE).
+    fn save_backend_state(&mut self) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
 }

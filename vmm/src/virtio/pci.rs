@@ -397,6 +397,12 @@ impl VirtioPci {
         self.device.pause();
     }
 
+    /// The device's backend state for a snapshot (see
+    /// [`VirtioDevice::save_backend_state`]).
+    pub fn save_backend_state(&mut self) -> Result<Option<Vec<u8>>, String> {
+        self.device.save_backend_state()
+    }
+
     /// Restarts the queues [`Self::pause`] stopped.
     pub fn resume(&mut self) {
         self.device.resume();
