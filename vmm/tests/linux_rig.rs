@@ -107,6 +107,7 @@ echo L2-POWER-BUTTON-IGNORED
 /// mid-loop, kills its vmm and restores it in a new one: the loop must
 /// go on, and memory and disk must still agree.
 const SNAP_SCRIPT: &str = r#"#!/bin/sh
+ip link set eth0 up && ip addr add 10.77.0.3/24 dev eth0
 : >/tmp/sums
 check() {
     echo 3 >/proc/sys/vm/drop_caches
@@ -128,6 +129,8 @@ while read n s; do
     [ "$(check $n)" = "$s" ] || bad=$((bad + 1))
 done </tmp/sums
 echo "L2-SNAP-VERIFIED rounds=$(wc -l </tmp/sums) bad=$bad"
+ping -c 3 -W 5 10.77.0.1 >/dev/null
+echo "L2-SNAP-PING-RC=$?"
 poweroff -f
 "#;
 
@@ -187,7 +190,8 @@ l2 pvh --kernel $L2_VMLINUX --boot pvh --memory 256M --cpus 1 --api-socket /tmp/
   vmctl --api-socket /tmp/api-snap.sock snapshot /tmp/snap && echo "L1-SNAPSHOT-TAKEN";
   kill -9 $(pidof vmm) ) &
 l2 snap --kernel $L2_KERNEL --memory 256M --cpus 2 --api-socket /tmp/api-snap.sock \
-    --disk socket=/tmp/blk.sock --cmdline "$CMDLINE run=/l2/snap.sh" </dev/null
+    --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:57 \
+    --cmdline "$CMDLINE run=/l2/snap.sh" </dev/null
 l2 snap-restored --restore source_url=file:///tmp/snap,resume=on --api-socket /tmp/api-snap2.sock </dev/null
 kill $(pidof blk-backend) $(pidof net-backend) $(pidof qemu-storage-daemon)
 sleep 1
@@ -535,6 +539,8 @@ fn linux_snapshotted_mid_write_loop_goes_on_in_a_new_vmm() {
     assert_eq!(resumed.last(), Some(&16), "{after:#?}");
     assert_eq!(value(&after, "rounds"), "16");
     assert_eq!(value(&after, "bad"), "0");
+    // The NIC works after the restore too.
+    assert_eq!(value(&after, "L2-SNAP-PING-RC"), "0");
     assert!(!before
         .iter()
         .chain(&after)
