@@ -244,15 +244,20 @@ fn run_rig() -> Result<Outcome, String> {
     );
     // L1 itself once stopped dead under QEMU TCG here, in the middle of the
     // main L2's TCP transfer with nothing on its console (once in about ten
-    // runs; the rig now ends the console with QEMU's exit status): one more
-    // L1 boot then, said in the output. The disk checks only compare what each
-    // run wrote with the file afterwards, so a second run is sound.
+    // runs; the rig now ends the console with QEMU's exit status), and once
+    // went silent at the start of an L2 boot with QEMU still busy, past the
+    // L2's own timeout in L1 (1 in 5 runs, with the host loaded): one more
+    // L1 boot then, said in the output. No step is silent for minutes (every
+    // L2 prints within a minute of its start), so 5 minutes of silence is a
+    // stall. The disk checks only compare what each run wrote with the file
+    // afterwards, so a second run is sound.
     let mut console = None;
     for attempt in 1..=2 {
         let c = rig
-            .run(
+            .run_watched(
                 &[main_disk.clone(), qsd_disk.clone()],
                 Duration::from_secs(1500),
+                Duration::from_secs(300),
                 |l| {
                     let _ = writeln!(log_file, "{l}");
                     if l.contains("RIG-") {
@@ -265,6 +270,10 @@ fn run_rig() -> Result<Outcome, String> {
             )
             .map_err(|e| e.to_string())?;
         let died = !c.finished() && !c.timed_out;
+        if c.stalled {
+            println!("linux_rig: RIG-L1-STALLED: L1 printed nothing for 5 minutes");
+            let _ = writeln!(log_file, "RIG-L1-STALLED");
+        }
         console = Some(c);
         if !died || attempt == 2 {
             break;

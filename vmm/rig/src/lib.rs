@@ -327,6 +327,20 @@ impl Rig {
         &self,
         disks: &[PathBuf],
         limit: Duration,
+        progress: impl FnMut(&str),
+    ) -> Result<Console> {
+        self.run_watched(disks, limit, limit, progress)
+    }
+
+    /// Like [`Self::run`], and also gives up (QEMU killed, the console
+    /// marked `stalled`) when L1 prints nothing for `stall`: under TCG an
+    /// L1 (or the L2 inside it) can stop dead, still using CPU, with nothing
+    /// on its console.
+    pub fn run_watched(
+        &self,
+        disks: &[PathBuf],
+        limit: Duration,
+        stall: Duration,
         mut progress: impl FnMut(&str),
     ) -> Result<Console> {
         let mut cmd = self.command(disks);
@@ -352,18 +366,30 @@ impl Rig {
         let guard = KillOnDrop(child);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
+            match rx.recv_timeout(left.min(stall)) {
                 Ok(l) => {
                     progress(&l);
                     lines.push(l);
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let timed_out = Instant::now() >= deadline;
+                    let line = format!(
+                        "RIG-QEMU-KILLED {}",
+                        if timed_out {
+                            "at the time limit"
+                        } else {
+                            "after a silent stall"
+                        }
+                    );
+                    progress(&line);
+                    lines.push(line);
                     return Ok(Console {
                         lines,
                         qemu_ok: false,
-                        timed_out: true,
-                    })
+                        timed_out,
+                        stalled: !timed_out,
+                    });
                 }
             }
         }
@@ -381,6 +407,7 @@ impl Rig {
             lines,
             qemu_ok: status.is_some_and(|s| s.success()),
             timed_out: false,
+            stalled: false,
         })
     }
 }
@@ -401,6 +428,8 @@ pub struct Console {
     pub qemu_ok: bool,
     /// L1 was killed at the time limit; `lines` is what it printed until then.
     pub timed_out: bool,
+    /// L1 was killed after printing nothing for the stall limit.
+    pub stalled: bool,
 }
 
 impl Console {
