@@ -120,7 +120,9 @@ pub fn save(dir: &Path, state: &SnapshotState, memfd: &File, size: u64) -> Resul
     let out = File::create(&mem_path).map_err(|e| SnapshotError::Write(shown(), e))?;
     out.set_len(size)
         .map_err(|e| SnapshotError::Write(shown(), e))?;
-    let copied = copy_data(memfd, &out, size).map_err(|e| SnapshotError::Write(shown(), e))?;
+    let copied = copy_sparse(memfd, &out, size)
+        .map_err(|e| SnapshotError::Write(shown(), e))?
+        .bytes;
     out.sync_all()
         .map_err(|e| SnapshotError::Write(shown(), e))?;
     // The state goes last: a directory with a state file is complete.
@@ -185,27 +187,49 @@ pub fn load_memory(dir: &Path, memfd: &File, size: u64) -> Result<u64> {
     let path = dir.join(MEMORY_FILE);
     let shown = || path.display().to_string();
     let src = File::open(&path).map_err(|e| SnapshotError::Read(shown(), e))?;
-    copy_data(&src, memfd, size).map_err(|e| SnapshotError::Read(shown(), e))
+    copy_sparse(&src, memfd, size)
+        .map(|c| c.bytes)
+        .map_err(|e| SnapshotError::Read(shown(), e))
 }
 
-/// Copies the data ranges of `src`'s first `size` bytes to the same
-/// offsets in `dst`; holes are skipped. Returns the bytes copied.
-fn copy_data(src: &File, dst: &File, size: u64) -> io::Result<u64> {
-    let mut copied = 0;
+/// How a sparse copy went: bytes copied, and whether the kernel did not
+/// copy them all itself (`copy_file_range` refused; a buffer did).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    pub bytes: u64,
+    pub buffered: bool,
+}
+
+/// The data ranges of `f`'s first `size` bytes (`SEEK_DATA`/`SEEK_HOLE`).
+pub fn data_ranges(f: &File, size: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+    let mut ranges = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let Some(start) = seek(src, pos, libc::SEEK_DATA)? else {
+        let Some(start) = seek(f, pos, libc::SEEK_DATA)? else {
             break;
         };
         if start >= size {
             break;
         }
-        let end = seek(src, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        copy_range(src, dst, start, end - start)?;
-        copied += end - start;
+        let end = seek(f, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        ranges.push(start..end);
         pos = end;
     }
-    Ok(copied)
+    Ok(ranges)
+}
+
+/// Copies the data ranges of `src`'s first `size` bytes to the same
+/// offsets in `dst`; holes are skipped.
+pub fn copy_sparse(src: &File, dst: &File, size: u64) -> io::Result<Copied> {
+    let mut c = Copied {
+        bytes: 0,
+        buffered: false,
+    };
+    for r in data_ranges(src, size)? {
+        c.buffered |= copy_range(src, dst, r.start, r.end - r.start)?;
+        c.bytes += r.end - r.start;
+    }
+    Ok(c)
 }
 
 /// `lseek(fd, pos, whence)`; `None` when there is no more data (ENXIO).
@@ -227,8 +251,8 @@ fn seek(f: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
 
 /// Copies `len` bytes at `off` from `src` to `dst` in the kernel
 /// (`copy_file_range`), or through a buffer where the kernel cannot
-/// (across file systems).
-fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+/// (across file systems); `true` if the buffer did.
+fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<bool> {
     let mut done = 0u64;
     while done < len {
         let mut in_off = (off + done) as libc::loff_t;
@@ -258,13 +282,13 @@ fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => {
-                return copy_buffered(src, dst, off + done, len - done);
+                return copy_buffered(src, dst, off + done, len - done).map(|()| true);
             }
             Some(libc::EINTR) => {}
             _ => return Err(e),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 fn copy_buffered(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
@@ -322,7 +346,7 @@ mod tests {
         let dst = rw("dst");
         dst.set_len(size).unwrap();
 
-        let copied = copy_data(&src, &dst, size).unwrap();
+        let copied = copy_sparse(&src, &dst, size).unwrap().bytes;
 
         let mut a = [0u8; 5];
         dst.read_exact_at(&mut a, 4096).unwrap();
