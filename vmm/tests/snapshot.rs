@@ -137,17 +137,40 @@ fn continues(last: u64, first: u64) -> bool {
     first == last + 1 || first == last + 2
 }
 
-/// A 64 MiB image served by blk-backend on `<dir>/blk.sock`.
-fn blk_backend(dir: &Scratch) -> (Daemon, PathBuf) {
-    let image = dir.path("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+/// blk-backend serving `image` on `<dir>/blk.sock`.
+fn start_blk(dir: &Scratch, image: &Path) -> (Daemon, PathBuf) {
     let socket = dir.path("blk.sock");
     let mut cmd = Command::new(workspace_bin("blk-backend"));
-    cmd.arg("--socket").arg(&socket).arg("--image").arg(&image);
+    cmd.arg("--socket").arg(&socket).arg("--image").arg(image);
     (Daemon::start(cmd, &socket), socket)
+}
+
+/// A new image of `size` bytes in `dir`.
+fn image(dir: &Scratch, name: &str, size: u64) -> PathBuf {
+    let image = dir.path(name);
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    image
+}
+
+/// A 64 MiB image served by blk-backend on `<dir>/blk.sock`.
+fn blk_backend(dir: &Scratch) -> (Daemon, PathBuf) {
+    start_blk(dir, &image(dir, "disk.img", 64 << 20))
+}
+
+/// A guest doing `tg.blkcount` on blk-backend, snapshotted into
+/// `<dir>/snap` and its vmm killed; returns the backend, the snapshot and
+/// the last round before the pause.
+fn blkcount_snapshot(dir: &Scratch) -> (Daemon, PathBuf, u64) {
+    let (backend, socket) = blk_backend(dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(dir, "source");
+    source.boot("tg.virtio tg.blkcount", 1, disks);
+    let snap = dir.path("snap");
+    let last = source.snapshot("TG: blkcount ", &snap);
+    (backend, snap, last)
 }
 
 /// A guest counting with `tg.count` (2 vCPUs), snapshotted into a
@@ -215,13 +238,7 @@ fn one_snapshot_restores_into_two_vms() {
 #[test]
 fn a_restored_vm_drives_its_blk_backend_disk_from_where_it_was() {
     let dir = Scratch::new("snap-blk");
-    let (_backend, socket) = blk_backend(&dir);
-    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
-    let source = Vmm::start(&dir, "source");
-    source.boot("tg.virtio tg.blkcount", 1, disks);
-    let snap = dir.path("snap");
-    let last = source.snapshot("TG: blkcount ", &snap);
-    drop(source);
+    let (_backend, snap, last) = blkcount_snapshot(&dir);
     let saved: vmm::snapshot::SnapshotState =
         vmm::state::read_state_file(&snap.join("state")).unwrap();
 
@@ -240,11 +257,7 @@ fn a_restored_vm_drives_its_blk_backend_disk_from_where_it_was() {
 #[test]
 fn a_restored_vm_drives_its_qemu_storage_daemon_disk_from_where_it_was() {
     let dir = Scratch::new("snap-qsd");
-    let image = dir.path("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    let image = image(&dir, "disk.img", 64 << 20);
     let socket = dir.path("qsd.sock");
     let mut cmd = Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev")
@@ -491,13 +504,7 @@ fn a_restored_vm_receives_frames_through_its_net_backend() {
         .arg(&sock)
         .args(["--tap", "vmtap0", "--create-tap"]);
     let _nb = Daemon::start(backend, &sock);
-    // Only our frame on the link: no IPv6 autoconfiguration chatter.
-    ns.run(&[
-        "sh",
-        "-c",
-        "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
-    ]);
-    ns.run(&["ip", "link", "set", "vmtap0", "up"]);
+    ns.quiet_link_up("vmtap0");
     let mac = "52:54:00:aa:bb:dd";
     let source = Vmm::start(&dir, "source");
     let cfg = serde_json::json!({
@@ -565,20 +572,9 @@ fn the_source_vm_goes_on_with_its_disk_after_a_snapshot() {
 #[test]
 fn a_restored_vm_carries_on_with_a_freshly_started_blk_backend() {
     let dir = Scratch::new("snap-new-backend");
-    let (mut backend, socket) = blk_backend(&dir);
-    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
-    let source = Vmm::start(&dir, "source");
-    source.boot("tg.virtio tg.blkcount", 1, disks);
-    let snap = dir.path("snap");
-    let last = source.snapshot("TG: blkcount ", &snap);
-    drop(source);
+    let (mut backend, snap, last) = blkcount_snapshot(&dir);
     backend.kill();
-    let mut cmd = Command::new(workspace_bin("blk-backend"));
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--image")
-        .arg(dir.path("disk.img"));
-    let _fresh = Daemon::start(cmd, &socket);
+    let _fresh = start_blk(&dir, &dir.path("disk.img"));
 
     let target = Vmm::start(&dir, "target");
     let restore = target.restore(&snap, true);
@@ -593,22 +589,9 @@ fn a_restored_vm_carries_on_with_a_freshly_started_blk_backend() {
 #[test]
 fn restore_against_a_backend_with_another_disk_is_refused() {
     let dir = Scratch::new("snap-other-disk");
-    let (mut backend, socket) = blk_backend(&dir);
-    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
-    let source = Vmm::start(&dir, "source");
-    source.boot("tg.virtio tg.blkcount", 1, disks);
-    let snap = dir.path("snap");
-    source.snapshot("TG: blkcount ", &snap);
-    drop(source);
+    let (mut backend, snap, _) = blkcount_snapshot(&dir);
     backend.kill();
-    let other = dir.path("other.img");
-    std::fs::File::create(&other)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    let mut cmd = Command::new(workspace_bin("blk-backend"));
-    cmd.arg("--socket").arg(&socket).arg("--image").arg(&other);
-    let _other = Daemon::start(cmd, &socket);
+    let _other = start_blk(&dir, &image(&dir, "other.img", 32 << 20));
 
     let target = Vmm::start(&dir, "target");
     let (status, body) = target.restore(&snap, true);

@@ -40,13 +40,7 @@ fn frames_cross_between_guest_and_tap_through_net_backend() {
         .arg(&sock)
         .args(["--tap", "vmtap0", "--create-tap"]);
     let _nb = Daemon::start(backend, &sock);
-    // Only our frames on the link: no IPv6 autoconfiguration chatter.
-    ns.run(&[
-        "sh",
-        "-c",
-        "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
-    ]);
-    ns.run(&["ip", "link", "set", "vmtap0", "up"]);
+    ns.quiet_link_up("vmtap0");
     let script = s.path("peer.py");
     std::fs::write(&script, PEER).unwrap();
     let peer = ns

@@ -295,6 +295,17 @@ impl Netns {
         let s = self.exec(args).status().unwrap();
         assert!(s.success(), "{args:?} failed");
     }
+
+    /// Brings `iface` up with IPv6 off, so that only the test's own frames
+    /// cross it (no autoconfiguration chatter).
+    pub fn quiet_link_up(&self, iface: &str) {
+        self.run(&[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6",
+        ]);
+        self.run(&["ip", "link", "set", iface, "up"]);
+    }
 }
 
 impl Drop for Netns {
