@@ -497,14 +497,7 @@ fn a_restored_vm_receives_frames_through_its_net_backend() {
     let ns = common::Netns::new().expect("cannot create a network namespace");
     let dir = Scratch::new("snap-net");
     let sock = dir.path("net.sock");
-    let mut backend = ns.exec(&[]);
-    backend
-        .arg(workspace_bin("net-backend"))
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--tap", "vmtap0", "--create-tap"]);
-    let _nb = Daemon::start(backend, &sock);
-    ns.quiet_link_up("vmtap0");
+    let _nb = ns.net_backend(&sock, "vmtap0");
     let mac = "52:54:00:aa:bb:dd";
     let source = Vmm::start(&dir, "source");
     let cfg = serde_json::json!({

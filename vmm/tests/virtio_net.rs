@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run, stat, test_guest, vmm, workspace_bin, Daemon, Netns, Scratch};
+use common::{run, stat, test_guest, vmm, Netns, Scratch};
 
 const GUEST_MAC: &str = "52:54:00:aa:bb:cc";
 
@@ -33,14 +33,7 @@ fn frames_cross_between_guest_and_tap_through_net_backend() {
     let ns = Netns::new().expect("cannot create a network namespace (needs root and iproute2)");
     let s = Scratch::new("virtio-net");
     let sock = s.path("net.sock");
-    let mut backend = ns.exec(&[]);
-    backend
-        .arg(workspace_bin("net-backend"))
-        .arg("--socket")
-        .arg(&sock)
-        .args(["--tap", "vmtap0", "--create-tap"]);
-    let _nb = Daemon::start(backend, &sock);
-    ns.quiet_link_up("vmtap0");
+    let _nb = ns.net_backend(&sock, "vmtap0");
     let script = s.path("peer.py");
     std::fs::write(&script, PEER).unwrap();
     let peer = ns

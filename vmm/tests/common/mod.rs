@@ -296,6 +296,19 @@ impl Netns {
         assert!(s.success(), "{args:?} failed");
     }
 
+    /// net-backend serving `socket` on a new tap `tap` in the namespace,
+    /// the link up and quiet.
+    pub fn net_backend(&self, socket: &Path, tap: &str) -> Daemon {
+        let mut cmd = self.exec(&[]);
+        cmd.arg(workspace_bin("net-backend"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--tap", tap, "--create-tap"]);
+        let daemon = Daemon::start(cmd, socket);
+        self.quiet_link_up(tap);
+        daemon
+    }
+
     /// Brings `iface` up with IPv6 off, so that only the test's own frames
     /// cross it (no autoconfiguration chatter).
     pub fn quiet_link_up(&self, iface: &str) {
