@@ -17,6 +17,7 @@ import socket, sys, time
 iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
 s.bind((iface, 0))
+print("ready", flush=True)
 s.settimeout(60)
 f = s.recv(2048)
 print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flush=True)
@@ -36,12 +37,16 @@ fn frames_cross_between_guest_and_tap_through_net_backend() {
     let _nb = ns.net_backend(&sock, "vmtap0");
     let script = s.path("peer.py");
     std::fs::write(&script, PEER).unwrap();
-    let peer = ns
+    let mut peer = ns
         .exec(&["python3", script.to_str().unwrap(), "vmtap0", GUEST_MAC])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The guest sends its frame once: the peer must be listening first.
+    let mut out = std::io::BufReader::new(peer.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut out, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
 
     let mut c = vmm();
     c.arg("--kernel")
@@ -51,7 +56,9 @@ fn frames_cross_between_guest_and_tap_through_net_backend() {
         .arg(format!("socket={},mac={GUEST_MAC}", sock.display()))
         .env("VMM_LOG", "info");
     let r = run(c, Duration::from_secs(120));
-    let seen = String::from_utf8(peer.wait_with_output().unwrap().stdout).unwrap();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut out, &mut seen).unwrap();
+    let _ = peer.wait();
 
     assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
     let lines = r.lines();
