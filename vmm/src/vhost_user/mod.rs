@@ -548,17 +548,16 @@ impl Inner {
             return Ok(None);
         }
         let socket = self.cfg.socket.display().to_string();
-        let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_ref()) else {
-            return match self.active {
-                Some(_) => Err(VhostUserError::NotConnected(socket)),
-                None => Ok(None),
-            };
+        let Some(a) = self.active.as_ref() else {
+            return Ok(None);
+        };
+        let Some(fe) = self.conn.as_mut() else {
+            return Err(VhostUserError::NotConnected(socket));
         };
         for q in &a.queues {
             req("GET_VRING_BASE", fe.get_vring_base(q.index))?;
         }
         self.rings_stopped = true;
-        let fe = self.conn.as_mut().expect("connected");
         device_state::save(fe).map(Some)
     }
 
