@@ -159,7 +159,12 @@ impl Machine {
     /// Builds the VM a snapshot directory holds, paused: its memory, its
     /// vCPUs' and the VM's KVM state. Everything is checked first.
     pub fn restore(dir: &Path, memory: MemoryRestore) -> Result<Self> {
-        let state = snapshot::load(dir)?;
+        Self::restore_state(dir, snapshot::load(dir)?, memory)
+    }
+
+    /// Like [`Self::restore`], with the state already read and checked
+    /// (and perhaps given new backend sockets).
+    pub fn restore_state(dir: &Path, state: SnapshotState, memory: MemoryRestore) -> Result<Self> {
         let cfg = state.config.clone();
         let mut m = Self::build(&cfg, Some((dir, state, memory)))?;
         m.ids = m.restored_ids.take().unwrap_or_default();

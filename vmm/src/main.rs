@@ -210,7 +210,7 @@ fn boot(
     }
     if let Some(r) = restore {
         controller
-            .restore_now(r.dir, r.resume, r.memory)?
+            .restore_now(r.dir, r.resume, r.memory, &Default::default())?
             .map_err(vmm::api::controller::ControllerError::Machine)?;
     }
     let outcome = controller.run();

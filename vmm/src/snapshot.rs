@@ -53,6 +53,8 @@ pub enum SnapshotError {
     },
     #[error("The snapshot has {found} vCPU states for {expected} vCPUs")]
     VcpuCount { found: usize, expected: usize },
+    #[error("The snapshot has no device '{0}'")]
+    NoSuchDevice(String),
     #[error("Memory file {0} is not on tmpfs or hugetlbfs: it cannot be mapped as guest RAM (restore with copy)")]
     NotSharedMemory(String),
 }
@@ -153,6 +155,25 @@ pub fn load(dir: &Path) -> Result<SnapshotState> {
         });
     }
     Ok(state)
+}
+
+impl SnapshotState {
+    /// Points the devices named in `sockets` (API id → socket path) at
+    /// new backend sockets; an id the snapshot does not have is an error.
+    pub fn move_sockets(
+        &mut self,
+        sockets: &std::collections::BTreeMap<String, PathBuf>,
+    ) -> Result<()> {
+        for (id, path) in sockets {
+            let i = self
+                .ids
+                .iter()
+                .position(|d| d == id)
+                .ok_or_else(|| SnapshotError::NoSuchDevice(id.clone()))?;
+            self.config.devices[i].socket = path.clone();
+        }
+        Ok(())
+    }
 }
 
 /// Opens the snapshot's memory file to become guest RAM

@@ -593,3 +593,39 @@ fn restore_against_a_backend_with_another_disk_is_refused() {
     assert!(body.contains("CHECK_DEVICE_STATE"), "{body}");
     assert_eq!(target.state(), "404");
 }
+
+#[test]
+fn a_restore_can_point_a_disk_at_a_new_backend_socket() {
+    let dir = Scratch::new("snap-moved");
+    let (mut backend, snap, last) = blkcount_snapshot(&dir);
+    backend.kill();
+    let moved = dir.path("moved.sock");
+    let mut cmd = Command::new(workspace_bin("blk-backend"));
+    cmd.arg("--socket")
+        .arg(&moved)
+        .arg("--image")
+        .arg(dir.path("disk.img"));
+    let _moved = Daemon::start(cmd, &moved);
+
+    let target = Vmm::start(&dir, "target");
+    let unknown = target.put(
+        "vm.restore",
+        &serde_json::json!({"source_url": url(&snap), "vhost_sockets": {"nope": moved}})
+            .to_string(),
+    );
+    let restore = target.put(
+        "vm.restore",
+        &serde_json::json!({
+            "source_url": url(&snap), "resume": true, "vhost_sockets": {"_disk0": moved},
+        })
+        .to_string(),
+    );
+    let first = target.next_count("TG: blkcount ");
+    let info = vmm::api::client::raw(&target.socket, "GET", "vm.info").unwrap();
+
+    assert_eq!(unknown.0, 400, "{unknown:?}");
+    assert!(unknown.1.contains("no device 'nope'"), "{unknown:?}");
+    assert_eq!(restore.0, 204, "{restore:?}");
+    assert!(continues(last, first), "{last} then {first}");
+    assert!(info.body.contains("moved.sock"), "{}", info.body);
+}

@@ -30,7 +30,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
-use crate::snapshot::MemoryRestore;
+use crate::snapshot::{MemoryRestore, SnapshotState};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -353,7 +353,7 @@ impl Controller {
     fn start(
         &self,
         spec: &Spec,
-        restore: Option<(PathBuf, MemoryRestore)>,
+        restore: Option<(PathBuf, SnapshotState, MemoryRestore)>,
     ) -> Result<std::result::Result<Running, MachineError>> {
         let done = self
             .vm_done
@@ -365,8 +365,8 @@ impl Controller {
         let thread = std::thread::Builder::new()
             .name("vmm-vm".into())
             .spawn(move || {
-                let machine = match &restore {
-                    Some((dir, memory)) => Machine::restore(dir, *memory),
+                let machine = match restore {
+                    Some((dir, state, memory)) => Machine::restore_state(&dir, state, memory),
                     None => Machine::new(&cfg),
                 };
                 let built = machine.and_then(|mut m| {
@@ -586,13 +586,15 @@ impl Controller {
         if !matches!(self.vm, Vm::None) {
             return Ok(fail(405, "A VM is already created: delete it first"));
         }
-        Ok(match self.restore_now(dir, cfg.resume, memory)? {
-            Ok(()) => Ok(ApiReply::Empty),
-            Err(e) => fail(
-                400,
-                format!("Cannot restore the VM: {}", crate::error_chain(&e)),
-            ),
-        })
+        Ok(
+            match self.restore_now(dir, cfg.resume, memory, &cfg.vhost_sockets)? {
+                Ok(()) => Ok(ApiReply::Empty),
+                Err(e) => fail(
+                    400,
+                    format!("Cannot restore the VM: {}", crate::error_chain(&e)),
+                ),
+            },
+        )
     }
 
     /// Restores the snapshot in `dir` as the VM (there must be none);
@@ -603,16 +605,19 @@ impl Controller {
         dir: PathBuf,
         resume: bool,
         memory: MemoryRestore,
+        sockets: &std::collections::BTreeMap<String, PathBuf>,
     ) -> Result<std::result::Result<(), MachineError>> {
-        let state = match crate::snapshot::load(&dir) {
+        let state = match crate::snapshot::load(&dir)
+            .and_then(|mut s| s.move_sockets(sockets).map(|()| s))
+        {
             Ok(s) => s,
             Err(e) => return Ok(Err(e.into())),
         };
         let spec = Spec {
-            cfg: state.config,
-            ids: state.ids,
+            cfg: state.config.clone(),
+            ids: state.ids.clone(),
         };
-        let running = match self.start(&spec, Some((dir, memory)))? {
+        let running = match self.start(&spec, Some((dir, state, memory)))? {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };

@@ -205,6 +205,10 @@ pub struct RestoreConfig {
     /// file becomes guest RAM (see [`crate::snapshot::MemoryRestore`]).
     #[serde(default)]
     pub memory_restore_mode: Option<String>,
+    /// Ours: new vhost-user socket paths by device id, for backends that
+    /// listen elsewhere than when the snapshot was taken.
+    #[serde(default)]
+    pub vhost_sockets: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 /// `GET /vmm.ping`: Cloud Hypervisor's `VmmPingResponse`.
