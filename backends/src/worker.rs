@@ -280,8 +280,10 @@ impl Worker {
         let mem = self.mem.memory().into_inner();
         let (table, size) = (self.vring.desc_table(), self.vring.size());
         let mut popped = 0;
+        let mut first_pass = true;
         loop {
             self.vring.disable_notification(&mem);
+            let before = popped;
             while let Some(head) = self.vring.pop(&mem) {
                 popped += 1;
                 if let Some(len) = self.handler.start(&mem, table, size, head) {
@@ -298,9 +300,16 @@ impl Worker {
                     self.publish(done);
                 }
             }
-            if !self.vring.enable_notification(&mem) {
+            let more = self.vring.enable_notification(&mem);
+            // The index said there was more after the last pass, yet this
+            // one took nothing: the ring is invalid (an index too far
+            // ahead, an entry outside guest memory). It stalls until the
+            // driver fixes it and kicks again; spinning here would also
+            // keep the queue from ever stopping.
+            if !more || (!first_pass && popped == before) {
                 break;
             }
+            first_pass = false;
         }
         self.handler.submit();
         self.publish(done);

@@ -101,6 +101,28 @@ fn bogus_available_index_stalls_the_queue_without_flooding_the_log() {
 }
 
 #[test]
+fn queue_with_a_bogus_available_index_still_stops() {
+    let dir = TempDir::new("availstop");
+    let (mut backend, _) = Backend::with_image(&dir, DISK, &[]);
+    let mut drv = driver(&backend.socket, config(1));
+    assert_eq!(drv.write(0, 0, &pattern(3, 4096), TIMEOUT).unwrap(), S_OK);
+    let (vq, mem) = drv.frontend().queue(0);
+    vq.set_raw_avail_idx(mem, vq.avail_idx().wrapping_add(1000))
+        .unwrap();
+    vq.notify();
+    let (tx, rx) = std::sync::mpsc::channel();
+
+    // GET_VRING_BASE stops the queue's worker: it must not be spinning.
+    std::thread::spawn(move || {
+        let vhost = drv.frontend().vhost().unwrap();
+        let _ = tx.send(vhost::VhostBackend::get_vring_base(vhost, 0).is_ok());
+    });
+
+    assert_eq!(rx.recv_timeout(TIMEOUT), Ok(true));
+    assert!(backend.is_running());
+}
+
+#[test]
 fn written_data_lands_in_the_host_file() {
     let dir = TempDir::new("host");
     let (backend, image) = Backend::with_image(&dir, DISK, &[]);

@@ -73,7 +73,16 @@ const CMOS_LEN: usize = 128;
 pub enum RtcError {
     #[error("Saved CMOS holds {0} bytes, not {CMOS_LEN}")]
     CmosSize(usize),
+    #[error("Saved time is out of range: offset {offset} s, year being set {year:?}")]
+    TimeRange { offset: i64, year: Option<i64> },
 }
+
+/// The farthest a guest can put the clock: four BCD digits of year (0x99
+/// in each register reads as 165) are about 16,700 years. A saved offset
+/// or frozen year beyond this bound is corrupt, and its time arithmetic
+/// would overflow.
+const MAX_YEARS: i64 = 1_000_000;
+const MAX_OFFSET: i64 = MAX_YEARS * 366 * 86_400;
 
 /// A broken-down UTC time. Fields hold whatever a guest wrote (a month of
 /// 0x99 included); conversion to seconds normalises them.
@@ -219,6 +228,15 @@ impl Rtc {
             .as_slice()
             .try_into()
             .map_err(|_| RtcError::CmosSize(state.cmos.len()))?;
+        let year = state.frozen.map(|f| f.year);
+        if state.offset.unsigned_abs() > MAX_OFFSET.unsigned_abs()
+            || year.is_some_and(|y| y.unsigned_abs() > MAX_YEARS.unsigned_abs())
+        {
+            return Err(RtcError::TimeRange {
+                offset: state.offset,
+                year,
+            });
+        }
         Ok(Self {
             clock,
             index: state.index & INDEX_MASK,
@@ -633,6 +651,32 @@ mod tests {
         r.read(1, &mut b);
 
         assert_eq!(b, [0xa5]);
+    }
+
+    #[test]
+    fn saved_time_no_guest_could_set_is_refused() {
+        let (mut rtc, _) = fake_clock(0);
+        set(&mut rtc, REG_B, B_24H | B_SET);
+        let mut far_year = rtc.state();
+        far_year.frozen.as_mut().unwrap().year = i64::MAX / 2;
+        let mut far_offset = rtc.state();
+        far_offset.offset = i64::MIN;
+
+        let errs = [far_year, far_offset].map(|s| Rtc::restore(&s, Box::new(|| 0)).err());
+
+        assert_eq!(
+            errs,
+            [
+                Some(RtcError::TimeRange {
+                    offset: 0,
+                    year: Some(i64::MAX / 2)
+                }),
+                Some(RtcError::TimeRange {
+                    offset: i64::MIN,
+                    year: Some(1970)
+                }),
+            ]
+        );
     }
 
     #[test]

@@ -349,6 +349,12 @@ impl PciEcam {
 impl BusDevice for PciEcam {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let (s, f, r, byte) = Self::decode(offset);
+        // Configuration accesses stay within one dword (as writes do); a
+        // wider one (a 64-bit MMIO read) is unsupported: all ones.
+        if byte + data.len() > 4 {
+            data.fill(0xff);
+            return;
+        }
         let value = lock(&self.root).read(s, f, r) >> (byte * 8);
         for (i, b) in data.iter_mut().enumerate() {
             *b = (value >> (i * 8)) as u8;
@@ -429,6 +435,18 @@ mod tests {
         let mut w = [0u8; 2];
         ecam.read((1 << 15) + 2, &mut w);
         assert_eq!(u16::from_le_bytes(w), 0x1041);
+    }
+
+    #[test]
+    fn ecam_read_wider_than_a_dword_reads_all_ones() {
+        let (_, root, _) = setup();
+        let mut ecam = PciEcam::new(root);
+        let (mut q, mut across) = ([0u8; 8], [0u8; 2]);
+
+        ecam.read(1 << 15, &mut q);
+        ecam.read((1 << 15) + 3, &mut across);
+
+        assert_eq!((q, across), ([0xff; 8], [0xff; 2]));
     }
 
     #[test]

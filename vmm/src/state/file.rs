@@ -117,7 +117,8 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<(Header, T), St
     let rest = (bytes.len() - r.pos) as u64;
     if rest < payload_len {
         return Err(StateFileError::Truncated {
-            expected: r.pos as u64 + payload_len,
+            // The length is the file's word: it may be anything up to u64::MAX.
+            expected: (r.pos as u64).saturating_add(payload_len),
             found: bytes.len() as u64,
         });
     }
@@ -269,6 +270,21 @@ mod tests {
         assert!(
             matches!(err, StateFileError::Truncated { expected, found }
                 if expected == bytes.len() as u64 && found == cut.len() as u64),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn payload_length_near_u64_max_is_refused_as_truncated() {
+        let mut bytes = encode_state(&sample()).unwrap();
+        let len_at = 14 + VMM_VERSION.len();
+        bytes[len_at..len_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+
+        let err = decode_state::<Sample>(&bytes).unwrap_err();
+
+        assert!(
+            matches!(err, StateFileError::Truncated { expected: u64::MAX, found }
+                if found == bytes.len() as u64),
             "{err:?}"
         );
     }
