@@ -243,20 +243,6 @@ impl<D: Device> Drop for Handler<D> {
     }
 }
 
-/// Refuses a mapping of `size` bytes at `offset` that reaches past the end
-/// of `file` (a memfd or other regular file): the daemon would die of
-/// SIGBUS on the first access past the end.
-fn check_fits(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
-    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
-    let fits = offset
-        .checked_add(size)
-        .is_some_and(|end| end <= meta.len());
-    if meta.file_type().is_file() && !fits {
-        return Err(invalid("memory region reaches past the end of its file"));
-    }
-    Ok(())
-}
-
 fn eventfd_from(file: File) -> EventFd {
     // SAFETY: `into_raw_fd` transfers ownership of a valid fd the frontend sent us.
     unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
@@ -344,7 +330,6 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
                 size = format_args!("{:#x}", { region.memory_size }),
                 "memory table region"
             );
-            check_fits(&file, region.mmap_offset, region.memory_size)?;
             let map = region.mmap_region::<()>(file)?;
             let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
                 .ok_or(VhostUserError::InvalidParam)?;
@@ -509,7 +494,6 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
-        check_fits(&file, inflight.mmap_offset, inflight.mmap_size)?;
         let region = InflightRegion::map(
             &file,
             inflight.mmap_offset,
@@ -547,7 +531,6 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VhostUserError::InvalidParam);
         }
-        check_fits(&fd, region.mmap_offset, region.memory_size)?;
         let map = region.mmap_region::<()>(fd)?;
         let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
             .ok_or(VhostUserError::InvalidParam)?;
@@ -641,68 +624,3 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
 
 /// Shared handler type the protocol layer drives.
 pub type SharedHandler<D> = Arc<Mutex<Handler<D>>>;
-
-#[cfg(test)]
-mod tests {
-    use std::io;
-    use std::time::Duration;
-
-    use vhost::vhost_user::message::VhostUserMemoryRegion;
-    use vm_memory::GuestAddress;
-
-    use super::*;
-    use crate::device::QueueHandler;
-    use crate::memory::memfd_create;
-
-    struct NoQueues;
-
-    impl Device for NoQueues {
-        fn num_queues(&self) -> usize {
-            1
-        }
-        fn max_queue_size(&self) -> u16 {
-            256
-        }
-        fn features(&self) -> u64 {
-            0
-        }
-        fn protocol_features(&self) -> VhostUserProtocolFeatures {
-            VhostUserProtocolFeatures::empty()
-        }
-        fn read_config(&self, _offset: u32, _buf: &mut [u8]) {}
-        fn queue_handler(
-            &self,
-            _index: usize,
-            _metrics: Arc<QueueMetrics>,
-        ) -> io::Result<Box<dyn QueueHandler>> {
-            Err(io::Error::other("no queues"))
-        }
-    }
-
-    fn handler() -> Handler<NoQueues> {
-        let metrics = Arc::new(vec![Arc::new(QueueMetrics::default())]);
-        Handler::new(Arc::new(NoQueues), metrics, Duration::ZERO)
-    }
-
-    fn memfd(len: u64) -> File {
-        let f = memfd_create("test-ram").unwrap();
-        f.set_len(len).unwrap();
-        f
-    }
-
-    #[test]
-    fn memory_region_past_the_end_of_its_file_is_refused() {
-        let mut h = handler();
-        let past_end = VhostUserMemoryRegion::new(0, 0x2000, 0x7f00_0000_0000, 0);
-        let offset_past_end = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0x1000);
-        let fits = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0);
-
-        let refused = [past_end, offset_past_end]
-            .map(|r| h.set_mem_table(&[r], vec![memfd(0x1000)], None).is_err());
-        let accepted = h.set_mem_table(&[fits], vec![memfd(0x1000)], None);
-
-        assert_eq!(refused, [true, true]);
-        assert!(accepted.is_ok());
-        assert_eq!(h.va_to_gpa(0x7f00_0000_0fff).unwrap(), GuestAddress(0xfff));
-    }
-}
