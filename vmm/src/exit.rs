@@ -19,6 +19,8 @@ pub enum ExitReason {
     ApiShutdown,
     /// `vm.reboot` on the control API.
     ApiReboot,
+    /// The VM now runs in another vmm (`vm.send-migration`).
+    Migrated,
     /// A vCPU triple-faulted.
     TripleFault { cpu: u8 },
     /// KVM could not go on (emulation failure, entry failure...).
@@ -35,6 +37,7 @@ impl ExitReason {
                 | Self::Signal(_)
                 | Self::ApiShutdown
                 | Self::ApiReboot
+                | Self::Migrated
         )
     }
 
@@ -52,6 +55,7 @@ impl std::fmt::Display for ExitReason {
             Self::Signal(s) => write!(f, "stopped by signal {s}"),
             Self::ApiShutdown => write!(f, "shut down through the API"),
             Self::ApiReboot => write!(f, "rebooted through the API"),
+            Self::Migrated => write!(f, "migrated to another vmm"),
             Self::TripleFault { cpu } => write!(f, "guest triple fault on vCPU {cpu}"),
             Self::KvmFailure { cpu, detail } => write!(f, "vCPU {cpu}: {detail}"),
         }

@@ -13,6 +13,7 @@ pub mod exit;
 pub mod interrupts;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod platform;
 pub mod snapshot;

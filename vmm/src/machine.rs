@@ -35,12 +35,16 @@ use crate::devices::bus::lock;
 use crate::events;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::memory::{Memory, MemoryError};
+use crate::migration::send::Outgoing;
 use crate::platform::{Platform, PlatformError};
 use crate::snapshot::{self, MemoryRestore, SnapshotError, SnapshotState};
 use crate::state::{self, finish_pending_io, VcpuStateError, VmStateError};
 use crate::vcpu::{VcpuContext, VcpuError, VcpuHandle, VcpuMetrics, VcpuState};
 use crate::virtio::pci::TransportMetrics;
 use crate::vm::{self, VmError};
+use tokio::sync::oneshot;
+
+mod migration;
 
 /// Errors building or running the VM.
 #[derive(Debug, Error)]
@@ -91,15 +95,18 @@ enum Token {
     Stdin,
     SerialDrained,
     Api,
+    /// The pre-copy thread of an outgoing migration ended.
+    Migration,
 }
 
 impl Token {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Exit,
         Self::Signal,
         Self::Stdin,
         Self::SerialDrained,
         Self::Api,
+        Self::Migration,
     ];
 
     fn mio(self) -> mio::Token {
@@ -148,6 +155,8 @@ pub struct Machine {
     info: VmInfoConfig,
     started: bool,
     paused: bool,
+    /// An outgoing migration and the vm.send-migration reply it owes.
+    outgoing: Option<(Outgoing, oneshot::Sender<ApiResponse>)>,
 }
 
 impl Machine {
@@ -165,17 +174,31 @@ impl Machine {
     /// Like [`Self::restore`], with the state already read and checked
     /// (and perhaps given new backend sockets).
     pub fn restore_state(dir: &Path, state: SnapshotState, memory: MemoryRestore) -> Result<Self> {
+        state.config.validate()?;
+        let memory = match memory {
+            MemoryRestore::Map => {
+                Memory::with_file(snapshot::open_memory_for_map(dir)?, state.config.memory)?
+            }
+            MemoryRestore::Copy => {
+                let m = Memory::new(state.config.memory, state.config.hugepages)?;
+                snapshot::load_memory(dir, &m.file, m.size)?;
+                m
+            }
+        };
+        Self::restore_with_memory(state, memory)
+    }
+
+    /// Builds the VM `state` describes on guest RAM that already holds its
+    /// memory (restored, or received by a migration), paused.
+    pub fn restore_with_memory(state: SnapshotState, memory: Memory) -> Result<Self> {
         let cfg = state.config.clone();
-        let mut m = Self::build(&cfg, Some((dir, state, memory)))?;
+        let mut m = Self::build(&cfg, Some((state, memory)))?;
         m.ids = m.restored_ids.take().unwrap_or_default();
         m.info = VmInfoConfig::new(&cfg, &m.ids);
         Ok(m)
     }
 
-    fn build(
-        cfg: &VmConfig,
-        restore: Option<(&Path, SnapshotState, MemoryRestore)>,
-    ) -> Result<Self> {
+    fn build(cfg: &VmConfig, restore: Option<(SnapshotState, Memory)>) -> Result<Self> {
         cfg.validate()?;
         events::emit(
             "vm",
@@ -190,22 +213,15 @@ impl Machine {
         let signals = SignalFd::new(VMM_SIGNALS)?;
         let kvm = Arc::new(vm::open_kvm()?);
         let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
-        let memory = match &restore {
-            Some((dir, _, MemoryRestore::Map)) => {
-                Memory::with_file(snapshot::open_memory_for_map(dir)?, cfg.memory)?
-            }
-            Some((dir, _, MemoryRestore::Copy)) => {
-                let m = Memory::new(cfg.memory, cfg.hugepages)?;
-                snapshot::load_memory(dir, &m.file, m.size)?;
-                m
-            }
-            None => Memory::new(cfg.memory, cfg.hugepages)?,
+        let (memory, restore) = match restore {
+            Some((state, memory)) => (memory, Some(state)),
+            None => (Memory::new(cfg.memory, cfg.hugepages)?, None),
         };
         vm::register_memory(&vm, &memory.guest)?;
 
         let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
         let entry = match &restore {
-            Some((_, state, _)) => {
+            Some(state) => {
                 state.vm.restore(&vm)?;
                 None
             }
@@ -229,9 +245,7 @@ impl Machine {
 
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
-        let saved = restore
-            .as_ref()
-            .map(|(_, s, _)| (&s.devices, &s.backends[..]));
+        let saved = restore.as_ref().map(|s| (&s.devices, &s.backends[..]));
         let platform = Platform::new(cfg, &vm, &memory, &exit, ram_end, saved)?;
         let transports = platform
             .virtio
@@ -257,7 +271,7 @@ impl Machine {
         let mut metrics = Vec::with_capacity(cfg.cpus.into());
         for id in 0..cfg.cpus {
             let fd = create_vcpu(&kvm, &vm, id, cfg.cpus, &supported, &hidden, entry)?;
-            if let Some((_, state, _)) = &restore {
+            if let Some(state) = &restore {
                 state.vcpus[usize::from(id)].restore(&fd, &kvm)?;
             }
             let own = Arc::new(VcpuMetrics::default());
@@ -277,7 +291,7 @@ impl Machine {
             vm,
             config: cfg.clone(),
             ids: Vec::new(),
-            restored_ids: restore.map(|(_, s, _)| s.ids),
+            restored_ids: restore.map(|s| s.ids),
             memory,
             exit,
             metrics,
@@ -289,6 +303,7 @@ impl Machine {
             // A restored VM comes back paused: resume lets it run.
             started: restored,
             paused: restored,
+            outgoing: None,
         })
     }
 
@@ -301,6 +316,25 @@ impl Machine {
     /// The API ids of the devices.
     pub fn ids(&self) -> &[String] {
         &self.ids
+    }
+
+    /// Stops the vCPUs (each out of `KVM_RUN` and parked), then the
+    /// devices' rings.
+    fn pause(&mut self) {
+        events::emit("vm", "pausing", &[]);
+        for v in &self.vcpus {
+            v.set_state(VcpuState::Paused);
+        }
+        for v in &self.vcpus {
+            v.wait_parked();
+        }
+        // With the vCPUs parked no register write races these.
+        for d in &self.platform.virtio {
+            lock(d).pause();
+        }
+        self.paused = true;
+        events::emit("vm", "paused", &[]);
+        tracing::info!("VM paused");
     }
 
     /// Lets a paused (or restored) VM run again: its rings first, then
@@ -321,10 +355,18 @@ impl Machine {
         tracing::info!("VM resumed");
     }
 
-    /// Saves the paused VM into `dir` (see [`crate::snapshot`]): each
-    /// vCPU's state, taken on its own thread once its last I/O
-    /// instruction is complete, the VM-wide state and guest memory.
+    /// Saves the paused VM into `dir` (see [`crate::snapshot`]); returns
+    /// the bytes of RAM written.
     pub fn snapshot(&self, dir: &Path) -> std::result::Result<u64, String> {
+        let state = self.save_state()?;
+        snapshot::save(dir, &state, &self.memory.file, self.memory.size)
+            .map_err(|e| crate::error_chain(&e))
+    }
+
+    /// The paused VM's state: each vCPU's, taken on its own thread once
+    /// its last I/O instruction is complete, the VM-wide state, every
+    /// device's, and the backends' own (which stops their rings).
+    fn save_state(&self) -> std::result::Result<SnapshotState, String> {
         if !self.paused {
             return Err("The VM must be paused first".into());
         }
@@ -346,16 +388,14 @@ impl Machine {
             .iter()
             .map(|d| lock(d).save_backend_state())
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let state = SnapshotState {
+        Ok(SnapshotState {
             config: self.config.clone(),
             ids: self.ids.clone(),
             vcpus,
             vm: state::VmState::save(&self.vm),
             devices: self.platform.state(),
             backends,
-        };
-        snapshot::save(dir, &state, &self.memory.file, self.memory.size)
-            .map_err(|e| crate::error_chain(&e))
+        })
     }
 
     /// Serves control API requests in the event loop: returns the sender
@@ -411,6 +451,7 @@ impl Machine {
         let _raw = self.stdin_input.then(RawStdin::enable);
         self.start_vcpus();
         let reason = self.event_loop();
+        self.cancel_migration();
         let mut result: Result<()> = Ok(());
         for v in self.vcpus.drain(..) {
             if let Err(e) = v.join() {
@@ -422,6 +463,8 @@ impl Machine {
         // "shutdown" if it does not restart it.
         let event = if reason.is_reboot() {
             "rebooting"
+        } else if reason == ExitReason::Migrated {
+            "migrated"
         } else {
             "shutdown"
         };
@@ -493,6 +536,11 @@ impl Machine {
                     Some(Token::SerialDrained) => {
                         let _ = self.platform.serial_drained.read();
                     }
+                    Some(Token::Migration) => {
+                        if let Some(r) = self.migration_ended() {
+                            return Ok(r);
+                        }
+                    }
                     Some(Token::Api) => {
                         let messages = self.api.as_ref().map(|a| a.drain()).unwrap_or_default();
                         for ApiMessage {
@@ -501,6 +549,11 @@ impl Machine {
                             reply,
                         } in messages
                         {
+                            if request == ApiRequest::VmSendMigration {
+                                // Answered when the migration ends.
+                                self.start_migration(&body, reply);
+                                continue;
+                            }
                             let (response, stop) = self.api_request(request, &body);
                             // The client may have gone; the action stands.
                             let _ = reply.send(response);
@@ -579,27 +632,18 @@ impl Machine {
                 } else {
                     VmState::Running
                 };
-                let info = VmInfo::new(self.info.clone(), state, self.memory.size);
+                let mut info = VmInfo::new(self.info.clone(), state, self.memory.size);
+                info.migration = self
+                    .outgoing
+                    .as_ref()
+                    .map(|(o, _)| lock(&o.progress).clone());
                 (json(serde_json::to_string(&info)), None)
             }
             ApiRequest::VmPause if self.paused => {
                 (Err(ApiFailure::new(405, "The VM is already paused")), None)
             }
             ApiRequest::VmPause => {
-                events::emit("vm", "pausing", &[]);
-                for v in &self.vcpus {
-                    v.set_state(VcpuState::Paused);
-                }
-                for v in &self.vcpus {
-                    v.wait_parked();
-                }
-                // With the vCPUs parked no register write races these.
-                for d in &self.platform.virtio {
-                    lock(d).pause();
-                }
-                self.paused = true;
-                events::emit("vm", "paused", &[]);
-                tracing::info!("VM paused");
+                self.pause();
                 (Ok(ApiReply::Empty), None)
             }
             ApiRequest::VmResume if !self.paused => {
@@ -629,6 +673,8 @@ impl Machine {
             | ApiRequest::VmAddDisk
             | ApiRequest::VmAddNet
             | ApiRequest::VmRestore
+            | ApiRequest::VmReceiveMigration
+            | ApiRequest::VmSendMigration
             | ApiRequest::VmCounters => (
                 Err(ApiFailure::new(405, "Not a request for the running VM")),
                 None,

@@ -1,7 +1,9 @@
 //! The KVM VM: opening /dev/kvm with clear errors, the capabilities we rely
 //! on, the in-kernel irqchip and PIT, and guest memory slots.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -89,6 +91,10 @@ pub fn create_vm(kvm: &Kvm, cpus: u8) -> Result<VmFd, VmError> {
 
 /// Registers every guest RAM region as a KVM memory slot.
 pub fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    register_slots(vm, mem, 0)
+}
+
+fn register_slots(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -98,7 +104,7 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: the region is a live mapping of `len` bytes owned by
         // `mem`; the machine keeps guest memory mapped until every vCPU
@@ -108,4 +114,10 @@ pub fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
             .map_err(|e| VmError::Kvm("register memory slot", e))?;
     }
     Ok(())
+}
+
+/// Turns KVM's dirty-page logging on or off for every guest RAM slot
+/// (the slots are registered again with the flag set or clear).
+pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemory, on: bool) -> Result<(), VmError> {
+    register_slots(vm, mem, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
 }

@@ -6,98 +6,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::mpsc::{self, Receiver};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{test_guest, vmm, workspace_bin, Daemon, Scratch};
+use common::{test_guest, vmm, workspace_bin, ApiVmm as Vmm, Daemon, Scratch, API_LIMIT as LIMIT};
 
-const LIMIT: Duration = Duration::from_secs(30);
-
-/// A vmm serving the API on `<dir>/<name>.sock`, killed when dropped.
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-    console: Receiver<String>,
+/// vm.snapshot and vm.restore as the tests use them.
+trait Snap {
+    fn snapshot(&self, prefix: &str, dir: &Path) -> u64;
+    fn restore(&self, dir: &Path, resume: bool) -> (u16, String);
 }
 
-impl Vmm {
-    fn start(dir: &Scratch, name: &str) -> Self {
-        let socket = dir.path(&format!("{name}.sock"));
-        let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
-        let mut child = vmm()
-            .arg("--api-socket")
-            .arg(&socket)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, console) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                let _ = tx.send(l.trim_end().to_string());
-            }
-        });
-        let deadline = Instant::now() + LIMIT;
-        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            socket,
-            console,
-        }
-    }
-
-    fn put(&self, endpoint: &str, body: &str) -> (u16, String) {
-        let r = vmm::api::client::raw_with_body(&self.socket, "PUT", endpoint, body.as_bytes())
-            .unwrap();
-        (r.status, r.body)
-    }
-
-    fn state(&self) -> String {
-        let r = vmm::api::client::raw(&self.socket, "GET", "vm.info").unwrap();
-        match r.status {
-            200 => serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["state"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-            s => s.to_string(),
-        }
-    }
-
-    /// The number on the next console line starting with `prefix`.
-    fn next_count(&self, prefix: &str) -> u64 {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let l = self
-                .console
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {prefix:?} line"));
-            assert!(!l.contains("FAIL"), "{l}");
-            if let Some(n) = l.strip_prefix(prefix) {
-                return n.trim().parse().unwrap();
-            }
-        }
-    }
-
-    /// Creates and boots the test guest with `cmdline` and `disks`.
-    fn boot(&self, cmdline: &str, cpus: u8, disks: serde_json::Value) {
-        let cfg = serde_json::json!({
-            "payload": {"kernel": test_guest(), "cmdline": cmdline},
-            "cpus": {"boot_vcpus": cpus, "max_vcpus": cpus},
-            "memory": {"size": 128 << 20},
-            "serial": {"mode": "Tty"},
-            "disks": disks,
-        });
-        assert_eq!(self.put("vm.create", &cfg.to_string()).0, 204);
-        assert_eq!(self.put("vm.boot", "").0, 204);
-    }
-
+impl Snap for Vmm {
     /// Pauses and snapshots into `dir`; returns the last count printed.
     fn snapshot(&self, prefix: &str, dir: &Path) -> u64 {
         let mut last = self.next_count(prefix);
@@ -116,13 +38,6 @@ impl Vmm {
     fn restore(&self, dir: &Path, resume: bool) -> (u16, String) {
         let body = serde_json::json!({"source_url": url(dir), "resume": resume}).to_string();
         self.put("vm.restore", &body)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

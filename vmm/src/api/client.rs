@@ -121,8 +121,25 @@ pub fn call(socket: &Path, request: ApiRequest) -> Result<String, ClientError> {
 
 /// [`call`] with a JSON request body.
 pub fn call_with(socket: &Path, request: ApiRequest, body: &[u8]) -> Result<String, ClientError> {
+    call_with_timeout(socket, request, body, TIMEOUT)
+}
+
+/// [`call_with`] for requests that take long (a migration): each read
+/// and write bounded by `timeout`.
+pub fn call_with_timeout(
+    socket: &Path,
+    request: ApiRequest,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let (method, endpoint) = route_of(request);
-    let r = raw_with_body(socket, method, endpoint, body)?;
+    let r = exchange(
+        socket,
+        method,
+        &format!("{API_PREFIX}{endpoint}"),
+        body,
+        timeout,
+    )?;
     if (200..300).contains(&r.status) {
         Ok(r.body)
     } else {

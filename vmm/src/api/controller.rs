@@ -76,6 +76,12 @@ enum Vm {
     Shutdown(Spec),
 }
 
+/// What a VM is built from instead of its config alone.
+enum Restore {
+    Snapshot(PathBuf, Box<SnapshotState>, MemoryRestore),
+    Migrated(Box<SnapshotState>, crate::memory::Memory),
+}
+
 /// A VM's config and the API ids of its devices (in `devices` order).
 #[derive(Clone)]
 struct Spec {
@@ -89,6 +95,20 @@ struct Running {
     counters: LiveCounters,
     /// `None` when the machine was never built (the error went to boot).
     thread: JoinHandle<Option<VmEnd>>,
+}
+
+impl Running {
+    /// Lets the (restored, paused) VM run; answered by its loop, which
+    /// only fails if the VM has ended.
+    fn resume(&self) {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.api.forward(ApiMessage {
+            request: ApiRequest::VmResume,
+            body: Vec::new(),
+            reply,
+        });
+        let _ = answer.blocking_recv();
+    }
 }
 
 /// How a VM thread ended, and the requests forwarded to it too late.
@@ -301,7 +321,8 @@ impl Controller {
             None => None,
         };
         let reason = outcome.as_ref().map(|o| &o.reason);
-        let signal = matches!(reason, Some(ExitReason::Signal(_)));
+        // A migrated VM lives on in another process: this one is done.
+        let signal = matches!(reason, Some(ExitReason::Signal(_) | ExitReason::Migrated));
         // vm.reboot always restarts; a guest reset does unless the process
         // lives for the command-line VM only (it exits on reset, as
         // without the API).
@@ -353,7 +374,7 @@ impl Controller {
     fn start(
         &self,
         spec: &Spec,
-        restore: Option<(PathBuf, SnapshotState, MemoryRestore)>,
+        restore: Option<Restore>,
     ) -> Result<std::result::Result<Running, MachineError>> {
         let done = self
             .vm_done
@@ -366,7 +387,12 @@ impl Controller {
             .name("vmm-vm".into())
             .spawn(move || {
                 let machine = match restore {
-                    Some((dir, state, memory)) => Machine::restore_state(&dir, state, memory),
+                    Some(Restore::Snapshot(dir, state, memory)) => {
+                        Machine::restore_state(&dir, *state, memory)
+                    }
+                    Some(Restore::Migrated(state, memory)) => {
+                        Machine::restore_with_memory(*state, memory)
+                    }
                     None => Machine::new(&cfg),
                 };
                 let built = machine.and_then(|mut m| {
@@ -472,6 +498,7 @@ impl Controller {
             }
             ApiRequest::VmCreate => (self.create(body), false),
             ApiRequest::VmRestore => (self.restore(body)?, false),
+            ApiRequest::VmReceiveMigration => (self.receive_migration(body)?, false),
             ApiRequest::VmBoot => (self.boot()?, false),
             ApiRequest::VmDelete => {
                 self.stop_vm();
@@ -518,6 +545,7 @@ impl Controller {
             | ApiRequest::VmPowerButton
             | ApiRequest::VmReboot
             | ApiRequest::VmSnapshot
+            | ApiRequest::VmSendMigration
             | ApiRequest::VmShutdown => match self.vm {
                 Vm::None => (no_vm(), false),
                 _ => (fail(405, "The VM is not running"), false),
@@ -617,24 +645,84 @@ impl Controller {
             cfg: state.config.clone(),
             ids: state.ids.clone(),
         };
-        let running = match self.start(&spec, Some((dir, state, memory)))? {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
-        };
+        let running =
+            match self.start(&spec, Some(Restore::Snapshot(dir, Box::new(state), memory)))? {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            };
         crate::events::emit("vm", "restored", &[]);
         tracing::info!(resume, "VM restored");
         if resume {
-            let (reply, answer) = oneshot::channel();
-            let _ = running.api.forward(ApiMessage {
-                request: ApiRequest::VmResume,
-                body: Vec::new(),
-                reply,
-            });
-            // Answered by the VM's loop; it only fails if the VM ended.
-            let _ = answer.blocking_recv();
+            running.resume();
         }
         self.vm = Vm::Running(spec, running);
         Ok(Ok(()))
+    }
+
+    /// vm.receive-migration: waits for the source, receives the VM and
+    /// runs it here. Nothing is started unless everything arrived.
+    fn receive_migration(&mut self, body: &[u8]) -> Result<ApiResponse> {
+        use crate::migration::{receive, stream, Url};
+        let cfg: receive::ReceiveMigrationConfig = match parse(body) {
+            Ok(c) => c,
+            Err(e) => return Ok(fail(400, crate::error_chain(&e))),
+        };
+        let url: Url = match cfg.receiver_url.parse() {
+            Ok(u) => u,
+            Err(e) => return Ok(fail(400, crate::error_chain(&e))),
+        };
+        if !matches!(self.vm, Vm::None) {
+            return Ok(fail(405, "A VM is already created: delete it first"));
+        }
+        crate::events::emit("migration", "receiving", &[("url", url.to_string())]);
+        let failed = |e: &dyn std::error::Error| {
+            let msg = crate::error_chain(e);
+            crate::events::emit("migration", "failed", &[("error", msg.clone())]);
+            fail(500, format!("Migration failed: {msg}"))
+        };
+        let mut conn = match receive::accept(&url, self.signals.fd.as_raw_fd()) {
+            Ok(c) => c,
+            Err(e) => return Ok(failed(&e)),
+        };
+        let got = match receive::receive(&mut conn, &cfg.vhost_sockets) {
+            Ok(g) => g,
+            Err(e) => return Ok(failed(&e)),
+        };
+        let spec = Spec {
+            cfg: got.state.config.clone(),
+            ids: got.state.ids.clone(),
+        };
+        let running = match self.start(
+            &spec,
+            Some(Restore::Migrated(Box::new(got.state), got.memory)),
+        )? {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = stream::write_error(
+                    &mut conn,
+                    &crate::migration::MigrationError::Vm(crate::error_chain(&e)),
+                );
+                return Ok(failed(&e));
+            }
+        };
+        if got.resume {
+            running.resume();
+        }
+        self.vm = Vm::Running(spec, running);
+        // Only once the source knows may both not run: if it cannot be
+        // told, the VM stops here and the source resumes it.
+        if let Err(e) = stream::write_frame(&mut conn, stream::Kind::Ok, &[]) {
+            self.stop_vm();
+            self.vm = Vm::None;
+            return Ok(failed(&e));
+        }
+        crate::events::emit("migration", "received", &[]);
+        tracing::info!(
+            memory_bytes = got.memory_bytes,
+            local = got.local,
+            "migration received: the VM runs here"
+        );
+        Ok(Ok(ApiReply::Empty))
     }
 
     fn add_device(&mut self, request: ApiRequest, body: &[u8]) -> ApiResponse {

@@ -50,6 +50,12 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
     ("vm.add-disk", "PUT", ApiRequest::VmAddDisk),
     ("vm.add-net", "PUT", ApiRequest::VmAddNet),
     ("vm.counters", "GET", ApiRequest::VmCounters),
+    ("vm.send-migration", "PUT", ApiRequest::VmSendMigration),
+    (
+        "vm.receive-migration",
+        "PUT",
+        ApiRequest::VmReceiveMigration,
+    ),
 ];
 
 /// Largest request body read (a VmConfig is a few KiB); larger is 413.

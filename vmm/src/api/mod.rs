@@ -69,6 +69,8 @@ pub enum ApiRequest {
     VmAddDisk,
     VmAddNet,
     VmCounters,
+    VmSendMigration,
+    VmReceiveMigration,
 }
 
 impl ApiRequest {
@@ -84,6 +86,7 @@ impl ApiRequest {
                 | Self::VmReboot
                 | Self::VmSnapshot
                 | Self::VmShutdown
+                | Self::VmSendMigration
         )
     }
 }
@@ -240,6 +243,9 @@ pub struct VmInfo {
     /// Every device by id, with its PCI address.
     #[serde(default)]
     pub device_tree: BTreeMap<String, DeviceNode>,
+    /// Ours: an outgoing migration's progress, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::Progress>,
 }
 
 impl VmInfo {
@@ -264,6 +270,7 @@ impl VmInfo {
             state,
             memory_actual_size,
             device_tree,
+            migration: None,
         }
     }
 }

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use vmm::api::client::{self, ClientError};
@@ -79,6 +82,35 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Live-migrate the VM to a vmm waiting in receive-migration
+    /// (vm.send-migration); prints pre-copy progress on stderr. This vmm
+    /// exits once the destination runs the VM.
+    SendMigration {
+        /// unix:/PATH or tcp:HOST:PORT
+        destination: String,
+        /// Same host: hand guest memory over instead of copying it
+        /// (live upgrade; unix: only).
+        #[arg(long)]
+        local: bool,
+        /// The pause the guest may see.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Give up, leaving the VM running here, after this long.
+        #[arg(long, default_value_t = 3600)]
+        timeout_s: u64,
+        /// Pre-copy sends at most this many MiB/s (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max_bandwidth_mibps: u64,
+    },
+    /// Wait for a migration and run the VM it brings; this vmm must have
+    /// no VM (vm.receive-migration).
+    ReceiveMigration {
+        /// unix:/PATH or tcp:HOST:PORT to listen on.
+        receiver: String,
+        /// A backend listening elsewhere here: DEVICE_ID=SOCKET (repeat).
+        #[arg(long = "vhost-socket")]
+        vhost_sockets: Vec<String>,
+    },
 }
 
 /// `file:///dir` as given, or a plain path made into one.
@@ -109,6 +141,8 @@ impl Command {
             Self::Counters => ApiRequest::VmCounters,
             Self::Snapshot { .. } => ApiRequest::VmSnapshot,
             Self::Restore { .. } => ApiRequest::VmRestore,
+            Self::SendMigration { .. } => ApiRequest::VmSendMigration,
+            Self::ReceiveMigration { .. } => ApiRequest::VmReceiveMigration,
         }
     }
 
@@ -150,6 +184,39 @@ impl Command {
             })
             .to_string()
             .into_bytes()),
+            Self::SendMigration {
+                destination,
+                local,
+                downtime_ms,
+                timeout_s,
+                max_bandwidth_mibps,
+            } => Ok(serde_json::json!({
+                "destination_url": destination,
+                "local": local,
+                "downtime_ms": downtime_ms,
+                "timeout_s": timeout_s,
+                "max_bandwidth_mibps": max_bandwidth_mibps,
+            })
+            .to_string()
+            .into_bytes()),
+            Self::ReceiveMigration {
+                receiver,
+                vhost_sockets,
+            } => {
+                let mut sockets = serde_json::Map::new();
+                for s in vhost_sockets {
+                    let (id, path) = s
+                        .split_once('=')
+                        .ok_or_else(|| format!("'{s}': expected DEVICE_ID=SOCKET"))?;
+                    sockets.insert(id.into(), path.into());
+                }
+                Ok(serde_json::json!({
+                    "receiver_url": receiver,
+                    "vhost_sockets": sockets,
+                })
+                .to_string()
+                .into_bytes())
+            }
             _ => Ok(Vec::new()),
         }
     }
@@ -191,7 +258,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match client::call_with(&cli.api_socket, cli.command.request(), &request) {
+    let result = match &cli.command {
+        Command::SendMigration { timeout_s, .. } => {
+            let progress = ProgressPrinter::start(cli.api_socket.clone());
+            let r = client::call_with_timeout(
+                &cli.api_socket,
+                cli.command.request(),
+                &request,
+                Duration::from_secs(timeout_s.saturating_add(300)),
+            );
+            progress.stop();
+            r
+        }
+        Command::ReceiveMigration { .. } => client::call_with_timeout(
+            &cli.api_socket,
+            cli.command.request(),
+            &request,
+            Duration::from_secs(365 * 86400),
+        ),
+        _ => client::call_with(&cli.api_socket, cli.command.request(), &request),
+    };
+    match result {
         Ok(body) => {
             let out = if cli.json {
                 body
@@ -247,6 +334,10 @@ fn human(command: &Command, body: &str) -> String {
         Command::Snapshot { destination } => format!("VM saved to {destination}"),
         Command::Restore { resume: true, .. } => "VM restored and running".into(),
         Command::Restore { .. } => "VM restored, paused".into(),
+        Command::SendMigration { destination, .. } => {
+            format!("VM migrated to {destination}; this vmm exits")
+        }
+        Command::ReceiveMigration { .. } => "Migrated VM running here".into(),
         Command::Shutdown => "VM shutting down".into(),
         Command::ShutdownVmm => "VMM shutting down".into(),
         Command::Create { .. } => "VM created".into(),
@@ -293,4 +384,51 @@ fn error_chain(e: &ClientError) -> String {
         src = c.source();
     }
     s
+}
+
+/// Polls vm.info while a migration runs and prints each new pre-copy
+/// round on stderr.
+struct ProgressPrinter {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl ProgressPrinter {
+    fn start(socket: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut last = None;
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let Ok(body) = client::call(&socket, ApiRequest::VmInfo) else {
+                    continue;
+                };
+                let Some(p) = serde_json::from_str::<VmInfo>(&body)
+                    .ok()
+                    .and_then(|i| i.migration)
+                else {
+                    continue;
+                };
+                if last.as_ref() != Some(&p) {
+                    const MIB: f64 = (1 << 20) as f64;
+                    eprintln!(
+                        "round {}: sent {:.1} MiB, {:.1} MiB dirty, dirtied at {:.1} MiB/s, sending at {:.1} MiB/s",
+                        p.round,
+                        p.sent_bytes as f64 / MIB,
+                        p.remaining_bytes as f64 / MIB,
+                        p.dirty_rate_bps as f64 / MIB,
+                        p.bandwidth_bps as f64 / MIB
+                    );
+                    last = Some(p);
+                }
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }

@@ -18,9 +18,12 @@ use std::time::Duration;
 use thiserror::Error;
 
 mod device_state;
+mod migration;
+use migration::ring_config;
+pub use migration::LogShare;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -75,6 +78,8 @@ pub enum VhostUserError {
     StateTransfer(#[source] std::io::Error),
     #[error("The backend at {0} is not connected")]
     NotConnected(String),
+    #[error("Backend at {0} cannot log its writes to guest memory (VHOST_F_LOG_ALL, LOG_SHMFD)")]
+    NoDirtyLog(String),
 }
 
 /// Bounds every blocking receive on the connection `fd`.
@@ -162,6 +167,13 @@ struct Inner {
     rings_stopped: bool,
     /// Backend state from a snapshot, loaded before the rings start.
     pending_state: Option<Vec<u8>>,
+    /// The backend's own feature bits (VHOST_F_LOG_ALL among them).
+    backend_features: u64,
+    /// The dirty log the backend writes while a migration runs.
+    log: Option<LogShare>,
+    /// Handed over to another VMM (migration): not connected, and the
+    /// monitor does not reconnect until [`VhostUser::reattach`].
+    detached: bool,
 }
 
 /// A vhost-user device seen through virtio-pci.
@@ -198,7 +210,8 @@ fn handshake(
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::DEVICE_STATE;
+            | VhostUserProtocolFeatures::DEVICE_STATE
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         protocol = offered & wanted;
         req("SET_PROTOCOL_FEATURES", fe.set_protocol_features(protocol))?;
         if protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -261,6 +274,9 @@ impl VhostUser {
             paused: false,
             rings_stopped: false,
             pending_state: None,
+            backend_features,
+            log: None,
+            detached: false,
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let (i, s) = (inner.clone(), stop.clone());
@@ -316,6 +332,9 @@ fn monitor(inner: &Mutex<Inner>, stop: &AtomicBool) {
             None => {
                 std::thread::sleep(RECONNECT_INTERVAL);
                 let mut g = lock(inner);
+                if g.detached {
+                    continue;
+                }
                 match g.reconnect() {
                     Ok(()) => {
                         let socket = g.cfg.socket.display().to_string();
@@ -343,10 +362,13 @@ fn peer_closed(fd: RawFd, timeout: Duration) -> bool {
 
 impl Inner {
     fn reconnect(&mut self) -> Result<(), VhostUserError> {
-        let (fe, _, protocol, has_protocol) = handshake(&self.cfg)?;
+        let (fe, backend_features, protocol, has_protocol) = handshake(&self.cfg)?;
         self.conn = Some(fe);
         self.protocol = protocol;
         self.has_protocol = has_protocol;
+        self.backend_features = backend_features;
+        // A new connection sets every ring up from the start.
+        self.rings_stopped = false;
         if self.active.is_some() {
             if let Err(e) = self.apply(true) {
                 self.conn = None;
@@ -412,12 +434,19 @@ impl Inner {
         let has_protocol = self.has_protocol;
         let nq = self.cfg.queues;
         let queue_size = self.cfg.queue_size;
+        let log = self.log.clone();
         let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_mut()) else {
             return Ok(());
         };
-        let features = a.features | if has_protocol { F_PROTOCOL_FEATURES } else { 0 };
+        let logging = log.is_some();
+        let features = a.features
+            | if has_protocol { F_PROTOCOL_FEATURES } else { 0 }
+            | if logging { F_LOG_ALL } else { 0 };
         req("SET_FEATURES", fe.set_features(features))?;
         req("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
+        if let Some(l) = &log {
+            req("SET_LOG_BASE", fe.set_log_base(0, Some(l.region())))?;
+        }
         if inflight_wanted {
             if a.inflight.is_none() {
                 let ask = VhostUserInflight::new(0, 0, nq, queue_size);
@@ -441,15 +470,7 @@ impl Inner {
         }
         for (q, (base, (desc, avail, used))) in a.queues.iter().zip(bases.iter().zip(&addrs)) {
             req("SET_VRING_NUM", fe.set_vring_num(q.index, q.size))?;
-            let ring = VringConfigData {
-                queue_max_size: queue_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: *desc,
-                used_ring_addr: *used,
-                avail_ring_addr: *avail,
-                log_addr: None,
-            };
+            let ring = ring_config(queue_size, q, (*desc, *avail, *used), logging);
             req("SET_VRING_ADDR", fe.set_vring_addr(q.index, &ring))?;
             req("SET_VRING_BASE", fe.set_vring_base(q.index, *base))?;
             req("SET_VRING_CALL", fe.set_vring_call(q.index, &q.call))?;
@@ -759,6 +780,18 @@ impl VirtioDevice for VhostUser {
         lock(&self.inner)
             .save_state()
             .map_err(|e| crate::error_chain(&e))
+    }
+
+    fn set_dirty_log(&mut self, log: Option<LogShare>) -> Result<(), String> {
+        VhostUser::set_dirty_log(self, log).map_err(|e| crate::error_chain(&e))
+    }
+
+    fn detach_backend(&mut self) {
+        self.detach();
+    }
+
+    fn reattach_backend(&mut self, state: Option<Vec<u8>>) {
+        self.reattach(state);
     }
 
     fn resume(&mut self) {

@@ -79,4 +79,14 @@ pub trait VirtioDevice: Send {
     fn save_backend_state(&mut self) -> Result<Option<Vec<u8>>, String> {
         Ok(None)
     }
+    /// Starts (`Some`) or stops the logging of the device's own writes to
+    /// guest memory, for a migration; an error if it cannot log them.
+    fn set_dirty_log(&mut self, _log: Option<crate::vhost_user::LogShare>) -> Result<(), String> {
+        Ok(())
+    }
+    /// Hands the device's backend over to another VMM (its rings stopped).
+    fn detach_backend(&mut self) {}
+    /// Takes the backend back after [`Self::detach_backend`], loading
+    /// `state` into it.
+    fn reattach_backend(&mut self, _state: Option<Vec<u8>>) {}
 }

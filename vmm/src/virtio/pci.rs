@@ -403,6 +403,11 @@ impl VirtioPci {
         self.device.save_backend_state()
     }
 
+    /// The device behind the transport (migration hooks).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// Restarts the queues [`Self::pause`] stopped.
     pub fn resume(&mut self) {
         self.device.resume();

@@ -126,6 +126,14 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     if has(b"tg.count") {
         count_forever();
     }
+    if let Some(mib) = bi
+        .cmdline
+        .split(|b| *b == b' ')
+        .find_map(|t| t.strip_prefix(b"tg.dirty="))
+        .map(parse_num)
+    {
+        dirty_forever(top, mib);
+    }
     if has(b"tg.reset") {
         line("TG: reset");
         x86::reset();
@@ -165,6 +173,49 @@ fn count_forever() -> ! {
             unsafe { buf.add(i).write_volatile(count_word(round, i)) };
         }
         out().s("TG: count ").dec(round).nl();
+        round += 1;
+    }
+}
+
+/// Where `tg.dirty` starts: above the image and the page tables.
+const DIRTY_BASE: u64 = 16 * MIB;
+
+/// `tg.dirty=MIB`: forever, rewrites one word in each 4 KiB page of `MIB`
+/// MiB of RAM from 16 MiB, checking first that each page still holds the
+/// last round's word, and prints `TG: dirty N` after each pass. A
+/// migrated VM whose memory lost a dirty page fails the next pass.
+fn dirty_forever(top: u64, mib: u64) -> ! {
+    const PAGE: u64 = 4096;
+    let end = DIRTY_BASE + mib * MIB;
+    if end > top {
+        fail("tg.dirty beyond RAM");
+    }
+    let pages = mib * MIB / PAGE;
+    let mut round: u64 = 0;
+    loop {
+        for p in 0..pages {
+            let a = (DIRTY_BASE + p * PAGE) as *mut u64;
+            let want = if round == 0 {
+                None
+            } else {
+                Some(count_word(round - 1, p as usize))
+            };
+            // SAFETY: `a` is page-aligned RAM below `top` (checked above),
+            // identity mapped, above this image; only this CPU uses it.
+            let got = unsafe { a.read_volatile() };
+            if want.is_some_and(|w| w != got) {
+                out()
+                    .s("TG: FAIL dirty page ")
+                    .hex(a as u64)
+                    .s(" round ")
+                    .dec(round)
+                    .nl();
+                x86::power_off();
+            }
+            // SAFETY: as above.
+            unsafe { a.write_volatile(count_word(round, p as usize)) };
+        }
+        out().s("TG: dirty ").dec(round).nl();
         round += 1;
     }
 }

@@ -326,3 +326,96 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// How long the API tests wait for a step.
+pub const API_LIMIT: Duration = Duration::from_secs(30);
+
+/// A vmm serving the API on `<dir>/<name>.sock`, killed when dropped.
+pub struct ApiVmm {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub console: std::sync::mpsc::Receiver<String>,
+}
+
+impl ApiVmm {
+    pub fn start(dir: &Scratch, name: &str) -> Self {
+        let socket = dir.path(&format!("{name}.sock"));
+        let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
+        let mut child = vmm()
+            .arg("--api-socket")
+            .arg(&socket)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, console) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l.trim_end().to_string());
+            }
+        });
+        let deadline = Instant::now() + API_LIMIT;
+        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
+            assert!(Instant::now() < deadline, "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            socket,
+            console,
+        }
+    }
+
+    pub fn put(&self, endpoint: &str, body: &str) -> (u16, String) {
+        let r = vmm::api::client::raw_with_body(&self.socket, "PUT", endpoint, body.as_bytes())
+            .unwrap();
+        (r.status, r.body)
+    }
+
+    pub fn state(&self) -> String {
+        let r = vmm::api::client::raw(&self.socket, "GET", "vm.info").unwrap();
+        match r.status {
+            200 => serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            s => s.to_string(),
+        }
+    }
+
+    /// The number on the next console line starting with `prefix`.
+    pub fn next_count(&self, prefix: &str) -> u64 {
+        let deadline = Instant::now() + API_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self
+                .console
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {prefix:?} line"));
+            assert!(!l.contains("FAIL"), "{l}");
+            if let Some(n) = l.strip_prefix(prefix) {
+                return n.trim().parse().unwrap();
+            }
+        }
+    }
+
+    /// Creates and boots the test guest with `cmdline` and `disks`.
+    pub fn boot(&self, cmdline: &str, cpus: u8, disks: serde_json::Value) {
+        let cfg = serde_json::json!({
+            "payload": {"kernel": test_guest(), "cmdline": cmdline},
+            "cpus": {"boot_vcpus": cpus, "max_vcpus": cpus},
+            "memory": {"size": 128 << 20},
+            "serial": {"mode": "Tty"},
+            "disks": disks,
+        });
+        assert_eq!(self.put("vm.create", &cfg.to_string()).0, 204);
+        assert_eq!(self.put("vm.boot", "").0, 204);
+    }
+}
+
+impl Drop for ApiVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

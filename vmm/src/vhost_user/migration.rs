@@ -1,0 +1,125 @@
+//! The frontend's part in a migration: the backend's dirty log
+//! (`VHOST_F_LOG_ALL` with `LOG_SHMFD`: the backend sets a bit per guest
+//! page it writes, in a shared memfd the migration reads) and handing the
+//! backend over to another VMM (detach, and reattach if that VMM failed).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
+
+use super::{req, Inner, Queue, VhostUser, VhostUserError, F_LOG_ALL, F_PROTOCOL_FEATURES};
+use crate::devices::bus::lock;
+
+/// The dirty log shared with backends: a bitmap with one bit per 4 KiB
+/// guest-physical page, `size` bytes of `file`.
+#[derive(Clone, Debug)]
+pub struct LogShare {
+    pub file: Arc<File>,
+    pub size: u64,
+}
+
+impl LogShare {
+    pub(super) fn region(&self) -> VhostUserDirtyLogRegion {
+        VhostUserDirtyLogRegion {
+            mmap_size: self.size,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+}
+
+/// A ring's addresses; with `log`, the backend logs its used-ring writes
+/// at the used ring's guest address (VHOST_VRING_F_LOG).
+pub(super) fn ring_config(
+    queue_max_size: u16,
+    q: &Queue,
+    (desc, avail, used): (u64, u64, u64),
+    log: bool,
+) -> VringConfigData {
+    VringConfigData {
+        queue_max_size,
+        queue_size: q.size,
+        flags: u32::from(log),
+        desc_table_addr: desc,
+        used_ring_addr: used,
+        avail_ring_addr: avail,
+        log_addr: log.then_some(q.used),
+    }
+}
+
+impl Inner {
+    /// Starts (`Some`) or stops (`None`) the backend's dirty logging.
+    fn set_log(&mut self, log: Option<LogShare>) -> Result<(), VhostUserError> {
+        let socket = self.cfg.socket.display().to_string();
+        if log.is_some()
+            && (self.backend_features & F_LOG_ALL == 0
+                || !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD))
+        {
+            return Err(VhostUserError::NoDirtyLog(socket));
+        }
+        self.log = log;
+        let logging = self.log.is_some();
+        let addrs: Vec<_> = self
+            .active
+            .iter()
+            .flat_map(|a| &a.queues)
+            .map(|q| (self.hva(q.desc), self.hva(q.avail), self.hva(q.used)))
+            .collect();
+        let queue_size = self.cfg.queue_size;
+        let has_protocol = self.has_protocol;
+        let (Some(fe), Some(a)) = (self.conn.as_mut(), self.active.as_ref()) else {
+            // Not running: the next set-up (apply) sends the log.
+            return if logging && self.conn.is_none() {
+                Err(VhostUserError::NotConnected(socket))
+            } else {
+                Ok(())
+            };
+        };
+        if let Some(l) = &self.log {
+            req("SET_LOG_BASE", fe.set_log_base(0, Some(l.region())))?;
+        }
+        let features = a.features
+            | if has_protocol { F_PROTOCOL_FEATURES } else { 0 }
+            | if logging { F_LOG_ALL } else { 0 };
+        req("SET_FEATURES", fe.set_features(features))?;
+        for (q, addr) in a.queues.iter().zip(addrs) {
+            let ring = ring_config(queue_size, q, addr, logging);
+            req("SET_VRING_ADDR", fe.set_vring_addr(q.index, &ring))?;
+        }
+        // A reply orders it: once answered, every later write is logged.
+        req("GET_FEATURES", fe.get_features())?;
+        Ok(())
+    }
+}
+
+impl VhostUser {
+    /// Starts or stops the backend's dirty logging; an error if it cannot
+    /// log (then nothing changed).
+    pub fn set_dirty_log(&self, log: Option<LogShare>) -> Result<(), VhostUserError> {
+        lock(&self.inner).set_log(log)
+    }
+
+    /// Lets go of the backend so that another VMM can connect: the rings
+    /// must be stopped (the state saved). No reconnect until
+    /// [`Self::reattach`].
+    pub fn detach(&self) {
+        let mut g = lock(&self.inner);
+        g.detached = true;
+        g.conn = None;
+        g.log = None;
+    }
+
+    /// Takes the backend back after a migration failed: connects again
+    /// (the monitor retries if that fails now), loading `state` first.
+    pub fn reattach(&self, state: Option<Vec<u8>>) {
+        let mut g = lock(&self.inner);
+        g.detached = false;
+        g.pending_state = state;
+        if let Err(e) = g.reconnect() {
+            tracing::warn!(socket = %g.cfg.socket.display(), error = %crate::error_chain(&e), "cannot reconnect to the backend after the migration failed; retrying");
+        }
+    }
+}
