@@ -243,6 +243,12 @@ impl<D: Device> Drop for Handler<D> {
     }
 }
 
+/// Refuses a memory region or inflight area reaching past the end of its
+/// file: the first access past the end would kill the daemon with SIGBUS.
+fn check_fits(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    crate::memory::check_file_range(file, offset, size).map_err(internal)
+}
+
 fn eventfd_from(file: File) -> EventFd {
     // SAFETY: `into_raw_fd` transfers ownership of a valid fd the frontend sent us.
     unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
@@ -330,6 +336,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
                 size = format_args!("{:#x}", { region.memory_size }),
                 "memory table region"
             );
+            check_fits(&file, region.mmap_offset, region.memory_size)?;
             let map = region.mmap_region::<()>(file)?;
             let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
                 .ok_or(VhostUserError::InvalidParam)?;
@@ -494,6 +501,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        check_fits(&file, inflight.mmap_offset, inflight.mmap_size)?;
         let region = InflightRegion::map(
             &file,
             inflight.mmap_offset,
@@ -531,6 +539,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VhostUserError::InvalidParam);
         }
+        check_fits(&fd, region.mmap_offset, region.memory_size)?;
         let map = region.mmap_region::<()>(fd)?;
         let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
             .ok_or(VhostUserError::InvalidParam)?;
@@ -624,3 +633,101 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
 
 /// Shared handler type the protocol layer drives.
 pub type SharedHandler<D> = Arc<Mutex<Handler<D>>>;
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::time::Duration;
+
+    use vhost::vhost_user::message::VhostUserMemoryRegion;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::device::QueueHandler;
+    use crate::memory::memfd_create;
+
+    struct NoQueues;
+
+    impl Device for NoQueues {
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> u16 {
+            256
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::empty()
+        }
+        fn read_config(&self, _offset: u32, _buf: &mut [u8]) {}
+        fn queue_handler(
+            &self,
+            _index: usize,
+            _metrics: Arc<QueueMetrics>,
+        ) -> io::Result<Box<dyn QueueHandler>> {
+            Err(io::Error::other("no queues"))
+        }
+    }
+
+    fn handler() -> Handler<NoQueues> {
+        let metrics = Arc::new(vec![Arc::new(QueueMetrics::default())]);
+        Handler::new(Arc::new(NoQueues), metrics, Duration::ZERO)
+    }
+
+    fn memfd(len: u64) -> File {
+        let f = memfd_create("test-ram").unwrap();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn memory_region_past_the_end_of_its_file_is_refused() {
+        let mut h = handler();
+        let past_end = VhostUserMemoryRegion::new(0, 0x2000, 0x7f00_0000_0000, 0);
+        let offset_past_end = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0x1000);
+        let overflowing = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, u64::MAX);
+        let fits = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0);
+
+        let refused = [past_end, offset_past_end, overflowing]
+            .map(|r| h.set_mem_table(&[r], vec![memfd(0x1000)], None).is_err());
+        let accepted = h.set_mem_table(&[fits], vec![memfd(0x1000)], None);
+
+        assert_eq!(refused, [true, true, true]);
+        assert!(accepted.is_ok());
+        assert_eq!(h.va_to_gpa(0x7f00_0000_0fff).unwrap(), GuestAddress(0xfff));
+    }
+
+    #[test]
+    fn added_region_past_the_end_of_its_file_is_refused_and_table_kept() {
+        let mut h = handler();
+        let fits = VhostUserSingleMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0);
+        let past_end = VhostUserSingleMemoryRegion::new(0x1000, 0x2000, 0x7f00_0000_1000, 0);
+        h.add_mem_region(&fits, memfd(0x1000), None).unwrap();
+
+        let refused = h.add_mem_region(&past_end, memfd(0x1000), None);
+
+        assert!(refused.is_err());
+        assert_eq!(h.mappings.len(), 1);
+        assert!(h.va_to_gpa(0x7f00_0000_1000).is_err());
+    }
+
+    #[test]
+    fn inflight_area_past_the_end_of_its_file_is_refused() {
+        let mut h = handler();
+        let size = crate::inflight::queue_region_size(256) as u64;
+        let area = VhostUserInflight {
+            mmap_size: size,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 256,
+        };
+
+        let refused = h.set_inflight_fd(&area, memfd(size - 1));
+        let accepted = h.set_inflight_fd(&area, memfd(size));
+
+        assert!(refused.is_err());
+        assert!(accepted.is_ok());
+    }
+}
