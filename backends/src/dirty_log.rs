@@ -57,9 +57,6 @@ pub enum DirtyLogError {
     /// The area does not fit this process's address space.
     #[error("Dirty log area of {0:#x} bytes is too large to map")]
     TooLarge(u64),
-    /// Duplicating the frontend's fd failed.
-    #[error("Cannot keep the dirty log file")]
-    Dup(#[source] std::io::Error),
     /// mmap failed.
     #[error("Cannot map the dirty log")]
     Mmap(#[source] vm_memory::mmap::MmapRegionError),
