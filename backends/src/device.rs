@@ -7,6 +7,7 @@ use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::GuestAddress;
 
+use crate::dirty_log::DirtyLogger;
 use crate::memory::GuestMemRef;
 use crate::metrics::QueueMetrics;
 use crate::uring::Uring;
@@ -35,18 +36,24 @@ pub trait Device: Send + Sync + 'static {
     fn num_queues(&self) -> usize;
     /// Largest queue size accepted.
     fn max_queue_size(&self) -> u16;
-    /// Virtio feature bits offered (the vhost-user layer adds PROTOCOL_FEATURES).
+    /// Virtio feature bits offered (the vhost-user layer adds PROTOCOL_FEATURES
+    /// and LOG_ALL, and never passes LOG_ALL on).
     fn features(&self) -> u64;
-    /// vhost-user protocol features handled (REPLY_ACK is added by the protocol layer).
+    /// vhost-user protocol features handled (REPLY_ACK is added by the
+    /// protocol layer, LOG_SHMFD by the vhost-user layer).
     fn protocol_features(&self) -> VhostUserProtocolFeatures;
     /// Fills `buf` with config space bytes starting at `offset` (zeros past the end).
     fn read_config(&self, offset: u32, buf: &mut [u8]);
     /// Builds the request processor for one queue; called in the control
-    /// thread each time the queue starts.
+    /// thread each time the queue starts. The processor marks every byte it
+    /// writes to guest memory (data, status, headers) in `dirty` once the
+    /// write is done and before it reports the request finished (see
+    /// [`crate::dirty_log`]); the used ring is the vhost-user layer's.
     fn queue_handler(
         &self,
         queue_index: usize,
         metrics: Arc<QueueMetrics>,
+        dirty: DirtyLogger,
     ) -> io::Result<Box<dyn QueueHandler>>;
     /// The virtio features the driver accepted (SET_FEATURES, without the
     /// vhost-user bit), before any queue starts.

@@ -7,6 +7,11 @@
 //! stops (draining in-flight requests) on GET_VRING_BASE, disable, a new kick
 //! eventfd, reset or disconnect.
 //!
+//! Dirty-page logging (LOG_ALL, SET_LOG_BASE, VHOST_VRING_F_LOG) lives here
+//! for the protocol side and in [`crate::dirty_log`] for the bitmap: a new
+//! connection starts without a log, and logging runs while the acked
+//! features hold LOG_ALL.
+//!
 //! Saving and loading the backend's own state (SET_DEVICE_STATE_FD,
 //! CHECK_DEVICE_STATE) is in [`device_state`].
 
@@ -34,6 +39,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::error_chain;
 use crate::device::Device;
+use crate::dirty_log::{DirtyLog, UsedRingLog, LOG_ALL};
 use crate::inflight::InflightRegion;
 use crate::memory::GuestMemoryShared;
 use crate::metrics::QueueMetrics;
@@ -76,6 +82,8 @@ struct VringSlot {
     base_set: bool,
     /// The next available index a device state LOAD set, until SET_VRING_BASE.
     loaded_base: Option<u16>,
+    /// Where the worker logs its used ring writes (VHOST_VRING_F_LOG).
+    used_log: UsedRingLog,
 }
 
 /// The per-connection vhost-user state of one device.
@@ -98,6 +106,10 @@ pub struct Handler<D: Device> {
     loaded_features: Option<u64>,
     /// Device state transfer outcomes, which the frontend can trigger at will.
     state_log: LogLimiter,
+    /// The dirty page log of this connection.
+    dirty: DirtyLog,
+    /// Dirty log set-up outcomes, which the frontend can trigger at will.
+    dirty_note: LogLimiter,
 }
 
 fn invalid(msg: &'static str) -> VhostUserError {
@@ -133,6 +145,8 @@ impl<D: Device> Handler<D> {
             transfer: None,
             loaded_features: None,
             state_log: LogLimiter::default(),
+            dirty: DirtyLog::new(),
+            dirty_note: LogLimiter::default(),
         }
     }
 
@@ -211,12 +225,19 @@ impl<D: Device> Handler<D> {
         let metrics = self.metrics[index].clone();
         let inflight = self.inflight.as_ref().and_then(|r| r.queue(index));
         let mem = self.mem.memory();
-        let (vring, resubmit) =
-            Vring::new(&cfg, &mem, slot.call.clone(), inflight, metrics.clone())
-                .map_err(internal)?;
+        let used_log = (self.dirty.logger(), slot.used_log.clone());
+        let (vring, resubmit) = Vring::new(
+            &cfg,
+            &mem,
+            slot.call.clone(),
+            inflight,
+            metrics.clone(),
+            used_log,
+        )
+        .map_err(internal)?;
         let handler = self
             .device
-            .queue_handler(index, metrics)
+            .queue_handler(index, metrics, self.dirty.logger())
             .map_err(VhostUserError::ReqHandlerError)?;
         let worker = Worker {
             vring,
@@ -235,12 +256,44 @@ impl<D: Device> Handler<D> {
     fn try_start_all(&mut self) -> VhostUserResult<()> {
         (0..self.vrings.len()).try_for_each(|i| self.try_start(i))
     }
+
+    /// LOG_ALL acked or not: logging on or off, the log kept either way.
+    fn set_logging(&mut self, on: bool) {
+        if on == self.dirty.is_enabled() {
+            return;
+        }
+        self.dirty.set_enabled(on);
+        if !self.dirty_note.allow() {
+            return;
+        }
+        if on && !self.dirty.has_base() {
+            tracing::warn!(
+                "LOG_ALL acked before SET_LOG_BASE: nothing is logged until a log comes"
+            );
+        } else {
+            tracing::info!(on, "dirty page logging");
+        }
+    }
+
+    /// Drops the dirty log and every ring's log address (a reset).
+    fn clear_dirty_log(&mut self) {
+        self.dirty.clear();
+        for slot in &self.vrings {
+            slot.used_log.set(None);
+        }
+    }
 }
 
 impl<D: Device> Drop for Handler<D> {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// Refuses a memory region or inflight area reaching past the end of its
+/// file: the first access past the end would kill the daemon with SIGBUS.
+fn check_fits(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    crate::memory::check_file_range(file, offset, size).map_err(internal)
 }
 
 fn eventfd_from(file: File) -> EventFd {
@@ -261,6 +314,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         self.stop_all();
         self.owned = false;
         self.features = None;
+        self.clear_dirty_log();
         Ok(())
     }
 
@@ -274,11 +328,12 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         }
         self.features = None;
         self.loaded_features = None;
+        self.clear_dirty_log();
         Ok(())
     }
 
     fn get_features(&mut self) -> VhostUserResult<u64> {
-        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        Ok(self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL)
     }
 
     fn set_features(&mut self, features: u64) -> VhostUserResult<()> {
@@ -287,11 +342,23 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
             return Err(VhostUserError::InvalidParam);
         }
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.device
-            .set_acked_features(features & !protocol)
-            .map_err(VhostUserError::ReqHandlerError)?;
+        // Logging switched on or off (a migration starting or ending)
+        // changes nothing the device sees.
+        let only_logging = self
+            .features
+            .is_some_and(|f| f & !LOG_ALL == features & !LOG_ALL);
+        if !only_logging {
+            self.device
+                .set_acked_features(features & !protocol & !LOG_ALL)
+                .map_err(VhostUserError::ReqHandlerError)?;
+        }
         self.features = Some(features);
-        if let Some(saved) = self.loaded_features.take().filter(|&f| f != features) {
+        self.set_logging(features & LOG_ALL != 0);
+        if let Some(saved) = self
+            .loaded_features
+            .take()
+            .filter(|&f| f & !LOG_ALL != features & !LOG_ALL)
+        {
             if self.state_log.allow() {
                 tracing::warn!(
                     saved = format_args!("{saved:#x}"),
@@ -330,6 +397,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
                 size = format_args!("{:#x}", { region.memory_size }),
                 "memory table region"
             );
+            check_fits(&file, region.mmap_offset, region.memory_size)?;
             let map = region.mmap_region::<()>(file)?;
             let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
                 .ok_or(VhostUserError::InvalidParam)?;
@@ -363,18 +431,23 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostUserResult<()> {
         let addrs = (
             self.va_to_gpa(descriptor)?,
             self.va_to_gpa(available)?,
             self.va_to_gpa(used)?,
         );
-        self.slot(index)?.addrs = Some(addrs);
+        let slot = self.slot(index)?;
+        slot.addrs = Some(addrs);
+        // The running worker (the frontend switches this while the ring
+        // runs) logs its next used ring writes there, or stops.
+        let logged = flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG);
+        slot.used_log.set(logged.then_some(log));
         Ok(())
     }
 
@@ -425,7 +498,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn get_protocol_features(&mut self) -> VhostUserResult<VhostUserProtocolFeatures> {
-        Ok(self.device.protocol_features())
+        Ok(self.device.protocol_features() | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostUserResult<()> {
@@ -494,6 +567,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostUserResult<()> {
+        check_fits(&file, inflight.mmap_offset, inflight.mmap_size)?;
         let region = InflightRegion::map(
             &file,
             inflight.mmap_offset,
@@ -531,6 +605,7 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(VhostUserError::InvalidParam);
         }
+        check_fits(&fd, region.mmap_offset, region.memory_size)?;
         let map = region.mmap_region::<()>(fd)?;
         let guest = GuestRegionMmap::new(map, GuestAddress(region.guest_phys_addr))
             .ok_or(VhostUserError::InvalidParam)?;
@@ -617,10 +692,135 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
         Err(invalid("shared memory regions not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostUserResult<()> {
-        Err(invalid("dirty logging not supported"))
+    /// Maps the frontend's log. A refusal gets no reply (the vhost crate
+    /// sends the reply only on success), so the connection is dropped and
+    /// the frontend, waiting for that reply, sees it closed.
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        match self.dirty.set_base(file, size, offset) {
+            Ok(()) => {
+                if self.dirty_note.allow() {
+                    tracing::info!(
+                        size = format_args!("{size:#x}"),
+                        offset = format_args!("{offset:#x}"),
+                        "dirty log mapped"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.dirty_note.allow() {
+                    tracing::warn!(
+                        size = format_args!("{size:#x}"),
+                        offset = format_args!("{offset:#x}"),
+                        "SET_LOG_BASE refused: {}",
+                        error_chain(&e)
+                    );
+                }
+                Err(internal(e))
+            }
+        }
     }
 }
 
 /// Shared handler type the protocol layer drives.
 pub type SharedHandler<D> = Arc<Mutex<Handler<D>>>;
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::time::Duration;
+
+    use vhost::vhost_user::message::VhostUserMemoryRegion;
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::device::QueueHandler;
+    use crate::memory::memfd_create;
+
+    struct NoQueues;
+
+    impl Device for NoQueues {
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> u16 {
+            256
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::empty()
+        }
+        fn read_config(&self, _offset: u32, _buf: &mut [u8]) {}
+        fn queue_handler(
+            &self,
+            _index: usize,
+            _metrics: Arc<QueueMetrics>,
+            _dirty: crate::DirtyLogger,
+        ) -> io::Result<Box<dyn QueueHandler>> {
+            Err(io::Error::other("no queues"))
+        }
+    }
+
+    fn handler() -> Handler<NoQueues> {
+        let metrics = Arc::new(vec![Arc::new(QueueMetrics::default())]);
+        Handler::new(Arc::new(NoQueues), metrics, Duration::ZERO)
+    }
+
+    fn memfd(len: u64) -> File {
+        let f = memfd_create("test-ram").unwrap();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn memory_region_past_the_end_of_its_file_is_refused() {
+        let mut h = handler();
+        let past_end = VhostUserMemoryRegion::new(0, 0x2000, 0x7f00_0000_0000, 0);
+        let offset_past_end = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0x1000);
+        let overflowing = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, u64::MAX);
+        let fits = VhostUserMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0);
+
+        let refused = [past_end, offset_past_end, overflowing]
+            .map(|r| h.set_mem_table(&[r], vec![memfd(0x1000)], None).is_err());
+        let accepted = h.set_mem_table(&[fits], vec![memfd(0x1000)], None);
+
+        assert_eq!(refused, [true, true, true]);
+        assert!(accepted.is_ok());
+        assert_eq!(h.va_to_gpa(0x7f00_0000_0fff).unwrap(), GuestAddress(0xfff));
+    }
+
+    #[test]
+    fn added_region_past_the_end_of_its_file_is_refused_and_table_kept() {
+        let mut h = handler();
+        let fits = VhostUserSingleMemoryRegion::new(0, 0x1000, 0x7f00_0000_0000, 0);
+        let past_end = VhostUserSingleMemoryRegion::new(0x1000, 0x2000, 0x7f00_0000_1000, 0);
+        h.add_mem_region(&fits, memfd(0x1000), None).unwrap();
+
+        let refused = h.add_mem_region(&past_end, memfd(0x1000), None);
+
+        assert!(refused.is_err());
+        assert_eq!(h.mappings.len(), 1);
+        assert!(h.va_to_gpa(0x7f00_0000_1000).is_err());
+    }
+
+    #[test]
+    fn inflight_area_past_the_end_of_its_file_is_refused() {
+        let mut h = handler();
+        let size = crate::inflight::queue_region_size(256) as u64;
+        let area = VhostUserInflight {
+            mmap_size: size,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: 256,
+        };
+
+        let refused = h.set_inflight_fd(&area, memfd(size - 1));
+        let accepted = h.set_inflight_fd(&area, memfd(size));
+
+        assert!(refused.is_err());
+        assert!(accepted.is_ok());
+    }
+}

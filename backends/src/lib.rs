@@ -11,6 +11,8 @@
 //!   eventfd, the device's completion eventfd and a stop eventfd.
 //! - [`uring`]: the io_uring engine, one ring per worker thread.
 //! - [`state`]: the backend's saved state (DEVICE_STATE): format and types.
+//! - [`dirty_log`]: dirty-page logging for live migration (LOG_ALL,
+//!   SET_LOG_BASE): the shared bitmap and the workers' handles on it.
 //! - [`transfer`]: moving a saved state over the frontend's fd on a thread.
 //! - [`inflight`]: the shared inflight-tracking region (GET/SET_INFLIGHT_FD).
 //! - [`metrics`]: per-queue atomic counters.
@@ -24,6 +26,7 @@ pub mod counters;
 pub mod daemon;
 pub mod desc;
 pub mod device;
+pub mod dirty_log;
 pub mod frontend;
 pub mod handler;
 pub mod inflight;
@@ -42,5 +45,6 @@ pub mod vring;
 pub mod worker;
 
 pub use device::{Device, QueueHandler, Used};
+pub use dirty_log::DirtyLogger;
 pub use memory::{GuestMem, GuestMemoryShared};
 pub use metrics::QueueMetrics;

@@ -33,6 +33,19 @@ pub enum MemoryError {
     /// The region set is invalid.
     #[error("Invalid guest memory layout")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
+    /// fstat on a file the frontend sent failed.
+    #[error("Cannot read the size of the file")]
+    Stat(#[source] std::io::Error),
+    /// A mapping the frontend asked for reaches past the end of its file.
+    #[error("Mapping of {size:#x} bytes at offset {offset:#x} reaches past the end of its {file_len:#x}-byte file")]
+    PastEnd {
+        /// Offset of the mapping in the file.
+        offset: u64,
+        /// Length of the mapping.
+        size: u64,
+        /// Size of the file.
+        file_len: u64,
+    },
 }
 
 /// Creates a memfd of `size` bytes, mapped shared at guest address 0.
@@ -59,6 +72,38 @@ pub fn memfd_create(name: &str) -> Result<File, MemoryError> {
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
     Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Refuses a mapping of `size` bytes at `offset` of `file` that reaches
+/// past the end of the file, when the file is a regular one (a memfd, a
+/// hugetlbfs or tmpfs file): touching a page past its end would kill the
+/// daemon with SIGBUS. Other files (devices) are left to `mmap`.
+///
+/// The size comes from `fstat` (glibc's `newfstatat` with `AT_EMPTY_PATH`,
+/// which the protocol thread's seccomp filter allows), not from
+/// `File::metadata`, whose `statx` the filter does not.
+pub fn check_file_range(file: &File, offset: u64, size: u64) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `stat` is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open fd for the duration of the call and `st` is
+    // a valid, writable `stat`.
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(MemoryError::Stat(std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(());
+    }
+    let file_len = u64::try_from(st.st_size).unwrap_or(0);
+    let fits = offset.checked_add(size).is_some_and(|end| end <= file_len);
+    if !fits {
+        return Err(MemoryError::PastEnd {
+            offset,
+            size,
+            file_len,
+        });
+    }
+    Ok(())
 }
 
 /// Appends host iovecs covering the buffers of `descs` to `iov`; false if

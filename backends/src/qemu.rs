@@ -1,9 +1,11 @@
 //! QEMU as the reference frontend, for the backends' interop tests: boots the
 //! Debian test guest from `scripts/guest-image` in `qemu-system-x86_64 -accel
 //! tcg` with shared memfd memory and a vhost-user device, runs a shell script
-//! in it and collects its serial console.
+//! in it and collects its serial console; optionally with a human monitor
+//! (HMP) on a unix socket, for commands such as `migrate`.
 
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -77,6 +79,7 @@ pub struct QemuGuest {
     child: Child,
     console: Arc<Mutex<String>>,
     reader: Option<JoinHandle<()>>,
+    monitor: Option<PathBuf>,
 }
 
 impl QemuGuest {
@@ -84,7 +87,26 @@ impl QemuGuest {
     /// vhost-user chardev `c0` on `socket` (reconnecting), the frontend
     /// arguments `device` that use it, and `script` run by its /init.
     pub fn boot(socket: &Path, device: &[&str], script: &str) -> QemuGuest {
+        Self::spawn(socket, device, script, None)
+    }
+
+    /// Like [`Self::boot`], with the human monitor on the unix socket
+    /// `monitor` (see [`Self::hmp`]).
+    pub fn boot_with_monitor(
+        socket: &Path,
+        device: &[&str],
+        script: &str,
+        monitor: &Path,
+    ) -> QemuGuest {
+        Self::spawn(socket, device, script, Some(monitor))
+    }
+
+    fn spawn(socket: &Path, device: &[&str], script: &str, monitor: Option<&Path>) -> QemuGuest {
         let guest = guest_image();
+        let monitor_arg = match monitor {
+            Some(path) => format!("unix:{},server=on,wait=off", path.display()),
+            None => "none".into(),
+        };
         let append = format!(
             "console=ttyS0 reboot=k panic=-1 quiet runb64={}",
             pipe("base64", &["-w0"], script.as_bytes())
@@ -98,7 +120,7 @@ impl QemuGuest {
                 socket.display()
             ))
             .args(device)
-            .args(["-nographic", "-no-reboot", "-monitor", "none"])
+            .args(["-nographic", "-no-reboot", "-monitor", &monitor_arg])
             .args(["-serial", "stdio", "-kernel"])
             .arg(guest.join("vmlinuz"))
             .arg("-initrd")
@@ -128,7 +150,41 @@ impl QemuGuest {
             child,
             console,
             reader: Some(reader),
+            monitor: monitor.map(Path::to_path_buf),
         }
+    }
+
+    /// Runs one human monitor command and returns its output (the terminal
+    /// echo included). Panics without a monitor or if QEMU does not answer.
+    pub fn hmp(&self, command: &str) -> String {
+        let path = self
+            .monitor
+            .as_ref()
+            .expect("QEMU booted without a monitor");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut conn = loop {
+            match UnixStream::connect(path) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() >= deadline => panic!("QEMU monitor: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("monitor timeout");
+        let prompt = |conn: &mut UnixStream| {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !out.ends_with(b"(qemu) ") {
+                let n = conn.read(&mut buf).expect("QEMU monitor reply");
+                assert!(n > 0, "QEMU monitor closed");
+                out.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        prompt(&mut conn);
+        conn.write_all(format!("{command}\n").as_bytes())
+            .expect("QEMU monitor command");
+        prompt(&mut conn)
     }
 
     /// The console so far.

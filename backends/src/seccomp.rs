@@ -168,7 +168,9 @@ const METRICS: &[i64] = &[
 ];
 
 /// The protocol thread: the vhost-user socket (messages with fds; `socket`
-/// and `connect` for `--client`), guest memory and inflight regions, rings
+/// and `connect` for `--client`), guest memory, inflight regions and the
+/// dirty log (each file's size checked with `fstat` first: glibc's is
+/// `newfstatat(fd, "", AT_EMPTY_PATH)`, allowed with that flag only), rings
 /// and eventfds for the workers, the worker threads themselves (glibc's
 /// thread start: rseq, robust list, signal set-up, name, affinity; and the
 /// worker's own `seccomp`); and what the workers need, which they inherit.
@@ -192,6 +194,7 @@ const MAIN: &[i64] = &[
     libc::SYS_getpid,
     libc::SYS_seccomp,
     libc::SYS_unlink,
+    libc::SYS_fstat,
 ];
 
 /// `ioctl` requests of the protocol thread: the tap's offloads and vnet
@@ -258,6 +261,16 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             one_of(&mut rules, libc::SYS_ioctl, 1, MAIN_IOCTLS)?;
             one_of(&mut rules, libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
             one_of(&mut rules, libc::SYS_prctl, 0, MAIN_PRCTLS)?;
+            let empty_path = SeccompCondition::new(
+                3,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(libc::AT_EMPTY_PATH as u64),
+                libc::AT_EMPTY_PATH as u64,
+            )?;
+            rules.insert(
+                libc::SYS_newfstatat,
+                vec![SeccompRule::new(vec![empty_path])?],
+            );
             // clone only for threads (glibc's fallback when clone3 is not
             // there); clone3's flags are behind a pointer seccomp cannot read.
             let thread = SeccompCondition::new(

@@ -1,5 +1,6 @@
 //! A virtqueue as a worker owns it: the `virtio-queue` state, the call
-//! eventfd, inflight tracking and metrics.
+//! eventfd, inflight tracking, metrics, and the logging of its used ring
+//! writes while the frontend migrates (see [`crate::dirty_log`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +10,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::Used;
+use crate::dirty_log::{DirtyLogger, UsedRingLog};
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMem;
 use crate::metrics::QueueMetrics;
@@ -52,17 +54,23 @@ pub struct Vring {
     inflight: Option<InflightQueue>,
     metrics: Arc<QueueMetrics>,
     log: LogLimiter,
+    dirty: DirtyLogger,
+    used_log: UsedRingLog,
+    /// Bytes of the used ring: flags, idx, the elements, avail_event.
+    used_len: u64,
 }
 
 impl Vring {
     /// Builds the queue; with inflight tracking, also returns the heads to
-    /// resubmit, oldest first.
+    /// resubmit, oldest first. Used ring writes are marked in `dirty` at
+    /// the address `used_log` holds, if it holds one.
     pub fn new(
         cfg: &VringConfig,
         mem: &GuestMem,
         call: CallFd,
         mut inflight: Option<InflightQueue>,
         metrics: Arc<QueueMetrics>,
+        (dirty, used_log): (DirtyLogger, UsedRingLog),
     ) -> Result<(Self, Vec<u16>), VringError> {
         let mut queue = Queue::new(cfg.size).map_err(VringError::Config)?;
         queue.try_set_size(cfg.size).map_err(VringError::Config)?;
@@ -99,6 +107,9 @@ impl Vring {
                 inflight,
                 metrics,
                 log: LogLimiter::default(),
+                dirty,
+                used_log,
+                used_len: 6 + 8 * u64::from(cfg.size),
             },
             resubmit,
         ))
@@ -182,14 +193,34 @@ impl Vring {
     /// Suppresses guest notifications while draining the available ring.
     pub fn disable_notification(&mut self, mem: &GuestMem) {
         let _ = self.queue.disable_notification(mem);
+        // Without EVENT_IDX this wrote the used ring's flags.
+        self.log_used();
     }
 
     /// Re-enables notifications; true if more buffers arrived meanwhile.
     pub fn enable_notification(&mut self, mem: &GuestMem) -> bool {
-        self.queue.enable_notification(mem).unwrap_or(false)
+        let more = self.queue.enable_notification(mem).unwrap_or(false);
+        // This wrote the used ring's flags or avail_event.
+        self.log_used();
+        more
     }
 
-    /// Publishes a finished request in the used ring.
+    /// Marks the used ring's pages in the dirty log, if the frontend asked
+    /// for its writes to be logged: after [`Self::complete`] (a batch of
+    /// them) and whatever else wrote the ring. The whole ring, which is
+    /// small, rather than the entries written.
+    #[inline]
+    pub fn log_used(&mut self) {
+        if !self.dirty.is_active() {
+            return;
+        }
+        if let Some(addr) = self.used_log.get() {
+            self.dirty.mark(GuestAddress(addr), self.used_len);
+        }
+    }
+
+    /// Publishes a finished request in the used ring; the caller logs the
+    /// ring with [`Self::log_used`] after the batch.
     pub fn complete(&mut self, mem: &GuestMem, used: Used) {
         QueueMetrics::sub(&self.metrics.in_flight, 1);
         if let Some(q) = self.inflight.as_mut() {

@@ -329,6 +329,7 @@ impl Worker {
         for used in done.drain(..) {
             self.vring.complete(&mem, used);
         }
+        self.vring.log_used();
         self.vring.notify(&mem);
     }
 

@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::Arc;
 
-use backends::{Device, QueueHandler, QueueMetrics};
+use backends::{Device, DirtyLogger, QueueHandler, QueueMetrics};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::event_handler::{BlkQueue, DiskInfo};
@@ -194,9 +194,11 @@ impl Device for BlkDevice {
         &self,
         _queue_index: usize,
         metrics: Arc<QueueMetrics>,
+        dirty: DirtyLogger,
     ) -> io::Result<Box<dyn QueueHandler>> {
         let storage = self.storage.open_queue()?;
-        Ok(Box::new(BlkQueue::new(storage, self.disk.clone(), metrics)))
+        let queue = BlkQueue::new(storage, self.disk.clone(), metrics).with_dirty_log(dirty);
+        Ok(Box::new(queue))
     }
 }
 

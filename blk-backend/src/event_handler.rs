@@ -4,13 +4,18 @@
 //! disk (read-only, bounds), turned into iovecs that point straight into
 //! guest memory, and submitted with the chain head as the token. Every
 //! malformed chain completes at once with VIRTIO_BLK_S_IOERR.
+//!
+//! Every write to guest memory is marked in the dirty log (live migration):
+//! the data of a read once storage reaped it (whatever the storage did on
+//! the way, a bounce buffer included), GET_ID's string, and the status
+//! byte, each before the request is handed back for the used ring.
 
 use std::sync::Arc;
 
 use backends::desc::{walk_chain, Descriptor};
 use backends::memory::GuestMemRef;
 use backends::ratelimit::LogLimiter;
-use backends::{QueueHandler, QueueMetrics, Used};
+use backends::{DirtyLogger, QueueHandler, QueueMetrics, Used};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::request::{parse_into, status, RequestType, ID_LEN, SECTOR};
@@ -35,6 +40,9 @@ struct Pending {
     used_len: u32,
     kind: RequestType,
     bytes: u64,
+    /// The guest buffers a read fills, to mark dirty once it is reaped
+    /// (empty for other requests).
+    data: Vec<Descriptor>,
 }
 
 /// The request processor of one queue.
@@ -51,6 +59,9 @@ pub struct BlkQueue {
     iov: IovScratch,
     completions: Vec<Completion>,
     log: LogLimiter,
+    dirty: DirtyLogger,
+    /// Descriptor vectors handed back by reaped reads, reused by the next.
+    spare: Vec<Vec<Descriptor>>,
 }
 
 /// Reused iovec storage; it holds nothing between two requests.
@@ -84,7 +95,15 @@ impl BlkQueue {
             iov: IovScratch(Vec::new()),
             completions: Vec::new(),
             log: LogLimiter::default(),
+            dirty: DirtyLogger::default(),
+            spare: Vec::new(),
         }
+    }
+
+    /// Marks what this queue writes to guest memory in `dirty`.
+    pub fn with_dirty_log(mut self, dirty: DirtyLogger) -> Self {
+        self.dirty = dirty;
+        self
     }
 
     fn warn(&mut self, head: u16, what: &dyn std::fmt::Display) {
@@ -165,7 +184,7 @@ impl BlkQueue {
         }
     }
 
-    fn get_id(&self, mem: &GuestMemRef, req: &crate::request::Request) -> Outcome {
+    fn get_id(&mut self, mem: &GuestMemRef, req: &crate::request::Request) -> Outcome {
         let mut written = 0usize;
         for d in &req.data {
             let n = (d.len as usize).min(ID_LEN - written);
@@ -175,6 +194,7 @@ impl BlkQueue {
             {
                 return Outcome::Done(status::IOERR, 1);
             }
+            self.dirty.mark(d.addr, n as u64);
             written += n;
             if written == ID_LEN {
                 break;
@@ -211,7 +231,9 @@ impl BlkQueue {
         if st != status::OK {
             QueueMetrics::add(&self.metrics.errors, 1);
         }
-        let _ = mem.write_obj(st, addr);
+        if mem.write_obj(st, addr).is_ok() {
+            self.dirty.mark(addr, 1);
+        }
     }
 }
 
@@ -256,7 +278,7 @@ impl QueueHandler for BlkQueue {
             })
         });
         self.descs = descs;
-        let req = match parsed {
+        let mut req = match parsed {
             Ok(req) => req,
             Err(msg) => {
                 self.warn(head, &msg);
@@ -275,12 +297,21 @@ impl QueueHandler for BlkQueue {
                 } else {
                     1
                 };
+                // A read keeps its buffers (the parser gets a spare vector
+                // instead: no copy, no allocation once warm).
+                let data = if req.kind == RequestType::In {
+                    let spare = self.spare.pop().unwrap_or_default();
+                    std::mem::replace(&mut req.data, spare)
+                } else {
+                    Vec::new()
+                };
                 self.pending[head as usize] = Some(Pending {
                     _mem: mem.clone(),
                     status: req.status,
                     used_len,
                     kind: req.kind,
                     bytes: req.data_len,
+                    data,
                 });
                 self.in_flight += 1;
                 None
@@ -301,9 +332,15 @@ impl QueueHandler for BlkQueue {
         self.storage.reap(&mut completions);
         for c in completions.drain(..) {
             let head = c.token as u16;
-            let Some(p) = self.pending.get_mut(head as usize).and_then(Option::take) else {
+            let Some(mut p) = self.pending.get_mut(head as usize).and_then(Option::take) else {
                 continue;
             };
+            // Even a failed read may have filled part of its buffers.
+            self.dirty.mark_descs(&p.data, u64::MAX);
+            if p.data.capacity() > 0 {
+                p.data.clear();
+                self.spare.push(std::mem::take(&mut p.data));
+            }
             self.in_flight -= 1;
             let ok = c.result.is_ok();
             if let Err(e) = &c.result {

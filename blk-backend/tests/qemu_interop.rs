@@ -2,7 +2,10 @@
 //! `vhost-user-blk-pci` device (2 queues) on blk-backend boots the Debian
 //! guest from `scripts/guest-image`. The guest writes random data with dd,
 //! drops its caches, reads it back and prints both SHA-256 sums; the test
-//! checks the host image file holds exactly what the guest wrote.
+//! checks the host image file holds exactly what the guest wrote. A third
+//! test live-migrates (to nowhere) a guest reading its disk: QEMU migrates
+//! a vhost-user device only with a backend offering LOG_ALL, and drives
+//! our dirty log (SET_LOG_BASE, LOG_ALL, VHOST_VRING_F_LOG, then off).
 //!
 //! Needs `qemu-system-x86_64` and the guest image. Without QEMU the test
 //! prints why and passes, unless `BLK_REQUIRE_QEMU=1` (set it in CI).
@@ -110,4 +113,75 @@ fn qemu_guest_survives_backend_kill_9_mid_write() {
     assert_eq!(value(&console, "READ="), value(&console, "WROTE="));
     let disk = std::fs::read(&image).unwrap();
     assert_eq!(sha256(&disk[..16 << 20]), value(&console, "WROTE="));
+}
+
+const READ_LOOP: &str = r#"echo READING
+i=0
+while true; do
+  i=$((i+1))
+  echo "READ-$i=$(dd if=/dev/vda bs=64k count=256 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+done
+"#;
+
+/// The sums the guest printed (`READ-n=...`), in order.
+fn read_sums(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("READ-"))
+        .filter_map(|l| l.split_once('=').map(|(_, sum)| sum.to_string()))
+        .collect()
+}
+
+/// QEMU live-migrates (into `cat > /dev/null`) a guest reading its disk in
+/// a loop: the migration completes (QEMU refuses it for a vhost-user device
+/// without LOG_ALL), the guest, resumed on the source, reads on, and every
+/// read returns the disk's content.
+#[test]
+fn qemu_live_migrates_a_guest_reading_through_blk_backend() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = TempDir::new("qemu-migrate");
+    let (backend, image) = Backend::with_image(&dir, 64 << 20, &[]);
+    let data = pattern(42, 16 << 20);
+    std::fs::write(&image, [&data[..], &vec![0u8; 48 << 20][..]].concat()).unwrap();
+    let device = [
+        "-device",
+        "vhost-user-blk-pci,chardev=c0,num-queues=1,romfile=",
+    ];
+    let qemu = QemuGuest::boot_with_monitor(
+        &backend.socket,
+        &device,
+        READ_LOOP,
+        &dir.path("monitor.sock"),
+    );
+    qemu.wait_for("READ-2=", GUEST_TIMEOUT);
+
+    qemu.hmp("migrate \"exec:cat > /dev/null\"");
+    let deadline = std::time::Instant::now() + GUEST_TIMEOUT;
+    let status = loop {
+        let info = qemu.hmp("info migrate");
+        let status = info
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Migration status: "))
+            .unwrap_or_default()
+            .to_string();
+        if status != "active" && status != "setup" || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let before = read_sums(&qemu.console()).len();
+    qemu.hmp("cont");
+    let after_cont = format!("READ-{}=", before + 2);
+    let console = qemu.wait_for(&after_cont, GUEST_TIMEOUT);
+
+    assert_eq!(status, "completed", "{}", qemu.hmp("info migrate"));
+    let sums = read_sums(&console);
+    assert!(
+        sums.len() >= before + 2,
+        "no reads after the migration:\n{console}"
+    );
+    let expected = sha256(&data);
+    assert!(sums.iter().all(|s| *s == expected), "{sums:?}");
 }

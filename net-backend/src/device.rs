@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use backends::{Device, QueueHandler, QueueMetrics};
+use backends::{Device, DirtyLogger, QueueHandler, QueueMetrics};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use crate::config::MacAddr;
@@ -213,10 +213,13 @@ impl Device for NetDevice {
         backends::device::read_config_bytes(&self.config(), offset, buf);
     }
 
+    /// RX and the control queue write guest memory and mark it in `dirty`;
+    /// TX only reads it.
     fn queue_handler(
         &self,
         queue_index: usize,
         metrics: Arc<QueueMetrics>,
+        dirty: DirtyLogger,
     ) -> io::Result<Box<dyn QueueHandler>> {
         let net = self.metrics[queue_index.min(self.metrics.len() - 1)].clone();
         let tap_queue = |pair: usize| {
@@ -227,12 +230,15 @@ impl Device for NetDevice {
         };
         let acked = self.acked_features();
         Ok(match self.kind(queue_index) {
-            QueueKind::Rx(pair) => Box::new(RxQueue::new(
-                tap_queue(pair)?,
-                RxFormat::for_features(acked),
-                net,
-                metrics,
-            )?),
+            QueueKind::Rx(pair) => Box::new(
+                RxQueue::new(
+                    tap_queue(pair)?,
+                    RxFormat::for_features(acked),
+                    net,
+                    metrics,
+                )?
+                .with_dirty_log(dirty),
+            ),
             QueueKind::Tx(pair) => {
                 let limits = TxLimits {
                     mtu: self.opts.mtu,
@@ -246,11 +252,10 @@ impl Device for NetDevice {
                     metrics,
                 )?)
             }
-            QueueKind::Ctrl => Box::new(CtrlQueue::new(
-                self.queue_pairs() as u16,
-                self.ctrl.clone(),
-                net,
-            )),
+            QueueKind::Ctrl => Box::new(
+                CtrlQueue::new(self.queue_pairs() as u16, self.ctrl.clone(), net)
+                    .with_dirty_log(dirty),
+            ),
         })
     }
 }

@@ -267,6 +267,12 @@ impl BlkDriver {
         Ok(())
     }
 
+    /// Guest addresses of slot `slot`'s data buffer and status byte on queue `q`.
+    pub fn slot_addrs(&self, q: usize, slot: usize) -> (GuestAddress, GuestAddress) {
+        let s = self.queues[q].slots[slot];
+        (s.data, s.status)
+    }
+
     /// Copies `len` bytes of slot data out of guest memory.
     pub fn slot_data(&self, q: usize, slot: usize, len: usize) -> Result<Vec<u8>, FrontendError> {
         let mut buf = vec![0u8; len];

@@ -5,6 +5,7 @@
 //! to drive any vhost-user backend by socket path.
 
 pub mod blk;
+mod dirty;
 pub mod net;
 mod state;
 
@@ -23,7 +24,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::Used;
+use crate::dirty_log::LOG_ALL;
 use crate::memory::{memfd_memory, GuestMem, MemoryError};
+
+pub use dirty::DirtyBitmap;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES.
 pub const PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -97,6 +101,11 @@ pub struct FrontendConfig {
     /// Hand memory over with CONFIGURE_MEM_SLOTS (ADD_MEM_REG) if offered,
     /// as two regions, the upper one first, instead of SET_MEM_TABLE.
     pub mem_slots: bool,
+    /// Negotiate VHOST_USER_PROTOCOL_F_LOG_SHMFD if offered, for dirty page
+    /// logging ([`SyntheticFrontend::set_log_base`]). LOG_ALL itself is
+    /// never acked at set-up, whatever `features` says, only by
+    /// [`SyntheticFrontend::set_logging`].
+    pub dirty_log: bool,
 }
 
 impl Default for FrontendConfig {
@@ -110,6 +119,7 @@ impl Default for FrontendConfig {
             event_idx: true,
             inflight: false,
             mem_slots: false,
+            dirty_log: false,
         }
     }
 }
@@ -350,6 +360,12 @@ impl VirtQueue {
         self.avail_idx
     }
 
+    /// Guest address and length in bytes of the used ring (flags, index,
+    /// elements and avail_event).
+    pub fn used_ring(&self) -> (GuestAddress, u64) {
+        (self.used, 6 + 8 * u64::from(self.size))
+    }
+
     /// The used ring index as the backend last wrote it.
     pub fn used_idx(&self, mem: &GuestMem) -> Result<u16, FrontendError> {
         mem.load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
@@ -368,6 +384,10 @@ pub struct SyntheticFrontend {
     config_space: Vec<u8>,
     inflight: Option<(VhostUserInflight, File)>,
     next_free: u64,
+    /// The dirty log handed to the backend with SET_LOG_BASE, if any.
+    dirty: Option<DirtyBitmap>,
+    /// Whether the rings are set up with VHOST_VRING_F_LOG.
+    logging: bool,
 }
 
 impl SyntheticFrontend {
@@ -406,6 +426,8 @@ impl SyntheticFrontend {
             config_space: Vec::new(),
             inflight: None,
             next_free: next,
+            dirty: None,
+            logging: false,
         };
         fe.setup(vu, false, None)?;
         Ok(fe)
@@ -449,7 +471,8 @@ impl SyntheticFrontend {
         if offered & self.cfg.required != self.cfg.required {
             return Err(FrontendError::MissingFeatures(self.cfg.required & !offered));
         }
-        let mut want = self.cfg.features | PROTOCOL_FEATURES | VERSION_1;
+        let mut want = (self.cfg.features | PROTOCOL_FEATURES | VERSION_1) & !LOG_ALL;
+        self.logging = false;
         if !self.cfg.event_idx {
             want &= !EVENT_IDX;
         }
@@ -466,6 +489,9 @@ impl SyntheticFrontend {
             }
             if self.cfg.mem_slots {
                 wanted |= VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            }
+            if self.cfg.dirty_log {
+                wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
             }
             vu.set_protocol_features(proto & wanted).map_err(vh)?;
             slots = self.cfg.mem_slots
@@ -519,23 +545,15 @@ impl SyntheticFrontend {
         if let Some(state) = state {
             state::load(&vu, state)?;
         }
-        let host = region.as_ptr() as u64;
         let event_idx = self.acked & EVENT_IDX != 0;
-        for (i, q) in self.queues.iter_mut().enumerate() {
+        for i in 0..self.queues.len() {
+            let q = &mut self.queues[i];
             q.event_idx = event_idx;
             let base = if restart { q.used_idx(&self.mem)? } else { 0 };
             vu.set_vring_num(i, q.size).map_err(vh)?;
             vu.set_vring_base(i, base).map_err(vh)?;
-            let data = VringConfigData {
-                queue_max_size: q.size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: host + q.desc.0,
-                used_ring_addr: host + q.used.0,
-                avail_ring_addr: host + q.avail.0,
-                log_addr: None,
-            };
-            vu.set_vring_addr(i, &data).map_err(vh)?;
+            vu.set_vring_addr(i, &self.ring_config(i)?).map_err(vh)?;
+            let q = &self.queues[i];
             vu.set_vring_call(i, &q.call).map_err(vh)?;
             vu.set_vring_kick(i, &q.kick).map_err(vh)?;
             if self.acked & PROTOCOL_FEATURES != 0 {
@@ -544,6 +562,24 @@ impl SyntheticFrontend {
         }
         self.vu = Some(vu);
         Ok(())
+    }
+
+    /// SET_VRING_ADDR's payload for queue `i`: host addresses of its
+    /// parts and, while logging, VHOST_VRING_F_LOG with the used ring's
+    /// guest address.
+    fn ring_config(&self, i: usize) -> Result<VringConfigData, FrontendError> {
+        let region = self.mem.iter().next().ok_or(FrontendError::OutOfMemory)?;
+        let host = region.as_ptr() as u64;
+        let q = &self.queues[i];
+        Ok(VringConfigData {
+            queue_max_size: q.size,
+            queue_size: q.size,
+            flags: u32::from(self.logging),
+            desc_table_addr: host + q.desc.0,
+            used_ring_addr: host + q.used.0,
+            avail_ring_addr: host + q.avail.0,
+            log_addr: self.logging.then_some(q.used.0),
+        })
     }
 
     /// Guest memory.

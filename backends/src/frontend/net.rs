@@ -25,6 +25,9 @@ pub struct RxFrame {
     pub data: Vec<u8>,
     /// Buffers (chains) the frame spanned.
     pub buffers: u16,
+    /// Where the device wrote it: each buffer's guest address and the
+    /// bytes written there (its used length), in order.
+    pub placed: Vec<(GuestAddress, u32)>,
 }
 
 impl RxFrame {
@@ -39,6 +42,7 @@ struct Partial {
     data: Vec<u8>,
     left: u16,
     got: u16,
+    placed: Vec<(GuestAddress, u32)>,
 }
 
 struct RxState {
@@ -402,6 +406,12 @@ impl NetDriver {
                     data: Vec::new(),
                     left: n,
                     got: 0,
+                    // Recorded only for frames handed out (not in benchmarks).
+                    placed: if copy {
+                        vec![(addr, len as u32)]
+                    } else {
+                        Vec::new()
+                    },
                 };
                 p.left -= 1;
                 p.got = 1;
@@ -417,6 +427,7 @@ impl NetDriver {
         };
         count.bytes += len as u64;
         if copy {
+            p.placed.push((addr, len as u32));
             let start = p.data.len();
             p.data.resize(start + len, 0);
             mem.read_slice(&mut p.data[start..], addr)
@@ -444,6 +455,7 @@ impl NetDriver {
                 hdr: p.hdr,
                 data: p.data,
                 buffers: p.got,
+                placed: p.placed,
             });
         }
         Ok(())
@@ -471,6 +483,11 @@ impl NetDriver {
         Ok(out)
     }
 
+    /// Guest address of the control queue's ack byte, if there is a control queue.
+    pub fn ctrl_ack_addr(&self) -> Option<GuestAddress> {
+        self.ctrl_buf.map(|b| GuestAddress(b.0 + 2048))
+    }
+
     /// Sends a control command (class, command, data) and returns the ack byte.
     pub fn ctrl(
         &mut self,
@@ -487,7 +504,7 @@ impl NetDriver {
         let mut msg = vec![class, cmd];
         msg.extend_from_slice(data);
         mem.write_slice(&msg, buf).map_err(FrontendError::Access)?;
-        let ack = GuestAddress(buf.0 + 2048);
+        let ack = self.ctrl_ack_addr().unwrap_or(buf);
         mem.write_obj(0xffu8, ack).map_err(FrontendError::Access)?;
         let segs = [
             Seg {

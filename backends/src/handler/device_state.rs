@@ -34,6 +34,7 @@ use thiserror::Error;
 
 use super::{Handler, VringSlot};
 use crate::device::Device;
+use crate::dirty_log::LOG_ALL;
 use crate::state::{self, CommonState, InflightInfo, QueueState, SavedState, StateError};
 use crate::transfer::{Direction, Transfer, TransferError};
 
@@ -132,7 +133,8 @@ pub fn check_common(
             ours: rings.len(),
         });
     }
-    if let (Some(saved), Some(acked)) = (saved.features, acked) {
+    let logless = |f: Option<u64>| f.map(|f| f & !LOG_ALL);
+    if let (Some(saved), Some(acked)) = (logless(saved.features), logless(acked)) {
         if saved != acked {
             return Err(DeviceStateError::Features { saved, acked });
         }
@@ -200,7 +202,9 @@ impl<D: Device> Handler<D> {
         Ok(SavedState {
             kind: self.device.state_kind().into(),
             common: CommonState {
-                features: self.features,
+                // Whether this connection was logging is no device state:
+                // the destination starts without.
+                features: self.features.map(|f| f & !LOG_ALL),
                 protocol_features: self.protocol.bits(),
                 queues,
                 inflight,
@@ -353,6 +357,26 @@ mod tests {
 
         assert!(matches!(other, Err(DeviceStateError::Features { .. })));
         assert!(same.is_ok());
+    }
+
+    #[test]
+    fn state_saved_while_logging_loads_where_nothing_logs_and_vice_versa() {
+        let logging = CommonState {
+            features: Some(0x1_0000_0000 | LOG_ALL),
+            ..common(&[0])
+        };
+        let quiet = common(&[0]);
+
+        let into_quiet = check_common(&logging, Some(0x1_0000_0000), 256, &[RingView::default()]);
+        let into_logging = check_common(
+            &quiet,
+            Some(0x1_0000_0000 | LOG_ALL),
+            256,
+            &[RingView::default()],
+        );
+
+        assert!(into_quiet.is_ok());
+        assert!(into_logging.is_ok());
     }
 
     #[test]

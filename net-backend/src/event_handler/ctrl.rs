@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use backends::desc::{walk_chain, Descriptor};
 use backends::memory::GuestMemRef;
 use backends::ratelimit::LogLimiter;
-use backends::{QueueHandler, Used};
+use backends::{DirtyLogger, QueueHandler, Used};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::metrics::{DropReason as Why, NetQueueMetrics};
@@ -111,6 +111,7 @@ pub struct CtrlQueue {
     descs: Vec<Descriptor>,
     net: Arc<NetQueueMetrics>,
     log: LogLimiter,
+    dirty: DirtyLogger,
 }
 
 impl CtrlQueue {
@@ -127,7 +128,14 @@ impl CtrlQueue {
             descs: Vec::new(),
             net,
             log: LogLimiter::default(),
+            dirty: DirtyLogger::default(),
         }
+    }
+
+    /// Marks the acks this queue writes to guest memory in `dirty`.
+    pub fn with_dirty_log(mut self, dirty: DirtyLogger) -> Self {
+        self.dirty = dirty;
+        self
     }
 
     fn bad(&mut self, head: u16) -> Option<u32> {
@@ -178,6 +186,7 @@ impl QueueHandler for CtrlQueue {
         if mem.write_obj(status, ack).is_err() {
             return self.bad(head);
         }
+        self.dirty.mark(ack, 1);
         Some(1)
     }
 

@@ -3,7 +3,9 @@
 //! RX chains in the order the guest posted them. A frame larger than one
 //! chain spans several (VIRTIO_NET_F_MRG_RXBUF) and the header's
 //! `num_buffers` says how many. Chains are consumed in order, so the used
-//! ring follows the available ring.
+//! ring follows the available ring. Every byte copied into guest memory
+//! (header, `num_buffers` and frame) is marked in the dirty log right after
+//! it is written, before its chain is handed back for the used ring.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,7 +16,7 @@ use backends::desc::{walk_chain, Descriptor};
 use backends::memory::{GuestMem, GuestMemRef};
 use backends::ratelimit::LogLimiter;
 use backends::uring::{Restrictions, Uring};
-use backends::{QueueHandler, QueueMetrics, Used};
+use backends::{DirtyLogger, QueueHandler, QueueMetrics, Used};
 use io_uring::{opcode, types};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -67,13 +69,15 @@ const WAKE: u64 = 1 << 61;
 /// Copies `packet` (virtio-net header + frame) into the writable buffers of
 /// `chains`, filling each chain before the next (only the first without
 /// mergeable buffers), and sets `num_buffers` (12-byte header) to the number
-/// of chains used. `lens` receives the bytes written per chain.
+/// of chains used. `lens` receives the bytes written per chain. What is
+/// written is marked in `dirty`, a failed copy's part included.
 pub fn scatter<'a>(
     mem: &GuestMem,
     packet: &[u8],
     fmt: RxFormat,
     chains: impl Iterator<Item = &'a [Descriptor]> + Clone,
     lens: &mut Vec<u32>,
+    dirty: &mut DirtyLogger,
 ) -> Result<(), ScatterError> {
     lens.clear();
     if packet.len() < fmt.hdr_len {
@@ -115,6 +119,7 @@ pub fn scatter<'a>(
                     .ok_or(ScatterError::BadAddress)?;
                 mem.write_slice(&src[..n], GuestAddress(addr))
                     .map_err(|_| ScatterError::BadAddress)?;
+                dirty.mark(GuestAddress(addr), n as u64);
                 pos += n;
                 off += n;
                 used += n as u32;
@@ -158,6 +163,7 @@ pub struct RxQueue {
     net: Arc<NetQueueMetrics>,
     metrics: Arc<QueueMetrics>,
     log: LogLimiter,
+    dirty: DirtyLogger,
 }
 
 impl RxQueue {
@@ -203,7 +209,14 @@ impl RxQueue {
             net,
             metrics,
             log: LogLimiter::default(),
+            dirty: DirtyLogger::default(),
         })
+    }
+
+    /// Marks the frames this queue copies into guest memory in `dirty`.
+    pub fn with_dirty_log(mut self, dirty: DirtyLogger) -> Self {
+        self.dirty = dirty;
+        self
     }
 
     fn post_reads(&mut self) {
@@ -240,7 +253,14 @@ impl RxQueue {
             };
             let packet = &self.bufs[slot][..len];
             let chains = self.chains.iter().map(|(_, d)| d.as_slice());
-            match scatter(&mem, packet, self.fmt, chains, &mut self.lens) {
+            match scatter(
+                &mem,
+                packet,
+                self.fmt,
+                chains,
+                &mut self.lens,
+                &mut self.dirty,
+            ) {
                 Ok(()) => {
                     for &len in &self.lens {
                         if let Some((head, descs)) = self.chains.pop_front() {
@@ -447,6 +467,11 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap()
     }
 
+    /// A dirty logger that logs nothing.
+    fn quiet() -> DirtyLogger {
+        DirtyLogger::default()
+    }
+
     fn buf(addr: u64, len: u32) -> Vec<Descriptor> {
         vec![Descriptor {
             addr: GuestAddress(addr),
@@ -473,7 +498,15 @@ mod tests {
         let p = packet(60);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, MRG, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+        scatter(
+            &m,
+            &p,
+            MRG,
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+            &mut quiet(),
+        )
+        .unwrap();
 
         let mut out = vec![0u8; 72];
         m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
@@ -489,7 +522,15 @@ mod tests {
         let p = packet(2988);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, MRG, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+        scatter(
+            &m,
+            &p,
+            MRG,
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+            &mut quiet(),
+        )
+        .unwrap();
 
         let mut first = [0u8; HDR_LEN];
         m.read_slice(&mut first, GuestAddress(0x1000)).unwrap();
@@ -512,6 +553,7 @@ mod tests {
             MRG,
             chains.iter().map(|c| c.as_slice()),
             &mut lens,
+            &mut quiet(),
         );
 
         assert_eq!(r, Err(ScatterError::NotEnough));
@@ -529,6 +571,7 @@ mod tests {
             MRG,
             chains.iter().map(|c| c.as_slice()),
             &mut lens,
+            &mut quiet(),
         );
 
         assert_eq!(r, Err(ScatterError::BadAddress));
@@ -542,7 +585,15 @@ mod tests {
         let p = packet(100);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, MRG, std::iter::once(chain.as_slice()), &mut lens).unwrap();
+        scatter(
+            &m,
+            &p,
+            MRG,
+            std::iter::once(chain.as_slice()),
+            &mut lens,
+            &mut quiet(),
+        )
+        .unwrap();
 
         let mut data = vec![0u8; 100];
         m.read_slice(&mut data, GuestAddress(0x5000)).unwrap();
@@ -566,9 +617,42 @@ mod tests {
             fmt,
             chains.iter().map(|c| c.as_slice()),
             &mut lens,
+            &mut quiet(),
         );
 
         assert_eq!(r, Err(ScatterError::TooBig));
+    }
+
+    #[test]
+    fn frame_spanning_buffers_is_logged_where_it_was_written() {
+        use backends::dirty_log::DirtyLog;
+        use backends::memory::memfd_create;
+        use std::os::unix::fs::FileExt;
+        let m = mem();
+        let log_file = memfd_create("log").unwrap();
+        log_file.set_len(8).unwrap();
+        let log = DirtyLog::new();
+        log.set_base(log_file.try_clone().unwrap(), 8, 0).unwrap();
+        log.set_enabled(true);
+        // Three buffers of 1000 bytes: at 0x1f00 (over a page boundary),
+        // 0x5000 and 0x9000; the frame fills two and a bit of the third.
+        let chains = [buf(0x1f00, 1000), buf(0x5000, 1000), buf(0x9000, 1000)];
+        let mut lens = Vec::new();
+
+        scatter(
+            &m,
+            &packet(2100),
+            MRG,
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+            &mut log.logger(),
+        )
+        .unwrap();
+
+        let mut bitmap = [0u8; 2];
+        log_file.read_exact_at(&mut bitmap, 0).unwrap();
+        assert_eq!(lens, vec![1000, 1000, 112]);
+        assert_eq!(bitmap, [0b0010_0110, 0b0000_0010]);
     }
 
     #[test]
@@ -584,7 +668,15 @@ mod tests {
         p.extend_from_slice(&[7u8; 60]);
         let mut lens = Vec::new();
 
-        scatter(&m, &p, fmt, chains.iter().map(|c| c.as_slice()), &mut lens).unwrap();
+        scatter(
+            &m,
+            &p,
+            fmt,
+            chains.iter().map(|c| c.as_slice()),
+            &mut lens,
+            &mut quiet(),
+        )
+        .unwrap();
 
         let mut out = [0u8; 12];
         m.read_slice(&mut out, GuestAddress(0x1000)).unwrap();
