@@ -132,6 +132,29 @@ pub struct Outcome {
     pub notify_exits: u64,
 }
 
+/// A KVM VM with its irqchip and PIT, and guest RAM registered as its
+/// memory slots: the part of building a VM that does not depend on its
+/// state.
+pub struct Prepared {
+    kvm: Arc<Kvm>,
+    vm: Arc<VmFd>,
+    memory: Memory,
+}
+
+impl Prepared {
+    pub fn new(cfg: &VmConfig, memory: Memory) -> Result<Self> {
+        let kvm = Arc::new(vm::open_kvm()?);
+        let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
+        vm::register_memory(&vm, &memory.guest)?;
+        Ok(Self { kvm, vm, memory })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &Memory {
+        &self.memory
+    }
+}
+
 /// A built VM, ready to run. Field order is drop order: the VM (and its
 /// memory slots) goes before the guest memory it maps.
 pub struct Machine {
@@ -198,7 +221,32 @@ impl Machine {
         Ok(m)
     }
 
+    /// Builds the VM `state` describes on a KVM VM already made with its
+    /// guest RAM registered ([`Prepared`]: a migration destination makes
+    /// it before the source pauses), paused.
+    pub fn restore_prepared(state: SnapshotState, prepared: Prepared) -> Result<Self> {
+        let cfg = state.config.clone();
+        let mut m = Self::build_on(&cfg, Some(state), prepared)?;
+        m.ids = m.restored_ids.take().unwrap_or_default();
+        m.info = VmInfoConfig::new(&cfg, &m.ids);
+        Ok(m)
+    }
+
     fn build(cfg: &VmConfig, restore: Option<(SnapshotState, Memory)>) -> Result<Self> {
+        cfg.validate()?;
+        let (memory, restore) = match restore {
+            Some((state, memory)) => (memory, Some(state)),
+            None => (Memory::new(cfg.memory, cfg.hugepages)?, None),
+        };
+        let prepared = Prepared::new(cfg, memory)?;
+        Self::build_on(cfg, restore, prepared)
+    }
+
+    fn build_on(
+        cfg: &VmConfig,
+        restore: Option<SnapshotState>,
+        prepared: Prepared,
+    ) -> Result<Self> {
         cfg.validate()?;
         events::emit(
             "vm",
@@ -211,13 +259,9 @@ impl Machine {
         );
         // Before any thread exists, so that every vCPU thread inherits the mask.
         let signals = SignalFd::new(VMM_SIGNALS)?;
-        let kvm = Arc::new(vm::open_kvm()?);
-        let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
-        let (memory, restore) = match restore {
-            Some((state, memory)) => (memory, Some(state)),
-            None => (Memory::new(cfg.memory, cfg.hugepages)?, None),
-        };
-        vm::register_memory(&vm, &memory.guest)?;
+        let t0 = std::time::Instant::now();
+        let us = |t: std::time::Instant| t.elapsed().as_micros() as u64;
+        let Prepared { kvm, vm, memory } = prepared;
 
         let ram_end = ram_ranges(memory.size).last().map_or(0, |r| r.end());
         let entry = match &restore {
@@ -246,7 +290,9 @@ impl Machine {
         let exit =
             Arc::new(ExitNotifier::new().map_err(|e| MachineError::Io("create eventfd", e))?);
         let saved = restore.as_ref().map(|s| (&s.devices, &s.backends[..]));
+        let t_state = us(t0);
         let platform = Platform::new(cfg, &vm, &memory, &exit, ram_end, saved)?;
+        let t_platform = us(t0);
         let transports = platform
             .virtio
             .iter()
@@ -282,6 +328,12 @@ impl Machine {
             };
             vcpus.push(VcpuHandle::spawn(id, fd, ctx)?);
         }
+        tracing::debug!(
+            boot_or_state_us = t_state,
+            platform_us = t_platform,
+            vcpus_us = us(t0),
+            "VM built"
+        );
         let restored = restore.is_some();
         Ok(Self {
             vcpus,

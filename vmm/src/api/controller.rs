@@ -79,7 +79,7 @@ enum Vm {
 /// What a VM is built from instead of its config alone.
 enum Restore {
     Snapshot(PathBuf, Box<SnapshotState>, MemoryRestore),
-    Migrated(Box<SnapshotState>, crate::memory::Memory),
+    Migrated(Box<SnapshotState>, crate::machine::Prepared),
 }
 
 /// A VM's config and the API ids of its devices (in `devices` order).
@@ -390,8 +390,8 @@ impl Controller {
                     Some(Restore::Snapshot(dir, state, memory)) => {
                         Machine::restore_state(&dir, *state, memory)
                     }
-                    Some(Restore::Migrated(state, memory)) => {
-                        Machine::restore_with_memory(*state, memory)
+                    Some(Restore::Migrated(state, prepared)) => {
+                        Machine::restore_prepared(*state, prepared)
                     }
                     None => Machine::new(&cfg),
                 };
@@ -694,7 +694,7 @@ impl Controller {
         };
         let running = match self.start(
             &spec,
-            Some(Restore::Migrated(Box::new(got.state), got.memory)),
+            Some(Restore::Migrated(Box::new(got.state), got.prepared)),
         )? {
             Ok(r) => r,
             Err(e) => {

@@ -14,6 +14,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::stream::{self, Kind, Start};
 use super::{Conn, MigrationError, Url};
+use crate::machine::Prepared;
 use crate::memory::Memory;
 use crate::snapshot::SnapshotState;
 
@@ -99,7 +100,9 @@ fn wait_readable(fd: RawFd, stop: RawFd) -> Result<()> {
 /// What a complete migration delivered.
 pub struct Received {
     pub state: SnapshotState,
-    pub memory: Memory,
+    /// The KVM VM with guest RAM registered, made as soon as the config
+    /// arrived so that none of it falls in the downtime.
+    pub prepared: Prepared,
     /// Whether the VM ran on the source (it runs here once built).
     pub resume: bool,
     pub memory_bytes: u64,
@@ -142,6 +145,9 @@ fn receive_inner(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result
         Some(f) => local_memory(f, start.config.memory)?,
         None => Memory::new(start.config.memory, start.config.hugepages)?,
     };
+    let prepared = Prepared::new(&start.config, memory)
+        .map_err(|e| MigrationError::Vm(crate::error_chain(&e)))?;
+    let memory = prepared.memory();
     tracing::info!(local, from = %start.vmm_version, memory = start.config.memory, "receiving a migration");
     stream::write_frame(conn, Kind::Ok, &[])?;
     let mut memory_bytes = 0;
@@ -149,7 +155,7 @@ fn receive_inner(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result
     loop {
         match stream::read_header(conn)? {
             (Kind::Memory, len) if !local && state.is_none() => {
-                memory_bytes += read_memory(conn, &memory, len)?;
+                memory_bytes += read_memory(conn, memory, len)?;
             }
             (Kind::State, len) if state.is_none() => {
                 let mut s: SnapshotState = stream::read_state(conn, Kind::State, len)?;
@@ -167,7 +173,7 @@ fn receive_inner(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result
                 conn.read_exact(&mut b).map_err(MigrationError::Io)?;
                 return Ok(Received {
                     state,
-                    memory,
+                    prepared,
                     resume: b[0] != 0,
                     memory_bytes,
                     local,
