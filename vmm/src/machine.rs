@@ -718,6 +718,7 @@ impl Machine {
                 (Ok(ApiReply::Empty), Some(ExitReason::ApiReboot))
             }
             ApiRequest::VmSnapshot => (self.api_snapshot(body), None),
+            ApiRequest::VmSwapBackend => (self.swap_backend(body), None),
             // The controller answers these; they never reach a running VM.
             ApiRequest::VmCreate
             | ApiRequest::VmBoot
@@ -736,6 +737,36 @@ impl Machine {
 }
 
 impl Machine {
+    /// vm.swap-backend: moves one device to another backend while the
+    /// guest runs (see [`crate::vhost_user::VhostUser::swap_backend`]).
+    fn swap_backend(&mut self, body: &[u8]) -> ApiResponse {
+        let cfg: crate::api::SwapBackendConfig = crate::api::config::parse(body)
+            .map_err(|e| ApiFailure::new(400, crate::error_chain(&e)))?;
+        let i = self
+            .ids
+            .iter()
+            .position(|d| *d == cfg.id)
+            .ok_or_else(|| ApiFailure::new(404, format!("No device '{}'", cfg.id)))?;
+        if self.outgoing.is_some() {
+            return Err(ApiFailure::new(405, "A migration is running"));
+        }
+        let started = std::time::Instant::now();
+        lock(&self.platform.virtio[i])
+            .device_mut()
+            .swap_backend(cfg.vhost_socket.clone())
+            .map_err(|e| ApiFailure::new(500, format!("Cannot move '{}': {e}", cfg.id)))?;
+        self.config.devices[i].socket = cfg.vhost_socket.clone();
+        self.info = VmInfoConfig::new(&self.config, &self.ids);
+        let socket = cfg.vhost_socket.display().to_string();
+        events::emit(
+            "vhost-user",
+            "swapped",
+            &[("id", cfg.id.clone()), ("socket", socket)],
+        );
+        tracing::info!(id = %cfg.id, socket = %cfg.vhost_socket.display(), us = started.elapsed().as_micros() as u64, "device moved to another backend");
+        Ok(ApiReply::Empty)
+    }
+
     fn api_snapshot(&self, body: &[u8]) -> ApiResponse {
         let cfg: crate::api::VmSnapshotConfig = crate::api::config::parse(body)
             .map_err(|e| ApiFailure::new(400, crate::error_chain(&e)))?;

@@ -328,3 +328,124 @@ fn send_migration_without_a_vm_or_with_a_bad_url_is_refused() {
     assert_eq!(nobody.0, 500, "{nobody:?}");
     assert_eq!(vm.state(), "Running");
 }
+
+#[test]
+fn twenty_live_upgrades_in_a_row_under_disk_io_lose_no_round() {
+    let dir = Scratch::new("mig-upgrades");
+    let (_backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let mut current = Vmm::start(&dir, "vmm0");
+    current.boot("tg.virtio tg.blkcount", 1, disks);
+    let mut last = current.next_count("TG: blkcount ");
+    let url = format!("unix:{}", dir.path("m.sock").display());
+
+    for i in 1..=20 {
+        let next = Vmm::start(&dir, &format!("vmm{i}"));
+        let receiving = receive(&next, &url);
+        let sent = send(
+            &current,
+            serde_json::json!({"destination_url": url, "local": true}),
+        );
+        let received = receiving.join().unwrap();
+        assert_eq!(sent.0, 204, "upgrade {i}: {sent:?}");
+        assert_eq!(received.0, 204, "upgrade {i}: {received:?}");
+        let seen = last_count(&current, "TG: blkcount ").unwrap_or(last);
+        assert_eq!(exit_code(&mut current), Some(0), "upgrade {i}");
+        let first = next.next_count("TG: blkcount ");
+        assert!(
+            first == seen + 1 || first == seen + 2,
+            "upgrade {i}: {seen} before, then {first}"
+        );
+        last = first;
+        current = next;
+    }
+
+    let later = current.next_count("TG: blkcount ");
+    assert!(later > last);
+}
+
+/// A second backend on the same image: blk-backend on `<dir>/NAME.sock`,
+/// or qemu-storage-daemon.
+fn second_backend(dir: &Scratch, qsd: bool) -> (Daemon, PathBuf) {
+    let image = dir.path("disk.img");
+    let socket = dir.path(if qsd { "qsd.sock" } else { "blk2.sock" });
+    let cmd = if qsd {
+        let mut c = Command::new("qemu-storage-daemon");
+        c.arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=d0,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ));
+        c
+    } else {
+        let mut c = Command::new(workspace_bin("blk-backend"));
+        c.arg("--socket").arg(&socket).arg("--image").arg(&image);
+        c
+    };
+    (Daemon::start(cmd, &socket), socket)
+}
+
+/// A guest writing and verifying a block per round keeps going when its
+/// disk moves to another backend, and the old backend can then go away.
+fn disk_moves_under_io(tag: &str, qsd: bool) {
+    let dir = Scratch::new(tag);
+    let (mut old, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket, "id": "disk0"}]);
+    let vm = Vmm::start(&dir, "vm");
+    vm.boot("tg.virtio tg.blkcount", 1, disks);
+    let before = vm.next_count("TG: blkcount ");
+    let (_new, new_socket) = second_backend(&dir, qsd);
+
+    let body = serde_json::json!({"id": "disk0", "vhost_socket": new_socket}).to_string();
+    let swapped = vm.put("vm.swap-backend", &body);
+    old.kill();
+    let after = vm.next_count("TG: blkcount ");
+    let later = vm.next_count("TG: blkcount ");
+    let info = vmm::api::client::raw(&vm.socket, "GET", "vm.info").unwrap();
+
+    assert_eq!(swapped.0, 204, "{swapped:?}");
+    assert!(after > before);
+    assert_eq!(later, after + 1);
+    assert!(
+        info.body.contains(new_socket.to_str().unwrap()),
+        "{}",
+        info.body
+    );
+}
+
+#[test]
+fn a_disk_moves_from_blk_backend_to_another_blk_backend_under_io() {
+    disk_moves_under_io("swap-blk", false);
+}
+
+#[test]
+fn a_disk_moves_from_blk_backend_to_qemu_storage_daemon_under_io() {
+    disk_moves_under_io("swap-qsd", true);
+}
+
+#[test]
+fn a_move_to_a_socket_nobody_listens_on_leaves_the_disk_where_it_was() {
+    let dir = Scratch::new("swap-none");
+    let (_backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket, "id": "disk0"}]);
+    let vm = Vmm::start(&dir, "vm");
+    vm.boot("tg.virtio tg.blkcount", 1, disks);
+    let before = vm.next_count("TG: blkcount ");
+
+    let nowhere = serde_json::json!({"id": "disk0", "vhost_socket": dir.path("none")});
+    let refused = vm.put("vm.swap-backend", &nowhere.to_string());
+    let no_device = vm.put(
+        "vm.swap-backend",
+        &serde_json::json!({"id": "disk9", "vhost_socket": socket}).to_string(),
+    );
+    let after = vm.next_count("TG: blkcount ");
+
+    assert_eq!(refused.0, 500, "{refused:?}");
+    assert_eq!(no_device.0, 404, "{no_device:?}");
+    assert!(after > before);
+}

@@ -499,6 +499,7 @@ impl Controller {
             ApiRequest::VmCreate => (self.create(body), false),
             ApiRequest::VmRestore => (self.restore(body)?, false),
             ApiRequest::VmReceiveMigration => (self.receive_migration(body)?, false),
+            ApiRequest::VmSwapBackend => (self.swap_backend(body), false),
             ApiRequest::VmBoot => (self.boot()?, false),
             ApiRequest::VmDelete => {
                 self.stop_vm();
@@ -657,6 +658,40 @@ impl Controller {
         }
         self.vm = Vm::Running(spec, running);
         Ok(Ok(()))
+    }
+
+    /// vm.swap-backend: the running VM moves the device; its config here
+    /// follows, so a reboot or a snapshot uses the new backend.
+    fn swap_backend(&mut self, body: &[u8]) -> ApiResponse {
+        let Vm::Running(spec, running) = &mut self.vm else {
+            return match self.vm {
+                Vm::None => fail(404, "No VM has been created"),
+                _ => fail(405, "The VM is not running"),
+            };
+        };
+        let cfg: super::SwapBackendConfig = match parse(body) {
+            Ok(c) => c,
+            Err(e) => return fail(400, crate::error_chain(&e)),
+        };
+        let Some(i) = spec.ids.iter().position(|d| *d == cfg.id) else {
+            return fail(404, format!("No device '{}'", cfg.id));
+        };
+        let (reply, answer) = oneshot::channel();
+        let sent = running.api.forward(ApiMessage {
+            request: ApiRequest::VmSwapBackend,
+            body: body.to_vec(),
+            reply,
+        });
+        let response = match sent {
+            Ok(()) => answer
+                .blocking_recv()
+                .unwrap_or_else(|_| fail(503, "The VM has stopped")),
+            Err(_) => fail(503, "The VM has stopped"),
+        };
+        if response.is_ok() {
+            spec.cfg.devices[i].socket = cfg.vhost_socket;
+        }
+        response
     }
 
     /// vm.receive-migration: waits for the source, receives the VM and

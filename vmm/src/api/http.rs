@@ -56,6 +56,7 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
         "PUT",
         ApiRequest::VmReceiveMigration,
     ),
+    ("vm.swap-backend", "PUT", ApiRequest::VmSwapBackend),
 ];
 
 /// Largest request body read (a VmConfig is a few KiB); larger is 413.

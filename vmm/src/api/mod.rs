@@ -71,6 +71,7 @@ pub enum ApiRequest {
     VmCounters,
     VmSendMigration,
     VmReceiveMigration,
+    VmSwapBackend,
 }
 
 impl ApiRequest {
@@ -212,6 +213,15 @@ pub struct RestoreConfig {
     /// listen elsewhere than when the snapshot was taken.
     #[serde(default)]
     pub vhost_sockets: std::collections::BTreeMap<String, std::path::PathBuf>,
+}
+
+/// `PUT /vm.swap-backend`'s body (ours): move the device `id` to the
+/// vhost-user backend listening on `vhost_socket`, under I/O.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapBackendConfig {
+    pub id: String,
+    pub vhost_socket: std::path::PathBuf,
 }
 
 /// `GET /vmm.ping`: Cloud Hypervisor's `VmmPingResponse`.

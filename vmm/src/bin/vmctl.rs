@@ -102,6 +102,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         max_bandwidth_mibps: u64,
     },
+    /// Move a device of the running VM to another vhost-user backend,
+    /// under I/O (vm.swap-backend).
+    SwapBackend {
+        /// The device id (see `vmctl info`).
+        id: String,
+        /// The socket the new backend listens on.
+        vhost_socket: PathBuf,
+    },
     /// Wait for a migration and run the VM it brings; this vmm must have
     /// no VM (vm.receive-migration).
     ReceiveMigration {
@@ -143,6 +151,7 @@ impl Command {
             Self::Restore { .. } => ApiRequest::VmRestore,
             Self::SendMigration { .. } => ApiRequest::VmSendMigration,
             Self::ReceiveMigration { .. } => ApiRequest::VmReceiveMigration,
+            Self::SwapBackend { .. } => ApiRequest::VmSwapBackend,
         }
     }
 
@@ -196,6 +205,12 @@ impl Command {
                 "downtime_ms": downtime_ms,
                 "timeout_s": timeout_s,
                 "max_bandwidth_mibps": max_bandwidth_mibps,
+            })
+            .to_string()
+            .into_bytes()),
+            Self::SwapBackend { id, vhost_socket } => Ok(serde_json::json!({
+                "id": id,
+                "vhost_socket": vhost_socket,
             })
             .to_string()
             .into_bytes()),
@@ -338,6 +353,9 @@ fn human(command: &Command, body: &str) -> String {
             format!("VM migrated to {destination}; this vmm exits")
         }
         Command::ReceiveMigration { .. } => "Migrated VM running here".into(),
+        Command::SwapBackend { id, vhost_socket } => {
+            format!("{id} now on {}", vhost_socket.display())
+        }
         Command::Shutdown => "VM shutting down".into(),
         Command::ShutdownVmm => "VMM shutting down".into(),
         Command::Create { .. } => "VM created".into(),

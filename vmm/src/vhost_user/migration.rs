@@ -10,7 +10,9 @@ use std::sync::Arc;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
 
-use super::{req, Inner, Queue, VhostUser, VhostUserError, F_LOG_ALL, F_PROTOCOL_FEATURES};
+use super::{
+    handshake, req, Inner, Queue, VhostUser, VhostUserError, F_LOG_ALL, F_PROTOCOL_FEATURES,
+};
 use crate::devices::bus::lock;
 
 /// The dirty log shared with backends: a bitmap with one bit per 4 KiB
@@ -121,5 +123,62 @@ impl VhostUser {
         if let Err(e) = g.reconnect() {
             tracing::warn!(socket = %g.cfg.socket.display(), error = %crate::error_chain(&e), "cannot reconnect to the backend after the migration failed; retrying");
         }
+    }
+}
+
+impl VhostUser {
+    /// Moves the device to the backend listening on `socket` while the
+    /// guest runs: the new backend is connected and checked first (on
+    /// failure nothing changes), then the old one's rings are disabled and
+    /// stopped (it finishes what it took), its state and the inflight
+    /// region go to the new one, whose rings start at the used index the
+    /// guest last saw.
+    pub fn swap_backend(&self, socket: std::path::PathBuf) -> Result<(), VhostUserError> {
+        let mut g = lock(&self.inner);
+        let mut cfg = g.cfg.clone();
+        cfg.socket = socket;
+        let shown = cfg.socket.display().to_string();
+        let (fe, backend_features, protocol, has_protocol) = handshake(&cfg)?;
+        if let Some(a) = &g.active {
+            let missing = a.features & !backend_features & !F_LOG_ALL;
+            if missing != 0 {
+                return Err(VhostUserError::MissingFeatures(shown, missing));
+            }
+        }
+        if g.log.is_some() {
+            return Err(VhostUserError::Busy(shown));
+        }
+        let was_paused = g.paused;
+        let state = if g.conn.is_some() && g.active.is_some() {
+            // An old backend that fails here is as good as gone: the new
+            // one restarts from the rings (and the inflight region) alone.
+            match g.set_running(false).and_then(|()| g.save_state()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "the old backend did not stop cleanly");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        // The old connection closes here; the monitor watches the new one.
+        g.conn = Some(fe);
+        g.cfg = cfg;
+        g.protocol = protocol;
+        g.has_protocol = has_protocol;
+        g.backend_features = backend_features;
+        g.rings_stopped = false;
+        g.paused = was_paused;
+        g.pending_state =
+            state.filter(|_| protocol.contains(VhostUserProtocolFeatures::DEVICE_STATE));
+        g.config_cache.clear();
+        if g.active.is_some() {
+            if let Err(e) = g.apply(true) {
+                g.conn = None;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }

@@ -80,6 +80,10 @@ pub enum VhostUserError {
     NotConnected(String),
     #[error("Backend at {0} cannot log its writes to guest memory (VHOST_F_LOG_ALL, LOG_SHMFD)")]
     NoDirtyLog(String),
+    #[error("Backend at {0} lacks features the guest uses: {1:#x}")]
+    MissingFeatures(String, u64),
+    #[error("Cannot move to {0} while a migration logs the backend's writes")]
+    Busy(String),
 }
 
 /// Bounds every blocking receive on the connection `fd`.
@@ -784,6 +788,10 @@ impl VirtioDevice for VhostUser {
 
     fn set_dirty_log(&mut self, log: Option<LogShare>) -> Result<(), String> {
         VhostUser::set_dirty_log(self, log).map_err(|e| crate::error_chain(&e))
+    }
+
+    fn swap_backend(&mut self, socket: PathBuf) -> Result<(), String> {
+        VhostUser::swap_backend(self, socket).map_err(|e| crate::error_chain(&e))
     }
 
     fn detach_backend(&mut self) {

@@ -84,6 +84,10 @@ pub trait VirtioDevice: Send {
     fn set_dirty_log(&mut self, _log: Option<crate::vhost_user::LogShare>) -> Result<(), String> {
         Ok(())
     }
+    /// Moves the device to another backend while the guest runs.
+    fn swap_backend(&mut self, _socket: std::path::PathBuf) -> Result<(), String> {
+        Err("This device has no backend to move".into())
+    }
     /// Hands the device's backend over to another VMM (its rings stopped).
     fn detach_backend(&mut self) {}
     /// Takes the backend back after [`Self::detach_backend`], loading
