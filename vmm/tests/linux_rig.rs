@@ -134,6 +134,47 @@ echo "L2-SNAP-PING-RC=$?"
 poweroff -f
 "#;
 
+/// Writes checksummed blocks like the snapshot script, one a second for
+/// 20 rounds, with fio writing and verifying another region over and over
+/// in the background and the NIC checked at the end. L1 migrates the VM
+/// over TCP to a second vmm at round 3 and from there locally (memfd
+/// hand-over) to a third at round 9.
+const MIG_SCRIPT: &str = r#"#!/bin/sh
+ip link set eth0 up && ip addr add 10.77.0.4/24 dev eth0
+: >/tmp/sums
+( r=0; while [ ! -e /tmp/stop ]; do
+    fio --name=mig --filename=/dev/vda --offset=16M --size=4M --rw=randwrite --bs=4k \
+        --iodepth=4 --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 >/tmp/fio.log 2>&1 \
+        || { echo "L2-MIG-FIO-FAIL run=$r"; grep -E "err=|verify" /tmp/fio.log | head -n 3; }
+    r=$((r + 1)); echo $r >/tmp/fio.runs
+  done ) &
+check() {
+    echo 3 >/proc/sys/vm/drop_caches
+    dd if=/dev/vda bs=64k skip=$((400 + $1)) count=1 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+i=1
+while [ $i -le 20 ]; do
+    head -c 65536 /dev/urandom >/tmp/blk
+    s=$(sha256sum </tmp/blk | cut -d' ' -f1)
+    dd if=/tmp/blk of=/dev/vda bs=64k seek=$((400 + i)) count=1 oflag=direct conv=notrunc 2>/dev/null
+    [ "$(check $i)" = "$s" ] || echo "L2-MIG-MISMATCH round=$i"
+    echo "$i $s" >>/tmp/sums
+    echo "L2-MIG-ROUND round=$i"
+    i=$((i + 1))
+    sleep 1
+done
+touch /tmp/stop
+wait
+bad=0
+while read n s; do
+    [ "$(check $n)" = "$s" ] || bad=$((bad + 1))
+done </tmp/sums
+echo "L2-MIG-VERIFIED rounds=$(wc -l </tmp/sums) bad=$bad fio_runs=$(cat /tmp/fio.runs)"
+ping -c 3 -W 5 10.77.0.1 >/dev/null
+echo "L2-MIG-PING-RC=$?"
+poweroff -f
+"#;
+
 /// Booted twice: L1 reboots it through the API after the first line,
 /// then presses the power button.
 const PVH_SCRIPT: &str = r#"#!/bin/sh
@@ -193,6 +234,36 @@ l2 snap --kernel $L2_KERNEL --memory 256M --cpus 2 --api-socket /tmp/api-snap.so
     --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:57 \
     --cmdline "$CMDLINE run=/l2/snap.sh" </dev/null
 l2 snap-restored --restore source_url=file:///tmp/snap,resume=on --api-socket /tmp/api-snap2.sock </dev/null
+# Live migration: over TCP from the first vmm to a second at round 3,
+# then locally (memfd hand-over) from the second to a third at round 9.
+export VMM_LOG=info
+vmm --api-socket /tmp/api-mig2.sock >/tmp/l2-mig2.log 2>&1 </dev/null &
+M2=$!
+vmm --api-socket /tmp/api-mig3.sock >/tmp/l2-mig3.log 2>&1 </dev/null &
+M3=$!
+( wait_for /tmp/l2-mig.log "round=3" &&
+  { vmctl --api-socket /tmp/api-mig2.sock receive-migration tcp:127.0.0.1:7001 >/tmp/recv2.log 2>&1 & } &&
+  sleep 1 &&
+  vmctl --api-socket /tmp/api-mig.sock send-migration tcp:127.0.0.1:7001 2>/tmp/send1.log &&
+  echo L1-MIGRATED-TCP &&
+  wait_for /tmp/l2-mig2.log "round=9" &&
+  { vmctl --api-socket /tmp/api-mig3.sock receive-migration unix:/tmp/mig.sock >/tmp/recv3.log 2>&1 & } &&
+  sleep 1 &&
+  vmctl --api-socket /tmp/api-mig2.sock send-migration unix:/tmp/mig.sock --local &&
+  echo L1-MIGRATED-LOCAL ) &
+l2 mig --kernel $L2_KERNEL --memory 256M --cpus 2 --api-socket /tmp/api-mig.sock \
+    --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:58 \
+    --cmdline "$CMDLINE run=/l2/mig.sh" </dev/null
+unset VMM_LOG
+n=0; while kill -0 $M3 2>/dev/null && [ $n -lt 300 ]; do sleep 1; n=$((n + 1)); done
+kill $M2 $M3 2>/dev/null
+wait $M2; rc2=$?
+wait $M3; rc3=$?
+sed 's/^/L1-SEND-TCP /' /tmp/send1.log
+for k in 2 3; do
+    echo "RIG-L2-BEGIN mig$k"; cat /tmp/l2-mig$k.log
+    eval echo "RIG-L2-END mig$k rc=\$rc$k"
+done
 kill $(pidof blk-backend) $(pidof net-backend) $(pidof qemu-storage-daemon)
 sleep 1
 sync
@@ -230,6 +301,7 @@ fn run_rig() -> Result<Outcome, String> {
             ("qsd".to_string(), qsd_script()),
             ("pvh".to_string(), PVH_SCRIPT.to_string()),
             ("snap".to_string(), SNAP_SCRIPT.to_string()),
+            ("mig".to_string(), MIG_SCRIPT.to_string()),
         ]
         .into(),
         script: L1_SCRIPT.to_string(),
@@ -555,4 +627,46 @@ fn linux_snapshotted_mid_write_loop_goes_on_in_a_new_vmm() {
         .chain(&after)
         .any(|l| l.contains("L2-SNAP-MISMATCH")));
     assert_eq!(outcome().console.l2_status("snap-restored"), Some(0));
+}
+
+#[test]
+fn linux_migrated_over_tcp_then_locally_under_disk_io_loses_nothing() {
+    let parts = [l2("mig"), l2("mig2"), l2("mig3")];
+    let all: Vec<&str> = outcome().console.lines.iter().map(String::as_str).collect();
+    let rounds = |lines: &[&'static str]| -> Vec<u64> {
+        lines
+            .iter()
+            .filter(|l| l.contains("L2-MIG-ROUND"))
+            .filter_map(|l| Console::value(&[l], "round")?.parse().ok())
+            .collect()
+    };
+
+    assert!(all.iter().any(|l| l.contains("L1-MIGRATED-TCP")));
+    assert!(all.iter().any(|l| l.contains("L1-MIGRATED-LOCAL")));
+    let seen: Vec<Vec<u64>> = parts.iter().map(|p| rounds(p)).collect();
+    for pair in seen.windows(2) {
+        let last = *pair[0].last().expect("rounds before a migration");
+        // The next round, or the one after if the pause split its line.
+        assert!(
+            pair[1]
+                .first()
+                .is_some_and(|f| *f == last + 1 || *f == last + 2),
+            "{seen:?}"
+        );
+    }
+    let end = &parts[2];
+    assert_eq!(seen[2].last(), Some(&20), "{end:#?}");
+    assert_eq!(value(end, "rounds"), "20");
+    assert_eq!(value(end, "bad"), "0");
+    assert!(num(end, "fio_runs") >= 1);
+    assert_eq!(value(end, "L2-MIG-PING-RC"), "0");
+    assert!(!parts
+        .iter()
+        .flatten()
+        .any(|l| l.contains("L2-MIG-MISMATCH") || l.contains("L2-MIG-FIO-FAIL")));
+    // Each vmm exits 0: the first two once the VM moved on, the last at
+    // the guest's power-off.
+    assert_eq!(outcome().console.l2_status("mig"), Some(0));
+    assert_eq!(outcome().console.l2_status("mig2"), Some(0));
+    assert_eq!(outcome().console.l2_status("mig3"), Some(0));
 }
