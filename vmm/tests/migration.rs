@@ -449,3 +449,48 @@ fn a_move_to_a_socket_nobody_listens_on_leaves_the_disk_where_it_was() {
     assert_eq!(no_device.0, 404, "{no_device:?}");
     assert!(after > before);
 }
+
+#[test]
+fn a_destination_vmm_killed_during_pre_copy_leaves_the_vm_and_its_disk_running() {
+    let dir = Scratch::new("mig-dest-killed");
+    let (_backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let source = Vmm::start(&dir, "source");
+    // Every page touched: pre-copy has 128 MiB to send.
+    source.boot("tg.touch tg.virtio tg.blkcount", 1, disks);
+    source.next_count("TG: blkcount ");
+    let mut dest = Vmm::start(&dir, "dest");
+    let url = format!("unix:{}", dir.path("m.sock").display());
+    let receiving = receive(&dest, &url);
+    let src_socket = source.socket.clone();
+    // 1 MiB/s: pre-copy takes minutes.
+    let body = serde_json::json!({"destination_url": url, "max_bandwidth_mibps": 1});
+    let sending = std::thread::spawn(move || {
+        let r = vmm::api::client::call_with_timeout(
+            &src_socket,
+            vmm::api::ApiRequest::VmSendMigration,
+            body.to_string().as_bytes(),
+            Duration::from_secs(120),
+        );
+        r.map_err(|e| e.to_string())
+    });
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let info = vmm::api::client::raw(&source.socket, "GET", "vm.info").unwrap();
+    let _ = dest.child.kill();
+    let _ = dest.child.wait();
+    let sent = sending.join().unwrap();
+    let _ = receiving.join();
+    let a = source.next_count("TG: blkcount ");
+    let b = source.next_count("TG: blkcount ");
+
+    let progress: serde_json::Value = serde_json::from_str(&info.body).unwrap();
+    assert!(
+        progress["migration"]["sent_bytes"].as_u64() > Some(0),
+        "{}",
+        info.body
+    );
+    assert!(sent.is_err(), "{sent:?}");
+    assert_eq!(b, a + 1);
+    assert_eq!(source.state(), "Running");
+}

@@ -189,6 +189,7 @@ impl Machine {
                 limit: None,
                 cancel: &never,
                 deadline: None,
+                progress: None,
             };
             send_runs(&mut c.conn, &source, &c.pending.runs(), &pace)?;
         }

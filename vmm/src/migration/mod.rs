@@ -205,11 +205,11 @@ impl io::Write for Conn {
 /// Progress of an outgoing migration, for vm.info and vmctl.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
-    /// Pre-copy round: 0 is the first full pass over memory.
+    /// Pre-copy round being sent: 0 is the first pass over memory.
     pub round: u32,
     /// Bytes of guest RAM sent so far.
     pub sent_bytes: u64,
-    /// Bytes dirty when the last round ended (still to send).
+    /// Bytes of this round still to send.
     pub remaining_bytes: u64,
     /// Bytes per second the guest and backends dirtied in the last round.
     pub dirty_rate_bps: u64,

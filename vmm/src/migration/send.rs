@@ -222,19 +222,20 @@ fn precopy(
         limit: req.max_bandwidth,
         cancel,
         deadline: Some((started + req.timeout, req.timeout.as_secs())),
+        progress: Some(progress),
     };
     let mut sent = send_data(&mut conn, src, &pace)?;
-    let mut total = sent;
     let mut round = 0u32;
     loop {
         let took = t.elapsed().max(Duration::from_millis(1));
         let mut dirty = pending.clone();
         log.take(&mut dirty)?;
         let remaining = dirty.count() * PAGE;
+        let total = lock(progress).sent_bytes;
         let bandwidth = (sent as f64 / took.as_secs_f64()) as u64;
         let rate = (remaining as f64 / took.as_secs_f64()) as u64;
         *lock(progress) = Progress {
-            round,
+            round: round + 1,
             sent_bytes: total,
             remaining_bytes: remaining,
             dirty_rate_bps: rate,
@@ -264,7 +265,6 @@ fn precopy(
         round += 1;
         t = Instant::now();
         sent = send_runs(&mut conn, src, &dirty.runs(), &pace)?;
-        total += sent;
     }
 }
 
@@ -275,6 +275,8 @@ pub struct Pace<'a> {
     pub cancel: &'a AtomicBool,
     /// When pre-copy gives up, and `timeout_s` for the message.
     pub deadline: Option<(Instant, u64)>,
+    /// Updated as frames go out.
+    pub progress: Option<&'a Mutex<Progress>>,
 }
 
 /// Round 0: every range the memfd holds data for.
@@ -291,6 +293,9 @@ fn send_data(conn: &mut Conn, src: &Source, pace: &Pace) -> Result<u64> {
                 runs.push((r.start_addr().0 + (s - lo), e - s));
             }
         }
+    }
+    if let Some(p) = pace.progress {
+        lock(p).remaining_bytes = runs.iter().map(|r| r.1).sum();
     }
     send_runs(conn, src, &runs, pace)
 }
@@ -329,6 +334,11 @@ pub fn send_runs(conn: &mut Conn, src: &Source, runs: &[(u64, u64)], pace: &Pace
             sendfile_all(conn, &src.memfd, file_off, n)?;
             off += n;
             sent += n;
+            if let Some(p) = pace.progress {
+                let mut p = lock(p);
+                p.sent_bytes += n;
+                p.remaining_bytes = p.remaining_bytes.saturating_sub(n);
+            }
         }
     }
     Ok(sent)
