@@ -153,9 +153,15 @@ fn blk_backend(dir: &Scratch) -> (Daemon, PathBuf) {
 /// A VM writing and reading back a block per round on blk-backend moves
 /// to `url` (pre-copy with the backend's dirty log, or local) and its
 /// rounds go on there, on the same backend.
-fn disk_vm_migrates(tag: &str, url: &str, local: bool) {
+fn disk_vm_migrates(tag: &str, url: &str, local: bool, qsd: bool) {
     let dir = Scratch::new(tag);
-    let (_backend, socket) = blk_backend(&dir);
+    let (blk, socket) = blk_backend(&dir);
+    let (_backend, socket) = if qsd {
+        drop(blk);
+        second_backend(&dir, true)
+    } else {
+        (blk, socket)
+    };
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
     let mut source = Vmm::start(&dir, "source");
     source.boot("tg.virtio tg.blkcount", 1, disks);
@@ -187,14 +193,20 @@ fn disk_vm_migrates(tag: &str, url: &str, local: bool) {
 #[test]
 fn a_vm_with_a_blk_backend_disk_migrates_over_tcp_and_goes_on_writing() {
     let url = format!("tcp:127.0.0.1:{}", free_port());
-    disk_vm_migrates("mig-blk-tcp", &url, false);
+    disk_vm_migrates("mig-blk-tcp", &url, false, false);
+}
+
+#[test]
+fn a_vm_with_a_qemu_storage_daemon_disk_migrates_over_tcp() {
+    let url = format!("tcp:127.0.0.1:{}", free_port());
+    disk_vm_migrates("mig-qsd-tcp", &url, false, true);
 }
 
 #[test]
 fn a_vm_with_a_blk_backend_disk_is_upgraded_in_place() {
     let dir = Scratch::new("mig-blk-local-url");
     let url = format!("unix:{}", dir.path("m.sock").display());
-    disk_vm_migrates("mig-blk-local", &url, true);
+    disk_vm_migrates("mig-blk-local", &url, true, false);
 }
 
 #[test]

@@ -4,11 +4,15 @@
 //! backend over to another VMM (detach, and reattach if that VMM failed).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
 use vhost::vhost_user::VhostUserProtocolFeatures;
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 
 use super::{
     handshake, req, Inner, Queue, VhostUser, VhostUserError, F_LOG_ALL, F_PROTOCOL_FEATURES,
@@ -21,16 +25,6 @@ use crate::devices::bus::lock;
 pub struct LogShare {
     pub file: Arc<File>,
     pub size: u64,
-}
-
-impl LogShare {
-    pub(super) fn region(&self) -> VhostUserDirtyLogRegion {
-        VhostUserDirtyLogRegion {
-            mmap_size: self.size,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
 }
 
 /// A ring's addresses; with `log`, the backend logs its used-ring writes
@@ -50,6 +44,50 @@ pub(super) fn ring_config(
         avail_ring_addr: avail,
         log_addr: log.then_some(q.used),
     }
+}
+
+/// VHOST_USER_SET_LOG_BASE, with the log memfd attached.
+const SET_LOG_BASE: u32 = 6;
+/// Header flags: protocol version 1, and the reply bit.
+const VERSION_1: u32 = 0x1;
+const REPLY: u32 = 0x4;
+
+/// Sends `SET_LOG_BASE` with the log's memfd and waits for the reply.
+///
+/// Written here rather than through the vhost crate's frontend: that one
+/// insists on a 16-byte reply, while libvhost-user (qemu-storage-daemon)
+/// answers with 8 (a u64, as QEMU reads it), and then waits forever for
+/// the rest. Any reply size up to 64 bytes is taken. The connection is
+/// idle between requests and has the frontend's reply timeout.
+pub(super) fn set_log_base(fd: RawFd, log: &LogShare) -> Result<(), VhostUserError> {
+    let io = VhostUserError::LogBase;
+    // SAFETY: `fd` is the open frontend socket, borrowed for this call
+    // only: ManuallyDrop keeps it from being closed here.
+    let sock = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(fd) });
+    let mut msg = [0u8; 12 + 16];
+    msg[0..4].copy_from_slice(&SET_LOG_BASE.to_le_bytes());
+    msg[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+    msg[8..12].copy_from_slice(&16u32.to_le_bytes());
+    msg[12..20].copy_from_slice(&log.size.to_le_bytes());
+    // mmap_offset 0: bytes 20..28 stay zero.
+    let sent = sock
+        .send_with_fd(&msg[..], log.file.as_raw_fd())
+        .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
+    if sent != msg.len() {
+        return Err(io(std::io::ErrorKind::WriteZero.into()));
+    }
+    let mut hdr = [0u8; 12];
+    (&*sock).read_exact(&mut hdr).map_err(io)?;
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8));
+    if request != SET_LOG_BASE || flags & REPLY == 0 || size > 64 {
+        return Err(io(std::io::ErrorKind::InvalidData.into()));
+    }
+    let mut body = [0u8; 64];
+    (&*sock)
+        .read_exact(&mut body[..size as usize])
+        .map_err(io)?;
+    Ok(())
 }
 
 impl Inner {
@@ -81,7 +119,7 @@ impl Inner {
             };
         };
         if let Some(l) = &self.log {
-            req("SET_LOG_BASE", fe.set_log_base(0, Some(l.region())))?;
+            set_log_base(fe.as_raw_fd(), l)?;
         }
         let features = a.features
             | if has_protocol { F_PROTOCOL_FEATURES } else { 0 }

@@ -80,6 +80,8 @@ pub enum VhostUserError {
     NotConnected(String),
     #[error("Backend at {0} cannot log its writes to guest memory (VHOST_F_LOG_ALL, LOG_SHMFD)")]
     NoDirtyLog(String),
+    #[error("vhost-user SET_LOG_BASE failed")]
+    LogBase(#[source] std::io::Error),
     #[error("Backend at {0} lacks features the guest uses: {1:#x}")]
     MissingFeatures(String, u64),
     #[error("Cannot move to {0} while a migration logs the backend's writes")]
@@ -449,7 +451,7 @@ impl Inner {
         req("SET_FEATURES", fe.set_features(features))?;
         req("SET_MEM_TABLE", fe.set_mem_table(&regions))?;
         if let Some(l) = &log {
-            req("SET_LOG_BASE", fe.set_log_base(0, Some(l.region())))?;
+            migration::set_log_base(fe.as_raw_fd(), l)?;
         }
         if inflight_wanted {
             if a.inflight.is_none() {
