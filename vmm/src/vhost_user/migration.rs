@@ -17,7 +17,6 @@ use vhost::{VhostBackend, VringConfigData};
 use super::{
     handshake, req, Inner, Queue, VhostUser, VhostUserError, F_LOG_ALL, F_PROTOCOL_FEATURES,
 };
-use crate::devices::bus::lock;
 
 /// The dirty log shared with backends: a bitmap with one bit per 4 KiB
 /// guest-physical page, `size` bytes of `file`.
@@ -139,14 +138,14 @@ impl VhostUser {
     /// Starts or stops the backend's dirty logging; an error if it cannot
     /// log (then nothing changed).
     pub fn set_dirty_log(&self, log: Option<LogShare>) -> Result<(), VhostUserError> {
-        lock(&self.inner).set_log(log)
+        self.busy().set_log(log)
     }
 
     /// Lets go of the backend so that another VMM can connect: the rings
     /// must be stopped (the state saved). No reconnect until
     /// [`Self::reattach`].
     pub fn detach(&self) {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         g.detached = true;
         g.conn = None;
         g.log = None;
@@ -155,7 +154,7 @@ impl VhostUser {
     /// Takes the backend back after a migration failed: connects again
     /// (the monitor retries if that fails now), loading `state` first.
     pub fn reattach(&self, state: Option<Vec<u8>>) {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         g.detached = false;
         g.pending_state = state;
         if let Err(e) = g.reconnect() {
@@ -172,7 +171,7 @@ impl VhostUser {
     /// region go to the new one, whose rings start at the used index the
     /// guest last saw.
     pub fn swap_backend(&self, socket: std::path::PathBuf) -> Result<(), VhostUserError> {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         let mut cfg = g.cfg.clone();
         cfg.socket = socket;
         let shown = cfg.socket.display().to_string();

@@ -19,6 +19,7 @@ use thiserror::Error;
 
 mod device_state;
 mod migration;
+mod watchdog;
 use migration::ring_config;
 pub use migration::LogShare;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
@@ -26,6 +27,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
+use watchdog::{Busy, Watchdog, STUCK_AFTER};
 
 use crate::devices::bus::lock;
 use crate::memory::GuestMemory;
@@ -185,6 +187,7 @@ struct Inner {
 /// A vhost-user device seen through virtio-pci.
 pub struct VhostUser {
     inner: Arc<Mutex<Inner>>,
+    watch: Arc<Watchdog>,
     device_type: u32,
     features: u64,
     queues: usize,
@@ -285,13 +288,15 @@ impl VhostUser {
             detached: false,
         }));
         let stop = Arc::new(AtomicBool::new(false));
-        let (i, s) = (inner.clone(), stop.clone());
+        let watch = Arc::new(Watchdog::default());
+        let (i, w, s) = (inner.clone(), watch.clone(), stop.clone());
         let monitor = std::thread::Builder::new()
             .name(format!("vhost-user-{device_type}"))
-            .spawn(move || monitor(&i, &s))
+            .spawn(move || monitor(&i, &w, &s))
             .map_err(VhostUserError::Thread)?;
         Ok(Self {
             inner,
+            watch,
             device_type,
             features,
             queues: cfg.queues.into(),
@@ -304,12 +309,22 @@ impl VhostUser {
     /// Backend state saved in a snapshot, loaded into the backend before
     /// its rings are set up on restore.
     pub fn load_state_on_restore(&self, state: Vec<u8>) {
-        lock(&self.inner).pending_state = Some(state);
+        self.busy().pending_state = Some(state);
     }
 
     /// Whether the backend is connected now.
     pub fn connected(&self) -> bool {
-        lock(&self.inner).conn.is_some()
+        self.busy().conn.is_some()
+    }
+}
+
+impl VhostUser {
+    /// The device state, locked, with the watchdog armed for the exchanges
+    /// the caller makes.
+    fn busy(&self) -> Busy<'_, Inner> {
+        Busy::new(&self.inner, &self.watch, |g| {
+            g.conn.as_ref().map_or(-1, |c| c.as_raw_fd())
+        })
     }
 }
 
@@ -322,10 +337,25 @@ impl Drop for VhostUser {
     }
 }
 
-/// Watches the connection; reconnects and restores state after a loss.
-fn monitor(inner: &Mutex<Inner>, stop: &AtomicBool) {
+/// Watches the connection; reconnects and restores state after a loss,
+/// and cuts an exchange that is stuck (see [`watchdog`]).
+fn monitor(inner: &Mutex<Inner>, watch: &Watchdog, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        let fd = lock(inner).conn.as_ref().map(|c| c.as_raw_fd());
+        if watch.cut_if_stuck(STUCK_AFTER) {
+            tracing::warn!(
+                "vhost-user backend stopped answering mid-reply; dropping the connection"
+            );
+        }
+        let fd = match inner.try_lock() {
+            Ok(g) => g.conn.as_ref().map(|c| c.as_raw_fd()),
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                e.into_inner().conn.as_ref().map(|c| c.as_raw_fd())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                std::thread::sleep(RECONNECT_INTERVAL);
+                continue;
+            }
+        };
         match fd {
             Some(fd) if peer_closed(fd, RECONNECT_INTERVAL) => {
                 let mut g = lock(inner);
@@ -704,7 +734,7 @@ impl VhostUser {
                 })
             })
             .collect::<Result<Vec<_>, VhostUserError>>()?;
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         g.active = Some(Active {
             features,
             queues,
@@ -733,11 +763,11 @@ impl VirtioDevice for VhostUser {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        lock(&self.inner).read_config(offset, data)
+        self.busy().read_config(offset, data)
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         if !g.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return;
         }
@@ -761,18 +791,18 @@ impl VirtioDevice for VhostUser {
         features: u64,
         queues: &[ActiveQueue],
     ) -> Result<(), ActivateError> {
-        lock(&self.inner).paused = true;
+        self.busy().paused = true;
         self.start(features, queues, true)
     }
 
     fn reset(&mut self) {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         g.stop_rings();
         g.active = None;
     }
 
     fn pause(&mut self) {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         if let Err(e) = g.set_running(false) {
             // The backend is gone, failing or too slow to answer: drop the
             // connection (replies may be out of step); the monitor
@@ -783,9 +813,7 @@ impl VirtioDevice for VhostUser {
     }
 
     fn save_backend_state(&mut self) -> Result<Option<Vec<u8>>, String> {
-        lock(&self.inner)
-            .save_state()
-            .map_err(|e| crate::error_chain(&e))
+        self.busy().save_state().map_err(|e| crate::error_chain(&e))
     }
 
     fn set_dirty_log(&mut self, log: Option<LogShare>) -> Result<(), String> {
@@ -805,7 +833,7 @@ impl VirtioDevice for VhostUser {
     }
 
     fn resume(&mut self) {
-        let mut g = lock(&self.inner);
+        let mut g = self.busy();
         if let Err(e) = g.set_running(true) {
             tracing::warn!(socket = %g.cfg.socket.display(), error = %crate::error_chain(&e), "cannot restart the rings after the pause; reconnecting");
             g.conn = None;
