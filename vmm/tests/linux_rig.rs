@@ -255,7 +255,12 @@ l2 mig --kernel $L2_KERNEL --memory 256M --cpus 2 --api-socket /tmp/api-mig.sock
     --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:58 \
     --cmdline "$CMDLINE run=/l2/mig.sh" </dev/null
 unset VMM_LOG
-n=0; while kill -0 $M3 2>/dev/null && [ $n -lt 300 ]; do sleep 1; n=$((n + 1)); done
+# The migrated VM prints into files: say how it goes, or the rig takes
+# the silence for a stalled L1.
+n=0; while kill -0 $M3 2>/dev/null && [ $n -lt 300 ]; do
+    sleep 1; n=$((n + 1))
+    [ $((n % 10)) = 0 ] && echo "L1-WAITING-FOR-MIG3 s=$n rounds=$(cat /tmp/l2-mig2.log /tmp/l2-mig3.log | grep -c L2-MIG-ROUND)"
+done
 kill $M2 $M3 2>/dev/null
 wait $M2; rc2=$?
 wait $M3; rc3=$?

@@ -506,3 +506,41 @@ fn a_destination_vmm_killed_during_pre_copy_leaves_the_vm_and_its_disk_running()
     assert_eq!(b, a + 1);
     assert_eq!(source.state(), "Running");
 }
+
+#[test]
+fn a_vm_migrated_mid_write_burst_finishes_it_with_every_block_on_disk() {
+    let dir = Scratch::new("mig-burst");
+    let (_backend, socket) = blk_backend(&dir);
+    let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
+    let n = 600u64;
+    let mut source = Vmm::start(&dir, "source");
+    source.boot(&format!("tg.virtio tg.seed=4 tg.blkburst={n}"), 1, disks);
+    let deadline = Instant::now() + LIMIT;
+    while source.console.recv_timeout(LIMIT).unwrap() != "TG: blk burst start n=600" {
+        assert!(Instant::now() < deadline);
+    }
+    let dest = Vmm::start(&dir, "dest");
+    let url = format!("tcp:127.0.0.1:{}", free_port());
+    let receiving = receive(&dest, &url);
+
+    let sent = send(&source, serde_json::json!({"destination_url": url}));
+    let received = receiving.join().unwrap();
+    assert_eq!(sent.0, 204, "{sent:?}");
+    assert_eq!(received.0, 204, "{received:?}");
+    assert_eq!(exit_code(&mut source), Some(0));
+    let mut rest = Vec::new();
+    while let Ok(l) = dest.console.recv_timeout(Duration::from_secs(120)) {
+        let done = l == "TG: PASS";
+        rest.push(l);
+        if done {
+            break;
+        }
+    }
+
+    assert!(
+        rest.contains(&format!("TG: blk burst ok n={n}")),
+        "{rest:#?}"
+    );
+    assert!(!rest.iter().any(|l| l.contains("FAIL")), "{rest:#?}");
+    common::assert_pattern(&dir.path("disk.img"), 4096 * 2, 4096 * n, 4);
+}
