@@ -256,11 +256,14 @@ l2 mig --kernel $L2_KERNEL --memory 256M --cpus 2 --api-socket /tmp/api-mig.sock
     --cmdline "$CMDLINE run=/l2/mig.sh" </dev/null
 unset VMM_LOG
 # The migrated VM prints into files: say how it goes, or the rig takes
-# the silence for a stalled L1.
-n=0; while kill -0 $M3 2>/dev/null && [ $n -lt 300 ]; do
+# the silence for a stalled L1. Once it has powered off, the third vmm
+# (which serves on without a VM, as any API-started vmm) is told to exit.
+n=0; until grep -q "VM stopped" /tmp/l2-mig3.log || [ $n -ge 400 ]; do
     sleep 1; n=$((n + 1))
     [ $((n % 10)) = 0 ] && echo "L1-WAITING-FOR-MIG3 s=$n rounds=$(cat /tmp/l2-mig2.log /tmp/l2-mig3.log | grep -c L2-MIG-ROUND)"
 done
+vmctl --api-socket /tmp/api-mig3.sock shutdown-vmm
+sleep 1
 kill $M2 $M3 2>/dev/null
 wait $M2; rc2=$?
 wait $M3; rc3=$?
