@@ -263,7 +263,7 @@ n=0; until grep -q "VM stopped" /tmp/l2-mig3.log || [ $n -ge 400 ]; do
     [ $((n % 10)) = 0 ] && echo "L1-WAITING-FOR-MIG3 s=$n rounds=$(cat /tmp/l2-mig2.log /tmp/l2-mig3.log | grep -c L2-MIG-ROUND)"
 done
 vmctl --api-socket /tmp/api-mig3.sock shutdown-vmm
-sleep 1
+n=0; while kill -0 $M3 2>/dev/null && [ $n -lt 20 ]; do sleep 0.5; n=$((n + 1)); done
 kill $M2 $M3 2>/dev/null
 wait $M2; rc2=$?
 wait $M3; rc3=$?
