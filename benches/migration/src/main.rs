@@ -37,6 +37,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bench_harness::vmm::VmmError;
+use bench_harness::Scratch;
 use clap::{Parser, ValueEnum};
 use thiserror::Error;
 
@@ -147,29 +148,20 @@ fn main() -> ExitCode {
 }
 
 fn run(a: &Args) -> Result<(), BenchError> {
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| {
-            bench_harness::parse_size(s)
-                .map(|b| (s.clone(), b))
-                .ok_or_else(|| BenchError::Size(s.clone()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let scratch = Path::new(SHM).join(format!("migration-bench.{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| BenchError::Scratch(scratch.clone(), e))?;
+    let sizes = bench_harness::parse_sizes(&a.sizes).map_err(BenchError::Size)?;
+    let scratch = Scratch::new(Path::new(SHM), "migration-bench")
+        .map_err(|e| BenchError::Scratch(SHM.into(), e))?;
     let load_before = load_average();
     let mut cases = Vec::new();
     let mut result = Ok(());
     'all: for (size, bytes) in sizes {
         for &load in &a.loads {
-            if let Err(e) = measure(a, &scratch, &size, bytes, load, &mut cases) {
+            if let Err(e) = measure(a, scratch.path(), &size, bytes, load, &mut cases) {
                 result = Err(e);
                 break 'all;
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     report::print(a, &cases, [load_before, load_average()]);
     result
 }

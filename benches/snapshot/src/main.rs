@@ -33,6 +33,7 @@ use thiserror::Error;
 
 use bench_harness::stats::{gbps, ms, Summary};
 use bench_harness::vmm::{Vmm, VmmError};
+use bench_harness::Scratch;
 
 /// The Map-mode restore-to-running target.
 const MAP_TARGET: Duration = Duration::from_millis(5);
@@ -113,17 +114,9 @@ fn main() -> ExitCode {
 }
 
 fn run(a: &Args) -> Result<(), BenchError> {
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| {
-            bench_harness::parse_size(s)
-                .map(|b| (s.clone(), b))
-                .ok_or_else(|| BenchError::Size(s.clone()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let scratch = Path::new(SHM).join(format!("snapshot-bench.{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| BenchError::Scratch(scratch.clone(), e))?;
+    let sizes = bench_harness::parse_sizes(&a.sizes).map_err(BenchError::Size)?;
+    let scratch = Scratch::new(Path::new(SHM), "snapshot-bench")
+        .map_err(|e| BenchError::Scratch(SHM.into(), e))?;
     let mut rows = Vec::new();
     let mut result = Ok(());
     for (label, bytes) in sizes {
@@ -132,7 +125,7 @@ fn run(a: &Args) -> Result<(), BenchError> {
         } else {
             a.runs
         };
-        match measure(a, &scratch, label, bytes, runs.max(1)) {
+        match measure(a, scratch.path(), label, bytes, runs.max(1)) {
             Ok(r) => rows.push(r),
             Err(e) => {
                 result = Err(e);
@@ -140,7 +133,6 @@ fn run(a: &Args) -> Result<(), BenchError> {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     report(&rows);
     result
 }
