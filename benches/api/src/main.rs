@@ -15,7 +15,6 @@
 //! Target (the issue): pause <= 1 ms at 8 vCPUs; Cloud Hypervisor reported
 //! about 4 ms for 254 vCPUs. A benchmark: nothing here is asserted.
 
-mod stats;
 mod vm;
 
 use std::path::PathBuf;
@@ -25,7 +24,8 @@ use std::time::Duration;
 use clap::Parser;
 use thiserror::Error;
 
-use stats::{ms, us, Summary};
+use bench_harness::stats::{ms, us, Summary};
+use bench_harness::vmm::VmmError;
 use vm::{Vm, VmSpec};
 
 /// The issue's pause target at 8 vCPUs.
@@ -71,20 +71,14 @@ struct Args {
 /// Everything that stops the benchmark.
 #[derive(Debug, Error)]
 pub enum BenchError {
-    #[error("Cannot start {0}")]
-    Spawn(PathBuf, #[source] std::io::Error),
-    #[error("The VMM with {cpus} vCPUs ended before the guest was idle: {stderr}")]
-    GuestEnded { cpus: u8, stderr: String },
-    #[error("No API socket at {0}")]
-    NoSocket(PathBuf),
-    #[error("API request failed")]
-    Api(#[source] std::io::Error),
-    #[error("{endpoint} answered HTTP {status}: {body}")]
-    Status {
-        endpoint: &'static str,
-        status: u16,
-        body: String,
+    #[error("The VMM with {cpus} vCPUs did not get the guest idle")]
+    NotIdle {
+        cpus: u8,
+        #[source]
+        why: VmmError,
     },
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
     #[error("vm.info does not say Paused after vm.pause: {0}")]
     NotPaused(String),
     #[error("Cannot create the scratch directory {0}")]
@@ -101,19 +95,7 @@ struct PauseRow {
 }
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = format!("api-bench: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_harness::exit("api-bench", run(&Args::parse()))
 }
 
 fn run(a: &Args) -> Result<(), BenchError> {
@@ -142,9 +124,9 @@ fn measure_all(a: &Args, scratch: &std::path::Path) -> Result<Measured, BenchErr
         let vm = match Vm::start(&spec, scratch.join(format!("api-{cpus}.sock"))) {
             Ok(vm) => vm,
             // A count this host cannot run is reported, not fatal.
-            Err(e @ (BenchError::GuestEnded { .. } | BenchError::NoSocket(_))) => {
-                eprintln!("api-bench: {cpus} vCPUs: {e}");
-                skipped.push((cpus, e.to_string()));
+            Err(BenchError::NotIdle { why, .. }) => {
+                eprintln!("api-bench: {cpus} vCPUs: {why}");
+                skipped.push((cpus, why.to_string()));
                 continue;
             }
             Err(e) => return Err(e),

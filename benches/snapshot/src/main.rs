@@ -22,8 +22,6 @@
 //! KVM_GET_NESTED_STATE on this host. A benchmark: nothing is asserted.
 
 mod copy;
-mod stats;
-mod vm;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -33,8 +31,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use thiserror::Error;
 
-use stats::{gbps, ms, Summary};
-use vm::Vmm;
+use bench_harness::stats::{gbps, ms, Summary};
+use bench_harness::vmm::{Vmm, VmmError};
+use bench_harness::Scratch;
 
 /// The Map-mode restore-to-running target.
 const MAP_TARGET: Duration = Duration::from_millis(5);
@@ -79,24 +78,8 @@ struct Args {
 /// Everything that stops the benchmark.
 #[derive(Debug, Error)]
 pub enum BenchError {
-    #[error("Cannot start {0}")]
-    Spawn(PathBuf, #[source] std::io::Error),
-    #[error("The VMM ended: {0}")]
-    Ended(String),
-    #[error("The guest failed: {0}")]
-    GuestFailed(String),
-    #[error("No console line starting with '{0}' within {1:?}")]
-    Timeout(String, Duration),
-    #[error("No API answer on {0}")]
-    NoSocket(PathBuf),
-    #[error("API request failed")]
-    Api(#[source] std::io::Error),
-    #[error("{endpoint} answered HTTP {status}: {body}")]
-    Status {
-        endpoint: &'static str,
-        status: u16,
-        body: String,
-    },
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
     #[error("Cannot use the scratch path {0}")]
     Scratch(PathBuf, #[source] std::io::Error),
     #[error("Copying {0} failed")]
@@ -127,29 +110,13 @@ struct Row {
 }
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let mut msg = format!("snapshot-bench: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
+    bench_harness::exit("snapshot-bench", run(&Args::parse()))
 }
 
 fn run(a: &Args) -> Result<(), BenchError> {
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| parse_size(s).map(|b| (s.clone(), b)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let scratch = Path::new(SHM).join(format!("snapshot-bench.{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).map_err(|e| BenchError::Scratch(scratch.clone(), e))?;
+    let sizes = bench_harness::parse_sizes(&a.sizes).map_err(BenchError::Size)?;
+    let scratch = Scratch::new(Path::new(SHM), "snapshot-bench")
+        .map_err(|e| BenchError::Scratch(SHM.into(), e))?;
     let mut rows = Vec::new();
     let mut result = Ok(());
     for (label, bytes) in sizes {
@@ -158,7 +125,7 @@ fn run(a: &Args) -> Result<(), BenchError> {
         } else {
             a.runs
         };
-        match measure(a, &scratch, label, bytes, runs.max(1)) {
+        match measure(a, scratch.path(), label, bytes, runs.max(1)) {
             Ok(r) => rows.push(r),
             Err(e) => {
                 result = Err(e);
@@ -166,24 +133,8 @@ fn run(a: &Args) -> Result<(), BenchError> {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     report(&rows);
     result
-}
-
-/// Parses `256M`, `1G`, `4096K` or a byte count.
-fn parse_size(s: &str) -> Result<u64, BenchError> {
-    let bad = || BenchError::Size(s.to_string());
-    let (num, shift) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
-        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
-        _ => (s, 0),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(bad)
 }
 
 fn url(dir: &Path) -> String {

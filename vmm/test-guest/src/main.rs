@@ -58,6 +58,12 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     let bi = boot::parse(proto, info);
     out().s("TG: cmdline=").bytes(bi.cmdline).nl();
     let has = |w: &[u8]| bi.cmdline.split(|b| *b == b' ').any(|t| t == w);
+    let param = |p: &[u8]| {
+        bi.cmdline
+            .split(|b| *b == b' ')
+            .find_map(|t| t.strip_prefix(p))
+            .map(parse_num)
+    };
     if has(b"tg.nommio") {
         NO_MMIO_CHECK.store(true, Ordering::Relaxed);
     }
@@ -97,12 +103,6 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     }
 
     if has(b"tg.virtio") {
-        let param = |p: &[u8]| {
-            bi.cmdline
-                .split(|b| *b == b' ')
-                .find_map(|t| t.strip_prefix(p))
-                .map(parse_num)
-        };
         let opts = virtio::Opts {
             seed: param(b"tg.seed=").unwrap_or(1),
             burst: param(b"tg.blkburst=").unwrap_or(0),
@@ -126,13 +126,12 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
     if has(b"tg.count") {
         count_forever();
     }
-    if let Some(mib) = bi
-        .cmdline
-        .split(|b| *b == b' ')
-        .find_map(|t| t.strip_prefix(b"tg.dirty="))
-        .map(parse_num)
-    {
-        dirty_forever(top, mib);
+    let tick = param(b"tg.tick=");
+    if let Some(mib) = param(b"tg.dirty=") {
+        dirty_forever(top, mib, tick);
+    }
+    if let Some(every) = tick {
+        tick_forever(every);
     }
     if has(b"tg.reset") {
         line("TG: reset");
@@ -184,16 +183,22 @@ const DIRTY_BASE: u64 = 16 * MIB;
 /// MiB of RAM from 16 MiB, checking first that each page still holds the
 /// last round's word, and prints `TG: dirty N` after each pass. A
 /// migrated VM whose memory lost a dirty page fails the next pass.
-fn dirty_forever(top: u64, mib: u64) -> ! {
+/// With `tg.tick=T` it also prints a tick line (see [`Ticker`]) every `T`
+/// pages, so the host sees any pause of the guest within a few hundred µs.
+fn dirty_forever(top: u64, mib: u64, tick: Option<u64>) -> ! {
     const PAGE: u64 = 4096;
     let end = DIRTY_BASE + mib * MIB;
     if end > top {
         fail("tg.dirty beyond RAM");
     }
     let pages = mib * MIB / PAGE;
+    let mut ticker = tick.map(Ticker::new);
     let mut round: u64 = 0;
     loop {
         for p in 0..pages {
+            if let Some(t) = &mut ticker {
+                t.step();
+            }
             let a = (DIRTY_BASE + p * PAGE) as *mut u64;
             let want = if round == 0 {
                 None
@@ -217,6 +222,48 @@ fn dirty_forever(top: u64, mib: u64) -> ! {
         }
         out().s("TG: dirty ").dec(round).nl();
         round += 1;
+    }
+}
+
+/// Prints `t N` (N = 0, 1, 2, ...) once every `every` steps: a progress
+/// line short enough (a VM exit per byte and per status poll) that the
+/// host can time the guest's pauses, such as a migration's downtime, by
+/// the gaps between lines. The guest's own clocks cannot: TSC and
+/// kvm-clock are restored across a migration.
+struct Ticker {
+    every: u64,
+    left: u64,
+    n: u64,
+}
+
+impl Ticker {
+    fn new(every: u64) -> Self {
+        Self {
+            every,
+            left: every,
+            n: 0,
+        }
+    }
+
+    /// One unit of work done; prints when `every` of them are.
+    fn step(&mut self) {
+        if self.left > 1 {
+            self.left -= 1;
+            return;
+        }
+        self.left = self.every;
+        out().s("t ").dec(self.n).nl();
+        self.n += 1;
+    }
+}
+
+/// `tg.tick=N` alone: an otherwise idle guest (it writes only its two
+/// counters and the output lock) that prints a tick line every `N` turns
+/// of an empty loop (`0` or `1`: back to back).
+fn tick_forever(every: u64) -> ! {
+    let mut ticker = Ticker::new(every);
+    loop {
+        ticker.step();
     }
 }
 
