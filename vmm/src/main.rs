@@ -1,11 +1,12 @@
 //! `vmm`: boots a kernel in a KVM VM. See `vmm --help`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::api::controller::Controller;
 use vmm::api::http::ApiSocket;
+use vmm::api::manager::{self, SocketArg};
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
 use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
 use vmm::events;
@@ -13,7 +14,7 @@ use vmm::vhost_user::DeviceConfig;
 
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = manager::VERSION,
     about = "Boot a Linux kernel (bzImage or ELF/PVH) in a KVM virtual machine"
 )]
 struct Cli {
@@ -37,7 +38,8 @@ struct Cli {
     /// Back guest RAM with 2 MiB huge pages (hugetlbfs memfd).
     #[arg(long)]
     hugepages: bool,
-    /// COM1: stdio, off, or file:PATH.
+    /// COM1: stdio, pty (a pseudo-terminal; its path goes to stderr), off,
+    /// or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// Boot protocol for ELF kernels.
@@ -58,10 +60,13 @@ struct Cli {
     /// type=NAME|ID,socket=PATH[,queues=N][,queue-size=N]
     #[arg(long = "vhost-user", value_parser = parse_vhost_user)]
     vhost_user: Vec<DeviceConfig>,
-    /// Serve the control API (Cloud Hypervisor's REST subset) on this unix
-    /// socket, created mode 0600 and removed on exit.
+    /// Serve the control API (Cloud Hypervisor's REST subset) on a unix
+    /// socket: path=PATH (or just PATH), created mode 0600 and removed on
+    /// exit; or fd=N, a listening socket bound by a manager such as
+    /// libvirt, which keeps its path: once the manager removes that path
+    /// vmm stops the VM and exits.
     #[arg(long)]
-    api_socket: Option<PathBuf>,
+    api_socket: Option<SocketArg>,
     /// Write life-cycle events as JSON lines (Cloud Hypervisor's shape) to
     /// a file or FIFO, or to an inherited fd that vmm then owns:
     /// path=PATH or fd=N
@@ -120,7 +125,22 @@ fn parse_hidden(s: &str) -> Result<Hidden, config::ConfigError> {
     config::parse_cpu_features(s).map(Hidden)
 }
 
+/// Run as `cloud-hypervisor` (libvirt's ch driver runs the first one in
+/// PATH), `--version` prints the line the driver parses.
+fn cloud_hypervisor_version() -> bool {
+    let mut args = std::env::args_os();
+    let named = args
+        .next()
+        .map(PathBuf::from)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "cloud-hypervisor"));
+    named && args.any(|a| a == "--version" || a == "-V")
+}
+
 fn main() -> ExitCode {
+    if cloud_hypervisor_version() {
+        println!("{}", manager::cloud_hypervisor_version_line());
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
@@ -154,7 +174,7 @@ fn main() -> ExitCode {
             .chain(cli.vhost_user)
             .collect(),
     });
-    let result = boot(cfg, cli.restore, cli.api_socket.as_deref());
+    let result = boot(cfg, cli.restore, cli.api_socket);
     events::finish();
     match result {
         Ok(None) => ExitCode::SUCCESS,
@@ -187,9 +207,9 @@ fn main() -> ExitCode {
 fn boot(
     cfg: Option<VmConfig>,
     restore: Option<Restore>,
-    api_socket: Option<&Path>,
+    api_socket: Option<SocketArg>,
 ) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
-    let Some(path) = api_socket else {
+    let Some(api_socket) = api_socket else {
         if let Some(r) = restore {
             if !r.resume {
                 return Err("--restore without --api-socket needs resume=on".into());
@@ -201,9 +221,20 @@ fn boot(
         let cfg = cfg.ok_or("--kernel is required without --api-socket")?;
         return Ok(Some(vmm::Machine::new(&cfg)?.run()?));
     };
-    let socket = ApiSocket::bind(path)?;
+    let (socket, managed) = match api_socket {
+        SocketArg::Path(p) => (ApiSocket::bind(&p)?, None),
+        SocketArg::Fd(fd) => {
+            let listener = manager::take_listener(fd)?;
+            let path = manager::bound_path(&listener);
+            (ApiSocket::adopt(listener), path)
+        }
+    };
     let exit_with_vm = cfg.is_some() || restore.is_some();
     let (mut controller, tx) = Controller::new(exit_with_vm)?;
+    // With the signals blocked: the watch thread inherits the mask.
+    if let Some(path) = managed {
+        manager::stop_when_removed(path)?;
+    }
     let server = socket.serve(tx)?;
     if let Some(cfg) = cfg {
         controller.boot_now(cfg)?;

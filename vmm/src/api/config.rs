@@ -332,6 +332,7 @@ fn serial(c: Option<ConsoleBody>) -> Result<SerialConfig> {
     only_default("serial.socket", &c.socket, &[])?;
     match c.mode.as_str() {
         "Tty" => Ok(SerialConfig::Stdio),
+        "Pty" => Ok(SerialConfig::Pty),
         "Off" | "Null" => Ok(SerialConfig::Off),
         "File" => c
             .file
@@ -339,7 +340,7 @@ fn serial(c: Option<ConsoleBody>) -> Result<SerialConfig> {
             .ok_or_else(|| BodyError::Missing("serial.file".into())),
         _ => Err(BodyError::Unsupported(
             "serial.mode".into(),
-            "only Tty, File, Off and Null are supported",
+            "only Tty, Pty, File, Off and Null are supported",
         )),
     }
 }
@@ -502,6 +503,20 @@ mod tests {
         assert_eq!(c.cmdline, "x");
         assert_eq!(c.serial, SerialConfig::Stdio);
         assert!(ids.is_empty());
+    }
+
+    #[test]
+    fn libvirts_config_maps_onto_vm_config() {
+        let (c, _) = config(json!({
+            "serial": {"mode": "Pty"},
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+            "memory": {"size": 67108864},
+            "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
+        }))
+        .unwrap();
+
+        assert_eq!(c.serial, SerialConfig::Pty);
+        assert_eq!(c.memory, 64 << 20);
     }
 
     #[test]

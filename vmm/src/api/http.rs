@@ -84,9 +84,10 @@ pub fn route_of(request: ApiRequest) -> (&'static str, &'static str) {
         .expect("every request has a route")
 }
 
-/// A bound API socket, not yet served; removed when dropped.
+/// A bound API socket, not yet served; removed when dropped if vmm
+/// bound it (not one a manager handed over, see [`super::manager`]).
 pub struct ApiSocket {
-    path: PathBuf,
+    path: Option<PathBuf>,
     listener: Option<UnixListener>,
 }
 
@@ -110,9 +111,17 @@ impl ApiSocket {
         unsafe { libc::umask(old) };
         let listener = bound.map_err(|e| HttpError::Bind(path.into(), e))?;
         Ok(Self {
-            path: path.into(),
+            path: Some(path.into()),
             listener: Some(listener),
         })
+    }
+
+    /// Serves a socket someone else bound and listens on; its path stays.
+    pub fn adopt(listener: UnixListener) -> Self {
+        Self {
+            path: None,
+            listener: Some(listener),
+        }
     }
 
     /// Serves the API on a new thread until the returned server is dropped.
@@ -141,7 +150,9 @@ impl ApiSocket {
 
 impl Drop for ApiSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
