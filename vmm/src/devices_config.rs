@@ -116,6 +116,72 @@ pub(crate) fn mac(v: &str) -> Result<[u8; 6], DeviceSpecError> {
     Ok(mac)
 }
 
+/// A disk given as an image: vmm serves it with a blk-backend it starts
+/// (see [`crate::spawned`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageDisk {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+}
+
+impl ImageDisk {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            readonly: false,
+            queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
+        }
+    }
+}
+
+/// `--disk`: a vhost-user backend's socket, or an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskArg {
+    Socket(DeviceConfig),
+    Image(ImageDisk),
+}
+
+/// `path=FILE[,readonly=on|off][,queues=N][,queue-size=N]`, or what
+/// [`parse_disk`] takes.
+pub fn parse_disk_arg(s: &str) -> Result<DiskArg, DeviceSpecError> {
+    let kv = pairs(s)?;
+    if !kv.iter().any(|(k, _)| *k == "path") {
+        return parse_disk(s).map(DiskArg::Socket);
+    }
+    let mut disk = ImageDisk::new(PathBuf::new());
+    for (k, v) in kv {
+        match k {
+            "path" => disk.path = PathBuf::from(v),
+            "readonly" => {
+                disk.readonly = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => {
+                        return Err(DeviceSpecError::Invalid {
+                            key: "readonly",
+                            value: v.into(),
+                            why: "expected on or off",
+                        })
+                    }
+                }
+            }
+            "queues" => disk.queues = number("queues", v, MAX_QUEUES, false)?,
+            "queue-size" => disk.queue_size = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
+            _ => {
+                return Err(DeviceSpecError::UnknownKey {
+                    key: k.into(),
+                    what: "--disk path=",
+                    known: "path, readonly, queues, queue-size",
+                })
+            }
+        }
+    }
+    Ok(DiskArg::Image(disk))
+}
+
 /// `socket=PATH[,queues=N][,queue-size=N][,metrics-socket=PATH]`
 pub fn parse_disk(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     let mut cfg = DeviceConfig {
@@ -267,6 +333,7 @@ pub fn check_unique(devices: &[DeviceConfig]) -> Result<(), DeviceSpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn disk_and_net_specs_take_a_metrics_socket() {
@@ -274,6 +341,35 @@ mod tests {
         let n = parse_net("socket=/t,metrics-socket=/n").unwrap();
         assert_eq!(d.metrics_socket, Some(PathBuf::from("/m")));
         assert_eq!(n.metrics_socket, Some(PathBuf::from("/n")));
+    }
+
+    #[test]
+    fn disk_given_as_an_image_parses() {
+        let d = parse_disk_arg("path=/img,readonly=on,queues=2").unwrap();
+
+        assert_eq!(
+            d,
+            DiskArg::Image(ImageDisk {
+                path: "/img".into(),
+                readonly: true,
+                queues: 2,
+                queue_size: DEFAULT_QUEUE_SIZE,
+            })
+        );
+    }
+
+    #[test]
+    fn disk_arg_without_path_is_a_backend_socket() {
+        let d = parse_disk_arg("socket=/s").unwrap();
+
+        assert!(matches!(d, DiskArg::Socket(c) if c.socket == Path::new("/s")));
+    }
+
+    #[test]
+    fn image_disk_refuses_socket_keys() {
+        let e = parse_disk_arg("path=/img,metrics-socket=/m").unwrap_err();
+
+        assert!(matches!(e, DeviceSpecError::UnknownKey { .. }), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod pci;
 pub mod platform;
 pub mod snapshot;
+pub mod spawned;
 pub mod state;
 pub mod vcpu;
 pub mod vhost_user;

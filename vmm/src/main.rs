@@ -8,7 +8,7 @@ use vmm::api::controller::Controller;
 use vmm::api::http::ApiSocket;
 use vmm::api::manager::{self, SocketArg};
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
-use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
+use vmm::devices_config::{parse_disk_arg, parse_net, parse_vhost_user, DiskArg};
 use vmm::events;
 use vmm::vhost_user::DeviceConfig;
 
@@ -48,10 +48,12 @@ struct Cli {
     /// CPUID features to hide from the guest, e.g. -cx16,-clwb.
     #[arg(long, allow_hyphen_values = true, value_parser = parse_hidden)]
     cpu_features: Option<Hidden>,
-    /// A virtio-blk disk served by a vhost-user backend (repeatable):
-    /// socket=PATH[,queues=N][,queue-size=N]
-    #[arg(long, value_parser = parse_disk)]
-    disk: Vec<DeviceConfig>,
+    /// A virtio-blk disk (repeatable) served by a vhost-user backend:
+    /// socket=PATH[,queues=N][,queue-size=N]; or an image served by a
+    /// blk-backend vmm starts (beside vmm or in PATH), restarts if it dies
+    /// and stops on exit: path=FILE[,readonly=on][,queues=N][,queue-size=N]
+    #[arg(long, value_parser = parse_disk_arg)]
+    disk: Vec<DiskArg>,
     /// A virtio-net NIC served by a vhost-user backend (repeatable):
     /// socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]
     #[arg(long, value_parser = parse_net)]
@@ -157,6 +159,20 @@ fn main() -> ExitCode {
         }
     }
     events::emit("vmm", "starting", &[]);
+    let mut disks = Vec::new();
+    for d in cli.disk {
+        match d {
+            DiskArg::Socket(d) => disks.push(d),
+            DiskArg::Image(image) => match vmm::spawned::disk(&image) {
+                Ok(d) => disks.push(d),
+                Err(e) => {
+                    eprintln!("vmm: {}", vmm::error_chain(&e));
+                    vmm::spawned::stop_all();
+                    return ExitCode::FAILURE;
+                }
+            },
+        }
+    }
     let cfg = cli.kernel.map(|kernel| VmConfig {
         kernel,
         initramfs: cli.initramfs,
@@ -167,14 +183,14 @@ fn main() -> ExitCode {
         serial: cli.serial,
         boot: cli.boot,
         hidden_cpu_features: cli.cpu_features.map(|h| h.0).unwrap_or_default(),
-        devices: cli
-            .disk
+        devices: disks
             .into_iter()
             .chain(cli.net)
             .chain(cli.vhost_user)
             .collect(),
     });
     let result = boot(cfg, cli.restore, cli.api_socket);
+    vmm::spawned::stop_all();
     events::finish();
     match result {
         Ok(None) => ExitCode::SUCCESS,

@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::config::{BootProtocol, ConfigError, SerialConfig, DEFAULT_CMDLINE};
-use crate::devices_config::{self, DeviceSpecError, MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::devices_config::{self, DeviceSpecError, ImageDisk, MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::spawned::SpawnError;
 use crate::vhost_user::{DeviceConfig, Kind};
 
 /// Errors in a request body.
@@ -34,6 +35,17 @@ pub enum BodyError {
     Device(String, #[source] DeviceSpecError),
     #[error("Invalid configuration")]
     Config(#[source] ConfigError),
+    #[error("{0}: cannot serve the disk image")]
+    Image(String, #[source] crate::spawned::SpawnError),
+}
+
+/// Starts the backend for a disk given as an image; returns its device.
+pub type Starter<'a> =
+    &'a mut dyn FnMut(&ImageDisk) -> std::result::Result<DeviceConfig, SpawnError>;
+
+/// The [`Starter`] of a body that is only parsed: disk images are refused.
+pub fn no_images(_: &ImageDisk) -> std::result::Result<DeviceConfig, SpawnError> {
+    Err(SpawnError::NotFound("a running vmm to start blk-backend"))
 }
 
 type Result<T> = std::result::Result<T, BodyError>;
@@ -229,14 +241,33 @@ fn vhost_socket(field: &str, vhost_user: Option<bool>, socket: Option<String>) -
 
 impl DiskConfigBody {
     /// The disk as a vhost-user block device; `field` names it in errors.
+    /// A disk given as an image is refused (see [`Self::into_device_with`]).
     pub fn into_device(self, field: &str) -> Result<NamedDevice> {
+        self.into_device_with(field, &mut no_images)
+    }
+
+    /// The disk as a vhost-user block device: the backend's socket as
+    /// given, or, for a `path`, the one `start` serves the image on.
+    pub fn into_device_with(self, field: &str, start: Starter) -> Result<NamedDevice> {
         let f = |n: &str| format!("{field}.{n}");
-        only_default(&f("path"), &self.path, &[])?;
-        only_default(
-            &f("readonly"),
-            &self.readonly.map(Value::from),
-            &[json!(false)],
-        )?;
+        let image = match &self.path {
+            None | Some(Value::Null) => None,
+            Some(Value::String(p)) if self.vhost_user != Some(true) => Some(p.clone()),
+            Some(Value::String(_)) => {
+                return Err(BodyError::Unsupported(
+                    f("path"),
+                    "give either path (an image) or vhost_user with vhost_socket",
+                ))
+            }
+            Some(_) => return Err(BodyError::Unsupported(f("path"), "must be a string")),
+        };
+        if image.is_none() {
+            only_default(
+                &f("readonly"),
+                &self.readonly.map(Value::from),
+                &[json!(false)],
+            )?;
+        }
         for (n, v) in [
             ("direct", &self.direct),
             ("iommu", &self.iommu),
@@ -252,7 +283,29 @@ impl DiskConfigBody {
             only_default(&f(n), v, &empty())?;
         }
         only_default(&f("sparse"), &self.sparse, &[json!(true)])?;
-        only_default(&f("image_type"), &self.image_type, &[json!("Unknown")])?;
+        only_default(
+            &f("image_type"),
+            &self.image_type,
+            &[json!("Unknown"), json!("Raw")],
+        )?;
+        if let Some(path) = image {
+            only_default(
+                &f("metrics_socket"),
+                &self.metrics_socket.map(Value::from),
+                &[],
+            )?;
+            let disk = ImageDisk {
+                path: path.into(),
+                readonly: self.readonly.unwrap_or(false),
+                queues: queues(&f("num_queues"), self.num_queues, 1)?,
+                queue_size: queue_size(&f("queue_size"), self.queue_size)?,
+            };
+            let device = start(&disk).map_err(|e| BodyError::Image(f("path"), e))?;
+            return Ok(NamedDevice {
+                id: self.id,
+                device,
+            });
+        }
         let socket = vhost_socket(field, self.vhost_user, self.vhost_socket)?;
         Ok(NamedDevice {
             id: self.id,
@@ -359,8 +412,18 @@ fn console(c: Option<ConsoleBody>) -> Result<()> {
 }
 
 impl VmConfigBody {
-    /// The typed config (validated) and the ids of its devices.
+    /// The typed config (validated) and the ids of its devices; disks
+    /// given as images are refused (see [`Self::into_config_with`]).
     pub fn into_config(self) -> Result<(crate::VmConfig, Vec<Option<String>>)> {
+        self.into_config_with(&mut no_images)
+    }
+
+    /// [`Self::into_config`], with disk images served by what `start`
+    /// starts (after every other field is checked).
+    pub fn into_config_with(
+        self,
+        start: Starter,
+    ) -> Result<(crate::VmConfig, Vec<Option<String>>)> {
         for (n, v) in [
             ("rate_limit_groups", &self.rate_limit_groups),
             ("balloon", &self.balloon),
@@ -453,15 +516,15 @@ impl VmConfigBody {
                 (m.size, m.hugepages.unwrap_or(false))
             }
         };
+        let serial = serial(self.serial)?;
+        console(self.console)?;
         let mut devices = Vec::new();
         for (i, d) in self.disks.into_iter().flatten().enumerate() {
-            devices.push(d.into_device(&format!("disks[{i}]"))?);
+            devices.push(d.into_device_with(&format!("disks[{i}]"), start)?);
         }
         for (i, d) in self.net.into_iter().flatten().enumerate() {
             devices.push(d.into_device(&format!("net[{i}]"))?);
         }
-        let serial = serial(self.serial)?;
-        console(self.console)?;
         let ids = devices.iter().map(|d| d.id.clone()).collect();
         let cfg = crate::VmConfig {
             kernel: kernel.into(),
@@ -532,7 +595,7 @@ mod tests {
             ),
             (json!({"payload": {"kernel": "/k"}, "iommu": true}), "iommu"),
             (
-                json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/img"}]}),
+                json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/img", "vhost_user": true, "vhost_socket": "/s"}]}),
                 "disks[0].path",
             ),
             (
@@ -547,6 +610,45 @@ mod tests {
             let e = config(v).unwrap_err().to_string();
             assert!(e.starts_with(field), "{e}");
         }
+    }
+
+    #[test]
+    fn a_disk_image_is_served_by_what_the_starter_starts() {
+        let body = json!({"payload": {"kernel": "/k"},
+                          "disks": [{"path": "/img.raw", "readonly": true}]});
+        let mut asked = Vec::new();
+        let mut start = |d: &ImageDisk| {
+            asked.push(d.clone());
+            Ok(DeviceConfig {
+                kind: Kind::Block,
+                socket: "/".into(),
+                queues: d.queues,
+                queue_size: d.queue_size,
+                metrics_socket: None,
+            })
+        };
+
+        let (c, _) = parse::<VmConfigBody>(body.to_string().as_bytes())
+            .unwrap()
+            .into_config_with(&mut start)
+            .unwrap();
+
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].path, PathBuf::from("/img.raw"));
+        assert!(asked[0].readonly);
+        assert_eq!(c.devices[0].socket, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn a_disk_image_is_refused_when_only_parsed() {
+        let e = config(json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/img"}]}))
+            .unwrap_err()
+            .to_string();
+
+        assert!(
+            e.starts_with("disks[0].path: cannot serve the disk image"),
+            "{e}"
+        );
     }
 
     #[test]
