@@ -143,13 +143,19 @@ fn supervise(
 ) -> Result<(), SpawnError> {
     cmd.stdin(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and
-    // only calls prctl, which is async-signal-safe.
+    // only calls prctl, sigemptyset and pthread_sigmask, which are
+    // async-signal-safe, on a set on its own stack.
     unsafe {
         cmd.pre_exec(|| {
             // Dies with the supervisor thread (and so with vmm).
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // vmm's threads block the signals it reads from a signalfd:
+            // the backend must not inherit that (SIGTERM would not stop it).
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             Ok(())
         });
     }
@@ -247,13 +253,28 @@ fn run(
     }
 }
 
-fn stop_one(b: Supervised) {
-    b.stop.store(true, Ordering::SeqCst);
+/// How long a backend may take to exit on SIGTERM before SIGKILL.
+const STOP_WAIT: Duration = Duration::from_secs(3);
+
+fn signal(b: &Supervised, sig: libc::c_int) {
     let pid = b.pid.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill with the pid of our own child, not yet reaped (the
-        // supervisor clears it once wait returns).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // supervisor clears it as soon as wait returns).
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn stop_one(b: Supervised) {
+    b.stop.store(true, Ordering::SeqCst);
+    signal(&b, libc::SIGTERM);
+    let deadline = Instant::now() + STOP_WAIT;
+    while !b.thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !b.thread.is_finished() {
+        tracing::warn!("backend did not stop on SIGTERM; killing it");
+        signal(&b, libc::SIGKILL);
     }
     let _ = b.thread.join();
 }

@@ -116,6 +116,11 @@ impl Libvirt {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         std::fs::copy(env!("CARGO_BIN_EXE_vmm"), dir.join("bin/vmm")).unwrap();
+        std::fs::copy(
+            common::workspace_bin("blk-backend"),
+            dir.join("bin/blk-backend"),
+        )
+        .unwrap();
         std::os::unix::fs::symlink("vmm", dir.join("bin/cloud-hypervisor")).unwrap();
         std::fs::copy(common::test_guest(), dir.join("guest")).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -238,8 +243,20 @@ impl Libvirt {
         }
     }
 
-    /// Writes the domain XML for the test guest with `cmdline`.
+    /// The domain's disk image.
+    fn image(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.img"))
+    }
+
+    /// Writes the domain XML for the test guest with `cmdline`, a serial
+    /// pty and a 64 MiB disk image (created empty).
     fn domain_xml(&self, name: &str, cmdline: &str) -> PathBuf {
+        let image = self.image(name);
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(DISK_SIZE)
+            .unwrap();
+        self.give(&image);
         let xml = format!(
             "<domain type='kvm'>
   <name>{name}</name>
@@ -251,11 +268,16 @@ impl Libvirt {
     <cmdline>{cmdline}</cmdline>
   </os>
   <devices>
+    <disk type='file' device='disk'>
+      <source file='{image}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
     <serial type='pty'/>
   </devices>
 </domain>
 ",
-            guest = self.dir.join("guest").display()
+            guest = self.dir.join("guest").display(),
+            image = image.display(),
         );
         let path = self.dir.join(format!("{name}.xml"));
         std::fs::write(&path, xml).unwrap();
@@ -390,9 +412,26 @@ impl Console {
     }
 }
 
-/// The test guest prints its checks, then echoes one line of input
-/// (within ~10 s of booting) and idles.
-const GUEST: &str = "tg.echo tg.hold";
+/// The test guest checks its disk (writes a pattern of seed 4, reads it
+/// back), prints its checks, then echoes one line of input (within ~10 s
+/// of booting) and idles.
+const GUEST: &str = "tg.virtio tg.seed=4 tg.echo tg.hold";
+const SEED: u64 = 4;
+const DISK_SIZE: u64 = 64 << 20;
+
+/// Pids of the blk-backends serving `image`.
+fn backends_of(image: &Path) -> Vec<i32> {
+    let needle = format!("--image\0{}\0", image.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| running(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
 
 #[test]
 fn virsh_runs_the_guest_with_its_console_through_the_domain_lifecycle() {
@@ -425,13 +464,20 @@ fn virsh_runs_the_guest_with_its_console_through_the_domain_lifecycle() {
         "{xml_now}"
     );
 
+    // The disk file is served by a blk-backend vmm started.
+    assert_eq!(backends_of(&lv.image("tg")).len(), 1);
+
     // console: the guest's output through the pty, and input to it.
     let mut console = Console::open(&lv, "tg");
+    console.expect("TG: blk capacity=131072");
+    console.expect("TG: blk read ok");
     console.expect("TG: PASS");
     console.expect("TG: ready for input");
     console.send("ping\r");
     console.expect("TG: got ping");
     console.close();
+    // What the guest wrote is in the file.
+    common::assert_pattern(&lv.image("tg"), 4096, 4096, SEED);
 
     // suspend and resume: vmm's vCPUs stop and go again.
     lv.virsh(&["suspend", "tg"]);
@@ -454,6 +500,9 @@ fn virsh_runs_the_guest_with_its_console_through_the_domain_lifecycle() {
     lv.virsh(&["shutdown", "tg"]);
     lv.wait_for("shut off", || lv.domstate("tg") == "shut off");
     lv.wait_for("vmm to exit after shutdown", || !running(pid));
+    lv.wait_for("blk-backend to exit after shutdown", || {
+        backends_of(&lv.image("tg")).is_empty()
+    });
 
     // undefine: libvirt forgets it.
     lv.virsh(&["undefine", "tg"]);
@@ -472,6 +521,9 @@ fn virsh_destroy_ends_the_vmm_process() {
 
     assert_eq!(lv.domstate("tg"), "shut off");
     lv.wait_for("vmm to exit after destroy", || !running(pid));
+    lv.wait_for("blk-backend to exit after destroy", || {
+        backends_of(&lv.image("tg")).is_empty()
+    });
     assert!(!lv.api_socket("tg").exists());
     // And the domain starts again, in a new process.
     lv.virsh(&["start", "tg"]);
@@ -493,6 +545,9 @@ fn virsh_save_writes_a_snapshot_and_ends_the_vmm_process() {
 
     assert_eq!(lv.domstate("tg"), "shut off");
     lv.wait_for("vmm to exit after save", || !running(pid));
+    lv.wait_for("blk-backend to exit after save", || {
+        backends_of(&lv.image("tg")).is_empty()
+    });
     let memory = std::fs::metadata(dir.join("memory")).unwrap();
     assert_eq!(memory.len(), 64 << 20);
     assert!(memory.blocks() > 0, "no guest memory was saved");

@@ -8,7 +8,6 @@ mod common;
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
@@ -17,30 +16,12 @@ use std::time::Duration;
 use vhost::vhost_user::message::FrontendReq;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use common::{run, stat, test_guest, vmm, wait, workspace_bin, Daemon, Run, Scratch};
+use common::{
+    assert_pattern, run, stat, test_guest, vmm, wait, workspace_bin, Daemon, Run, Scratch,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const DISK_SIZE: u64 = 64 << 20;
-
-/// The test guest's disk pattern at byte offset `o` for `seed`.
-fn pattern(o: u64, seed: u64) -> u64 {
-    (o | seed << 48).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-fn assert_pattern(image: &Path, from: u64, len: u64, seed: u64) {
-    let f = std::fs::File::open(image).unwrap();
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, from).unwrap();
-    for (i, w) in buf.chunks(8).enumerate() {
-        let o = from + 8 * i as u64;
-        assert_eq!(
-            u64::from_le_bytes(w.try_into().unwrap()),
-            pattern(o, seed),
-            "disk byte {o} of {}",
-            image.display()
-        );
-    }
-}
 
 fn blk_backend(image: &Path, socket: &Path) -> Daemon {
     let mut c = Command::new(workspace_bin("blk-backend"));

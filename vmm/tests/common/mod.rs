@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -324,5 +325,25 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The test guest's disk pattern at byte offset `o` for `seed`.
+pub fn pattern(o: u64, seed: u64) -> u64 {
+    (o | seed << 48).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+pub fn assert_pattern(image: &Path, from: u64, len: u64, seed: u64) {
+    let f = std::fs::File::open(image).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, from).unwrap();
+    for (i, w) in buf.chunks(8).enumerate() {
+        let o = from + 8 * i as u64;
+        assert_eq!(
+            u64::from_le_bytes(w.try_into().unwrap()),
+            pattern(o, seed),
+            "disk byte {o} of {}",
+            image.display()
+        );
     }
 }
