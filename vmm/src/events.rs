@@ -193,7 +193,7 @@ pub fn detach() {
 /// Blocks every signal in this thread: the VMM's signals (SIGINT, SIGTERM,
 /// ...) are read from a signalfd by the VMM loop and must never be
 /// delivered here, which would run their default action.
-fn block_signals() {
+pub(crate) fn block_signals() {
     // SAFETY: `set` is a local sigset_t that sigfillset fully initializes
     // before pthread_sigmask reads it; a null old-set pointer is allowed.
     unsafe {

@@ -152,6 +152,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Before the event monitor, whose FIFO blocks until a reader comes:
+    // if the manager gives up first, its socket's removal ends us there.
+    let api = match cli.api_socket.map(api_socket).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vmm: {}", vmm::error_chain(e.as_ref()));
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(target) = &cli.event_monitor {
         if let Err(e) = events::start(target) {
             eprintln!("vmm: {}", vmm::error_chain(&e));
@@ -189,7 +198,7 @@ fn main() -> ExitCode {
             .chain(cli.vhost_user)
             .collect(),
     });
-    let result = boot(cfg, cli.restore, cli.api_socket);
+    let result = boot(cfg, cli.restore, api);
     vmm::spawned::stop_all();
     events::finish();
     match result {
@@ -215,6 +224,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The API socket: bound at `path=`, or the manager's (`fd=`), whose
+/// path is watched from now on (see [`manager`]).
+fn api_socket(arg: SocketArg) -> Result<ApiSocket, Box<dyn std::error::Error>> {
+    Ok(match arg {
+        SocketArg::Path(p) => ApiSocket::bind(&p)?,
+        SocketArg::Fd(fd) => {
+            let listener = manager::take_listener(fd)?;
+            if let Some(path) = manager::bound_path(&listener) {
+                manager::stop_when_removed(path)?;
+            }
+            ApiSocket::adopt(listener)
+        }
+    })
+}
+
 /// Builds and runs the VM, serving the API on `api_socket` if given. The
 /// socket is bound first (a live one fails before anything boots) and
 /// served once the signals are blocked, so the server thread inherits the
@@ -223,9 +247,9 @@ fn main() -> ExitCode {
 fn boot(
     cfg: Option<VmConfig>,
     restore: Option<Restore>,
-    api_socket: Option<SocketArg>,
+    api_socket: Option<ApiSocket>,
 ) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
-    let Some(api_socket) = api_socket else {
+    let Some(socket) = api_socket else {
         if let Some(r) = restore {
             if !r.resume {
                 return Err("--restore without --api-socket needs resume=on".into());
@@ -237,20 +261,8 @@ fn boot(
         let cfg = cfg.ok_or("--kernel is required without --api-socket")?;
         return Ok(Some(vmm::Machine::new(&cfg)?.run()?));
     };
-    let (socket, managed) = match api_socket {
-        SocketArg::Path(p) => (ApiSocket::bind(&p)?, None),
-        SocketArg::Fd(fd) => {
-            let listener = manager::take_listener(fd)?;
-            let path = manager::bound_path(&listener);
-            (ApiSocket::adopt(listener), path)
-        }
-    };
     let exit_with_vm = cfg.is_some() || restore.is_some();
     let (mut controller, tx) = Controller::new(exit_with_vm)?;
-    // With the signals blocked: the watch thread inherits the mask.
-    if let Some(path) = managed {
-        manager::stop_when_removed(path)?;
-    }
     let server = socket.serve(tx)?;
     if let Some(cfg) = cfg {
         controller.boot_now(cfg)?;

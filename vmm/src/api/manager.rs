@@ -139,8 +139,9 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// Watches `path` (the manager's socket) on a thread of its own; once it
-/// is removed or replaced, sends SIGTERM to this process. Call it with
-/// the VMM's signals blocked: the thread inherits the mask.
+/// is removed or replaced, sends SIGTERM to this process: read by the
+/// VMM's signalfd once it runs, or, before that (vmm still waiting for the
+/// event monitor's reader, say), the default action ends the process.
 pub fn stop_when_removed(path: PathBuf) -> Result<(), ManagerError> {
     let shown = path.display().to_string();
     let err = |e| ManagerError::Watch(shown.clone(), e);
@@ -172,6 +173,7 @@ pub fn stop_when_removed(path: PathBuf) -> Result<(), ManagerError> {
     std::thread::Builder::new()
         .name("vmm-api-watch".into())
         .spawn(move || {
+            crate::events::block_signals();
             let mut buf = [0u8; 4096];
             while original.is_some() && identity(&path) == original {
                 // SAFETY: reads into `buf`, a writable buffer of its length.
