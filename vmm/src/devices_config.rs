@@ -209,6 +209,62 @@ pub fn parse_disk(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     require_socket(cfg, "--disk")
 }
 
+/// A NIC given as a tap: vmm serves it with a net-backend it starts (see
+/// [`crate::spawned`]), which opens the tap (creating it if missing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapNet {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+}
+
+/// `--net`: a vhost-user backend's socket, or a tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetArg {
+    Socket(DeviceConfig),
+    Tap(TapNet),
+}
+
+/// `tap=NAME[,mac=MAC][,queue-pairs=N][,queue-size=N]`, or what
+/// [`parse_net`] takes.
+pub fn parse_net_arg(s: &str) -> Result<NetArg, DeviceSpecError> {
+    let kv = pairs(s)?;
+    if !kv.iter().any(|(k, _)| *k == "tap") {
+        return parse_net(s).map(NetArg::Socket);
+    }
+    let mut net = TapNet {
+        tap: String::new(),
+        mac: None,
+        queue_pairs: 1,
+        queue_size: DEFAULT_QUEUE_SIZE,
+    };
+    for (k, v) in kv {
+        match k {
+            "tap" => net.tap = v.to_string(),
+            "mac" => net.mac = Some(mac(v)?),
+            "queue-pairs" => net.queue_pairs = number("queue-pairs", v, MAX_QUEUES / 2, false)?,
+            "queue-size" => net.queue_size = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
+            _ => {
+                return Err(DeviceSpecError::UnknownKey {
+                    key: k.into(),
+                    what: "--net tap=",
+                    known: "tap, mac, queue-pairs, queue-size",
+                })
+            }
+        }
+    }
+    // IFNAMSIZ - 1.
+    if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains('/') {
+        return Err(DeviceSpecError::Invalid {
+            key: "tap",
+            value: net.tap,
+            why: "expected an interface name of 1 to 15 characters",
+        });
+    }
+    Ok(NetArg::Tap(net))
+}
+
 /// `socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N][,metrics-socket=PATH]`
 pub fn parse_net(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     let (mut m, mut pairs_n, mut qs, mut socket) = (None, 1, DEFAULT_QUEUE_SIZE, PathBuf::new());
@@ -363,6 +419,31 @@ mod tests {
         let d = parse_disk_arg("socket=/s").unwrap();
 
         assert!(matches!(d, DiskArg::Socket(c) if c.socket == Path::new("/s")));
+    }
+
+    #[test]
+    fn nic_given_as_a_tap_parses() {
+        let n = parse_net_arg("tap=vmtap0,mac=52:54:00:12:34:56,queue-pairs=2").unwrap();
+
+        assert_eq!(
+            n,
+            NetArg::Tap(TapNet {
+                tap: "vmtap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                queue_pairs: 2,
+                queue_size: DEFAULT_QUEUE_SIZE,
+            })
+        );
+    }
+
+    #[test]
+    fn tap_name_longer_than_ifnamsiz_is_refused() {
+        let e = parse_net_arg("tap=a-very-long-tap-name").unwrap_err();
+
+        assert!(
+            matches!(e, DeviceSpecError::Invalid { key: "tap", .. }),
+            "{e}"
+        );
     }
 
     #[test]

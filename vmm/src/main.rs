@@ -8,7 +8,7 @@ use vmm::api::controller::Controller;
 use vmm::api::http::ApiSocket;
 use vmm::api::manager::{self, SocketArg};
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
-use vmm::devices_config::{parse_disk_arg, parse_net, parse_vhost_user, DiskArg};
+use vmm::devices_config::{parse_disk_arg, parse_net_arg, parse_vhost_user, DiskArg, NetArg};
 use vmm::events;
 use vmm::vhost_user::DeviceConfig;
 
@@ -54,10 +54,12 @@ struct Cli {
     /// and stops on exit: path=FILE[,readonly=on][,queues=N][,queue-size=N]
     #[arg(long, value_parser = parse_disk_arg)]
     disk: Vec<DiskArg>,
-    /// A virtio-net NIC served by a vhost-user backend (repeatable):
-    /// socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]
-    #[arg(long, value_parser = parse_net)]
-    net: Vec<DeviceConfig>,
+    /// A virtio-net NIC (repeatable) served by a vhost-user backend:
+    /// socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]; or a tap
+    /// (created if missing) served by a net-backend vmm starts:
+    /// tap=NAME[,mac=MAC][,queue-pairs=N][,queue-size=N]
+    #[arg(long, value_parser = parse_net_arg)]
+    net: Vec<NetArg>,
     /// Any virtio device served by a vhost-user backend (repeatable):
     /// type=NAME|ID,socket=PATH[,queues=N][,queue-size=N]
     #[arg(long = "vhost-user", value_parser = parse_vhost_user)]
@@ -168,18 +170,23 @@ fn main() -> ExitCode {
         }
     }
     events::emit("vmm", "starting", &[]);
-    let mut disks = Vec::new();
-    for d in cli.disk {
-        match d {
-            DiskArg::Socket(d) => disks.push(d),
-            DiskArg::Image(image) => match vmm::spawned::disk(&image) {
-                Ok(d) => disks.push(d),
-                Err(e) => {
-                    eprintln!("vmm: {}", vmm::error_chain(&e));
-                    vmm::spawned::stop_all();
-                    return ExitCode::FAILURE;
-                }
-            },
+    let mut devices = Vec::new();
+    let disks = cli.disk.into_iter().map(|d| match d {
+        DiskArg::Socket(d) => Ok(d),
+        DiskArg::Image(i) => Err(vmm::spawned::Backend::Disk(i)),
+    });
+    let nets = cli.net.into_iter().map(|n| match n {
+        NetArg::Socket(n) => Ok(n),
+        NetArg::Tap(t) => Err(vmm::spawned::Backend::Tap(t)),
+    });
+    for d in disks.chain(nets) {
+        match d.or_else(|b| vmm::spawned::start(&b)) {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                eprintln!("vmm: {}", vmm::error_chain(&e));
+                vmm::spawned::stop_all();
+                return ExitCode::FAILURE;
+            }
         }
     }
     let cfg = cli.kernel.map(|kernel| VmConfig {
@@ -192,11 +199,7 @@ fn main() -> ExitCode {
         serial: cli.serial,
         boot: cli.boot,
         hidden_cpu_features: cli.cpu_features.map(|h| h.0).unwrap_or_default(),
-        devices: disks
-            .into_iter()
-            .chain(cli.net)
-            .chain(cli.vhost_user)
-            .collect(),
+        devices: devices.into_iter().chain(cli.vhost_user).collect(),
     });
     let result = boot(cfg, cli.restore, api);
     vmm::spawned::stop_all();

@@ -1,8 +1,9 @@
 //! Backends vmm starts itself: a disk given as an image (`--disk
 //! path=FILE`, or `disks: [{"path": ...}]` as libvirt sends it) is served
-//! by a `blk-backend` process on a private socket, and the VM connects to
-//! that socket like to any vhost-user disk. The VMM still emulates no
-//! device.
+//! by a `blk-backend` process on a private socket, a NIC given as a tap
+//! (`--net tap=NAME`, `net: [{"tap": ...}]`) by a `net-backend`, and the
+//! VM connects to that socket like to any vhost-user device. The VMM still
+//! emulates no device.
 //!
 //! Each backend has a supervisor thread that starts it, waits for it and,
 //! should it die, starts it again on the same socket: the VM's vhost-user
@@ -11,7 +12,7 @@
 //! goes away (`PR_SET_PDEATHSIG`), so a vmm that is killed leaves none
 //! behind; [`stop_all`] stops them on a clean exit or vm.delete.
 //!
-//! `blk-backend` is looked up beside the vmm binary, then in `PATH`. The
+//! The backends are looked up beside the vmm binary, then in `PATH`. The
 //! sockets live in a directory of this process's own (mode 0700) under
 //! `$XDG_RUNTIME_DIR`, or the temporary directory, removed by [`stop_all`].
 
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::devices_config::ImageDisk;
+use crate::devices_config::{ImageDisk, TapNet};
 use crate::vhost_user::{DeviceConfig, Kind};
 
 /// How long a backend may take to create its socket.
@@ -99,6 +100,56 @@ fn find(name: &'static str) -> Result<PathBuf, SpawnError> {
         .chain(in_path)
         .find(|p| p.is_file())
         .ok_or(SpawnError::NotFound(name))
+}
+
+/// What vmm starts a backend for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Disk(ImageDisk),
+    Tap(TapNet),
+}
+
+/// Starts the backend for `b`; returns the vhost-user device on it.
+pub fn start(b: &Backend) -> Result<DeviceConfig, SpawnError> {
+    match b {
+        Backend::Disk(d) => disk(d),
+        Backend::Tap(t) => tap(t),
+    }
+}
+
+/// Starts a net-backend on the tap `net` names (created if missing) and
+/// returns the vhost-user NIC that connects to it.
+pub fn tap(net: &TapNet) -> Result<DeviceConfig, SpawnError> {
+    const NAME: &str = "net-backend";
+    let binary = find(NAME)?;
+    let n = BACKENDS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .len();
+    let socket = socket_dir()?.join(format!("net{n}.sock"));
+    let mut cmd = Command::new(binary);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--tap")
+        .arg(&net.tap)
+        .arg("--create-tap")
+        .arg("--queue-pairs")
+        .arg(net.queue_pairs.to_string());
+    if let Some(m) = net.mac {
+        let mac: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+        cmd.arg("--mac").arg(mac.join(":"));
+    }
+    supervise(NAME, cmd, &socket, Path::new(&net.tap))?;
+    Ok(DeviceConfig {
+        kind: Kind::Net {
+            mac: net.mac,
+            queue_pairs: net.queue_pairs,
+        },
+        socket,
+        queues: net.queue_pairs * 2,
+        queue_size: net.queue_size,
+        metrics_socket: None,
+    })
 }
 
 /// Starts a blk-backend serving `disk` and returns the vhost-user disk
@@ -222,7 +273,7 @@ fn run(
                         return;
                     }
                     None => {
-                        tracing::warn!(error = %e, backend = name, disk = what, "cannot restart the backend")
+                        tracing::warn!(error = %e, backend = name, device = what, "cannot restart the backend")
                     }
                 }
                 std::thread::sleep(delay);
@@ -241,7 +292,7 @@ fn run(
         if stop.load(Ordering::SeqCst) || (first.is_some() && !socket.exists()) {
             return;
         }
-        tracing::warn!(backend = name, disk = what, status = ?status, "backend exited; restarting it");
+        tracing::warn!(backend = name, device = what, status = ?status, "backend exited; restarting it");
         if up_since.elapsed() > RESTART_MAX {
             delay = RESTART_FIRST;
         }

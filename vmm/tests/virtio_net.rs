@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run, stat, test_guest, vmm, Netns, Scratch};
+use common::{run, stat, test_guest, vmm, workspace_bin, Netns, Scratch};
 
 const GUEST_MAC: &str = "52:54:00:aa:bb:cc";
 
@@ -88,4 +88,86 @@ fn frames_cross_between_guest_and_tap_through_net_backend() {
         r.stdout
     );
     assert_eq!(stat(&r.stderr, "notify_exits"), Some(0));
+}
+
+/// A tap made by hand in `ns`, as net-backend opens it (multi-queue, with
+/// a virtio-net header), up and quiet.
+fn persistent_tap(ns: &Netns, tap: &str) {
+    ns.run(&[
+        "ip",
+        "tuntap",
+        "add",
+        "dev",
+        tap,
+        "mode",
+        "tap",
+        "multi_queue",
+        "vnet_hdr",
+    ]);
+    ns.quiet_link_up(tap);
+}
+
+#[test]
+fn nic_given_as_a_tap_is_served_by_a_net_backend_vmm_starts() {
+    let ns = Netns::new().expect("cannot create a network namespace (needs root and iproute2)");
+    let s = Scratch::new("virtio-net-tap");
+    persistent_tap(&ns, "vmtap1");
+    workspace_bin("net-backend");
+    let script = s.path("peer.py");
+    std::fs::write(&script, PEER).unwrap();
+    let mut peer = ns
+        .exec(&["python3", script.to_str().unwrap(), "vmtap1", GUEST_MAC])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(peer.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut out, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let mut c = ns.exec(&[env!("CARGO_BIN_EXE_vmm")]);
+    c.arg("--kernel")
+        .arg(test_guest())
+        .args(["--memory", "128M", "--cmdline", "tg.virtio tg.netrx"])
+        .arg("--net")
+        .arg(format!("tap=vmtap1,mac={GUEST_MAC}"))
+        .env("VMM_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+
+    let r = run(c, Duration::from_secs(120));
+
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut out, &mut seen).unwrap();
+    let _ = peer.wait();
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.stdout);
+    let lines = r.lines();
+    assert!(lines.contains(&"TG: net tx ok"), "{}", r.stdout);
+    assert_eq!(
+        seen.trim(),
+        "seen ffffffffffff 525400aabbcc 88b5 TG virtio-net hello"
+    );
+    assert!(
+        lines.contains(&"TG: net rx payload=hello from the tap side"),
+        "{}",
+        r.stdout
+    );
+    assert!(!net_backend_on("vmtap1"), "net-backend outlived vmm");
+}
+
+/// Whether a net-backend for `tap` runs.
+fn net_backend_on(tap: &str) -> bool {
+    let needle = format!("--tap\0{tap}\0");
+    std::fs::read_dir("/proc").unwrap().any(|e| {
+        let Some(pid) = e
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        else {
+            return false;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        alive && String::from_utf8_lossy(&cmdline).contains(&needle)
+    })
 }

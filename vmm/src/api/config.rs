@@ -10,6 +10,11 @@
 //! Our extension: `DiskConfig` and `NetConfig` take `metrics_socket`, the
 //! path of the vhost-user backend's `--metrics-socket`, which vm.counters
 //! reads.
+//!
+//! A disk given by `path` (as libvirt gives them) is an image served by a
+//! backend that vmm starts ([`crate::spawned`]), a NIC given by `tap` a
+//! tap served the same way; the mapping takes the function that starts
+//! them ([`Starter`]), so parsing alone starts nothing.
 
 use std::path::PathBuf;
 
@@ -18,8 +23,8 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::config::{BootProtocol, ConfigError, SerialConfig, DEFAULT_CMDLINE};
-use crate::devices_config::{self, DeviceSpecError, ImageDisk, MAX_QUEUES, MAX_QUEUE_SIZE};
-use crate::spawned::SpawnError;
+use crate::devices_config::{self, DeviceSpecError, ImageDisk, TapNet, MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::spawned::{Backend, SpawnError};
 use crate::vhost_user::{DeviceConfig, Kind};
 
 /// Errors in a request body.
@@ -35,17 +40,17 @@ pub enum BodyError {
     Device(String, #[source] DeviceSpecError),
     #[error("Invalid configuration")]
     Config(#[source] ConfigError),
-    #[error("{0}: cannot serve the disk image")]
-    Image(String, #[source] crate::spawned::SpawnError),
+    #[error("{0}: cannot start its backend")]
+    Spawn(String, #[source] crate::spawned::SpawnError),
 }
 
-/// Starts the backend for a disk given as an image; returns its device.
-pub type Starter<'a> =
-    &'a mut dyn FnMut(&ImageDisk) -> std::result::Result<DeviceConfig, SpawnError>;
+/// Starts the backend for a disk image or a tap; returns its device.
+pub type Starter<'a> = &'a mut dyn FnMut(&Backend) -> std::result::Result<DeviceConfig, SpawnError>;
 
-/// The [`Starter`] of a body that is only parsed: disk images are refused.
-pub fn no_images(_: &ImageDisk) -> std::result::Result<DeviceConfig, SpawnError> {
-    Err(SpawnError::NotFound("a running vmm to start blk-backend"))
+/// The [`Starter`] of a body that is only parsed: images and taps are
+/// refused.
+pub fn no_images(_: &Backend) -> std::result::Result<DeviceConfig, SpawnError> {
+    Err(SpawnError::NotFound("a running vmm to start the backend"))
 }
 
 type Result<T> = std::result::Result<T, BodyError>;
@@ -300,7 +305,7 @@ impl DiskConfigBody {
                 queues: queues(&f("num_queues"), self.num_queues, 1)?,
                 queue_size: queue_size(&f("queue_size"), self.queue_size)?,
             };
-            let device = start(&disk).map_err(|e| BodyError::Image(f("path"), e))?;
+            let device = start(&Backend::Disk(disk)).map_err(|e| BodyError::Spawn(f("path"), e))?;
             return Ok(NamedDevice {
                 id: self.id,
                 device,
@@ -321,11 +326,28 @@ impl DiskConfigBody {
 }
 
 impl NetConfigBody {
-    /// The NIC as a vhost-user net device; `field` names it in errors.
+    /// The NIC as a vhost-user net device; `field` names it in errors. A
+    /// NIC given as a tap is refused (see [`Self::into_device_with`]).
     pub fn into_device(self, field: &str) -> Result<NamedDevice> {
+        self.into_device_with(field, &mut no_images)
+    }
+
+    /// The NIC as a vhost-user net device: the backend's socket as given,
+    /// or, for a `tap`, the one `start` serves it on.
+    pub fn into_device_with(self, field: &str, start: Starter) -> Result<NamedDevice> {
         let f = |n: &str| format!("{field}.{n}");
+        let tap = match &self.tap {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) if self.vhost_user != Some(true) => Some(t.clone()),
+            Some(Value::String(_)) => {
+                return Err(BodyError::Unsupported(
+                    f("tap"),
+                    "give either tap or vhost_user with vhost_socket",
+                ))
+            }
+            Some(_) => return Err(BodyError::Unsupported(f("tap"), "must be a string")),
+        };
         for (n, v) in [
-            ("tap", &self.tap),
             ("host_mac", &self.host_mac),
             ("mtu", &self.mtu),
             ("iommu", &self.iommu),
@@ -346,7 +368,6 @@ impl NetConfigBody {
         ] {
             only_default(&f(n), v, &[json!(true)])?;
         }
-        let socket = vhost_socket(field, self.vhost_user, self.vhost_socket)?;
         let mac = self
             .mac
             .as_deref()
@@ -361,6 +382,25 @@ impl NetConfigBody {
                 "must be even (one RX and one TX queue per pair)",
             ));
         }
+        if let Some(tap) = tap {
+            only_default(
+                &f("metrics_socket"),
+                &self.metrics_socket.map(Value::from),
+                &[],
+            )?;
+            let net = TapNet {
+                tap,
+                mac,
+                queue_pairs: total / 2,
+                queue_size: queue_size(&f("queue_size"), self.queue_size)?,
+            };
+            let device = start(&Backend::Tap(net)).map_err(|e| BodyError::Spawn(f("tap"), e))?;
+            return Ok(NamedDevice {
+                id: self.id,
+                device,
+            });
+        }
+        let socket = vhost_socket(field, self.vhost_user, self.vhost_socket)?;
         Ok(NamedDevice {
             id: self.id,
             device: DeviceConfig {
@@ -523,7 +563,7 @@ impl VmConfigBody {
             devices.push(d.into_device_with(&format!("disks[{i}]"), start)?);
         }
         for (i, d) in self.net.into_iter().flatten().enumerate() {
-            devices.push(d.into_device(&format!("net[{i}]"))?);
+            devices.push(d.into_device_with(&format!("net[{i}]"), start)?);
         }
         let ids = devices.iter().map(|d| d.id.clone()).collect();
         let cfg = crate::VmConfig {
@@ -617,13 +657,13 @@ mod tests {
         let body = json!({"payload": {"kernel": "/k"},
                           "disks": [{"path": "/img.raw", "readonly": true}]});
         let mut asked = Vec::new();
-        let mut start = |d: &ImageDisk| {
-            asked.push(d.clone());
+        let mut start = |b: &Backend| {
+            asked.push(b.clone());
             Ok(DeviceConfig {
                 kind: Kind::Block,
                 socket: "/".into(),
-                queues: d.queues,
-                queue_size: d.queue_size,
+                queues: 1,
+                queue_size: 256,
                 metrics_socket: None,
             })
         };
@@ -633,9 +673,15 @@ mod tests {
             .into_config_with(&mut start)
             .unwrap();
 
-        assert_eq!(asked.len(), 1);
-        assert_eq!(asked[0].path, PathBuf::from("/img.raw"));
-        assert!(asked[0].readonly);
+        assert_eq!(
+            asked,
+            vec![Backend::Disk(ImageDisk {
+                path: "/img.raw".into(),
+                readonly: true,
+                queues: 1,
+                queue_size: 256,
+            })]
+        );
         assert_eq!(c.devices[0].socket, PathBuf::from("/"));
     }
 
@@ -646,8 +692,39 @@ mod tests {
             .to_string();
 
         assert!(
-            e.starts_with("disks[0].path: cannot serve the disk image"),
+            e.starts_with("disks[0].path: cannot start its backend"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_tap_nic_is_served_by_what_the_starter_starts() {
+        let nic = json!({"tap": "vmtap0", "mac": "52:54:00:00:00:01", "num_queues": 4});
+        let mut asked = Vec::new();
+        let mut start = |b: &Backend| {
+            asked.push(b.clone());
+            Ok(DeviceConfig {
+                kind: Kind::Block,
+                socket: "/".into(),
+                queues: 1,
+                queue_size: 256,
+                metrics_socket: None,
+            })
+        };
+
+        parse::<NetConfigBody>(nic.to_string().as_bytes())
+            .unwrap()
+            .into_device_with("net", &mut start)
+            .unwrap();
+
+        assert_eq!(
+            asked,
+            vec![Backend::Tap(TapNet {
+                tap: "vmtap0".into(),
+                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+                queue_pairs: 2,
+                queue_size: 256,
+            })]
         );
     }
 

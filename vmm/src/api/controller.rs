@@ -530,8 +530,8 @@ impl Controller {
         if !matches!(self.vm, Vm::None) {
             return fail(405, "A VM is already created: delete it first");
         }
-        let parsed =
-            parse::<VmConfigBody>(body).and_then(|b| b.into_config_with(&mut crate::spawned::disk));
+        let parsed = parse::<VmConfigBody>(body)
+            .and_then(|b| b.into_config_with(&mut crate::spawned::start));
         let (cfg, ids) = match parsed {
             Ok(c) => c,
             Err(e) => {
@@ -653,9 +653,10 @@ impl Controller {
         };
         let named = if request == ApiRequest::VmAddDisk {
             parse::<DiskConfigBody>(body)
-                .and_then(|d| d.into_device_with("disk", &mut crate::spawned::disk))
+                .and_then(|d| d.into_device_with("disk", &mut crate::spawned::start))
         } else {
-            parse::<NetConfigBody>(body).and_then(|d| d.into_device("net"))
+            parse::<NetConfigBody>(body)
+                .and_then(|d| d.into_device_with("net", &mut crate::spawned::start))
         };
         let named = match named {
             Ok(n) => n,

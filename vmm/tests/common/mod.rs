@@ -277,7 +277,10 @@ pub struct Netns(pub String);
 
 impl Netns {
     pub fn new() -> Option<Self> {
-        let name = format!("vmmtest{}", std::process::id());
+        // One per test: tests of one binary run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vmmtest{}n{n}", std::process::id());
         let ok = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
