@@ -17,6 +17,7 @@
 //! `$XDG_RUNTIME_DIR`, or the temporary directory, removed by [`stop_all`].
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,8 @@ pub enum SpawnError {
     Exited(&'static str, String),
     #[error("{0} for {1} did not create its socket in time")]
     Timeout(&'static str, String),
+    #[error("{0} tap fds given for {1} queue pairs: give one per pair")]
+    TapFds(usize, u16),
 }
 
 /// One supervised backend.
@@ -107,20 +110,28 @@ fn find(name: &'static str) -> Result<PathBuf, SpawnError> {
 pub enum Backend {
     Disk(ImageDisk),
     Tap(TapNet),
+    /// Tap queues opened by the API client (libvirt), one per queue pair:
+    /// fds of this process, open for the duration of the call.
+    TapFds(TapNet, Vec<RawFd>),
 }
 
 /// Starts the backend for `b`; returns the vhost-user device on it.
 pub fn start(b: &Backend) -> Result<DeviceConfig, SpawnError> {
     match b {
         Backend::Disk(d) => disk(d),
-        Backend::Tap(t) => tap(t),
+        Backend::Tap(t) => tap(t, &[]),
+        Backend::TapFds(t, fds) => tap(t, fds),
     }
 }
 
-/// Starts a net-backend on the tap `net` names (created if missing) and
-/// returns the vhost-user NIC that connects to it.
-pub fn tap(net: &TapNet) -> Result<DeviceConfig, SpawnError> {
+/// Starts a net-backend on the tap `net` names (created if missing), or
+/// on the tap queues `fds` when given (dup'ed: the backend gets them again
+/// when it restarts), and returns the vhost-user NIC that connects to it.
+pub fn tap(net: &TapNet, fds: &[RawFd]) -> Result<DeviceConfig, SpawnError> {
     const NAME: &str = "net-backend";
+    if !fds.is_empty() && fds.len() != usize::from(net.queue_pairs) {
+        return Err(SpawnError::TapFds(fds.len(), net.queue_pairs));
+    }
     let binary = find(NAME)?;
     let n = BACKENDS
         .lock()
@@ -130,16 +141,43 @@ pub fn tap(net: &TapNet) -> Result<DeviceConfig, SpawnError> {
     let mut cmd = Command::new(binary);
     cmd.arg("--socket")
         .arg(&socket)
-        .arg("--tap")
-        .arg(&net.tap)
-        .arg("--create-tap")
         .arg("--queue-pairs")
         .arg(net.queue_pairs.to_string());
+    let mut keep = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        // SAFETY: F_DUPFD_CLOEXEC only duplicates `fd`, which the caller
+        // keeps open for this call; a bad fd fails.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(SpawnError::Start(NAME, io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` was just created and is owned by nobody else.
+        keep.push(unsafe { OwnedFd::from_raw_fd(dup) });
+        cmd.arg("--tap-fd").arg(dup.to_string());
+    }
+    if keep.is_empty() {
+        cmd.arg("--tap").arg(&net.tap).arg("--create-tap");
+    } else {
+        let raw: Vec<RawFd> = keep.iter().map(AsRawFd::as_raw_fd).collect();
+        // SAFETY: runs in the child between fork and exec; F_SETFD only
+        // clears close-on-exec on the child's copies of our tap fds, so
+        // net-backend inherits them under the numbers its arguments name.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &raw {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
     if let Some(m) = net.mac {
         let mac: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
         cmd.arg("--mac").arg(mac.join(":"));
     }
-    supervise(NAME, cmd, &socket, Path::new(&net.tap))?;
+    supervise(NAME, cmd, &socket, Path::new(&net.tap), keep)?;
     Ok(DeviceConfig {
         kind: Kind::Net {
             mac: net.mac,
@@ -175,7 +213,7 @@ pub fn disk(disk: &ImageDisk) -> Result<DeviceConfig, SpawnError> {
     if disk.readonly {
         cmd.arg("--readonly");
     }
-    supervise(NAME, cmd, &socket, &disk.path)?;
+    supervise(NAME, cmd, &socket, &disk.path, Vec::new())?;
     Ok(DeviceConfig {
         kind: Kind::Block,
         socket,
@@ -185,12 +223,14 @@ pub fn disk(disk: &ImageDisk) -> Result<DeviceConfig, SpawnError> {
     })
 }
 
-/// Runs `cmd` under a supervisor thread until its `socket` exists.
+/// Runs `cmd` under a supervisor thread until its `socket` exists; `keep`
+/// (fds the command's children inherit) lives as long as that thread.
 fn supervise(
     name: &'static str,
     mut cmd: Command,
     socket: &Path,
     what: &Path,
+    keep: Vec<OwnedFd>,
 ) -> Result<(), SpawnError> {
     cmd.stdin(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and
@@ -217,7 +257,10 @@ fn supervise(
     let shown = what.display().to_string();
     let thread = std::thread::Builder::new()
         .name(format!("vmm-{name}"))
-        .spawn(move || run(name, cmd, &sock, &shown, &s, &p, started_tx))
+        .spawn(move || {
+            let _keep = keep;
+            run(name, cmd, &sock, &shown, &s, &p, started_tx)
+        })
         .map_err(|e| SpawnError::Start(name, e))?;
     let supervised = Supervised { stop, pid, thread };
     let shown = what.display().to_string();

@@ -347,11 +347,22 @@ impl NetConfigBody {
             }
             Some(_) => return Err(BodyError::Unsupported(f("tap"), "must be a string")),
         };
+        // Only the API server writes fds here: those sent with the request.
+        let fds: Vec<std::os::fd::RawFd> = match &self.fds {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|_| BodyError::Unsupported(f("fds"), "must be a list of fds"))?,
+        };
+        if !fds.is_empty() && (tap.is_some() || self.vhost_user == Some(true)) {
+            return Err(BodyError::Unsupported(
+                f("fds"),
+                "give either tap fds, tap or vhost_user with vhost_socket",
+            ));
+        }
         for (n, v) in [
             ("host_mac", &self.host_mac),
             ("mtu", &self.mtu),
             ("iommu", &self.iommu),
-            ("fds", &self.fds),
             ("rate_limiter_config", &self.rate_limiter_config),
             ("pci_segment", &self.pci_segment),
         ] {
@@ -382,19 +393,25 @@ impl NetConfigBody {
                 "must be even (one RX and one TX queue per pair)",
             ));
         }
-        if let Some(tap) = tap {
+        if tap.is_some() || !fds.is_empty() {
             only_default(
                 &f("metrics_socket"),
                 &self.metrics_socket.map(Value::from),
                 &[],
             )?;
+            let named = tap.is_some();
             let net = TapNet {
-                tap,
+                tap: tap.unwrap_or_default(),
                 mac,
                 queue_pairs: total / 2,
                 queue_size: queue_size(&f("queue_size"), self.queue_size)?,
             };
-            let device = start(&Backend::Tap(net)).map_err(|e| BodyError::Spawn(f("tap"), e))?;
+            let (backend, what) = if named {
+                (Backend::Tap(net), "tap")
+            } else {
+                (Backend::TapFds(net, fds), "fds")
+            };
+            let device = start(&backend).map_err(|e| BodyError::Spawn(f(what), e))?;
             return Ok(NamedDevice {
                 id: self.id,
                 device,

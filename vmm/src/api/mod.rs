@@ -32,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod counters;
+pub mod fd_stream;
 pub mod http;
 pub mod manager;
 
