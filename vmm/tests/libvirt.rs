@@ -102,6 +102,12 @@ struct Libvirt {
 
 impl Libvirt {
     fn start(tag: &str) -> Self {
+        Self::start_in(tag, None)
+    }
+
+    /// Like [`Self::start`], with virtchd (and so vmm and its backends)
+    /// in the network namespace `netns`.
+    fn start_in(tag: &str, netns: Option<&str>) -> Self {
         let prefix = libvirt_prefix();
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -116,11 +122,13 @@ impl Libvirt {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         std::fs::copy(env!("CARGO_BIN_EXE_vmm"), dir.join("bin/vmm")).unwrap();
-        std::fs::copy(
-            common::workspace_bin("blk-backend"),
-            dir.join("bin/blk-backend"),
-        )
-        .unwrap();
+        for backend in ["blk-backend", "net-backend"] {
+            std::fs::copy(
+                common::workspace_bin(backend),
+                dir.join("bin").join(backend),
+            )
+            .unwrap();
+        }
         std::os::unix::fs::symlink("vmm", dir.join("bin/cloud-hypervisor")).unwrap();
         std::fs::copy(common::test_guest(), dir.join("guest")).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -139,8 +147,20 @@ impl Libvirt {
             daemon: None,
         };
         let log = std::fs::File::create(lv.dir.join("virtchd.log")).unwrap();
+        let mut daemon = lv.command(&lv.prefix.join("sbin/virtchd"));
+        if let Some(ns) = netns {
+            let inner = daemon;
+            daemon = Command::new("ip");
+            daemon
+                .args(["netns", "exec", ns])
+                .arg(inner.get_program())
+                .args(inner.get_args());
+            daemon
+                .env_clear()
+                .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        }
         lv.daemon = Some(
-            lv.command(&lv.prefix.join("sbin/virtchd"))
+            daemon
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -196,9 +216,10 @@ impl Libvirt {
         let out = self.virsh_output(args);
         assert!(
             out.status.success(),
-            "virsh {args:?}: {}\nvmm log:\n{}",
+            "virsh {args:?}: {}\nvmm log:\n{}\nvirtchd log:\n{}",
             String::from_utf8_lossy(&out.stderr),
-            self.vmm_log("tg")
+            self.vmm_log("tg"),
+            std::fs::read_to_string(self.dir.join("virtchd.log")).unwrap_or_default()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -596,3 +617,81 @@ fn virsh_restore_of_libvirt_11_3_fails_and_leaves_no_vmm_behind() {
     lv.wait_for("the restore's vmm to exit", || vmms(&lv).is_empty());
     assert_eq!(lv.domstate("tg"), "shut off");
 }
+
+/// `<interface type='ethernet'>` on a tap the user owns (`managed='no'`):
+/// libvirt opens it and sends its fd with vm.add-net; vmm starts a
+/// net-backend on it. A frame goes out of the guest onto the tap, and one
+/// comes back in. All of it in a network namespace of the test's own.
+#[test]
+fn virsh_starts_a_guest_whose_nic_is_the_tap_libvirt_passes() {
+    let ns = common::Netns::new().expect("cannot create a network namespace (needs root)");
+    service_user();
+    // Most distributions make /dev/net/tun 0666; this host has 0600.
+    run_ok(Command::new("setfacl").args(["-m", &format!("u:{USER}:rw"), "/dev/net/tun"]));
+    ns.run(&[
+        "ip", "tuntap", "add", "dev", "vmtap9", "mode", "tap", "vnet_hdr", "user", USER,
+    ]);
+    ns.quiet_link_up("vmtap9");
+    let lv = Libvirt::start_in("nic", Some(&ns.0));
+    let xml = lv.domain_xml("tg", "tg.virtio tg.netrx tg.echo tg.hold");
+    let with_nic = std::fs::read_to_string(&xml).unwrap().replace(
+        "<serial type='pty'/>",
+        "<interface type='ethernet'>
+      <mac address='52:54:00:aa:bb:cc'/>
+      <target dev='vmtap9' managed='no'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='pty'/>",
+    );
+    std::fs::write(&xml, with_nic).unwrap();
+    let script = lv.dir.join("peer.py");
+    std::fs::write(&script, PEER).unwrap();
+    let mut peer = ns
+        .exec(&[
+            "python3",
+            script.to_str().unwrap(),
+            "vmtap9",
+            "52:54:00:aa:bb:cc",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peer_out = std::io::BufReader::new(peer.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut peer_out, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    lv.virsh(&["define", xml.to_str().unwrap()]);
+
+    lv.virsh(&["start", "tg"]);
+
+    let mut console = Console::open(&lv, "tg");
+    console.expect("TG: net tx ok");
+    console.expect("TG: net rx payload=hello from the tap side");
+    console.expect("TG: PASS");
+    console.close();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut peer_out, &mut seen).unwrap();
+    let _ = peer.wait();
+    assert_eq!(
+        seen.trim(),
+        "seen ffffffffffff 525400aabbcc 88b5 TG virtio-net hello"
+    );
+    let pid = lv.pid("tg");
+    lv.virsh(&["destroy", "tg"]);
+    lv.wait_for("vmm to exit after destroy", || !running(pid));
+}
+
+/// The guest's frame is awaited on the tap, then answered (as in
+/// `virtio_net.rs`).
+const PEER: &str = r#"
+import socket, sys, time
+iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind((iface, 0))
+print("ready", flush=True)
+s.settimeout(60)
+f = s.recv(2048)
+print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flush=True)
+time.sleep(0.2)
+s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'hello from the tap side'.ljust(46, b'\0'))
+"#;
