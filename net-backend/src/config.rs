@@ -25,6 +25,9 @@ pub enum ConfigError {
     /// The tap name is empty or too long.
     #[error("Invalid tap name {0:?}")]
     TapName(String),
+    /// `--tap-fd` count differs from the queue pairs.
+    #[error("{0} tap fds given for {1} queue pairs: give one per pair")]
+    TapFds(usize, usize),
 }
 
 /// An Ethernet address.
@@ -74,6 +77,9 @@ pub struct NetConfig {
     pub tap: String,
     /// Create the tap if it does not exist (it vanishes when the daemon exits).
     pub create_tap: bool,
+    /// Tap queues opened by someone else, one per queue pair, used instead
+    /// of opening `tap` (which is then unused).
+    pub tap_fds: Vec<std::os::fd::RawFd>,
     /// MAC address offered in config space.
     pub mac: MacAddr,
     /// MTU offered in config space; frames above it are dropped on TX.
@@ -102,6 +108,7 @@ impl NetConfig {
             client: false,
             tap: tap.into(),
             create_tap: false,
+            tap_fds: Vec::new(),
             mac: MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
             mtu: 1500,
             queue_pairs: 1,
@@ -116,8 +123,14 @@ impl NetConfig {
 
     /// Checks ranges the parser cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.tap.is_empty() || self.tap.len() >= libc::IFNAMSIZ || self.tap.contains('/') {
+        let named = self.tap_fds.is_empty();
+        if named
+            && (self.tap.is_empty() || self.tap.len() >= libc::IFNAMSIZ || self.tap.contains('/'))
+        {
             return Err(ConfigError::TapName(self.tap.clone()));
+        }
+        if !named && self.tap_fds.len() != self.queue_pairs {
+            return Err(ConfigError::TapFds(self.tap_fds.len(), self.queue_pairs));
         }
         if self.mtu < 68 {
             return Err(ConfigError::Mtu(self.mtu));

@@ -69,7 +69,11 @@ pub fn build_device(cfg: &NetConfig) -> Result<NetDevice, Error> {
     } else {
         0
     };
-    let tap = tap::Tap::open(&cfg.tap, cfg.queue_pairs, cfg.create_tap, wanted)?;
+    let tap = if cfg.tap_fds.is_empty() {
+        tap::Tap::open(&cfg.tap, cfg.queue_pairs, cfg.create_tap, wanted)?
+    } else {
+        tap::Tap::from_fds(&cfg.tap_fds, wanted)?
+    };
     let opts = NetOptions {
         mac: cfg.mac,
         mtu: cfg.mtu,

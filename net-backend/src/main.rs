@@ -18,8 +18,12 @@ struct Args {
     #[arg(long)]
     client: bool,
     /// Tap interface name.
-    #[arg(long)]
-    tap: String,
+    #[arg(long, required_unless_present = "tap_fd")]
+    tap: Option<String>,
+    /// A tap queue already open in this process, one per queue pair
+    /// (repeatable; as libvirt hands them over): used instead of --tap.
+    #[arg(long = "tap-fd", conflicts_with_all = ["tap", "create_tap"])]
+    tap_fd: Vec<std::os::fd::RawFd>,
     /// Create the tap if it does not exist.
     #[arg(long)]
     create_tap: bool,
@@ -62,7 +66,8 @@ struct Args {
 fn main() -> ExitCode {
     backends::daemon::init_logging();
     let a = Args::parse();
-    let mut cfg = NetConfig::new(a.socket, &a.tap);
+    let mut cfg = NetConfig::new(a.socket, a.tap.as_deref().unwrap_or_default());
+    cfg.tap_fds = a.tap_fd;
     cfg.client = a.client;
     cfg.create_tap = a.create_tap;
     cfg.mac = a.mac;

@@ -22,6 +22,12 @@ pub enum TapError {
     /// An ioctl configuring the tap failed.
     #[error("Cannot configure tap {0} ({1})")]
     Ioctl(String, &'static str, #[source] std::io::Error),
+    /// A `--tap-fd` is not an open fd.
+    #[error("Tap fd {0} is not open")]
+    BadFd(RawFd, #[source] std::io::Error),
+    /// A `--tap-fd` is not a tap queue this daemon can use.
+    #[error("Fd {0} is not a tap with a virtio-net header ({1})")]
+    NotTap(RawFd, &'static str),
 }
 
 const FLAGS: libc::c_int =
@@ -109,15 +115,60 @@ impl Tap {
                 .map_err(|e| TapError::Attach(name.into(), e))?;
             files.push(file);
         }
+        Self::configure(name.into(), files, wanted)
+    }
+
+    /// Uses the tap queues others opened (one fd per queue pair, as libvirt
+    /// passes them); this daemon owns the fds from now on. Each must be a
+    /// tap with `IFF_VNET_HDR` (and `IFF_MULTI_QUEUE` when there are several).
+    pub fn from_fds(fds: &[RawFd], wanted: libc::c_uint) -> Result<Self, TapError> {
+        let mut files = Vec::with_capacity(fds.len());
+        let mut name = String::new();
+        for &fd in fds {
+            // SAFETY: F_GETFD only reads the fd's flags; a closed fd fails.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(TapError::BadFd(fd, std::io::Error::last_os_error()));
+            }
+            // SAFETY: the fd is open and, by the contract of `--tap-fd`,
+            // handed to this daemon to own; nothing else uses it.
+            let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            // SAFETY: F_SETFD on an fd we own only sets close-on-exec.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            let mut req = ifreq("", 0);
+            ioctl_ptr(fd, libc::TUNGETIFF, &mut req as *mut IfReq)
+                .map_err(|_| TapError::NotTap(fd, "TUNGETIFF failed"))?;
+            let flags = libc::c_int::from(req.flags);
+            if flags & libc::IFF_TAP == 0 {
+                return Err(TapError::NotTap(fd, "a tun, not a tap"));
+            }
+            if flags & libc::IFF_VNET_HDR == 0 {
+                return Err(TapError::NotTap(fd, "no IFF_VNET_HDR"));
+            }
+            if fds.len() > 1 && flags & libc::IFF_MULTI_QUEUE == 0 {
+                return Err(TapError::NotTap(fd, "several fds but no IFF_MULTI_QUEUE"));
+            }
+            let end = req
+                .name
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(req.name.len());
+            name = String::from_utf8_lossy(&req.name[..end]).into_owned();
+            files.push(file);
+        }
+        Self::configure(name, files, wanted)
+    }
+
+    /// Sets the vnet header size and the best offloads on opened queues.
+    fn configure(name: String, files: Vec<File>, wanted: libc::c_uint) -> Result<Self, TapError> {
         let fd = files[0].as_raw_fd();
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         ioctl_ptr(fd, libc::TUNSETVNETHDRSZ, &hdr_len)
-            .map_err(|e| TapError::Ioctl(name.into(), "TUNSETVNETHDRSZ", e))?;
+            .map_err(|e| TapError::Ioctl(name.clone(), "TUNSETVNETHDRSZ", e))?;
         let offload = Self::set_best_offload(fd, wanted)
-            .map_err(|e| TapError::Ioctl(name.into(), "TUNSETOFFLOAD", e))?;
-        tracing::info!(tap = name, queues, offload, "tap opened");
+            .map_err(|e| TapError::Ioctl(name.clone(), "TUNSETOFFLOAD", e))?;
+        tracing::info!(tap = %name, queues = files.len(), offload, "tap opened");
         Ok(Tap {
-            name: name.into(),
+            name,
             queues: files,
             offload,
         })

@@ -29,7 +29,7 @@ pub enum ConfigError {
     MemoryUnaligned(u64, u64),
     #[error("vCPU count must be between 1 and {MAX_CPUS}, got {0}")]
     InvalidCpus(u32),
-    #[error("Invalid serial '{0}': expected stdio, off or file:PATH")]
+    #[error("Invalid serial '{0}': expected stdio, pty, off or file:PATH")]
     InvalidSerial(String),
     #[error("Unknown CPU feature '{0}' (known: {1})")]
     UnknownCpuFeature(String, String),
@@ -50,6 +50,9 @@ pub enum SerialConfig {
     File(PathBuf),
     /// Port present, output discarded.
     Off,
+    /// A pseudo-terminal: output to it, input from it; its path is in
+    /// vm.info (`config.serial.file`) and on stderr.
+    Pty,
 }
 
 impl std::str::FromStr for SerialConfig {
@@ -59,6 +62,7 @@ impl std::str::FromStr for SerialConfig {
         match s {
             "stdio" => Ok(Self::Stdio),
             "off" | "null" => Ok(Self::Off),
+            "pty" => Ok(Self::Pty),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
                 _ => Err(ConfigError::InvalidSerial(s.to_string())),
@@ -212,6 +216,7 @@ mod tests {
     fn serial_specs_parse() {
         assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
         assert_eq!("off".parse(), Ok(SerialConfig::Off));
+        assert_eq!("pty".parse(), Ok(SerialConfig::Pty));
         assert_eq!(
             "file:/tmp/x".parse(),
             Ok(SerialConfig::File(PathBuf::from("/tmp/x")))

@@ -116,6 +116,72 @@ pub(crate) fn mac(v: &str) -> Result<[u8; 6], DeviceSpecError> {
     Ok(mac)
 }
 
+/// A disk given as an image: vmm serves it with a blk-backend it starts
+/// (see [`crate::spawned`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageDisk {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+}
+
+impl ImageDisk {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            readonly: false,
+            queues: 1,
+            queue_size: DEFAULT_QUEUE_SIZE,
+        }
+    }
+}
+
+/// `--disk`: a vhost-user backend's socket, or an image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskArg {
+    Socket(DeviceConfig),
+    Image(ImageDisk),
+}
+
+/// `path=FILE[,readonly=on|off][,queues=N][,queue-size=N]`, or what
+/// [`parse_disk`] takes.
+pub fn parse_disk_arg(s: &str) -> Result<DiskArg, DeviceSpecError> {
+    let kv = pairs(s)?;
+    if !kv.iter().any(|(k, _)| *k == "path") {
+        return parse_disk(s).map(DiskArg::Socket);
+    }
+    let mut disk = ImageDisk::new(PathBuf::new());
+    for (k, v) in kv {
+        match k {
+            "path" => disk.path = PathBuf::from(v),
+            "readonly" => {
+                disk.readonly = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => {
+                        return Err(DeviceSpecError::Invalid {
+                            key: "readonly",
+                            value: v.into(),
+                            why: "expected on or off",
+                        })
+                    }
+                }
+            }
+            "queues" => disk.queues = number("queues", v, MAX_QUEUES, false)?,
+            "queue-size" => disk.queue_size = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
+            _ => {
+                return Err(DeviceSpecError::UnknownKey {
+                    key: k.into(),
+                    what: "--disk path=",
+                    known: "path, readonly, queues, queue-size",
+                })
+            }
+        }
+    }
+    Ok(DiskArg::Image(disk))
+}
+
 /// `socket=PATH[,queues=N][,queue-size=N][,metrics-socket=PATH]`
 pub fn parse_disk(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
     let mut cfg = DeviceConfig {
@@ -141,6 +207,62 @@ pub fn parse_disk(s: &str) -> Result<DeviceConfig, DeviceSpecError> {
         }
     }
     require_socket(cfg, "--disk")
+}
+
+/// A NIC given as a tap: vmm serves it with a net-backend it starts (see
+/// [`crate::spawned`]), which opens the tap (creating it if missing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapNet {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+}
+
+/// `--net`: a vhost-user backend's socket, or a tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetArg {
+    Socket(DeviceConfig),
+    Tap(TapNet),
+}
+
+/// `tap=NAME[,mac=MAC][,queue-pairs=N][,queue-size=N]`, or what
+/// [`parse_net`] takes.
+pub fn parse_net_arg(s: &str) -> Result<NetArg, DeviceSpecError> {
+    let kv = pairs(s)?;
+    if !kv.iter().any(|(k, _)| *k == "tap") {
+        return parse_net(s).map(NetArg::Socket);
+    }
+    let mut net = TapNet {
+        tap: String::new(),
+        mac: None,
+        queue_pairs: 1,
+        queue_size: DEFAULT_QUEUE_SIZE,
+    };
+    for (k, v) in kv {
+        match k {
+            "tap" => net.tap = v.to_string(),
+            "mac" => net.mac = Some(mac(v)?),
+            "queue-pairs" => net.queue_pairs = number("queue-pairs", v, MAX_QUEUES / 2, false)?,
+            "queue-size" => net.queue_size = number("queue-size", v, MAX_QUEUE_SIZE, true)?,
+            _ => {
+                return Err(DeviceSpecError::UnknownKey {
+                    key: k.into(),
+                    what: "--net tap=",
+                    known: "tap, mac, queue-pairs, queue-size",
+                })
+            }
+        }
+    }
+    // IFNAMSIZ - 1.
+    if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains('/') {
+        return Err(DeviceSpecError::Invalid {
+            key: "tap",
+            value: net.tap,
+            why: "expected an interface name of 1 to 15 characters",
+        });
+    }
+    Ok(NetArg::Tap(net))
 }
 
 /// `socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N][,metrics-socket=PATH]`
@@ -267,6 +389,7 @@ pub fn check_unique(devices: &[DeviceConfig]) -> Result<(), DeviceSpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn disk_and_net_specs_take_a_metrics_socket() {
@@ -274,6 +397,60 @@ mod tests {
         let n = parse_net("socket=/t,metrics-socket=/n").unwrap();
         assert_eq!(d.metrics_socket, Some(PathBuf::from("/m")));
         assert_eq!(n.metrics_socket, Some(PathBuf::from("/n")));
+    }
+
+    #[test]
+    fn disk_given_as_an_image_parses() {
+        let d = parse_disk_arg("path=/img,readonly=on,queues=2").unwrap();
+
+        assert_eq!(
+            d,
+            DiskArg::Image(ImageDisk {
+                path: "/img".into(),
+                readonly: true,
+                queues: 2,
+                queue_size: DEFAULT_QUEUE_SIZE,
+            })
+        );
+    }
+
+    #[test]
+    fn disk_arg_without_path_is_a_backend_socket() {
+        let d = parse_disk_arg("socket=/s").unwrap();
+
+        assert!(matches!(d, DiskArg::Socket(c) if c.socket == Path::new("/s")));
+    }
+
+    #[test]
+    fn nic_given_as_a_tap_parses() {
+        let n = parse_net_arg("tap=vmtap0,mac=52:54:00:12:34:56,queue-pairs=2").unwrap();
+
+        assert_eq!(
+            n,
+            NetArg::Tap(TapNet {
+                tap: "vmtap0".into(),
+                mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+                queue_pairs: 2,
+                queue_size: DEFAULT_QUEUE_SIZE,
+            })
+        );
+    }
+
+    #[test]
+    fn tap_name_longer_than_ifnamsiz_is_refused() {
+        let e = parse_net_arg("tap=a-very-long-tap-name").unwrap_err();
+
+        assert!(
+            matches!(e, DeviceSpecError::Invalid { key: "tap", .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn image_disk_refuses_socket_keys() {
+        let e = parse_disk_arg("path=/img,metrics-socket=/m").unwrap_err();
+
+        assert!(matches!(e, DeviceSpecError::UnknownKey { .. }), "{e}");
     }
 
     #[test]

@@ -18,8 +18,9 @@ use std::io::{self, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -104,6 +105,8 @@ struct Monitor {
     tx: SyncSender<Event>,
     thread: JoinHandle<()>,
     done: Receiver<()>,
+    /// Set by [`detach`]: write nothing more, close the target.
+    abandoned: Arc<AtomicBool>,
 }
 
 static MONITOR: Mutex<Option<Monitor>> = Mutex::new(None);
@@ -114,11 +117,13 @@ pub fn start(target: &Target) -> Result<(), EventError> {
     let file = target.open()?;
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     let (done_tx, done) = mpsc::channel();
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let flag = abandoned.clone();
     let thread = std::thread::Builder::new()
         .name("vmm-events".into())
         .spawn(move || {
             block_signals();
-            write_all(file, rx);
+            write_all(file, rx, &flag);
             let _ = done_tx.send(());
         })
         .map_err(EventError::Thread)?;
@@ -127,6 +132,7 @@ pub fn start(target: &Target) -> Result<(), EventError> {
         tx,
         thread,
         done,
+        abandoned,
     });
     Ok(())
 }
@@ -163,10 +169,31 @@ pub fn finish() {
     }
 }
 
+/// Stops the monitor at once: events still queued or emitted from now
+/// on are dropped and the target is closed (waiting a little for the
+/// writer). For a manager that has let the VM go (see
+/// [`crate::api::manager`]): libvirt must read nothing more from this
+/// process once it has stopped the domain, or it applies the late event
+/// to the domain's next run.
+pub fn detach() {
+    let Some(m) = MONITOR
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    else {
+        return;
+    };
+    m.abandoned.store(true, Ordering::SeqCst);
+    drop(m.tx);
+    if m.done.recv_timeout(FINISH_WAIT).is_ok() {
+        let _ = m.thread.join();
+    }
+}
+
 /// Blocks every signal in this thread: the VMM's signals (SIGINT, SIGTERM,
 /// ...) are read from a signalfd by the VMM loop and must never be
 /// delivered here, which would run their default action.
-fn block_signals() {
+pub(crate) fn block_signals() {
     // SAFETY: `set` is a local sigset_t that sigfillset fully initializes
     // before pthread_sigmask reads it; a null old-set pointer is allowed.
     unsafe {
@@ -178,8 +205,11 @@ fn block_signals() {
 
 /// The writer thread: one flushed line per event until the queue closes
 /// or the reader goes away.
-fn write_all(mut file: File, rx: Receiver<Event>) {
+fn write_all(mut file: File, rx: Receiver<Event>, abandoned: &AtomicBool) {
     for e in &rx {
+        if abandoned.load(Ordering::SeqCst) {
+            return;
+        }
         let mut line = match serde_json::to_vec(&e) {
             Ok(l) => l,
             Err(err) => {

@@ -17,6 +17,7 @@ pub mod migration;
 pub mod pci;
 pub mod platform;
 pub mod snapshot;
+pub mod spawned;
 pub mod state;
 pub mod vcpu;
 pub mod vhost_user;

@@ -7,7 +7,7 @@
 //! control API attached ([`Machine::with_api`]), API requests arrive as
 //! messages woken by `Token::Api` and are handled here (see [`crate::api`]).
 
-use std::io::{self, Read};
+use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -30,7 +30,7 @@ use crate::arch::x86_64::layout::ram_ranges;
 use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::{self, Entry, RegsError};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::console::{stdin_available, RawStdin};
+use crate::console::{input_available, read_input, serial_input, RawStdin};
 use crate::devices::bus::lock;
 use crate::events;
 use crate::exit::{ExitNotifier, ExitReason};
@@ -171,7 +171,8 @@ pub struct Machine {
     exit: Arc<ExitNotifier>,
     /// Per vCPU, in id order.
     metrics: Vec<Arc<VcpuMetrics>>,
-    stdin_input: bool,
+    /// Where the guest's serial input comes from (stdin, the pty).
+    input: Option<std::os::fd::RawFd>,
     signals: SignalFd,
     poll: Poll,
     api: Option<ApiReceiver>,
@@ -347,7 +348,7 @@ impl Machine {
             memory,
             exit,
             metrics,
-            stdin_input: cfg.serial == SerialConfig::Stdio,
+            input: serial_input(&cfg.serial).map_err(PlatformError::from)?,
             signals,
             poll: Poll::new().map_err(|e| MachineError::Io("create the poll", e))?,
             api: None,
@@ -500,7 +501,7 @@ impl Machine {
     }
 
     fn run_to_end(&mut self) -> Result<Outcome> {
-        let _raw = self.stdin_input.then(RawStdin::enable);
+        let _raw = (self.config.serial == SerialConfig::Stdio).then(RawStdin::enable);
         self.start_vcpus();
         let reason = self.event_loop();
         self.cancel_migration();
@@ -556,7 +557,8 @@ impl Machine {
         )
         .map_err(|e| MachineError::Io("poll serial", e))?;
         // stdin may be /dev/null or a file, which epoll refuses: no input then.
-        let mut stdin_on = self.stdin_input && add(0, Token::Stdin).is_ok();
+        let input = self.input.unwrap_or(-1);
+        let mut stdin_on = self.input.is_some() && add(input, Token::Stdin).is_ok();
         let mut pending: Vec<u8> = Vec::new();
         let mut events = Events::with_capacity(8);
         // Signals that arrived before the loop: edge-triggered polling
@@ -627,12 +629,12 @@ impl Machine {
                         pending.drain(..k);
                     }
                     let room = STDIN_PENDING_MAX - pending.len();
-                    let want = stdin_available().min(room);
+                    let want = input_available(input).min(room);
                     if want == 0 {
                         break;
                     }
                     let mut buf = vec![0u8; want];
-                    match io::stdin().lock().read(&mut buf) {
+                    match read_input(input, &mut buf) {
                         Ok(0) | Err(_) => {
                             stdin_closed = true;
                             break;
@@ -640,8 +642,8 @@ impl Machine {
                         Ok(k) => pending.extend_from_slice(&buf[..k]),
                     }
                 }
-                if stdin_closed && stdin_available() == 0 {
-                    let _ = self.poll.registry().deregister(&mut SourceFd(&0));
+                if stdin_closed && input_available(input) == 0 {
+                    let _ = self.poll.registry().deregister(&mut SourceFd(&input));
                     stdin_on = false;
                 }
             }

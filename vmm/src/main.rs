@@ -1,19 +1,20 @@
 //! `vmm`: boots a kernel in a KVM VM. See `vmm --help`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::api::controller::Controller;
 use vmm::api::http::ApiSocket;
+use vmm::api::manager::{self, SocketArg};
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
-use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
+use vmm::devices_config::{parse_disk_arg, parse_net_arg, parse_vhost_user, DiskArg, NetArg};
 use vmm::events;
 use vmm::vhost_user::DeviceConfig;
 
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = manager::VERSION,
     about = "Boot a Linux kernel (bzImage or ELF/PVH) in a KVM virtual machine"
 )]
 struct Cli {
@@ -37,7 +38,8 @@ struct Cli {
     /// Back guest RAM with 2 MiB huge pages (hugetlbfs memfd).
     #[arg(long)]
     hugepages: bool,
-    /// COM1: stdio, off, or file:PATH.
+    /// COM1: stdio, pty (a pseudo-terminal; its path goes to stderr), off,
+    /// or file:PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// Boot protocol for ELF kernels.
@@ -46,22 +48,29 @@ struct Cli {
     /// CPUID features to hide from the guest, e.g. -cx16,-clwb.
     #[arg(long, allow_hyphen_values = true, value_parser = parse_hidden)]
     cpu_features: Option<Hidden>,
-    /// A virtio-blk disk served by a vhost-user backend (repeatable):
-    /// socket=PATH[,queues=N][,queue-size=N]
-    #[arg(long, value_parser = parse_disk)]
-    disk: Vec<DeviceConfig>,
-    /// A virtio-net NIC served by a vhost-user backend (repeatable):
-    /// socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]
-    #[arg(long, value_parser = parse_net)]
-    net: Vec<DeviceConfig>,
+    /// A virtio-blk disk (repeatable) served by a vhost-user backend:
+    /// socket=PATH[,queues=N][,queue-size=N]; or an image served by a
+    /// blk-backend vmm starts (beside vmm or in PATH), restarts if it dies
+    /// and stops on exit: path=FILE[,readonly=on][,queues=N][,queue-size=N]
+    #[arg(long, value_parser = parse_disk_arg)]
+    disk: Vec<DiskArg>,
+    /// A virtio-net NIC (repeatable) served by a vhost-user backend:
+    /// socket=PATH[,mac=MAC][,queue-pairs=N][,queue-size=N]; or a tap
+    /// (created if missing) served by a net-backend vmm starts:
+    /// tap=NAME[,mac=MAC][,queue-pairs=N][,queue-size=N]
+    #[arg(long, value_parser = parse_net_arg)]
+    net: Vec<NetArg>,
     /// Any virtio device served by a vhost-user backend (repeatable):
     /// type=NAME|ID,socket=PATH[,queues=N][,queue-size=N]
     #[arg(long = "vhost-user", value_parser = parse_vhost_user)]
     vhost_user: Vec<DeviceConfig>,
-    /// Serve the control API (Cloud Hypervisor's REST subset) on this unix
-    /// socket, created mode 0600 and removed on exit.
+    /// Serve the control API (Cloud Hypervisor's REST subset) on a unix
+    /// socket: path=PATH (or just PATH), created mode 0600 and removed on
+    /// exit; or fd=N, a listening socket bound by a manager such as
+    /// libvirt, which keeps its path: once the manager removes that path
+    /// vmm stops the VM and exits.
     #[arg(long)]
-    api_socket: Option<PathBuf>,
+    api_socket: Option<SocketArg>,
     /// Write life-cycle events as JSON lines (Cloud Hypervisor's shape) to
     /// a file or FIFO, or to an inherited fd that vmm then owns:
     /// path=PATH or fd=N
@@ -120,7 +129,22 @@ fn parse_hidden(s: &str) -> Result<Hidden, config::ConfigError> {
     config::parse_cpu_features(s).map(Hidden)
 }
 
+/// Run as `cloud-hypervisor` (libvirt's ch driver runs the first one in
+/// PATH), `--version` prints the line the driver parses.
+fn cloud_hypervisor_version() -> bool {
+    let mut args = std::env::args_os();
+    let named = args
+        .next()
+        .map(PathBuf::from)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "cloud-hypervisor"));
+    named && args.any(|a| a == "--version" || a == "-V")
+}
+
 fn main() -> ExitCode {
+    if cloud_hypervisor_version() {
+        println!("{}", manager::cloud_hypervisor_version_line());
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
@@ -130,6 +154,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Before the event monitor, whose FIFO blocks until a reader comes:
+    // if the manager gives up first, its socket's removal ends us there.
+    let api = match cli.api_socket.map(api_socket).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vmm: {}", vmm::error_chain(e.as_ref()));
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(target) = &cli.event_monitor {
         if let Err(e) = events::start(target) {
             eprintln!("vmm: {}", vmm::error_chain(&e));
@@ -137,6 +170,25 @@ fn main() -> ExitCode {
         }
     }
     events::emit("vmm", "starting", &[]);
+    let mut devices = Vec::new();
+    let disks = cli.disk.into_iter().map(|d| match d {
+        DiskArg::Socket(d) => Ok(d),
+        DiskArg::Image(i) => Err(vmm::spawned::Backend::Disk(i)),
+    });
+    let nets = cli.net.into_iter().map(|n| match n {
+        NetArg::Socket(n) => Ok(n),
+        NetArg::Tap(t) => Err(vmm::spawned::Backend::Tap(t)),
+    });
+    for d in disks.chain(nets) {
+        match d.or_else(|b| vmm::spawned::start(&b)) {
+            Ok(d) => devices.push(d),
+            Err(e) => {
+                eprintln!("vmm: {}", vmm::error_chain(&e));
+                vmm::spawned::stop_all();
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let cfg = cli.kernel.map(|kernel| VmConfig {
         kernel,
         initramfs: cli.initramfs,
@@ -147,14 +199,10 @@ fn main() -> ExitCode {
         serial: cli.serial,
         boot: cli.boot,
         hidden_cpu_features: cli.cpu_features.map(|h| h.0).unwrap_or_default(),
-        devices: cli
-            .disk
-            .into_iter()
-            .chain(cli.net)
-            .chain(cli.vhost_user)
-            .collect(),
+        devices: devices.into_iter().chain(cli.vhost_user).collect(),
     });
-    let result = boot(cfg, cli.restore, cli.api_socket.as_deref());
+    let result = boot(cfg, cli.restore, api);
+    vmm::spawned::stop_all();
     events::finish();
     match result {
         Ok(None) => ExitCode::SUCCESS,
@@ -179,6 +227,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The API socket: bound at `path=`, or the manager's (`fd=`), whose
+/// path is watched from now on (see [`manager`]).
+fn api_socket(arg: SocketArg) -> Result<ApiSocket, Box<dyn std::error::Error>> {
+    Ok(match arg {
+        SocketArg::Path(p) => ApiSocket::bind(&p)?,
+        SocketArg::Fd(fd) => {
+            let listener = manager::take_listener(fd)?;
+            if let Some(path) = manager::bound_path(&listener) {
+                manager::stop_when_removed(path)?;
+            }
+            ApiSocket::adopt(listener)
+        }
+    })
+}
+
 /// Builds and runs the VM, serving the API on `api_socket` if given. The
 /// socket is bound first (a live one fails before anything boots) and
 /// served once the signals are blocked, so the server thread inherits the
@@ -187,9 +250,9 @@ fn main() -> ExitCode {
 fn boot(
     cfg: Option<VmConfig>,
     restore: Option<Restore>,
-    api_socket: Option<&Path>,
+    api_socket: Option<ApiSocket>,
 ) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
-    let Some(path) = api_socket else {
+    let Some(socket) = api_socket else {
         if let Some(r) = restore {
             if !r.resume {
                 return Err("--restore without --api-socket needs resume=on".into());
@@ -201,7 +264,6 @@ fn boot(
         let cfg = cfg.ok_or("--kernel is required without --api-socket")?;
         return Ok(Some(vmm::Machine::new(&cfg)?.run()?));
     };
-    let socket = ApiSocket::bind(path)?;
     let exit_with_vm = cfg.is_some() || restore.is_some();
     let (mut controller, tx) = Controller::new(exit_with_vm)?;
     let server = socket.serve(tx)?;

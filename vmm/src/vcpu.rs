@@ -188,14 +188,20 @@ impl VcpuHandle {
         });
         let c = ctl.clone();
         let metrics = ctx.metrics.clone();
+        let (named_tx, named) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                // std names the thread before this runs.
+                let _ = named_tx.send(());
                 run_loop(id, &mut fd, &c, &ctx);
                 c.set_parked(&lock(&c.state), true);
                 fd
             })
             .map_err(|e| VcpuError::Spawn(id, e))?;
+        // Until then the thread carries its creator's name: libvirt finds
+        // vCPU threads by name ("vcpuN") as soon as vm.boot has answered.
+        let _ = named.recv();
         let mut clock: libc::clockid_t = 0;
         // SAFETY: the pthread_t is that of the thread just spawned, which
         // is not joined yet; `clock` is a valid out-pointer.

@@ -171,6 +171,88 @@ fn qemu_storage_daemon_serves_a_disk() {
     assert_pattern(&img, 4096, 4096 * 9, 11);
 }
 
+/// Pids of the blk-backends serving `image`.
+fn backends_of(image: &Path) -> Vec<i32> {
+    let needle = format!("--image\0{}\0", image.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .filter(|pid| {
+            // A zombie has ended.
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        })
+        .collect()
+}
+
+#[test]
+fn disk_given_as_an_image_is_served_by_a_backend_vmm_starts_and_stops() {
+    let s = Scratch::new("virtio-image");
+    let img = s.path("disk.img");
+    disk_image(&img);
+    workspace_bin("blk-backend");
+    let disk = format!("path={}", img.display());
+
+    let r = run(
+        guest_with("tg.virtio tg.seed=9 tg.blkburst=32", &[("--disk", disk)]),
+        LIMIT,
+    );
+
+    assert_blk_ok(&r);
+    assert!(r.lines().contains(&"TG: blk burst ok n=32"), "{}", r.stdout);
+    assert_pattern(&img, 4096, 4096 * 33, 9);
+    assert_eq!(backends_of(&img), Vec::<i32>::new());
+}
+
+#[test]
+fn backend_vmm_started_is_restarted_when_killed_and_the_guest_goes_on() {
+    let s = Scratch::new("virtio-image-restart");
+    let img = s.path("disk.img");
+    disk_image(&img);
+    workspace_bin("blk-backend");
+    let disk = format!("path={}", img.display());
+    let mut child = guest_with("tg.virtio tg.seed=6 tg.blkburst=1500", &[("--disk", disk)])
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("TG: blk burst start") {
+        let n = std::io::BufRead::read_line(&mut out, &mut seen).unwrap();
+        assert_ne!(n, 0, "guest ended early:\n{seen}");
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let backend = backends_of(&img);
+    assert_eq!(backend.len(), 1, "{backend:?}");
+
+    // SAFETY: kill with the pid of the blk-backend serving our image.
+    unsafe { libc::kill(backend[0], libc::SIGKILL) };
+
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut rest);
+        rest
+    });
+    let r = wait(child, LIMIT);
+    let rest = drain.join().unwrap();
+    assert_eq!(r.code(), Some(0), "{}\n{seen}{rest}", r.stderr);
+    assert!(rest.contains("TG: blk burst ok n=1500"), "{seen}{rest}");
+    assert!(
+        rest.contains("TG: PASS") && !rest.contains("FAIL"),
+        "{seen}{rest}"
+    );
+    assert!(
+        r.stderr.contains("backend exited; restarting it"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("backend reconnected"), "{}", r.stderr);
+    assert_pattern(&img, 4096, 4096 * 1501, 6);
+    assert_eq!(backends_of(&img), Vec::<i32>::new());
+}
+
 #[test]
 fn backend_killed_mid_burst_comes_back_and_the_guest_goes_on() {
     let s = Scratch::new("virtio-reconnect");

@@ -10,6 +10,11 @@
 //! Our extension: `DiskConfig` and `NetConfig` take `metrics_socket`, the
 //! path of the vhost-user backend's `--metrics-socket`, which vm.counters
 //! reads.
+//!
+//! A disk given by `path` (as libvirt gives them) is an image served by a
+//! backend that vmm starts ([`crate::spawned`]), a NIC given by `tap` a
+//! tap served the same way; the mapping takes the function that starts
+//! them ([`Starter`]), so parsing alone starts nothing.
 
 use std::path::PathBuf;
 
@@ -18,7 +23,8 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::config::{BootProtocol, ConfigError, SerialConfig, DEFAULT_CMDLINE};
-use crate::devices_config::{self, DeviceSpecError, MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::devices_config::{self, DeviceSpecError, ImageDisk, TapNet, MAX_QUEUES, MAX_QUEUE_SIZE};
+use crate::spawned::{Backend, SpawnError};
 use crate::vhost_user::{DeviceConfig, Kind};
 
 /// Errors in a request body.
@@ -34,6 +40,17 @@ pub enum BodyError {
     Device(String, #[source] DeviceSpecError),
     #[error("Invalid configuration")]
     Config(#[source] ConfigError),
+    #[error("{0}: cannot start its backend")]
+    Spawn(String, #[source] crate::spawned::SpawnError),
+}
+
+/// Starts the backend for a disk image or a tap; returns its device.
+pub type Starter<'a> = &'a mut dyn FnMut(&Backend) -> std::result::Result<DeviceConfig, SpawnError>;
+
+/// The [`Starter`] of a body that is only parsed: images and taps are
+/// refused.
+pub fn no_images(_: &Backend) -> std::result::Result<DeviceConfig, SpawnError> {
+    Err(SpawnError::NotFound("a running vmm to start the backend"))
 }
 
 type Result<T> = std::result::Result<T, BodyError>;
@@ -229,14 +246,33 @@ fn vhost_socket(field: &str, vhost_user: Option<bool>, socket: Option<String>) -
 
 impl DiskConfigBody {
     /// The disk as a vhost-user block device; `field` names it in errors.
+    /// A disk given as an image is refused (see [`Self::into_device_with`]).
     pub fn into_device(self, field: &str) -> Result<NamedDevice> {
+        self.into_device_with(field, &mut no_images)
+    }
+
+    /// The disk as a vhost-user block device: the backend's socket as
+    /// given, or, for a `path`, the one `start` serves the image on.
+    pub fn into_device_with(self, field: &str, start: Starter) -> Result<NamedDevice> {
         let f = |n: &str| format!("{field}.{n}");
-        only_default(&f("path"), &self.path, &[])?;
-        only_default(
-            &f("readonly"),
-            &self.readonly.map(Value::from),
-            &[json!(false)],
-        )?;
+        let image = match &self.path {
+            None | Some(Value::Null) => None,
+            Some(Value::String(p)) if self.vhost_user != Some(true) => Some(p.clone()),
+            Some(Value::String(_)) => {
+                return Err(BodyError::Unsupported(
+                    f("path"),
+                    "give either path (an image) or vhost_user with vhost_socket",
+                ))
+            }
+            Some(_) => return Err(BodyError::Unsupported(f("path"), "must be a string")),
+        };
+        if image.is_none() {
+            only_default(
+                &f("readonly"),
+                &self.readonly.map(Value::from),
+                &[json!(false)],
+            )?;
+        }
         for (n, v) in [
             ("direct", &self.direct),
             ("iommu", &self.iommu),
@@ -252,7 +288,29 @@ impl DiskConfigBody {
             only_default(&f(n), v, &empty())?;
         }
         only_default(&f("sparse"), &self.sparse, &[json!(true)])?;
-        only_default(&f("image_type"), &self.image_type, &[json!("Unknown")])?;
+        only_default(
+            &f("image_type"),
+            &self.image_type,
+            &[json!("Unknown"), json!("Raw")],
+        )?;
+        if let Some(path) = image {
+            only_default(
+                &f("metrics_socket"),
+                &self.metrics_socket.map(Value::from),
+                &[],
+            )?;
+            let disk = ImageDisk {
+                path: path.into(),
+                readonly: self.readonly.unwrap_or(false),
+                queues: queues(&f("num_queues"), self.num_queues, 1)?,
+                queue_size: queue_size(&f("queue_size"), self.queue_size)?,
+            };
+            let device = start(&Backend::Disk(disk)).map_err(|e| BodyError::Spawn(f("path"), e))?;
+            return Ok(NamedDevice {
+                id: self.id,
+                device,
+            });
+        }
         let socket = vhost_socket(field, self.vhost_user, self.vhost_socket)?;
         Ok(NamedDevice {
             id: self.id,
@@ -268,15 +326,43 @@ impl DiskConfigBody {
 }
 
 impl NetConfigBody {
-    /// The NIC as a vhost-user net device; `field` names it in errors.
+    /// The NIC as a vhost-user net device; `field` names it in errors. A
+    /// NIC given as a tap is refused (see [`Self::into_device_with`]).
     pub fn into_device(self, field: &str) -> Result<NamedDevice> {
+        self.into_device_with(field, &mut no_images)
+    }
+
+    /// The NIC as a vhost-user net device: the backend's socket as given,
+    /// or, for a `tap`, the one `start` serves it on.
+    pub fn into_device_with(self, field: &str, start: Starter) -> Result<NamedDevice> {
         let f = |n: &str| format!("{field}.{n}");
+        let tap = match &self.tap {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) if self.vhost_user != Some(true) => Some(t.clone()),
+            Some(Value::String(_)) => {
+                return Err(BodyError::Unsupported(
+                    f("tap"),
+                    "give either tap or vhost_user with vhost_socket",
+                ))
+            }
+            Some(_) => return Err(BodyError::Unsupported(f("tap"), "must be a string")),
+        };
+        // Only the API server writes fds here: those sent with the request.
+        let fds: Vec<std::os::fd::RawFd> = match &self.fds {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|_| BodyError::Unsupported(f("fds"), "must be a list of fds"))?,
+        };
+        if !fds.is_empty() && (tap.is_some() || self.vhost_user == Some(true)) {
+            return Err(BodyError::Unsupported(
+                f("fds"),
+                "give either tap fds, tap or vhost_user with vhost_socket",
+            ));
+        }
         for (n, v) in [
-            ("tap", &self.tap),
             ("host_mac", &self.host_mac),
             ("mtu", &self.mtu),
             ("iommu", &self.iommu),
-            ("fds", &self.fds),
             ("rate_limiter_config", &self.rate_limiter_config),
             ("pci_segment", &self.pci_segment),
         ] {
@@ -293,7 +379,6 @@ impl NetConfigBody {
         ] {
             only_default(&f(n), v, &[json!(true)])?;
         }
-        let socket = vhost_socket(field, self.vhost_user, self.vhost_socket)?;
         let mac = self
             .mac
             .as_deref()
@@ -308,6 +393,31 @@ impl NetConfigBody {
                 "must be even (one RX and one TX queue per pair)",
             ));
         }
+        if tap.is_some() || !fds.is_empty() {
+            only_default(
+                &f("metrics_socket"),
+                &self.metrics_socket.map(Value::from),
+                &[],
+            )?;
+            let named = tap.is_some();
+            let net = TapNet {
+                tap: tap.unwrap_or_default(),
+                mac,
+                queue_pairs: total / 2,
+                queue_size: queue_size(&f("queue_size"), self.queue_size)?,
+            };
+            let (backend, what) = if named {
+                (Backend::Tap(net), "tap")
+            } else {
+                (Backend::TapFds(net, fds), "fds")
+            };
+            let device = start(&backend).map_err(|e| BodyError::Spawn(f(what), e))?;
+            return Ok(NamedDevice {
+                id: self.id,
+                device,
+            });
+        }
+        let socket = vhost_socket(field, self.vhost_user, self.vhost_socket)?;
         Ok(NamedDevice {
             id: self.id,
             device: DeviceConfig {
@@ -332,6 +442,7 @@ fn serial(c: Option<ConsoleBody>) -> Result<SerialConfig> {
     only_default("serial.socket", &c.socket, &[])?;
     match c.mode.as_str() {
         "Tty" => Ok(SerialConfig::Stdio),
+        "Pty" => Ok(SerialConfig::Pty),
         "Off" | "Null" => Ok(SerialConfig::Off),
         "File" => c
             .file
@@ -339,7 +450,7 @@ fn serial(c: Option<ConsoleBody>) -> Result<SerialConfig> {
             .ok_or_else(|| BodyError::Missing("serial.file".into())),
         _ => Err(BodyError::Unsupported(
             "serial.mode".into(),
-            "only Tty, File, Off and Null are supported",
+            "only Tty, Pty, File, Off and Null are supported",
         )),
     }
 }
@@ -358,8 +469,18 @@ fn console(c: Option<ConsoleBody>) -> Result<()> {
 }
 
 impl VmConfigBody {
-    /// The typed config (validated) and the ids of its devices.
+    /// The typed config (validated) and the ids of its devices; disks
+    /// given as images are refused (see [`Self::into_config_with`]).
     pub fn into_config(self) -> Result<(crate::VmConfig, Vec<Option<String>>)> {
+        self.into_config_with(&mut no_images)
+    }
+
+    /// [`Self::into_config`], with disk images served by what `start`
+    /// starts (after every other field is checked).
+    pub fn into_config_with(
+        self,
+        start: Starter,
+    ) -> Result<(crate::VmConfig, Vec<Option<String>>)> {
         for (n, v) in [
             ("rate_limit_groups", &self.rate_limit_groups),
             ("balloon", &self.balloon),
@@ -452,15 +573,15 @@ impl VmConfigBody {
                 (m.size, m.hugepages.unwrap_or(false))
             }
         };
-        let mut devices = Vec::new();
-        for (i, d) in self.disks.into_iter().flatten().enumerate() {
-            devices.push(d.into_device(&format!("disks[{i}]"))?);
-        }
-        for (i, d) in self.net.into_iter().flatten().enumerate() {
-            devices.push(d.into_device(&format!("net[{i}]"))?);
-        }
         let serial = serial(self.serial)?;
         console(self.console)?;
+        let mut devices = Vec::new();
+        for (i, d) in self.disks.into_iter().flatten().enumerate() {
+            devices.push(d.into_device_with(&format!("disks[{i}]"), start)?);
+        }
+        for (i, d) in self.net.into_iter().flatten().enumerate() {
+            devices.push(d.into_device_with(&format!("net[{i}]"), start)?);
+        }
         let ids = devices.iter().map(|d| d.id.clone()).collect();
         let cfg = crate::VmConfig {
             kernel: kernel.into(),
@@ -505,6 +626,20 @@ mod tests {
     }
 
     #[test]
+    fn libvirts_config_maps_onto_vm_config() {
+        let (c, _) = config(json!({
+            "serial": {"mode": "Pty"},
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+            "memory": {"size": 67108864},
+            "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
+        }))
+        .unwrap();
+
+        assert_eq!(c.serial, SerialConfig::Pty);
+        assert_eq!(c.memory, 64 << 20);
+    }
+
+    #[test]
     fn unsupported_fields_are_named() {
         for (v, field) in [
             (
@@ -517,7 +652,7 @@ mod tests {
             ),
             (json!({"payload": {"kernel": "/k"}, "iommu": true}), "iommu"),
             (
-                json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/img"}]}),
+                json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/img", "vhost_user": true, "vhost_socket": "/s"}]}),
                 "disks[0].path",
             ),
             (
@@ -532,6 +667,82 @@ mod tests {
             let e = config(v).unwrap_err().to_string();
             assert!(e.starts_with(field), "{e}");
         }
+    }
+
+    #[test]
+    fn a_disk_image_is_served_by_what_the_starter_starts() {
+        let body = json!({"payload": {"kernel": "/k"},
+                          "disks": [{"path": "/img.raw", "readonly": true}]});
+        let mut asked = Vec::new();
+        let mut start = |b: &Backend| {
+            asked.push(b.clone());
+            Ok(DeviceConfig {
+                kind: Kind::Block,
+                socket: "/".into(),
+                queues: 1,
+                queue_size: 256,
+                metrics_socket: None,
+            })
+        };
+
+        let (c, _) = parse::<VmConfigBody>(body.to_string().as_bytes())
+            .unwrap()
+            .into_config_with(&mut start)
+            .unwrap();
+
+        assert_eq!(
+            asked,
+            vec![Backend::Disk(ImageDisk {
+                path: "/img.raw".into(),
+                readonly: true,
+                queues: 1,
+                queue_size: 256,
+            })]
+        );
+        assert_eq!(c.devices[0].socket, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn a_disk_image_is_refused_when_only_parsed() {
+        let e = config(json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/img"}]}))
+            .unwrap_err()
+            .to_string();
+
+        assert!(
+            e.starts_with("disks[0].path: cannot start its backend"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_tap_nic_is_served_by_what_the_starter_starts() {
+        let nic = json!({"tap": "vmtap0", "mac": "52:54:00:00:00:01", "num_queues": 4});
+        let mut asked = Vec::new();
+        let mut start = |b: &Backend| {
+            asked.push(b.clone());
+            Ok(DeviceConfig {
+                kind: Kind::Block,
+                socket: "/".into(),
+                queues: 1,
+                queue_size: 256,
+                metrics_socket: None,
+            })
+        };
+
+        parse::<NetConfigBody>(nic.to_string().as_bytes())
+            .unwrap()
+            .into_device_with("net", &mut start)
+            .unwrap();
+
+        assert_eq!(
+            asked,
+            vec![Backend::Tap(TapNet {
+                tap: "vmtap0".into(),
+                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+                queue_pairs: 2,
+                queue_size: 256,
+            })]
+        );
     }
 
     #[test]

@@ -507,6 +507,7 @@ impl Controller {
                     crate::events::emit("vm", "deleted", &[]);
                 }
                 self.vm = Vm::None;
+                crate::spawned::stop_all();
                 tracing::info!("VM deleted");
                 (Ok(ApiReply::Empty), self.exit_with_vm)
             }
@@ -558,10 +559,15 @@ impl Controller {
         if !matches!(self.vm, Vm::None) {
             return fail(405, "A VM is already created: delete it first");
         }
-        let parsed = parse::<VmConfigBody>(body).and_then(VmConfigBody::into_config);
+        let parsed = parse::<VmConfigBody>(body)
+            .and_then(|b| b.into_config_with(&mut crate::spawned::start));
         let (cfg, ids) = match parsed {
             Ok(c) => c,
-            Err(e) => return fail(400, crate::error_chain(&e)),
+            Err(e) => {
+                // There is no VM: whatever backend was started is unused.
+                crate::spawned::stop_all();
+                return fail(400, crate::error_chain(&e));
+            }
         };
         let mut spec = Spec {
             cfg,
@@ -769,9 +775,11 @@ impl Controller {
             Vm::Created(s) | Vm::Shutdown(s) => s,
         };
         let named = if request == ApiRequest::VmAddDisk {
-            parse::<DiskConfigBody>(body).and_then(|d| d.into_device("disk"))
+            parse::<DiskConfigBody>(body)
+                .and_then(|d| d.into_device_with("disk", &mut crate::spawned::start))
         } else {
-            parse::<NetConfigBody>(body).and_then(|d| d.into_device("net"))
+            parse::<NetConfigBody>(body)
+                .and_then(|d| d.into_device_with("net", &mut crate::spawned::start))
         };
         let named = match named {
             Ok(n) => n,

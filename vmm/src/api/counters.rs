@@ -4,7 +4,8 @@
 //! The controller answers at once with a [`CountersPlan`]: the VM-wide
 //! counters it reads from the running VM's atomics (entry `vm`: exits by
 //! reason and vCPU CPU time summed over the vCPUs, and
-//! `memory_allocated_bytes`, the guest RAM the host has backed; entries
+//! `memory_allocated_bytes`, the guest RAM the host has backed, and with a
+//! serial pty `serial_dropped_bytes`, the output nobody read; entries
 //! `vcpu0`.. the same per vCPU), and per device its
 //! id, the VMM's own `notify_exits` and the backend's metrics socket if
 //! one was named. The HTTP thread then resolves the plan on tokio's
@@ -100,6 +101,9 @@ impl CountersPlan {
             }
             if let Some(bytes) = crate::memory::allocated_bytes(&l.memory) {
                 vm.insert("memory_allocated_bytes".into(), bytes);
+            }
+            if let Some(pty) = crate::console::Pty::opened() {
+                vm.insert("serial_dropped_bytes".into(), pty.dropped());
             }
             (vm, per_vcpu)
         });

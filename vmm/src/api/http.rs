@@ -27,6 +27,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
+use super::fd_stream::{attach_fds, FdStream, ReceivedFds};
 use super::{ApiReply, ApiRequest, ApiSender};
 
 /// Every served path is below this prefix.
@@ -91,9 +92,10 @@ pub fn route_of(request: ApiRequest) -> (&'static str, &'static str) {
         .expect("every request has a route")
 }
 
-/// A bound API socket, not yet served; removed when dropped.
+/// A bound API socket, not yet served; removed when dropped if vmm
+/// bound it (not one a manager handed over, see [`super::manager`]).
 pub struct ApiSocket {
-    path: PathBuf,
+    path: Option<PathBuf>,
     listener: Option<UnixListener>,
 }
 
@@ -117,9 +119,17 @@ impl ApiSocket {
         unsafe { libc::umask(old) };
         let listener = bound.map_err(|e| HttpError::Bind(path.into(), e))?;
         Ok(Self {
-            path: path.into(),
+            path: Some(path.into()),
             listener: Some(listener),
         })
+    }
+
+    /// Serves a socket someone else bound and listens on; its path stays.
+    pub fn adopt(listener: UnixListener) -> Self {
+        Self {
+            path: None,
+            listener: Some(listener),
+        }
     }
 
     /// Serves the API on a new thread until the returned server is dropped.
@@ -148,7 +158,9 @@ impl ApiSocket {
 
 impl Drop for ApiSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -184,12 +196,15 @@ async fn serve(listener: UnixListener, api: Arc<ApiSender>, mut stop: oneshot::R
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let api = api.clone();
+                    // Fds sent with a request (libvirt's tap fds).
+                    let fds = ReceivedFds::default();
+                    let stream = FdStream::new(stream, fds.clone());
                     let conn = http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT)
                         .serve_connection(
                             TokioIo::new(stream),
-                            service_fn(move |req| handle(req, api.clone())),
+                            service_fn(move |req| handle(req, api.clone(), fds.clone())),
                         );
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
@@ -243,7 +258,11 @@ fn route(path: &str, method: &Method) -> Result<ApiRequest, StatusCode> {
         .ok_or(StatusCode::METHOD_NOT_ALLOWED)
 }
 
-async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<Reply, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    api: Arc<ApiSender>,
+    fds: ReceivedFds,
+) -> Result<Reply, Infallible> {
     let request = match route(req.uri().path(), req.method()) {
         Ok(r) => r,
         Err(StatusCode::NOT_FOUND) => return Ok(text(StatusCode::NOT_FOUND, "Unknown path")),
@@ -273,6 +292,11 @@ async fn handle(req: Request<Incoming>, api: Arc<ApiSender>) -> Result<Reply, In
                 "Cannot read the request body",
             ));
         }
+    };
+    // Kept open until the request is answered.
+    let (body, _fds) = match attach_fds(request, body, fds.take()) {
+        Ok(b) => b,
+        Err(msg) => return Ok(text(StatusCode::BAD_REQUEST, &msg)),
     };
     tracing::debug!(?request, "API request");
     Ok(match api.call(request, body).await {

@@ -32,7 +32,9 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod counters;
+pub mod fd_stream;
 pub mod http;
+pub mod manager;
 
 use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc};
@@ -444,6 +446,10 @@ impl VmInfoConfig {
             crate::config::SerialConfig::Off => ConsoleInfo {
                 mode: "Off".into(),
                 file: None,
+            },
+            crate::config::SerialConfig::Pty => ConsoleInfo {
+                mode: "Pty".into(),
+                file: crate::console::Pty::opened().map(|p| p.path().display().to_string()),
             },
         };
         Self {

@@ -102,6 +102,12 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
         }
     }
 
+    let param = |p: &[u8]| {
+        bi.cmdline
+            .split(|b| *b == b' ')
+            .find_map(|t| t.strip_prefix(p))
+            .map(parse_num)
+    };
     if has(b"tg.virtio") {
         let opts = virtio::Opts {
             seed: param(b"tg.seed=").unwrap_or(1),
@@ -121,7 +127,8 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
 
     line("TG: PASS");
     if has(b"tg.echo") {
-        echo_line();
+        // Each poll is a VM exit (~10 us here): about 10 s by default.
+        echo_line(param(b"tg.echowait=").unwrap_or(1_000_000));
     }
     if has(b"tg.count") {
         count_forever();
@@ -282,12 +289,13 @@ fn parse_num(s: &[u8]) -> u64 {
 }
 
 /// Reads one line of serial input and prints it back as `TG: got <line>`.
-fn echo_line() {
+/// `tg.echo`: reads one line (waiting up to `polls` serial polls for each
+/// byte) and prints it back.
+fn echo_line(polls: u64) {
     line("TG: ready for input");
     let mut buf = [0u8; 64];
     let mut n = 0;
-    // Each poll is a VM exit (~10 us here): allow about 10 s in all.
-    while let Some(b) = serial::getc(1_000_000) {
+    while let Some(b) = serial::getc(polls) {
         if b == b'\n' || b == b'\r' || n == buf.len() {
             break;
         }

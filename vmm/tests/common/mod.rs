@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -276,7 +277,10 @@ pub struct Netns(pub String);
 
 impl Netns {
     pub fn new() -> Option<Self> {
-        let name = format!("vmmtest{}", std::process::id());
+        // One per test: tests of one binary run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vmmtest{}n{n}", std::process::id());
         let ok = Command::new("ip")
             .args(["netns", "add", &name])
             .status()
@@ -428,7 +432,7 @@ pub fn pattern(o: u64, seed: u64) -> u64 {
 pub fn assert_pattern(image: &Path, from: u64, len: u64, seed: u64) {
     let f = std::fs::File::open(image).unwrap();
     let mut buf = vec![0u8; len as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, from).unwrap();
+    f.read_exact_at(&mut buf, from).unwrap();
     for (i, w) in buf.chunks(8).enumerate() {
         let o = from + 8 * i as u64;
         assert_eq!(
