@@ -81,15 +81,23 @@ fn last_count(vm: &Vmm, prefix: &str) -> Option<u64> {
     last
 }
 
-/// Migrates a VM running `cmdline` (whose rounds print `prefix` N) to a
-/// new vmm through `url` and checks that it goes on there from where it
-/// was: the source exits 0, the destination's next round follows.
-fn vm_migrates(tag: &str, cmdline: &str, prefix: &str, url: &str, local: bool) {
-    let dir = Scratch::new(tag);
-    let mut source = Vmm::start(&dir, "source");
-    source.boot(cmdline, 2, serde_json::json!([]));
+/// Migrates a VM running `cmdline` (whose rounds print `prefix` N, with
+/// `disks`) to a new vmm through `url` and checks that it goes on there
+/// from where it was: the source exits 0, the destination's next round
+/// follows.
+fn migrates_in(
+    dir: &Scratch,
+    cmdline: &str,
+    cpus: u8,
+    disks: serde_json::Value,
+    prefix: &str,
+    url: &str,
+    local: bool,
+) {
+    let mut source = Vmm::start(dir, "source");
+    source.boot(cmdline, cpus, disks);
     let before = source.next_count(prefix);
-    let dest = Vmm::start(&dir, "dest");
+    let dest = Vmm::start(dir, "dest");
     let receiving = receive(&dest, url);
 
     let sent = send(
@@ -115,6 +123,11 @@ fn vm_migrates(tag: &str, cmdline: &str, prefix: &str, url: &str, local: bool) {
     );
     assert_eq!(later, first + 1);
     assert_eq!(dest.state(), "Running");
+}
+
+fn vm_migrates(tag: &str, cmdline: &str, prefix: &str, url: &str, local: bool) {
+    let dir = Scratch::new(tag);
+    migrates_in(&dir, cmdline, 2, serde_json::json!([]), prefix, url, local);
 }
 
 #[test]
@@ -163,31 +176,15 @@ fn disk_vm_migrates(tag: &str, url: &str, local: bool, qsd: bool) {
         (blk, socket)
     };
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
-    let mut source = Vmm::start(&dir, "source");
-    source.boot("tg.virtio tg.blkcount", 1, disks);
-    source.next_count("TG: blkcount ");
-    let dest = Vmm::start(&dir, "dest");
-    let receiving = receive(&dest, url);
-
-    let sent = send(
-        &source,
-        serde_json::json!({"destination_url": url, "local": local}),
+    migrates_in(
+        &dir,
+        "tg.virtio tg.blkcount",
+        1,
+        disks,
+        "TG: blkcount ",
+        url,
+        local,
     );
-    let received = receiving.join().unwrap();
-    assert_eq!(sent.0, 204, "{sent:?}");
-    assert_eq!(received.0, 204, "{received:?}");
-    let last = last_count(&source, "TG: blkcount ");
-    let code = exit_code(&mut source);
-    let first = dest.next_count("TG: blkcount ");
-    let later = dest.next_count("TG: blkcount ");
-
-    assert_eq!(code, Some(0));
-    let last = last.expect("the source counted");
-    assert!(
-        first == last + 1 || first == last + 2,
-        "{last} on the source, then {first}"
-    );
-    assert_eq!(later, first + 1);
 }
 
 #[test]

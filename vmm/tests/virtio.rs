@@ -253,6 +253,21 @@ fn backend_vmm_started_is_restarted_when_killed_and_the_guest_goes_on() {
     assert_eq!(backends_of(&img), Vec::<i32>::new());
 }
 
+/// Reads the guest's console up to its `TG: blk burst start` line;
+/// returns what it read.
+fn read_to_burst_start(out: &mut impl std::io::BufRead) -> String {
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        let n = out.read_line(&mut l).unwrap();
+        assert_ne!(n, 0, "guest ended early:\n{seen}");
+        seen.push_str(&l);
+        if l.starts_with("TG: blk burst start") {
+            return seen;
+        }
+    }
+}
+
 #[test]
 fn backend_killed_mid_burst_comes_back_and_the_guest_goes_on() {
     let s = Scratch::new("virtio-reconnect");
@@ -264,16 +279,7 @@ fn backend_killed_mid_burst_comes_back_and_the_guest_goes_on() {
     let mut child = cmd.spawn().unwrap();
     // Wait for the burst to start, then crash the backend and restart it.
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        let n = std::io::BufRead::read_line(&mut out, &mut l).unwrap();
-        assert_ne!(n, 0, "guest ended early:\n{seen}");
-        seen.push_str(&l);
-        if l.starts_with("TG: blk burst start") {
-            break;
-        }
-    }
+    let seen = read_to_burst_start(&mut out);
     std::thread::sleep(Duration::from_millis(700));
     backend.kill();
     backend = blk_backend(&img, &sock);
@@ -585,16 +591,7 @@ fn fifty_backend_crashes_under_a_write_verify_burst_lose_nothing() {
     );
     let mut child = cmd.spawn().unwrap();
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        let k = std::io::BufRead::read_line(&mut out, &mut l).unwrap();
-        assert_ne!(k, 0, "guest ended early:\n{seen}");
-        seen.push_str(&l);
-        if l.starts_with("TG: blk burst start") {
-            break;
-        }
-    }
+    let seen = read_to_burst_start(&mut out);
     let (img2, sock2) = (img.clone(), sock.clone());
     let killer = std::thread::spawn(move || {
         let mut backend = backend;
