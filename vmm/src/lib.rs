@@ -15,6 +15,7 @@ pub mod machine;
 pub mod memory;
 pub mod pci;
 pub mod platform;
+pub mod seccomp;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

@@ -9,6 +9,7 @@ use vmm::api::http::ApiSocket;
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
 use vmm::devices_config::{parse_disk, parse_net, parse_vhost_user};
 use vmm::events;
+use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::vhost_user::DeviceConfig;
 
 #[derive(Parser, Debug)]
@@ -74,6 +75,15 @@ struct Cli {
     /// required.
     #[arg(long, conflicts_with = "kernel", value_parser = parse_restore)]
     restore: Option<Restore>,
+    /// seccomp filters per thread: `true` (a forbidden system call ends
+    /// vmm with status 159 and one line on stderr), `log` (allowed, logged
+    /// by the kernel) or `false` (none).
+    #[arg(long, default_value = "true")]
+    seccomp: SeccompMode,
+    /// Tests: a thread of this kind makes a forbidden system call once
+    /// confined (controller, vm, vcpu, api, events, reconnect).
+    #[arg(long, hide = true)]
+    seccomp_probe: Option<ThreadKind>,
 }
 
 /// `--restore`: the snapshot directory and whether to run it at once.
@@ -130,6 +140,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Before any thread starts: each confines itself at its start.
+    if let Err(e) = seccomp::enable(cli.seccomp, cli.seccomp_probe) {
+        eprintln!("vmm: {}", vmm::error_chain(&e));
+        return ExitCode::FAILURE;
+    }
     if let Some(target) = &cli.event_monitor {
         if let Err(e) = events::start(target) {
             eprintln!("vmm: {}", vmm::error_chain(&e));
@@ -184,12 +199,15 @@ fn main() -> ExitCode {
 /// served once the signals are blocked, so the server thread inherits the
 /// mask. With the API, the controller owns the VM: the one from the
 /// command line (the process ends with it) or none, waiting for vm.create.
+/// This thread confines itself once the API and event threads run, before
+/// any VM is built (see [`vmm::seccomp`]).
 fn boot(
     cfg: Option<VmConfig>,
     restore: Option<Restore>,
     api_socket: Option<&Path>,
 ) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
     let Some(path) = api_socket else {
+        seccomp::apply(ThreadKind::Controller)?;
         if let Some(r) = restore {
             if !r.resume {
                 return Err("--restore without --api-socket needs resume=on".into());
@@ -205,6 +223,7 @@ fn boot(
     let exit_with_vm = cfg.is_some() || restore.is_some();
     let (mut controller, tx) = Controller::new(exit_with_vm)?;
     let server = socket.serve(tx)?;
+    seccomp::apply(ThreadKind::Controller)?;
     if let Some(cfg) = cfg {
         controller.boot_now(cfg)?;
     }

@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::{lock, Bus};
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::seccomp::{self, ThreadKind};
 
 /// Errors managing vCPU threads.
 #[derive(Debug, Error)]
@@ -191,6 +192,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                seccomp::apply_or_exit(ThreadKind::Vcpu);
                 run_loop(id, &mut fd, &c, &ctx);
                 c.set_parked(&lock(&c.state), true);
                 fd

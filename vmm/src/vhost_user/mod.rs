@@ -266,7 +266,10 @@ impl VhostUser {
         let (i, s) = (inner.clone(), stop.clone());
         let monitor = std::thread::Builder::new()
             .name(format!("vhost-user-{device_type}"))
-            .spawn(move || monitor(&i, &s))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Reconnect);
+                monitor(&i, &s)
+            })
             .map_err(VhostUserError::Thread)?;
         Ok(Self {
             inner,
