@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::{test_guest, vmm, workspace_bin, Daemon, Scratch};
@@ -27,24 +27,9 @@ impl Vmm {
     fn start(dir: &Scratch, name: &str) -> Self {
         let socket = dir.path(&format!("{name}.sock"));
         let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
-        let mut child = vmm()
-            .arg("--api-socket")
-            .arg(&socket)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, console) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                let _ = tx.send(l.trim_end().to_string());
-            }
-        });
-        let deadline = Instant::now() + LIMIT;
-        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = vmm();
+        cmd.arg("--api-socket").arg(&socket).stderr(err);
+        let (child, console) = common::serve(cmd, &socket);
         Self {
             child,
             socket,
@@ -71,18 +56,8 @@ impl Vmm {
 
     /// The number on the next console line starting with `prefix`.
     fn next_count(&self, prefix: &str) -> u64 {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let l = self
-                .console
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {prefix:?} line"));
-            assert!(!l.contains("FAIL"), "{l}");
-            if let Some(n) = l.strip_prefix(prefix) {
-                return n.trim().parse().unwrap();
-            }
-        }
+        let l = common::next_line(&self.console, prefix, LIMIT);
+        l[prefix.len()..].trim().parse().unwrap()
     }
 
     /// Creates and boots the test guest with `cmdline` and `disks`.
