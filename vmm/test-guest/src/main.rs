@@ -102,12 +102,6 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
         }
     }
 
-    let param = |p: &[u8]| {
-        bi.cmdline
-            .split(|b| *b == b' ')
-            .find_map(|t| t.strip_prefix(p))
-            .map(parse_num)
-    };
     if has(b"tg.virtio") {
         let opts = virtio::Opts {
             seed: param(b"tg.seed=").unwrap_or(1),
