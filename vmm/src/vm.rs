@@ -121,3 +121,24 @@ fn register_slots(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), VmErro
 pub fn set_dirty_logging(vm: &VmFd, mem: &GuestMemory, on: bool) -> Result<(), VmError> {
     register_slots(vm, mem, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
 }
+
+/// Removes every guest RAM slot: KVM then writes nothing more into guest
+/// memory for this VM (steal time and pvclock updates on a vCPU's next
+/// load or its teardown), which another VM may own by now (a local
+/// migration hands the same memfd over). [`register_memory`] undoes it.
+pub fn unregister_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: 0,
+            userspace_addr: 0,
+            flags: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no memory is
+        // handed to KVM.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmError::Kvm("remove memory slot", e))?;
+    }
+    Ok(())
+}

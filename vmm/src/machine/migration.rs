@@ -136,6 +136,16 @@ impl Machine {
         for d in &self.platform.virtio {
             lock(d).device_mut().detach_backend();
         }
+        // Shared memory: this VM's KVM must not write into it (steal time,
+        // pvclock at its vCPUs' teardown) once the destination runs.
+        let local = c.log.is_none();
+        if local {
+            if let Err(e) = crate::vm::unregister_memory(&self.vm, &self.memory.guest) {
+                let _ = crate::vm::register_memory(&self.vm, &self.memory.guest);
+                self.migration_failed(c, was_running, Some(state.backends));
+                return Err(MigrationError::Vm(crate::error_chain(&e)));
+            }
+        }
         let done = c
             .conn
             .set_read_timeout(Some(COMPLETE_TIMEOUT))
@@ -145,6 +155,11 @@ impl Machine {
             })
             .and_then(|()| stream::expect_ok(&mut c.conn));
         if let Err(e) = done {
+            if local {
+                if let Err(e) = crate::vm::register_memory(&self.vm, &self.memory.guest) {
+                    tracing::error!(error = %crate::error_chain(&e), "cannot give the VM its memory back");
+                }
+            }
             self.migration_failed(c, was_running, Some(state.backends));
             return Err(e);
         }
