@@ -379,18 +379,7 @@ fn second_backend(dir: &Scratch, qsd: bool) -> (Daemon, PathBuf) {
     let image = dir.path("disk.img");
     let socket = dir.path(if qsd { "qsd.sock" } else { "blk2.sock" });
     let cmd = if qsd {
-        let mut c = Command::new("qemu-storage-daemon");
-        c.arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=d0,filename={}",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
-                socket.display()
-            ));
-        c
+        common::qsd_command(&image, &socket)
     } else {
         let mut c = Command::new(workspace_bin("blk-backend"));
         c.arg("--socket").arg(&socket).arg("--image").arg(&image);

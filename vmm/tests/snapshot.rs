@@ -174,17 +174,7 @@ fn a_restored_vm_drives_its_qemu_storage_daemon_disk_from_where_it_was() {
     let dir = Scratch::new("snap-qsd");
     let image = image(&dir, "disk.img", 64 << 20);
     let socket = dir.path("qsd.sock");
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=d0,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
-            socket.display()
-        ));
+    let cmd = common::qsd_command(&image, &socket);
     let _qsd = Daemon::start(cmd, &socket);
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
     let source = Vmm::start(&dir, "source");

@@ -191,14 +191,6 @@ impl Machine {
         let state = self.save_state().map_err(MigrationError::Vm)?;
         if let Some(log) = &c.log {
             log.take(&mut c.pending)?;
-            let source = Source {
-                vm: self.vm.clone(),
-                mem: self.memory.guest.clone(),
-                memfd: self.memory.file.clone(),
-                config: self.config.clone(),
-                devices: Vec::new(),
-                ids: Vec::new(),
-            };
             let never = AtomicBool::new(false);
             let pace = Pace {
                 limit: None,
@@ -206,7 +198,13 @@ impl Machine {
                 deadline: None,
                 progress: None,
             };
-            send_runs(&mut c.conn, &source, &c.pending.runs(), &pace)?;
+            send_runs(
+                &mut c.conn,
+                &self.memory.guest,
+                &self.memory.file,
+                &c.pending.runs(),
+                &pace,
+            )?;
         }
         stream::write_state(&mut c.conn, Kind::State, &state)?;
         stream::expect_ok(&mut c.conn)?;

@@ -264,7 +264,7 @@ fn precopy(
         }
         round += 1;
         t = Instant::now();
-        sent = send_runs(&mut conn, src, &dirty.runs(), &pace)?;
+        sent = send_runs(&mut conn, &src.mem, &src.memfd, &dirty.runs(), &pace)?;
     }
 }
 
@@ -297,12 +297,18 @@ fn send_data(conn: &mut Conn, src: &Source, pace: &Pace) -> Result<u64> {
     if let Some(p) = pace.progress {
         lock(p).remaining_bytes = runs.iter().map(|r| r.1).sum();
     }
-    send_runs(conn, src, &runs, pace)
+    send_runs(conn, &src.mem, &src.memfd, &runs, pace)
 }
 
 /// Sends the guest-physical runs `(address, length)` as memory frames
 /// straight from the memfd (`sendfile`); returns the bytes sent.
-pub fn send_runs(conn: &mut Conn, src: &Source, runs: &[(u64, u64)], pace: &Pace) -> Result<u64> {
+pub fn send_runs(
+    conn: &mut Conn,
+    mem: &GuestMemory,
+    memfd: &File,
+    runs: &[(u64, u64)],
+    pace: &Pace,
+) -> Result<u64> {
     let mut sent = 0;
     let t0 = Instant::now();
     // A tenth of a second's worth per frame keeps a limit smooth.
@@ -323,15 +329,14 @@ pub fn send_runs(conn: &mut Conn, src: &Source, runs: &[(u64, u64)], pace: &Pace
                 }
             }
             let at = gpa + off;
-            let (file_off, in_region) =
-                file_offset(&src.mem, at).ok_or(MigrationError::OutsideRam {
-                    gpa: at,
-                    len: len - off,
-                })?;
+            let (file_off, in_region) = file_offset(mem, at).ok_or(MigrationError::OutsideRam {
+                gpa: at,
+                len: len - off,
+            })?;
             let n = (len - off).min(in_region).min(chunk).min(MAX_MEMORY);
             stream::write_header(conn, Kind::Memory, 8 + n)?;
             std::io::Write::write_all(conn, &at.to_le_bytes()).map_err(MigrationError::Io)?;
-            sendfile_all(conn, &src.memfd, file_off, n)?;
+            sendfile_all(conn, memfd, file_off, n)?;
             off += n;
             sent += n;
             if let Some(p) = pace.progress {

@@ -443,3 +443,20 @@ pub fn assert_pattern(image: &Path, from: u64, len: u64, seed: u64) {
         );
     }
 }
+
+/// qemu-storage-daemon exporting `image` as a writable vhost-user-blk
+/// disk on `socket`.
+pub fn qsd_command(image: &Path, socket: &Path) -> Command {
+    let mut c = Command::new("qemu-storage-daemon");
+    c.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=d0,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    c
+}
