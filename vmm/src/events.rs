@@ -123,6 +123,7 @@ pub fn start(target: &Target) -> Result<(), EventError> {
         .name("vmm-events".into())
         .spawn(move || {
             block_signals();
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Events);
             write_all(file, rx, &flag);
             let _ = done_tx.send(());
         })
@@ -190,15 +191,18 @@ pub fn detach() {
     }
 }
 
-/// Blocks every signal in this thread: the VMM's signals (SIGINT, SIGTERM,
-/// ...) are read from a signalfd by the VMM loop and must never be
-/// delivered here, which would run their default action.
+/// Blocks every signal but SIGSYS in this thread: the VMM's signals
+/// (SIGINT, SIGTERM, ...) are read from a signalfd by the VMM loop and must
+/// never be delivered here, which would run their default action; SIGSYS
+/// must reach the seccomp report (a blocked one kills without it).
 pub(crate) fn block_signals() {
     // SAFETY: `set` is a local sigset_t that sigfillset fully initializes
-    // before pthread_sigmask reads it; a null old-set pointer is allowed.
+    // before sigdelset and pthread_sigmask read it; a null old-set pointer
+    // is allowed.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
+        libc::sigdelset(&mut set, libc::SIGSYS);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }

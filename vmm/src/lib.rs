@@ -16,6 +16,7 @@ pub mod memory;
 pub mod migration;
 pub mod pci;
 pub mod platform;
+pub mod seccomp;
 pub mod snapshot;
 pub mod spawned;
 pub mod state;

@@ -501,6 +501,7 @@ impl Machine {
     }
 
     fn run_to_end(&mut self) -> Result<Outcome> {
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vm);
         let _raw = (self.config.serial == SerialConfig::Stdio).then(RawStdin::enable);
         self.start_vcpus();
         let reason = self.event_loop();

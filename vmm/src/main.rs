@@ -10,6 +10,7 @@ use vmm::api::manager::{self, SocketArg};
 use vmm::config::{self, BootProtocol, SerialConfig, VmConfig};
 use vmm::devices_config::{parse_disk_arg, parse_net_arg, parse_vhost_user, DiskArg, NetArg};
 use vmm::events;
+use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::vhost_user::DeviceConfig;
 
 #[derive(Parser, Debug)]
@@ -83,6 +84,15 @@ struct Cli {
     /// required.
     #[arg(long, conflicts_with = "kernel", value_parser = parse_restore)]
     restore: Option<Restore>,
+    /// seccomp filters per thread: `true` (a forbidden system call ends
+    /// vmm with status 159 and one line on stderr), `log` (allowed, logged
+    /// by the kernel) or `false` (none).
+    #[arg(long, default_value = "true")]
+    seccomp: SeccompMode,
+    /// Tests: a thread of this kind makes a forbidden system call once
+    /// confined (controller, vm, vcpu, api, events, reconnect).
+    #[arg(long, hide = true)]
+    seccomp_probe: Option<ThreadKind>,
 }
 
 /// `--restore`: the snapshot directory and whether to run it at once.
@@ -154,6 +164,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Before any thread starts: each confines itself at its start.
+    if let Err(e) = seccomp::enable(cli.seccomp, cli.seccomp_probe) {
+        eprintln!("vmm: {}", vmm::error_chain(&e));
+        return ExitCode::FAILURE;
+    }
     // Before the event monitor, whose FIFO blocks until a reader comes:
     // if the manager gives up first, its socket's removal ends us there.
     let api = match cli.api_socket.map(api_socket).transpose() {
@@ -247,12 +262,15 @@ fn api_socket(arg: SocketArg) -> Result<ApiSocket, Box<dyn std::error::Error>> {
 /// served once the signals are blocked, so the server thread inherits the
 /// mask. With the API, the controller owns the VM: the one from the
 /// command line (the process ends with it) or none, waiting for vm.create.
+/// This thread confines itself once the API and event threads run, before
+/// any VM is built (see [`vmm::seccomp`]).
 fn boot(
     cfg: Option<VmConfig>,
     restore: Option<Restore>,
     api_socket: Option<ApiSocket>,
 ) -> Result<Option<vmm::Outcome>, Box<dyn std::error::Error>> {
     let Some(socket) = api_socket else {
+        seccomp::apply(ThreadKind::Controller)?;
         if let Some(r) = restore {
             if !r.resume {
                 return Err("--restore without --api-socket needs resume=on".into());
@@ -267,6 +285,7 @@ fn boot(
     let exit_with_vm = cfg.is_some() || restore.is_some();
     let (mut controller, tx) = Controller::new(exit_with_vm)?;
     let server = socket.serve(tx)?;
+    seccomp::apply(ThreadKind::Controller)?;
     if let Some(cfg) = cfg {
         controller.boot_now(cfg)?;
     }

@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::{lock, Bus};
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::seccomp::{self, ThreadKind};
 
 /// Errors managing vCPU threads.
 #[derive(Debug, Error)]
@@ -194,6 +195,7 @@ impl VcpuHandle {
             .spawn(move || {
                 // std names the thread before this runs.
                 let _ = named_tx.send(());
+                seccomp::apply_or_exit(ThreadKind::Vcpu);
                 run_loop(id, &mut fd, &c, &ctx);
                 c.set_parked(&lock(&c.state), true);
                 fd

@@ -146,7 +146,10 @@ impl ApiSocket {
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("vmm-api".into())
-            .spawn(move || rt.block_on(serve(listener, Arc::new(api), stopped)))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
+                rt.block_on(serve(listener, Arc::new(api), stopped))
+            })
             .map_err(HttpError::Runtime)?;
         Ok(ApiServer {
             _socket: self,

@@ -292,7 +292,10 @@ impl VhostUser {
         let (i, w, s) = (inner.clone(), watch.clone(), stop.clone());
         let monitor = std::thread::Builder::new()
             .name(format!("vhost-user-{device_type}"))
-            .spawn(move || monitor(&i, &w, &s))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Reconnect);
+                monitor(&i, &w, &s)
+            })
             .map_err(VhostUserError::Thread)?;
         Ok(Self {
             inner,

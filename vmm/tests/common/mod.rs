@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,43 @@ pub fn read_until(child: &mut Child, ready: &str) -> (BufReader<ChildStdout>, Ve
         lines.push(l.trim_end().to_string());
         if l.starts_with(ready) {
             return (out, lines);
+        }
+    }
+}
+
+/// Spawns `cmd`, a vmm serving the API on `socket` with stdout piped, and
+/// waits until the API answers; returns it and its console, line by line
+/// (line ends trimmed).
+pub fn serve(mut cmd: Command, socket: &Path) -> (Child, Receiver<String>) {
+    let mut child = cmd.spawn().expect("spawn vmm");
+    let out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let (tx, console) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            let _ = tx.send(l.trim_end().to_string());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vmm::api::client::raw(socket, "GET", "vmm.ping").is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "vmm exited");
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, console)
+}
+
+/// The next line of `console` that starts with `prefix`; panics on a line
+/// reporting a failure (`FAIL`) or after `limit`.
+pub fn next_line(console: &Receiver<String>, prefix: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let l = console
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no {prefix:?} line"));
+        assert!(!l.contains("FAIL"), "{l}");
+        if l.starts_with(prefix) {
+            return l;
         }
     }
 }
@@ -303,11 +341,17 @@ impl Netns {
     /// net-backend serving `socket` on a new tap `tap` in the namespace,
     /// the link up and quiet.
     pub fn net_backend(&self, socket: &Path, tap: &str) -> Daemon {
+        self.net_backend_with(socket, tap, &[])
+    }
+
+    /// [`Self::net_backend`] with more options.
+    pub fn net_backend_with(&self, socket: &Path, tap: &str, args: &[&str]) -> Daemon {
         let mut cmd = self.exec(&[]);
         cmd.arg(workspace_bin("net-backend"))
             .arg("--socket")
             .arg(socket)
-            .args(["--tap", tap, "--create-tap"]);
+            .args(["--tap", tap, "--create-tap"])
+            .args(args);
         let daemon = Daemon::start(cmd, socket);
         self.quiet_link_up(tap);
         daemon

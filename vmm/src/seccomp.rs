@@ -1,0 +1,504 @@
+//! seccomp filters of the vmm process (`--seccomp true|log|false`): one
+//! allow-list per kind of thread ([`ThreadKind`]), each installed by the
+//! thread itself before it reads guest or API input. Compiling, installing
+//! and the SIGSYS report (`seccomp: forbidden system call N`, exit 159) are
+//! `thread_seccomp`'s, shared with the backend daemons; the lists are here.
+//!
+//! Install order. A thread inherits its creator's filter and filters stack,
+//! so a list only has to hold what its thread does once it is installed,
+//! but a thread's list must also hold everything the threads it spawns do:
+//! 1. `main` parses the command line, calls [`enable`] (filters compiled,
+//!    SIGSYS handler installed), starts the event monitor thread
+//!    (`vmm-events`, [`ThreadKind::Events`]) and binds and serves the API
+//!    socket (`vmm-api`, [`ThreadKind::Api`]); each confines itself first
+//!    thing. The API thread's tokio blocking pool and the `vm.counters`
+//!    fetch threads are its children and run under its list.
+//! 2. `main` confines itself ([`ThreadKind::Controller`]) before any VM is
+//!    built. It runs the controller loop, which builds every VM (vm.create
+//!    and vm.boot, vm.restore, a reboot rebuild) on a new `vmm-vm` thread
+//!    that inherits this list; so does the command-line VM without
+//!    `--api-socket`, built on `main` itself. The controller's list is
+//!    therefore the widest: building a VM, and all that its children do.
+//! 3. While a VM is built, each vCPU thread (`vcpuN`, [`ThreadKind::Vcpu`])
+//!    and each vhost-user reconnect monitor (`vhost-user-N`,
+//!    [`ThreadKind::Reconnect`]) confines itself before its first `KVM_RUN`
+//!    or its first look at the backend's socket.
+//! 4. Once built, the VM's thread confines itself to the event loop's list
+//!    ([`ThreadKind::Vm`]) before serving; it creates no thread after that.
+//!
+//! The lists were derived from `strace -f -ff` of vmm under the vmm test
+//! suites (API, life cycle, snapshot, events, virtio with blk-backend,
+//! net-backend, vhost-device-rng and virtiofsd, test guest) and checked
+//! with `--seccomp log` against the kernel's audit log, by thread name;
+//! the nested-rig tests run Linux with them enforced. `ioctl` is filtered
+//! by request number everywhere.
+//!
+//! A new kind of thread (say a migration thread) is one [`ThreadKind`]
+//! variant, its list in `ThreadKind::rules`, one `apply_or_exit` at its
+//! start, and, as its creator's list must hold what it does, its list merged
+//! into its creator's (if the VM loop starts it, the [`ThreadKind::Vm`]
+//! list also needs `Rules::spawn_threads`: today it starts no thread).
+
+use std::str::FromStr;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_routing,
+    kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
+    kvm_nested_state, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
+pub use thread_seccomp::{
+    apply_or_exit, thread_modes, SeccompError, SeccompMode, PROBE_CALL, SIGSYS_EXIT_CODE,
+};
+use thread_seccomp::{BackendError, Rules};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
+
+/// The kinds of thread in the vmm process, each with its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// `main`: the controller loop (with `--api-socket`), which builds
+    /// every VM on a `vmm-vm` thread that inherits this list; or, without
+    /// the API, the builder of the command-line VM.
+    Controller,
+    /// A built VM's event loop: `vmm-vm`, or `main` without the API.
+    Vm,
+    /// A vCPU thread: `KVM_RUN` and the device models' exits.
+    Vcpu,
+    /// The API server (`vmm-api`, tokio + hyper), its blocking pool and the
+    /// `vm.counters` fetch threads.
+    Api,
+    /// The event monitor's writer (`vmm-events`).
+    Events,
+    /// A vhost-user reconnect monitor (`vhost-user-N`).
+    Reconnect,
+}
+
+impl ThreadKind {
+    /// Every kind, in the order of the module documentation.
+    pub const ALL: &'static [Self] = &[
+        Self::Controller,
+        Self::Vm,
+        Self::Vcpu,
+        Self::Api,
+        Self::Events,
+        Self::Reconnect,
+    ];
+}
+
+impl FromStr for ThreadKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        thread_seccomp::kind_named(s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL
+                .iter()
+                .map(|&k| thread_seccomp::ThreadKind::name(k))
+                .collect();
+            format!("expected one of {}", names.join(", "))
+        })
+    }
+}
+
+/// Turns seccomp on for this process in `mode`; a thread of kind `probe`
+/// makes a forbidden call once confined (tests: `--seccomp-probe`).
+pub fn enable(mode: SeccompMode, probe: Option<ThreadKind>) -> Result<(), SeccompError> {
+    thread_seccomp::enable(mode, probe)
+}
+
+/// Confines the calling thread to `kind`'s list (when seccomp is enabled).
+pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    thread_seccomp::apply(kind)
+}
+
+const fn io(nr: u32) -> u64 {
+    ioctl_expr(_IOC_NONE, KVMIO, nr, 0) as u64
+}
+
+const fn ior<T>(nr: u32) -> u64 {
+    ioctl_expr(_IOC_READ, KVMIO, nr, std::mem::size_of::<T>() as u32) as u64
+}
+
+const fn iow<T>(nr: u32) -> u64 {
+    ioctl_expr(_IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>() as u32) as u64
+}
+
+const fn iowr<T>(nr: u32) -> u64 {
+    ioctl_expr(
+        _IOC_READ | _IOC_WRITE,
+        KVMIO,
+        nr,
+        std::mem::size_of::<T>() as u32,
+    ) as u64
+}
+
+/// The KVM `ioctl` requests vmm makes (`linux/kvm.h`).
+mod kvm {
+    use super::*;
+
+    pub const GET_API_VERSION: u64 = io(0x00);
+    pub const CREATE_VM: u64 = io(0x01);
+    pub const GET_MSR_INDEX_LIST: u64 = iowr::<kvm_msr_list>(0x02);
+    pub const CHECK_EXTENSION: u64 = io(0x03);
+    pub const GET_VCPU_MMAP_SIZE: u64 = io(0x04);
+    pub const GET_SUPPORTED_CPUID: u64 = iowr::<kvm_cpuid2>(0x05);
+    pub const CREATE_VCPU: u64 = io(0x41);
+    pub const SET_USER_MEMORY_REGION: u64 = iow::<kvm_userspace_memory_region>(0x46);
+    pub const SET_TSS_ADDR: u64 = io(0x47);
+    pub const SET_IDENTITY_MAP_ADDR: u64 = iow::<u64>(0x48);
+    pub const CREATE_IRQCHIP: u64 = io(0x60);
+    pub const GET_IRQCHIP: u64 = iowr::<kvm_irqchip>(0x62);
+    pub const SET_IRQCHIP: u64 = ior::<kvm_irqchip>(0x63);
+    pub const SET_GSI_ROUTING: u64 = iow::<kvm_irq_routing>(0x6a);
+    pub const IRQFD: u64 = iow::<kvm_irqfd>(0x76);
+    pub const CREATE_PIT2: u64 = iow::<kvm_pit_config>(0x77);
+    pub const IOEVENTFD: u64 = iow::<kvm_ioeventfd>(0x79);
+    pub const SET_CLOCK: u64 = iow::<kvm_clock_data>(0x7b);
+    pub const GET_CLOCK: u64 = ior::<kvm_clock_data>(0x7c);
+    pub const RUN: u64 = io(0x80);
+    pub const GET_REGS: u64 = ior::<kvm_regs>(0x81);
+    pub const SET_REGS: u64 = iow::<kvm_regs>(0x82);
+    pub const GET_SREGS: u64 = ior::<kvm_sregs>(0x83);
+    pub const SET_SREGS: u64 = iow::<kvm_sregs>(0x84);
+    pub const GET_MSRS: u64 = iowr::<kvm_msrs>(0x88);
+    pub const SET_MSRS: u64 = iow::<kvm_msrs>(0x89);
+    pub const GET_FPU: u64 = ior::<kvm_fpu>(0x8c);
+    pub const SET_FPU: u64 = iow::<kvm_fpu>(0x8d);
+    pub const GET_LAPIC: u64 = ior::<kvm_lapic_state>(0x8e);
+    pub const SET_LAPIC: u64 = iow::<kvm_lapic_state>(0x8f);
+    pub const SET_CPUID2: u64 = iow::<kvm_cpuid2>(0x90);
+    pub const GET_MP_STATE: u64 = ior::<kvm_mp_state>(0x98);
+    pub const SET_MP_STATE: u64 = iow::<kvm_mp_state>(0x99);
+    pub const GET_PIT2: u64 = ior::<kvm_pit_state2>(0x9f);
+    pub const SET_PIT2: u64 = iow::<kvm_pit_state2>(0xa0);
+    pub const GET_VCPU_EVENTS: u64 = ior::<kvm_vcpu_events>(0x9f);
+    pub const SET_VCPU_EVENTS: u64 = iow::<kvm_vcpu_events>(0xa0);
+    pub const GET_DEBUGREGS: u64 = ior::<kvm_debugregs>(0xa1);
+    pub const SET_DEBUGREGS: u64 = iow::<kvm_debugregs>(0xa2);
+    pub const SET_TSC_KHZ: u64 = io(0xa2);
+    pub const GET_TSC_KHZ: u64 = io(0xa3);
+    pub const GET_XSAVE: u64 = ior::<kvm_xsave>(0xa4);
+    pub const SET_XSAVE: u64 = iow::<kvm_xsave>(0xa5);
+    pub const GET_XCRS: u64 = ior::<kvm_xcrs>(0xa6);
+    pub const SET_XCRS: u64 = iow::<kvm_xcrs>(0xa7);
+    pub const KVMCLOCK_CTRL: u64 = io(0xad);
+    pub const GET_NESTED_STATE: u64 = iowr::<kvm_nested_state>(0xbe);
+    pub const SET_NESTED_STATE: u64 = iow::<kvm_nested_state>(0xbf);
+    pub const GET_XSAVE2: u64 = ior::<kvm_xsave>(0xcf);
+}
+
+/// `ioctl`s of a vCPU thread. `KVM_RUN` first: the filter checks requests
+/// in this order, and it is the one made thousands of times a second. Then
+/// what a snapshot asks of a parked vCPU on its own thread (its state, and
+/// from the system fd the MSR list and XSAVE size), and what the guest's
+/// register writes make the device models do on the VM fd: queue kicks
+/// (ioeventfd), MSI-X vectors (irqfd, GSI routes).
+const VCPU_IOCTLS: &[u64] = &[
+    kvm::RUN,
+    kvm::GET_MP_STATE,
+    kvm::GET_REGS,
+    kvm::GET_SREGS,
+    kvm::GET_FPU,
+    kvm::GET_XSAVE2,
+    kvm::GET_XSAVE,
+    kvm::GET_XCRS,
+    kvm::GET_DEBUGREGS,
+    kvm::GET_LAPIC,
+    kvm::GET_TSC_KHZ,
+    kvm::GET_MSRS,
+    kvm::GET_NESTED_STATE,
+    kvm::GET_VCPU_EVENTS,
+    kvm::CHECK_EXTENSION,
+    kvm::GET_MSR_INDEX_LIST,
+    kvm::IOEVENTFD,
+    kvm::IRQFD,
+    kvm::SET_GSI_ROUTING,
+];
+
+/// A vCPU thread besides its `ioctl`s: the vhost-user frontend, which a
+/// guest's virtio status and queue writes drive (messages with fds, queue
+/// eventfds duplicated, a backend's saved state loaded through a pipe when
+/// a restored device is first activated), and the MSI-X pending bits
+/// (a zero-timeout `poll` of a vector's eventfd). Serial and debug-port
+/// output, eventfd signals and log lines are `write`s.
+const VCPU: &[i64] = &[
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_pipe2,
+    libc::SYS_poll,
+];
+
+/// A VM's event loop: `epoll` on its eventfds, signalfd and stdin (with
+/// the terminal in raw mode); kicking vCPUs out of `KVM_RUN` (`tgkill` by
+/// glibc, which asks `getpid`); vhost-user messages for pause, resume,
+/// a backend's saved state (a pipe it writes, waited for with `poll`) and
+/// the end of the VM; writing a snapshot (directory, state file written
+/// and renamed into place, memory copied sparse with `lseek`
+/// SEEK_DATA/SEEK_HOLE and `copy_file_range`, or `pread`/`pwrite` where
+/// that is refused).
+const VM: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_getpid,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_pipe2,
+    libc::SYS_poll,
+    libc::SYS_mkdir,
+    libc::SYS_openat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_copy_file_range,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_rename,
+];
+
+/// `ioctl`s of the VM loop: the terminal (raw mode on and off, bytes
+/// waiting on stdin), the VM-wide state a snapshot saves, and queue kicks
+/// taken back when the devices go.
+const VM_IOCTLS: &[u64] = &[
+    libc::TCGETS,
+    libc::TCSETS,
+    libc::FIONREAD,
+    kvm::GET_IRQCHIP,
+    kvm::GET_PIT2,
+    kvm::GET_CLOCK,
+    kvm::IOEVENTFD,
+    kvm::IRQFD,
+];
+
+/// A reconnect monitor: waits for the backend to hang up (`poll`) and
+/// retries (`clock_nanosleep`); reconnecting is the whole vhost-user
+/// set-up again on a new unix socket with a reply timeout: messages with
+/// fds, queue eventfds duplicated, the inflight region mapped, a pending
+/// saved state loaded through a pipe.
+const RECONNECT: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_pipe2,
+];
+
+/// The API server besides [`Rules::tokio_unix_server`] and starting its
+/// blocking pool's threads: the `vm.counters` fetch threads (started on
+/// that pool) connect to each backend's metrics socket with timeouts and
+/// `send`/`recv` on it.
+const API: &[i64] = &[libc::SYS_connect];
+
+/// Building a VM, and the controller loop: `/dev/kvm`, the kernel,
+/// initramfs and snapshot files (`openat`, `read`, `pread`, metadata,
+/// `fstatfs` for a Map restore), guest RAM (`memfd_create`, `ftruncate`,
+/// mapped shared), eventfds, signalfd and epoll instances, the vhost-user
+/// sockets, the kick signal's handler (once per process), snapshot memory
+/// copied in; then the loop (`epoll`, eventfd and signalfd `read`s) and,
+/// at exit, removing the API socket.
+const BUILD: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_fstatfs,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_eventfd2,
+    libc::SYS_signalfd4,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_copy_file_range,
+    libc::SYS_unlink,
+];
+
+/// `ioctl`s of building a VM: the system fd (version, capabilities, CPUID,
+/// VM creation), the VM fd (memory slots, TSS and identity map, irqchip,
+/// PIT, GSI routes, irqfds and ioeventfds, restored VM-wide state), and
+/// each vCPU's set-up or restored state, which is written from the
+/// building thread before the vCPU thread starts.
+const BUILD_IOCTLS: &[u64] = &[
+    kvm::GET_API_VERSION,
+    kvm::CHECK_EXTENSION,
+    kvm::CREATE_VM,
+    kvm::GET_VCPU_MMAP_SIZE,
+    kvm::GET_SUPPORTED_CPUID,
+    kvm::GET_MSR_INDEX_LIST,
+    kvm::SET_USER_MEMORY_REGION,
+    kvm::SET_TSS_ADDR,
+    kvm::SET_IDENTITY_MAP_ADDR,
+    kvm::CREATE_IRQCHIP,
+    kvm::CREATE_PIT2,
+    kvm::SET_GSI_ROUTING,
+    kvm::IRQFD,
+    kvm::IOEVENTFD,
+    kvm::SET_PIT2,
+    kvm::SET_CLOCK,
+    kvm::SET_IRQCHIP,
+    kvm::CREATE_VCPU,
+    kvm::SET_CPUID2,
+    kvm::GET_TSC_KHZ,
+    kvm::SET_TSC_KHZ,
+    kvm::SET_MP_STATE,
+    kvm::GET_SREGS,
+    kvm::SET_SREGS,
+    kvm::SET_NESTED_STATE,
+    kvm::SET_REGS,
+    kvm::SET_FPU,
+    kvm::SET_XSAVE,
+    kvm::SET_XCRS,
+    kvm::SET_DEBUGREGS,
+    kvm::GET_LAPIC,
+    kvm::SET_LAPIC,
+    kvm::SET_MSRS,
+    kvm::SET_VCPU_EVENTS,
+    kvm::KVMCLOCK_CTRL,
+];
+
+/// `fcntl` commands: std's check that an fd is still open before it
+/// closes one (debug builds), and duplicating fds (`try_clone`).
+const FCNTLS: &[u64] = &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64];
+
+/// `fcntl` of the API thread besides [`FCNTLS`]: tokio checks that the
+/// listener it is handed is non-blocking.
+const API_FCNTLS: &[u64] = &[libc::F_GETFL as u64];
+
+/// `socket` domains: vhost-user and the backends' metrics sockets are unix
+/// sockets.
+const SOCKET_DOMAINS: &[u64] = &[libc::AF_UNIX as u64];
+
+/// `setsockopt` options (all at SOL_SOCKET): reply and send timeouts on
+/// vhost-user and metrics connections.
+const SOCKOPTS: &[u64] = &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64];
+
+fn sockets(rules: &mut Rules) -> Result<(), BackendError> {
+    rules.allow_args(libc::SYS_socket, 0, SOCKET_DOMAINS)?;
+    rules.allow_args(libc::SYS_setsockopt, 2, SOCKOPTS)?;
+    Ok(())
+}
+
+/// The kick signal (`vcpu::kick_signal`): the one signal a vmm thread sends
+/// (`tgkill`) or sets a handler for (`rt_sigaction`).
+fn kick_signal() -> u64 {
+    libc::SIGRTMIN() as u64
+}
+
+impl thread_seccomp::ThreadKind for ThreadKind {
+    const ALL: &'static [Self] = ThreadKind::ALL;
+
+    fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Controller => "controller",
+            ThreadKind::Vm => "vm",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Api => "api",
+            ThreadKind::Events => "events",
+            ThreadKind::Reconnect => "reconnect",
+        }
+    }
+
+    fn rules(self) -> Result<Rules, BackendError> {
+        let mut rules = Rules::thread_basics()?;
+        rules.allow_args(libc::SYS_fcntl, 1, FCNTLS)?;
+        match self {
+            ThreadKind::Controller => {
+                // What the threads it starts do, before and after they
+                // confine themselves, it must allow too; the vCPU's first,
+                // so that KVM_RUN heads this filter's ioctl checks as well.
+                rules.spawn_threads()?;
+                for child in [ThreadKind::Vcpu, ThreadKind::Vm, ThreadKind::Reconnect] {
+                    rules.merge(&child.rules()?);
+                }
+                rules.allow(BUILD);
+                rules.allow_args(libc::SYS_ioctl, 1, BUILD_IOCTLS)?;
+                rules.allow_args(libc::SYS_rt_sigaction, 0, &[kick_signal()])?;
+            }
+            ThreadKind::Vm => {
+                rules.allow(VM);
+                rules.allow_args(libc::SYS_ioctl, 1, VM_IOCTLS)?;
+                rules.allow_args(libc::SYS_tgkill, 2, &[kick_signal()])?;
+            }
+            ThreadKind::Vcpu => {
+                rules.allow(VCPU);
+                rules.allow_args(libc::SYS_ioctl, 1, VCPU_IOCTLS)?;
+            }
+            ThreadKind::Api => {
+                rules.tokio_unix_server().allow(API);
+                rules.allow_args(libc::SYS_fcntl, 1, API_FCNTLS)?;
+                rules.spawn_threads()?;
+                rules.sendto_connected()?;
+                sockets(&mut rules)?;
+            }
+            ThreadKind::Events => {}
+            ThreadKind::Reconnect => {
+                rules.allow(RECONNECT);
+                sockets(&mut rules)?;
+            }
+        }
+        Ok(rules)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thread_seccomp::ThreadKind as _;
+
+    #[test]
+    fn every_list_compiles_in_both_modes_without_the_probe_call() {
+        let compiled = [SeccompMode::Enforce, SeccompMode::Log]
+            .map(|m| thread_seccomp::filters::<ThreadKind>(m).is_ok());
+
+        assert_eq!(compiled, [true, true]);
+    }
+
+    #[test]
+    fn the_controller_allows_every_call_of_the_threads_it_starts() {
+        let controller = ThreadKind::Controller.rules().unwrap();
+        let children =
+            [ThreadKind::Vm, ThreadKind::Vcpu, ThreadKind::Reconnect].map(|k| k.rules().unwrap());
+
+        let missing: Vec<i64> = children
+            .iter()
+            .flat_map(Rules::calls)
+            .filter(|&nr| !controller.allows(nr))
+            .collect();
+
+        assert_eq!(missing, Vec::<i64>::new());
+    }
+
+    #[test]
+    fn kinds_parse_by_name() {
+        let parsed: Vec<ThreadKind> = ["controller", "vm", "vcpu", "api", "events", "reconnect"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+
+        assert_eq!(parsed, ThreadKind::ALL);
+    }
+
+    #[test]
+    fn kvm_requests_match_the_kernel_header() {
+        // A few values from linux/kvm.h, to catch a wrong direction or size.
+        assert_eq!(
+            [
+                kvm::RUN,
+                kvm::GET_REGS,
+                kvm::SET_GSI_ROUTING,
+                kvm::IOEVENTFD
+            ],
+            [0xae80, 0x8090_ae81, 0x4008_ae6a, 0x4040_ae79]
+        );
+    }
+}
