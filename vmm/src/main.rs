@@ -90,7 +90,8 @@ struct Cli {
     #[arg(long, default_value = "true")]
     seccomp: SeccompMode,
     /// Tests: a thread of this kind makes a forbidden system call once
-    /// confined (controller, vm, vcpu, api, events, reconnect).
+    /// confined (controller, vm, vcpu, api, events, reconnect, migrate,
+    /// watch, spawn).
     #[arg(long, hide = true)]
     seccomp_probe: Option<ThreadKind>,
 }
@@ -167,6 +168,10 @@ fn main() -> ExitCode {
     // Before any thread starts: each confines itself at its start.
     if let Err(e) = seccomp::enable(cli.seccomp, cli.seccomp_probe) {
         eprintln!("vmm: {}", vmm::error_chain(&e));
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = vmm::spawned::start_launcher() {
+        eprintln!("vmm: cannot start the backend launcher thread: {e}");
         return ExitCode::FAILURE;
     }
     // Before the event monitor, whose FIFO blocks until a reader comes:

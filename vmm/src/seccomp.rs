@@ -8,42 +8,59 @@
 //! so a list only has to hold what its thread does once it is installed,
 //! but a thread's list must also hold everything the threads it spawns do:
 //! 1. `main` parses the command line, calls [`enable`] (filters compiled,
-//!    SIGSYS handler installed), starts the event monitor thread
-//!    (`vmm-events`, [`ThreadKind::Events`]) and binds and serves the API
-//!    socket (`vmm-api`, [`ThreadKind::Api`]); each confines itself first
-//!    thing. The API thread's tokio blocking pool and the `vm.counters`
-//!    fetch threads are its children and run under its list.
-//! 2. `main` confines itself ([`ThreadKind::Controller`]) before any VM is
+//!    SIGSYS handler installed) and starts the backends' launcher
+//!    (`vmm-spawn`, [`ThreadKind::Spawn`]); with `--api-socket fd=` the
+//!    watch on the socket's path (`vmm-api-watch`, [`ThreadKind::Watch`]);
+//!    the event monitor thread (`vmm-events`, [`ThreadKind::Events`]); and
+//!    binds and serves the API socket (`vmm-api`, [`ThreadKind::Api`]).
+//!    Each confines itself first thing. The API thread's tokio blocking
+//!    pool and the `vm.counters` fetch threads are its children and run
+//!    under its list.
+//! 2. Every backend vmm starts (`--disk path=`, `--net tap=`, the same
+//!    from the API) is started by a supervisor thread (`vmm-blk-backend`,
+//!    `vmm-net-backend`) that the launcher starts, so the supervisor and the
+//!    backend process, which keeps the filters of the thread that forked it
+//!    across `execve`, run under the launcher's list and their own, never
+//!    under the controller's: the [`ThreadKind::Spawn`] list holds all that
+//!    blk-backend and net-backend do.
+//! 3. `main` confines itself ([`ThreadKind::Controller`]) before any VM is
 //!    built. It runs the controller loop, which builds every VM (vm.create
-//!    and vm.boot, vm.restore, a reboot rebuild) on a new `vmm-vm` thread
-//!    that inherits this list; so does the command-line VM without
-//!    `--api-socket`, built on `main` itself. The controller's list is
-//!    therefore the widest: building a VM, and all that its children do.
-//! 3. While a VM is built, each vCPU thread (`vcpuN`, [`ThreadKind::Vcpu`])
+//!    and vm.boot, vm.restore, vm.receive-migration, a reboot rebuild) on a
+//!    new `vmm-vm` thread that inherits this list; so does the command-line
+//!    VM without `--api-socket`, built on `main` itself. The controller's
+//!    list is therefore the widest: building a VM, receiving a migration
+//!    (listening on a unix or TCP socket), and all that its children do.
+//! 4. While a VM is built, each vCPU thread (`vcpuN`, [`ThreadKind::Vcpu`])
 //!    and each vhost-user reconnect monitor (`vhost-user-N`,
 //!    [`ThreadKind::Reconnect`]) confines itself before its first `KVM_RUN`
 //!    or its first look at the backend's socket.
-//! 4. Once built, the VM's thread confines itself to the event loop's list
-//!    ([`ThreadKind::Vm`]) before serving; it creates no thread after that.
+//! 5. Once built, the VM's thread confines itself to the event loop's list
+//!    ([`ThreadKind::Vm`]) before serving. The one thread it starts is a
+//!    live migration's pre-copy (`vmm-migrate`, [`ThreadKind::Migrate`]),
+//!    whose list the VM loop's holds (it also runs the migration's last
+//!    step, and vm.swap-backend's connection to the new backend).
 //!
 //! The lists were derived from `strace -f -ff` of vmm under the vmm test
-//! suites (API, life cycle, snapshot, events, virtio with blk-backend,
-//! net-backend, vhost-device-rng and virtiofsd, test guest) and checked
-//! with `--seccomp log` against the kernel's audit log, by thread name;
-//! the nested-rig tests run Linux with them enforced. `ioctl` is filtered
-//! by request number everywhere.
+//! suites (API, life cycle, snapshot, events, migration, libvirt, virtio
+//! with blk-backend, net-backend, vhost-device-rng and virtiofsd, test
+//! guest), grouped by thread name and by the filters installed so far, and
+//! checked with `--seccomp log` against the kernel's audit log; the
+//! nested-rig tests run Linux with them enforced. `ioctl` is filtered by
+//! request number everywhere, `socket` by domain, `setsockopt` by level and
+//! option. A `tcp:` migration URL must name an IP address: resolving a
+//! host name would need the resolver's files and sockets in the migration
+//! lists.
 //!
-//! A new kind of thread (say a migration thread) is one [`ThreadKind`]
-//! variant, its list in `ThreadKind::rules`, one `apply_or_exit` at its
-//! start, and, as its creator's list must hold what it does, its list merged
-//! into its creator's (if the VM loop starts it, the [`ThreadKind::Vm`]
-//! list also needs `Rules::spawn_threads`: today it starts no thread).
+//! A new kind of thread is one [`ThreadKind`] variant, its list in
+//! `ThreadKind::rules`, one `apply_or_exit` at its start, and, as its
+//! creator's list must hold what it does, its list merged into its
+//! creator's (with `Rules::spawn_threads` there).
 
 use std::str::FromStr;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_routing,
-    kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd,
+    kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
     kvm_nested_state, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
     kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
@@ -71,6 +88,14 @@ pub enum ThreadKind {
     Events,
     /// A vhost-user reconnect monitor (`vhost-user-N`).
     Reconnect,
+    /// A live migration's pre-copy (`vmm-migrate`), started by the VM loop.
+    Migrate,
+    /// The watch on a manager's API socket path (`vmm-api-watch`).
+    Watch,
+    /// The backends vmm starts: the launcher (`vmm-spawn`) and the
+    /// supervisor threads it starts (`vmm-blk-backend`, `vmm-net-backend`),
+    /// whose backend processes inherit this list.
+    Spawn,
 }
 
 impl ThreadKind {
@@ -82,6 +107,9 @@ impl ThreadKind {
         Self::Api,
         Self::Events,
         Self::Reconnect,
+        Self::Migrate,
+        Self::Watch,
+        Self::Spawn,
     ];
 }
 
@@ -142,6 +170,7 @@ mod kvm {
     pub const GET_VCPU_MMAP_SIZE: u64 = io(0x04);
     pub const GET_SUPPORTED_CPUID: u64 = iowr::<kvm_cpuid2>(0x05);
     pub const CREATE_VCPU: u64 = io(0x41);
+    pub const GET_DIRTY_LOG: u64 = iow::<kvm_dirty_log>(0x42);
     pub const SET_USER_MEMORY_REGION: u64 = iow::<kvm_userspace_memory_region>(0x46);
     pub const SET_TSS_ADDR: u64 = io(0x47);
     pub const SET_IDENTITY_MAP_ADDR: u64 = iow::<u64>(0x48);
@@ -257,6 +286,7 @@ const VM: &[i64] = &[
     libc::SYS_ftruncate,
     libc::SYS_fsync,
     libc::SYS_rename,
+    libc::SYS_eventfd2,
 ];
 
 /// `ioctl`s of the VM loop: the terminal (raw mode on and off, bytes
@@ -286,11 +316,132 @@ const RECONNECT: &[i64] = &[
     libc::SYS_pipe2,
 ];
 
+/// A migration's pre-copy (`vmm-migrate`): the connection to the
+/// destination (a unix or TCP socket, reply timeouts, no Nagle), its
+/// messages (`send`/`recv`) and guest pages sent straight from the memfd
+/// (`sendfile`, holes skipped with `lseek` SEEK_DATA/SEEK_HOLE, the file's
+/// size by `statx`); KVM's dirty log (slots re-registered with logging on
+/// and off, the log read each round) and each backend's (a memfd shared
+/// with it, `VHOST_USER_SET_LOG_BASE` and its reply).
+const MIGRATE: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendfile,
+    libc::SYS_lseek,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_poll,
+];
+
+/// `ioctl`s of the pre-copy thread: the dirty log.
+const MIGRATE_IOCTLS: &[u64] = &[kvm::GET_DIRTY_LOG, kvm::SET_USER_MEMORY_REGION];
+
+/// The watch on the manager's API socket path (`vmm-api-watch`): inotify
+/// events `read`, the path's identity (`statx`), and SIGTERM to this
+/// process (`kill` of `getpid`) once it is gone.
+const WATCH: &[i64] = &[libc::SYS_read, libc::SYS_statx, libc::SYS_getpid];
+
+/// The backends' launcher and supervisors (`vmm-spawn`, `vmm-blk-backend`,
+/// `vmm-net-backend`) and, since a process keeps the filters of the thread
+/// that forked it across `execve`, everything blk-backend and net-backend
+/// do under it. The supervisor: std's `Command` (`clone` of a process, a
+/// socket pair for the child's exec error, stdin from /dev/null with
+/// `dup2`, `execve`), `wait4`, the stale socket removed (`unlink`); in the
+/// child before `execve`, `prctl(PR_SET_PDEATHSIG)` and the signal mask.
+/// The backend: the dynamic loader (`access`, `openat`, `read`, `pread64`,
+/// `newfstatat` of each directory of its search path, `mmap` of its
+/// libraries with PROT_EXEC, `arch_prctl`,
+/// `set_tid_address`, `prlimit64`), its image or tap, its listening socket
+/// (`bind`, `chmod`, `listen`, `accept4`), io_uring, memfds and eventfds,
+/// its own threads and filters, and its signal handlers; then what
+/// [`backends`' lists](../../backends/src/seccomp.rs) allow.
+const SPAWN: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_socketpair,
+    libc::SYS_dup2,
+    libc::SYS_execve,
+    libc::SYS_wait4,
+    libc::SYS_unlink,
+    libc::SYS_access,
+    libc::SYS_openat,
+    libc::SYS_read,
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_arch_prctl,
+    libc::SYS_set_tid_address,
+    libc::SYS_prlimit64,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_rename,
+    libc::SYS_chmod,
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
+    libc::SYS_io_uring_enter,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_getpid,
+    libc::SYS_rt_sigaction,
+];
+
+/// `ioctl`s under the launcher's list: the backends' terminal check on
+/// stderr, non-blocking sockets, and net-backend's tap (created or
+/// attached, its name read back, offloads and vnet header size).
+const SPAWN_IOCTLS: &[u64] = &[
+    libc::TCGETS,
+    libc::FIONBIO,
+    0x4004_54ca, // TUNSETIFF
+    0x8004_54d2, // TUNGETIFF
+    0x4004_54d0, // TUNSETOFFLOAD
+    0x4004_54d8, // TUNSETVNETHDRSZ
+];
+
+/// `prctl` options under the launcher's list besides naming threads and
+/// NO_NEW_PRIVS: the backend dies with its supervisor.
+const SPAWN_PRCTLS: &[u64] = &[libc::PR_SET_PDEATHSIG as u64];
+
+/// `fcntl` commands of the backends besides [`FCNTLS`]: status flags, and
+/// the tap fds a child inherits (close-on-exec cleared).
+const SPAWN_FCNTLS: &[u64] = &[
+    libc::F_GETFL as u64,
+    libc::F_SETFL as u64,
+    libc::F_SETFD as u64,
+];
+
+/// Stopping the backends vmm started (on vm.delete, and at exit on the
+/// thread that ran the VM): SIGTERM, then SIGKILL if one lingers, and
+/// their socket directory removed (`openat` and `getdents64` on it, std's
+/// check of its flags and close-on-exec with `fcntl`, `unlinkat`).
+const STOP_BACKENDS: &[i64] = &[libc::SYS_getdents64, libc::SYS_unlinkat, libc::SYS_openat];
+
+/// Signals sent to a backend vmm started.
+const BACKEND_SIGNALS: &[u64] = &[libc::SIGTERM as u64, libc::SIGKILL as u64];
+
 /// The API server besides [`Rules::tokio_unix_server`] and starting its
 /// blocking pool's threads: the `vm.counters` fetch threads (started on
 /// that pool) connect to each backend's metrics socket with timeouts and
 /// `send`/`recv` on it.
-const API: &[i64] = &[libc::SYS_connect];
+const API: &[i64] = &[libc::SYS_connect, libc::SYS_recvmsg];
 
 /// Building a VM, and the controller loop: `/dev/kvm`, the kernel,
 /// initramfs and snapshot files (`openat`, `read`, `pread`, metadata,
@@ -321,6 +472,12 @@ const BUILD: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_copy_file_range,
     libc::SYS_unlink,
+    libc::SYS_readlink,
+    libc::SYS_mkdir,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
 ];
 
 /// `ioctl`s of building a VM: the system fd (version, capabilities, CPUID,
@@ -364,27 +521,71 @@ const BUILD_IOCTLS: &[u64] = &[
     kvm::SET_MSRS,
     kvm::SET_VCPU_EVENTS,
     kvm::KVMCLOCK_CTRL,
+    libc::TIOCGPTN,
+    libc::TIOCSPTLCK,
+    libc::FIONBIO,
 ];
 
 /// `fcntl` commands: std's check that an fd is still open before it
 /// closes one (debug builds), and duplicating fds (`try_clone`).
 const FCNTLS: &[u64] = &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64];
 
+/// `fcntl` of building a VM besides [`FCNTLS`]: the pty's master made
+/// non-blocking.
+const BUILD_FCNTLS: &[u64] = &[libc::F_GETFL as u64, libc::F_SETFL as u64];
+
 /// `fcntl` of the API thread besides [`FCNTLS`]: tokio checks that the
 /// listener it is handed is non-blocking.
 const API_FCNTLS: &[u64] = &[libc::F_GETFL as u64];
 
-/// `socket` domains: vhost-user and the backends' metrics sockets are unix
-/// sockets.
-const SOCKET_DOMAINS: &[u64] = &[libc::AF_UNIX as u64];
-
-/// `setsockopt` options (all at SOL_SOCKET): reply and send timeouts on
-/// vhost-user and metrics connections.
+/// `setsockopt` options at SOL_SOCKET: reply and send timeouts on
+/// vhost-user, metrics and migration connections.
 const SOCKOPTS: &[u64] = &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64];
 
-fn sockets(rules: &mut Rules) -> Result<(), BackendError> {
-    rules.allow_args(libc::SYS_socket, 0, SOCKET_DOMAINS)?;
-    rules.allow_args(libc::SYS_setsockopt, 2, SOCKOPTS)?;
+/// Unix sockets (vhost-user, the backends' metrics, migration) with
+/// timeouts.
+fn unix_sockets(rules: &mut Rules) -> Result<(), BackendError> {
+    rules.allow_args(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
+    rules.allow_arg_pairs(
+        libc::SYS_setsockopt,
+        (1, libc::SOL_SOCKET as u64),
+        2,
+        SOCKOPTS,
+    )?;
+    Ok(())
+}
+
+/// [`unix_sockets`] and TCP for a migration: IPv4 or IPv6, no Nagle, and
+/// SO_REUSEADDR, which std sets on a listener.
+fn migration_sockets(rules: &mut Rules) -> Result<(), BackendError> {
+    unix_sockets(rules)?;
+    let inet = [libc::AF_INET as u64, libc::AF_INET6 as u64];
+    rules.allow_args(libc::SYS_socket, 0, &inet)?;
+    rules.allow_arg_pairs(
+        libc::SYS_setsockopt,
+        (1, libc::SOL_SOCKET as u64),
+        2,
+        &[libc::SO_REUSEADDR as u64],
+    )?;
+    rules.allow_arg_pairs(
+        libc::SYS_setsockopt,
+        (1, libc::IPPROTO_TCP as u64),
+        2,
+        &[libc::TCP_NODELAY as u64],
+    )?;
+    rules.sendto_connected()?;
+    Ok(())
+}
+
+/// What stopping the backends vmm started takes ([`STOP_BACKENDS`]).
+fn stop_backends(rules: &mut Rules) -> Result<(), BackendError> {
+    rules.allow(STOP_BACKENDS);
+    rules.allow_args(libc::SYS_kill, 1, BACKEND_SIGNALS)?;
+    rules.allow_args(
+        libc::SYS_fcntl,
+        1,
+        &[libc::F_GETFL as u64, libc::F_SETFD as u64],
+    )?;
     Ok(())
 }
 
@@ -405,6 +606,9 @@ impl thread_seccomp::ThreadKind for ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::Events => "events",
             ThreadKind::Reconnect => "reconnect",
+            ThreadKind::Migrate => "migrate",
+            ThreadKind::Watch => "watch",
+            ThreadKind::Spawn => "spawn",
         }
     }
 
@@ -422,11 +626,17 @@ impl thread_seccomp::ThreadKind for ThreadKind {
                 }
                 rules.allow(BUILD);
                 rules.allow_args(libc::SYS_ioctl, 1, BUILD_IOCTLS)?;
+                rules.allow_args(libc::SYS_fcntl, 1, BUILD_FCNTLS)?;
                 rules.allow_args(libc::SYS_rt_sigaction, 0, &[kick_signal()])?;
+                migration_sockets(&mut rules)?;
+                stop_backends(&mut rules)?;
             }
             ThreadKind::Vm => {
+                rules.spawn_threads()?;
+                rules.merge(&ThreadKind::Migrate.rules()?);
                 rules.allow(VM);
                 rules.allow_args(libc::SYS_ioctl, 1, VM_IOCTLS)?;
+                stop_backends(&mut rules)?;
                 rules.allow_args(libc::SYS_tgkill, 2, &[kick_signal()])?;
             }
             ThreadKind::Vcpu => {
@@ -438,12 +648,31 @@ impl thread_seccomp::ThreadKind for ThreadKind {
                 rules.allow_args(libc::SYS_fcntl, 1, API_FCNTLS)?;
                 rules.spawn_threads()?;
                 rules.sendto_connected()?;
-                sockets(&mut rules)?;
+                unix_sockets(&mut rules)?;
             }
             ThreadKind::Events => {}
             ThreadKind::Reconnect => {
                 rules.allow(RECONNECT);
-                sockets(&mut rules)?;
+                unix_sockets(&mut rules)?;
+            }
+            ThreadKind::Migrate => {
+                rules.allow(MIGRATE);
+                rules.allow_args(libc::SYS_ioctl, 1, MIGRATE_IOCTLS)?;
+                migration_sockets(&mut rules)?;
+            }
+            ThreadKind::Watch => {
+                rules.allow(WATCH);
+                rules.allow_args(libc::SYS_kill, 1, &[libc::SIGTERM as u64])?;
+            }
+            ThreadKind::Spawn => {
+                rules.spawn_threads()?;
+                rules.allow(SPAWN);
+                rules.allow_args(libc::SYS_ioctl, 1, SPAWN_IOCTLS)?;
+                rules.allow_args(libc::SYS_prctl, 0, SPAWN_PRCTLS)?;
+                rules.allow_args(libc::SYS_fcntl, 1, SPAWN_FCNTLS)?;
+                rules.sendto_connected()?;
+                // The dynamic loader maps the backends' libraries.
+                rules.allow(&[libc::SYS_mmap]);
             }
         }
         Ok(rules)
@@ -480,10 +709,20 @@ mod tests {
 
     #[test]
     fn kinds_parse_by_name() {
-        let parsed: Vec<ThreadKind> = ["controller", "vm", "vcpu", "api", "events", "reconnect"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let parsed: Vec<ThreadKind> = [
+            "controller",
+            "vm",
+            "vcpu",
+            "api",
+            "events",
+            "reconnect",
+            "migrate",
+            "watch",
+            "spawn",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
 
         assert_eq!(parsed, ThreadKind::ALL);
     }
@@ -496,9 +735,10 @@ mod tests {
                 kvm::RUN,
                 kvm::GET_REGS,
                 kvm::SET_GSI_ROUTING,
-                kvm::IOEVENTFD
+                kvm::IOEVENTFD,
+                kvm::GET_DIRTY_LOG
             ],
-            [0xae80, 0x8090_ae81, 0x4008_ae6a, 0x4040_ae79]
+            [0xae80, 0x8090_ae81, 0x4008_ae6a, 0x4040_ae79, 0x4010_ae42]
         );
     }
 }

@@ -12,6 +12,13 @@
 //! goes away (`PR_SET_PDEATHSIG`), so a vmm that is killed leaves none
 //! behind; [`stop_all`] stops them on a clean exit or vm.delete.
 //!
+//! Supervisor threads are started by one launcher thread (`vmm-spawn`,
+//! [`start_launcher`]) that `main` starts before it confines itself: a
+//! process inherits the seccomp filters of the thread that forks it, across
+//! `execve`, so the backends run under the launcher's list
+//! ([`crate::seccomp::ThreadKind::Spawn`]) and their own, never under the
+//! controller's or the API's.
+//!
 //! The backends are looked up beside the vmm binary, then in `PATH`. The
 //! sockets live in a directory of this process's own (mode 0700) under
 //! `$XDG_RUNTIME_DIR`, or the temporary directory, removed by [`stop_all`].
@@ -67,6 +74,49 @@ struct Supervised {
 
 static BACKENDS: Mutex<Vec<Supervised>> = Mutex::new(Vec::new());
 static DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Work for the launcher thread: starting a supervisor thread.
+type Launch = Box<dyn FnOnce() + Send>;
+
+static LAUNCHER: Mutex<Option<mpsc::Sender<Launch>>> = Mutex::new(None);
+
+/// Starts the launcher thread (`vmm-spawn`), which starts every supervisor
+/// thread from then on, so that they and their backends inherit its filter
+/// rather than their requester's. Call it before the calling thread
+/// confines itself; without it, supervisors start on the requesting thread.
+pub fn start_launcher() -> io::Result<()> {
+    let (tx, rx) = mpsc::channel::<Launch>();
+    std::thread::Builder::new()
+        .name("vmm-spawn".into())
+        .spawn(move || {
+            crate::events::block_signals();
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Spawn);
+            for launch in rx {
+                launch();
+            }
+        })?;
+    *LAUNCHER.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    Ok(())
+}
+
+/// Starts thread `name` running `f`, from the launcher if it runs.
+fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    let launcher = LAUNCHER
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let Some(launcher) = launcher else {
+        return std::thread::Builder::new().name(name).spawn(f);
+    };
+    let gone = || io::Error::other("the backend launcher thread has ended");
+    let (tx, rx) = mpsc::channel();
+    launcher
+        .send(Box::new(move || {
+            let _ = tx.send(std::thread::Builder::new().name(name).spawn(f));
+        }))
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
 
 /// This process's socket directory, created on first use.
 fn socket_dir() -> Result<PathBuf, SpawnError> {
@@ -255,13 +305,11 @@ fn supervise(
     let (started_tx, started) = mpsc::channel();
     let (s, p, sock) = (stop.clone(), pid.clone(), socket.to_path_buf());
     let shown = what.display().to_string();
-    let thread = std::thread::Builder::new()
-        .name(format!("vmm-{name}"))
-        .spawn(move || {
-            let _keep = keep;
-            run(name, cmd, &sock, &shown, &s, &p, started_tx)
-        })
-        .map_err(|e| SpawnError::Start(name, e))?;
+    let thread = spawn_thread(format!("vmm-{name}"), move || {
+        let _keep = keep;
+        run(name, cmd, &sock, &shown, &s, &p, started_tx)
+    })
+    .map_err(|e| SpawnError::Start(name, e))?;
     let supervised = Supervised { stop, pid, thread };
     let shown = what.display().to_string();
     match started.recv() {

@@ -174,6 +174,7 @@ pub fn stop_when_removed(path: PathBuf) -> Result<(), ManagerError> {
         .name("vmm-api-watch".into())
         .spawn(move || {
             crate::events::block_signals();
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Watch);
             let mut buf = [0u8; 4096];
             while original.is_some() && identity(&path) == original {
                 // SAFETY: reads into `buf`, a writable buffer of its length.

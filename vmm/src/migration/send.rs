@@ -132,6 +132,7 @@ impl Outgoing {
         let thread = std::thread::Builder::new()
             .name("vmm-migrate".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migrate);
                 let result = precopy(&r, &source, &c, &p);
                 if result.is_err() {
                     stop_backend_logs(&source.devices);
