@@ -12,7 +12,7 @@ use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{workspace_bin, ApiVmm as Vmm, Daemon, Scratch, API_LIMIT as LIMIT};
+use common::{blk_backend, workspace_bin, ApiVmm as Vmm, Daemon, Scratch, API_LIMIT as LIMIT};
 
 /// Starts vm.receive-migration on `dest` (it blocks until the migration
 /// ends) on a thread; returns its answer when joined.
@@ -150,25 +150,12 @@ fn a_local_migration_hands_memory_over_without_copying() {
     vm_migrates("mig-local", "tg.dirty=64", "TG: dirty ", &url, true);
 }
 
-/// blk-backend serving a new 64 MiB image on `<dir>/blk.sock`.
-fn blk_backend(dir: &Scratch) -> (Daemon, PathBuf) {
-    let image = dir.path("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let socket = dir.path("blk.sock");
-    let mut cmd = Command::new(workspace_bin("blk-backend"));
-    cmd.arg("--socket").arg(&socket).arg("--image").arg(&image);
-    (Daemon::start(cmd, &socket), socket)
-}
-
 /// A VM writing and reading back a block per round on blk-backend moves
 /// to `url` (pre-copy with the backend's dirty log, or local) and its
 /// rounds go on there, on the same backend.
 fn disk_vm_migrates(tag: &str, url: &str, local: bool, qsd: bool) {
     let dir = Scratch::new(tag);
-    let (blk, socket) = blk_backend(&dir);
+    let (blk, socket) = blk_backend(&dir, &[]);
     let (_backend, socket) = if qsd {
         drop(blk);
         second_backend(&dir, true)
@@ -341,7 +328,7 @@ fn send_migration_without_a_vm_or_with_a_bad_url_is_refused() {
 #[test]
 fn twenty_live_upgrades_in_a_row_under_disk_io_lose_no_round() {
     let dir = Scratch::new("mig-upgrades");
-    let (_backend, socket) = blk_backend(&dir);
+    let (_backend, socket) = blk_backend(&dir, &[]);
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
     let mut current = Vmm::start(&dir, "vmm0");
     current.boot("tg.virtio tg.blkcount", 1, disks);
@@ -392,7 +379,7 @@ fn second_backend(dir: &Scratch, qsd: bool) -> (Daemon, PathBuf) {
 /// disk moves to another backend, and the old backend can then go away.
 fn disk_moves_under_io(tag: &str, qsd: bool) {
     let dir = Scratch::new(tag);
-    let (mut old, socket) = blk_backend(&dir);
+    let (mut old, socket) = blk_backend(&dir, &[]);
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket, "id": "disk0"}]);
     let vm = Vmm::start(&dir, "vm");
     vm.boot("tg.virtio tg.blkcount", 1, disks);
@@ -429,7 +416,7 @@ fn a_disk_moves_from_blk_backend_to_qemu_storage_daemon_under_io() {
 #[test]
 fn a_move_to_a_socket_nobody_listens_on_leaves_the_disk_where_it_was() {
     let dir = Scratch::new("swap-none");
-    let (_backend, socket) = blk_backend(&dir);
+    let (_backend, socket) = blk_backend(&dir, &[]);
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket, "id": "disk0"}]);
     let vm = Vmm::start(&dir, "vm");
     vm.boot("tg.virtio tg.blkcount", 1, disks);
@@ -451,7 +438,7 @@ fn a_move_to_a_socket_nobody_listens_on_leaves_the_disk_where_it_was() {
 #[test]
 fn a_destination_vmm_killed_during_pre_copy_leaves_the_vm_and_its_disk_running() {
     let dir = Scratch::new("mig-dest-killed");
-    let (_backend, socket) = blk_backend(&dir);
+    let (_backend, socket) = blk_backend(&dir, &[]);
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
     let source = Vmm::start(&dir, "source");
     // Every page touched: pre-copy has 128 MiB to send.
@@ -496,7 +483,7 @@ fn a_destination_vmm_killed_during_pre_copy_leaves_the_vm_and_its_disk_running()
 #[test]
 fn a_vm_migrated_mid_write_burst_finishes_it_with_every_block_on_disk() {
     let dir = Scratch::new("mig-burst");
-    let (_backend, socket) = blk_backend(&dir);
+    let (_backend, socket) = blk_backend(&dir, &[]);
     let disks = serde_json::json!([{"vhost_user": true, "vhost_socket": socket}]);
     let n = 600u64;
     let mut source = Vmm::start(&dir, "source");

@@ -8,11 +8,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::{read_until, test_guest, vmm, wait, workspace_bin, Daemon, Netns, Scratch};
+use common::{
+    blank_image, blk_backend, read_until, test_guest, vmm, wait, workspace_bin, Netns, Scratch,
+};
 use vmm::seccomp::{thread_modes, PROBE_CALL, SIGSYS_EXIT_CODE};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -31,6 +33,7 @@ const VMM_THREADS: &[&str] = &[
     "vmm",
     "vmm-api",
     "vmm-events",
+    "vmm-spawn",
     "vmm-vm",
 ];
 
@@ -120,24 +123,6 @@ fn names<'a>(modes: &'a [(String, u32)], ignore: &[&str]) -> Vec<&'a str> {
         .collect()
 }
 
-/// blk-backend on a 64 MiB image in `dir`, with `args`: the daemon and
-/// its socket.
-fn blk_backend(dir: &Scratch, args: &[&str]) -> (Daemon, PathBuf) {
-    let image = dir.path("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let socket = dir.path("blk.sock");
-    let mut cmd = Command::new(workspace_bin("blk-backend"));
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--image")
-        .arg(&image)
-        .args(args);
-    (Daemon::start(cmd, &socket), socket)
-}
-
 fn url(dir: &Path) -> String {
     format!("file://{}", dir.display())
 }
@@ -216,11 +201,11 @@ fn without_the_api_the_main_thread_runs_the_vm_loop_filtered() {
     let mut child = c.spawn().unwrap();
     read_until(&mut child, "TG: HOLD");
 
-    let modes = settled(child.id(), &["vcpu0", "vcpu1", "vmm"], &[]);
+    let modes = settled(child.id(), &["vcpu0", "vcpu1", "vmm", "vmm-spawn"], &[]);
     let _ = child.kill();
     let _ = child.wait();
 
-    assert_eq!(names(&modes, &[]), ["vcpu0", "vcpu1", "vmm"]);
+    assert_eq!(names(&modes, &[]), ["vcpu0", "vcpu1", "vmm", "vmm-spawn"]);
     assert_eq!(not_in_mode(&modes, 2), Vec::<&(String, u32)>::new());
 }
 
@@ -238,7 +223,14 @@ fn seccomp_false_leaves_every_thread_unfiltered() {
     let mut child = c.spawn().unwrap();
     read_until(&mut child, "TG: HOLD");
 
-    let want = ["vcpu0", "vmm", "vmm-api", "vmm-events", "vmm-vm"];
+    let want = [
+        "vcpu0",
+        "vmm",
+        "vmm-api",
+        "vmm-events",
+        "vmm-spawn",
+        "vmm-vm",
+    ];
     let modes = settled(child.id(), &want, &[]);
     let _ = child.kill();
     let _ = child.wait();
@@ -251,7 +243,15 @@ fn seccomp_false_leaves_every_thread_unfiltered() {
 fn a_forbidden_call_in_any_thread_ends_vmm_with_one_line_and_status_159() {
     let dir = Scratch::new("seccomp-probe");
     let (_blk, blk_socket) = blk_backend(&dir, &[]);
-    let kinds = ["controller", "vm", "vcpu", "api", "events", "reconnect"];
+    let kinds = [
+        "controller",
+        "vm",
+        "vcpu",
+        "api",
+        "events",
+        "reconnect",
+        "spawn",
+    ];
     let line = format!("seccomp: forbidden system call {PROBE_CALL}\n");
 
     let ends: Vec<(&str, Option<i32>, String)> = kinds
@@ -291,4 +291,50 @@ fn seccomp_log_lets_a_forbidden_call_through() {
 
     assert_eq!(r.code(), Some(0), "{}", r.stderr);
     assert!(r.lines().contains(&"TG: PASS"), "{}", r.stdout);
+}
+
+/// The children of every thread of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_backend_vmm_starts_and_its_supervisor_run_filtered() {
+    let dir = Scratch::new("seccomp-spawned");
+    let image = blank_image(&dir, "disk.img");
+    workspace_bin("blk-backend");
+    let mut c = vmm();
+    c.arg("--kernel")
+        .arg(test_guest())
+        .args(["--cmdline", "tg.virtio tg.seed=3 tg.keepdev tg.hold"])
+        .arg(format!("--disk=path={}", image.display()));
+    let mut child = c.spawn().unwrap();
+    read_until(&mut child, "TG: HOLD");
+    let want = [
+        "vcpu0",
+        "vhost-user-2",
+        "vmm",
+        "vmm-blk-backend",
+        "vmm-spawn",
+    ];
+
+    let modes = settled(child.id(), &want, &[]);
+    let backends = children(child.id());
+    let backend_modes = settled(backends[0], &["blk-backend", "queue0"], &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    assert_eq!(names(&modes, &[]), want);
+    assert_eq!(not_in_mode(&modes, 2), Vec::<&(String, u32)>::new());
+    assert_eq!(backends.len(), 1, "{backends:?}");
+    assert_eq!(names(&backend_modes, &[]), ["blk-backend", "queue0"]);
+    assert_eq!(not_in_mode(&backend_modes, 2), Vec::<&(String, u32)>::new());
 }

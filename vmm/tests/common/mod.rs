@@ -123,7 +123,7 @@ pub fn serve(mut cmd: Command, socket: &Path) -> (Child, Receiver<String>) {
             let _ = tx.send(l.trim_end().to_string());
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + API_LIMIT;
     while vmm::api::client::raw(socket, "GET", "vmm.ping").is_err() {
         assert!(child.try_wait().unwrap().is_none(), "vmm exited");
         assert!(Instant::now() < deadline, "no API socket");
@@ -236,6 +236,30 @@ pub fn workspace_bin(pkg: &str) -> PathBuf {
         .unwrap()
         .join("debug")
         .join(pkg)
+}
+
+/// A new 64 MiB image of zeros at `<dir>/<name>`.
+pub fn blank_image(dir: &Scratch, name: &str) -> PathBuf {
+    let image = dir.path(name);
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    image
+}
+
+/// blk-backend serving a new 64 MiB image on `<dir>/blk.sock`, with
+/// `args`: the daemon and its socket.
+pub fn blk_backend(dir: &Scratch, args: &[&str]) -> (Daemon, PathBuf) {
+    let image = blank_image(dir, "disk.img");
+    let socket = dir.path("blk.sock");
+    let mut cmd = Command::new(workspace_bin("blk-backend"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image)
+        .args(args);
+    (Daemon::start(cmd, &socket), socket)
 }
 
 /// A backend process, killed when dropped.
@@ -382,31 +406,16 @@ pub const API_LIMIT: Duration = Duration::from_secs(30);
 pub struct ApiVmm {
     pub child: Child,
     pub socket: PathBuf,
-    pub console: std::sync::mpsc::Receiver<String>,
+    pub console: Receiver<String>,
 }
 
 impl ApiVmm {
     pub fn start(dir: &Scratch, name: &str) -> Self {
         let socket = dir.path(&format!("{name}.sock"));
         let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
-        let mut child = vmm()
-            .arg("--api-socket")
-            .arg(&socket)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, console) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                let _ = tx.send(l.trim_end().to_string());
-            }
-        });
-        let deadline = Instant::now() + API_LIMIT;
-        while vmm::api::client::raw(&socket, "GET", "vmm.ping").is_err() {
-            assert!(Instant::now() < deadline, "no API socket");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = vmm();
+        cmd.arg("--api-socket").arg(&socket).stderr(err);
+        let (child, console) = serve(cmd, &socket);
         Self {
             child,
             socket,
@@ -433,18 +442,8 @@ impl ApiVmm {
 
     /// The number on the next console line starting with `prefix`.
     pub fn next_count(&self, prefix: &str) -> u64 {
-        let deadline = Instant::now() + API_LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let l = self
-                .console
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {prefix:?} line"));
-            assert!(!l.contains("FAIL"), "{l}");
-            if let Some(n) = l.strip_prefix(prefix) {
-                return n.trim().parse().unwrap();
-            }
-        }
+        let l = next_line(&self.console, prefix, API_LIMIT);
+        l[prefix.len()..].trim().parse().unwrap()
     }
 
     /// Creates and boots the test guest with `cmdline` and `disks`.
