@@ -512,6 +512,10 @@ impl Controller {
                 (Ok(ApiReply::Empty), self.exit_with_vm)
             }
             ApiRequest::VmAddDisk | ApiRequest::VmAddNet => (self.add_device(request, body), false),
+            ApiRequest::VmMetrics | ApiRequest::VmConsole => (
+                Err(ApiFailure::new(405, "Answered by the HTTP server")),
+                false,
+            ),
             ApiRequest::VmCounters => {
                 let (spec, live) = match &self.vm {
                     Vm::None => return Ok((no_vm(), false)),
