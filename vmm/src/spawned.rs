@@ -365,8 +365,11 @@ fn supervise(
 }
 
 /// Copies the backend's stderr to ours, keeping its last non-empty line
-/// in `last`.
-fn forward_stderr(from: std::process::ChildStderr, last: Arc<Mutex<String>>) {
+/// in `last`, on a thread that ends at the pipe's end.
+fn forward_stderr(
+    from: std::process::ChildStderr,
+    last: Arc<Mutex<String>>,
+) -> Option<JoinHandle<()>> {
     use std::io::BufRead;
     let spawned = std::thread::Builder::new()
         .name("vmm-backend-log".into())
@@ -380,10 +383,13 @@ fn forward_stderr(from: std::process::ChildStderr, last: Arc<Mutex<String>>) {
                 }
             }
         });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot forward a backend's stderr");
-    }
+    spawned
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot forward a backend's stderr"))
+        .ok()
 }
+
+/// How long the last words of a backend that exited may take to arrive.
+const LAST_WORDS: Duration = Duration::from_secs(1);
 
 /// `line` without terminal escape sequences (`ESC [ ... letter`) and
 /// without the log prefix before a level word, so an error reads as one
@@ -445,15 +451,24 @@ fn run(
             }
         };
         pid.store(child.id() as i32, Ordering::SeqCst);
-        if let Some(err) = child.stderr.take() {
-            forward_stderr(err, last.clone());
-        }
+        let forwarder = child
+            .stderr
+            .take()
+            .and_then(|err| forward_stderr(err, last.clone()));
         let first = started.take();
         let up_since = Instant::now();
         if let Some(tx) = first.as_ref() {
             let _ = tx.send(Ok(()));
         }
         let status = child.wait();
+        // Its last line is read before anyone is told it exited.
+        let deadline = Instant::now() + LAST_WORDS;
+        while forwarder
+            .as_ref()
+            .is_some_and(|f| !f.is_finished() && Instant::now() < deadline)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         pid.store(0, Ordering::SeqCst);
         if stop.load(Ordering::SeqCst) || (first.is_some() && !socket.exists()) {
             return;

@@ -123,6 +123,29 @@ fn netns_with_tap() -> Netns {
     ns
 }
 
+/// A VM named `name` in a scratch directory of its own, with
+/// `XDG_RUNTIME_DIR` `run` inside it; dropped VM first.
+struct Setup {
+    vm: ApiVmm,
+    _ns: Netns,
+    run: PathBuf,
+    dir: Scratch,
+}
+
+fn setup(tag: &str, name: &str) -> Setup {
+    let dir = Scratch::new(tag);
+    let run = dir.path("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let ns = netns_with_tap();
+    let vm = start_vm(&dir, &run, &ns, name);
+    Setup {
+        vm,
+        _ns: ns,
+        run,
+        dir,
+    }
+}
+
 /// The value of the sample `line_prefix ` in Prometheus `text`.
 fn sample(text: &str, line_prefix: &str) -> f64 {
     text.lines()
@@ -145,15 +168,9 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn exporter_serves_each_vm_under_libvirt_names() {
-    let dir = Scratch::new("hostd-exporter");
-    let run = dir.path("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let ns = netns_with_tap();
-    let web = start_vm(&dir, &run, &ns, "web");
-    let hostd = Hostd::start(
-        &run,
-        &["--socket", dir.path("hostd.sock").to_str().unwrap()],
-    );
+    let setup = setup("hostd-exporter", "web");
+    let (web, run, dir) = (&setup.vm, &setup.run, &setup.dir);
+    let hostd = Hostd::start(run, &["--socket", dir.path("hostd.sock").to_str().unwrap()]);
     let disk = "domain=\"web\",target_device=\"_disk1\"";
     let nic = "domain=\"web\",target_device=\"_net0\"";
 
@@ -249,12 +266,9 @@ fn exporter_serves_each_vm_under_libvirt_names() {
 
 #[test]
 fn a_vm_that_exits_leaves_the_exporter() {
-    let dir = Scratch::new("hostd-exit");
-    let run = dir.path("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let ns = netns_with_tap();
-    let vm = start_vm(&dir, &run, &ns, "brief");
-    let hostd = Hostd::start(&run, &[]);
+    let setup = setup("hostd-exit", "brief");
+    let (vm, run) = (&setup.vm, &setup.run);
+    let hostd = Hostd::start(run, &[]);
     assert!(hostd.get("/metrics", "").1.contains("domain=\"brief\""));
 
     assert_eq!(vm.put("vmm.shutdown", "").0, 204);
@@ -340,12 +354,9 @@ fn npm_modules() -> PathBuf {
 
 #[test]
 fn dashboard_in_chromium_pauses_and_resumes_a_vm() {
-    let dir = Scratch::new("hostd-browser");
-    let run = dir.path("run");
-    std::fs::create_dir_all(&run).unwrap();
-    let ns = netns_with_tap();
-    let vm = start_vm(&dir, &run, &ns, "web");
-    let hostd = Hostd::start(&run, &[]);
+    let setup = setup("hostd-browser", "web");
+    let (vm, run) = (&setup.vm, &setup.run);
+    let hostd = Hostd::start(run, &[]);
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
 
