@@ -730,6 +730,8 @@ impl Machine {
             | ApiRequest::VmRestore
             | ApiRequest::VmReceiveMigration
             | ApiRequest::VmSendMigration
+            | ApiRequest::VmMetrics
+            | ApiRequest::VmConsole
             | ApiRequest::VmCounters => (
                 Err(ApiFailure::new(405, "Not a request for the running VM")),
                 None,

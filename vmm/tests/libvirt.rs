@@ -494,6 +494,19 @@ fn virsh_runs_the_guest_with_its_console_through_the_domain_lifecycle() {
     let vm = lv.vm_info("tg");
     assert_eq!(vm["state"], "Running");
     assert_eq!(vm["config"]["serial"]["mode"], "Pty");
+    // vmm made libvirt's socket owner-only and registered it for vmm-hostd.
+    let socket = lv.api_socket("tg");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let found = vmm::api::registry::discover_in(&lv.dir.join("run/vmm"), &[]);
+    assert_eq!(
+        found
+            .iter()
+            .map(|f| (f.name.as_str(), &f.socket))
+            .collect::<Vec<_>>(),
+        [("tg", &socket)]
+    );
     let pty = vm["config"]["serial"]["file"].as_str().unwrap().to_string();
     let xml_now = lv.virsh(&["dumpxml", "tg"]);
     assert!(

@@ -343,11 +343,19 @@ pub struct ApiVmm {
 
 impl ApiVmm {
     pub fn start(dir: &Scratch, name: &str) -> Self {
+        Self::start_with(dir, name, vmm())
+    }
+
+    /// As [`Self::start`], running `cmd` (the vmm binary, perhaps under
+    /// `ip netns exec` or with its own environment).
+    pub fn start_with(dir: &Scratch, name: &str, mut cmd: Command) -> Self {
         let socket = dir.path(&format!("{name}.sock"));
         let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
-        let mut child = vmm()
+        let mut child = cmd
             .arg("--api-socket")
             .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
             .unwrap();
