@@ -224,6 +224,25 @@ impl VirtQueue {
         }
         let head = ids[0];
         self.chains[head as usize] = ids;
+        self.publish(mem, head)?;
+        self.outstanding += 1;
+        Ok(Some(head))
+    }
+
+    /// Publishes `head` in the available ring as is, whatever it names (an
+    /// index past the queue, say), as a broken or hostile driver would;
+    /// nothing is tracked for it. Without a kick.
+    pub fn publish_raw(&mut self, mem: &GuestMem, head: u16) -> Result<(), FrontendError> {
+        self.publish(mem, head)
+    }
+
+    /// Guest address of descriptor `id` of the table, for a test that
+    /// rewrites a chain [`Self::add`] placed (before kicking).
+    pub fn desc_addr(&self, id: u16) -> GuestAddress {
+        GuestAddress(self.desc.0 + 16 * u64::from(id))
+    }
+
+    fn publish(&mut self, mem: &GuestMem, head: u16) -> Result<(), FrontendError> {
         let slot = u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(self.avail.0 + 4 + 2 * slot))
             .map_err(FrontendError::Access)?;
@@ -234,9 +253,7 @@ impl VirtQueue {
             GuestAddress(self.avail.0 + 2),
             Ordering::Release,
         )
-        .map_err(FrontendError::Access)?;
-        self.outstanding += 1;
-        Ok(Some(head))
+        .map_err(FrontendError::Access)
     }
 
     /// Kicks the backend.

@@ -1,0 +1,315 @@
+//! A guest flooding one queue with malformed requests: blk-backend as a
+//! process, driven by the synthetic frontend, takes 10^6 bad requests on
+//! queue 0 (sectors past the end, unknown types, short or device-writable
+//! headers, missing or read-only status bytes, buffers outside guest memory,
+//! bad discard flags, descriptor loops, available ring entries past the
+//! queue) while queue 1 writes and reads back real data. Measured: the log
+//! lines the daemon writes (rate-limited), its resident memory (flat), and
+//! the valid requests served on queue 1 and their latency.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backends::frontend::blk::{BlkDriver, BlkReq, Done, S_OK, T_IN};
+use backends::frontend::{FrontendConfig, Seg, SyntheticFrontend};
+use backends::Used;
+use common::*;
+use vm_memory::{Bytes, GuestAddress};
+
+/// Malformed requests posted on queue 0.
+const BAD_REQUESTS: usize = 1_000_000;
+/// Malformed requests per kick; each batch ends with a chain that completes.
+const BATCH: usize = 64;
+/// Requests taken before the first memory reading (allocators warm).
+const WARM_UP: usize = 20_000;
+/// Log lines one limiter lets through per second (`LogLimiter::default`),
+/// and the limiters a flooded blk queue has: its request processor's and
+/// its vring's.
+const LINES_PER_SECOND: usize = 5;
+const LIMITERS: usize = 2;
+/// Lines the daemon writes apart from the flood (start-up, the frontend
+/// going away), generously.
+const OTHER_LINES: usize = 20;
+/// Allowed growth of the daemon's resident memory over the flood.
+const RSS_BOUND_KIB: i64 = 1024;
+
+/// The daemon's resident set in KiB (`VmRSS` of /proc/PID/status).
+fn rss_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Counts the lines `stderr` delivers and keeps the last few.
+fn count_lines(stderr: std::process::ChildStderr) -> (Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let tail = Arc::new(Mutex::new(Vec::new()));
+    let (c, t) = (count.clone(), tail.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut t = t.lock().unwrap();
+            if t.len() == 8 {
+                t.remove(0);
+            }
+            t.push(line);
+        }
+    });
+    (count, tail)
+}
+
+/// Guest buffers the malformed requests point at.
+struct Bufs {
+    /// A header per request type used, prewritten.
+    read_past_end: GuestAddress,
+    unknown_type: GuestAddress,
+    read: GuestAddress,
+    discard: GuestAddress,
+    discard_seg: GuestAddress,
+    status: GuestAddress,
+    data: GuestAddress,
+    /// An address past the end of guest memory.
+    outside: GuestAddress,
+}
+
+impl Bufs {
+    fn new(fe: &mut SyntheticFrontend) -> Self {
+        let mut header = |kind: u32, sector: u64| {
+            let at = fe.alloc(16, 16).unwrap();
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            fe.mem().write_slice(&h, at).unwrap();
+            at
+        };
+        let read_past_end = header(T_IN, DISK / 512);
+        let unknown_type = header(0x7777, 0);
+        let read = header(T_IN, 0);
+        let discard = header(backends::frontend::blk::T_DISCARD, 0);
+        let discard_seg = fe.alloc(16, 16).unwrap();
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+        seg[12..16].copy_from_slice(&0x80u32.to_le_bytes());
+        fe.mem().write_slice(&seg, discard_seg).unwrap();
+        let status = fe.alloc(1, 1).unwrap();
+        let data = fe.alloc(4096, 4096).unwrap();
+        let outside = GuestAddress(fe.mem_size() + (1 << 20));
+        Bufs {
+            read_past_end,
+            unknown_type,
+            read,
+            discard,
+            discard_seg,
+            status,
+            data,
+            outside,
+        }
+    }
+
+    /// The `i`th malformed request of the flood.
+    fn request(&self, i: usize) -> Bad {
+        let seg = |addr: GuestAddress, len: u32, writable: bool| Seg {
+            addr,
+            len,
+            writable,
+        };
+        let status = seg(self.status, 1, true);
+        let data_in = seg(self.data, 4096, true);
+        let header = seg(self.read, 16, false);
+        Bad::Chain(match i % 11 {
+            0 => vec![seg(self.read_past_end, 16, false), data_in, status],
+            1 => vec![seg(self.unknown_type, 16, false), status],
+            2 => vec![seg(self.read, 8, false), status],
+            3 => vec![header, seg(self.outside, 4096, true), status],
+            4 => vec![seg(self.read, 16, true), data_in, status],
+            5 => vec![header, data_in],
+            6 => vec![header, data_in, seg(self.status, 1, false)],
+            7 => vec![
+                seg(self.discard, 16, false),
+                seg(self.discard_seg, 16, false),
+                status,
+            ],
+            8 => vec![header, seg(self.data, 100, true), status],
+            9 => return Bad::Loop,
+            _ => return Bad::HeadPastQueue,
+        })
+    }
+}
+
+/// A malformed request.
+enum Bad {
+    /// A chain that comes back in the used ring (with an error status where
+    /// it has a status byte).
+    Chain(Vec<Seg>),
+    /// One descriptor (a header) chained to itself.
+    Loop,
+    /// An available ring entry naming no descriptor: never comes back.
+    HeadPastQueue,
+}
+
+/// Descriptor loop: `head`'s descriptor chained to itself.
+fn make_loop(drv: &mut BlkDriver, head: u16) {
+    let fe = drv.frontend();
+    let (vq, mem) = fe.queue(0);
+    let at = vq.desc_addr(head);
+    mem.write_obj(1u16, GuestAddress(at.0 + 12)).unwrap();
+    mem.write_obj(head, GuestAddress(at.0 + 14)).unwrap();
+}
+
+/// Posts one batch of malformed requests on queue 0 and kicks; returns how
+/// many were posted and how many of them must come back in the used ring.
+fn post_batch(drv: &mut BlkDriver, bufs: &Bufs, first: usize) -> (usize, usize) {
+    let mut returned = 0;
+    for i in first..first + BATCH {
+        let last = i + 1 == first + BATCH;
+        let (vq, mem) = drv.frontend().queue(0);
+        match bufs.request(i) {
+            Bad::Chain(segs) => {
+                vq.add(mem, &segs).unwrap().expect("descriptors");
+                returned += 1;
+            }
+            // The last of a batch always comes back, so that the batch's
+            // end shows in the used ring.
+            Bad::HeadPastQueue if !last => vq.publish_raw(mem, vq.size() + 7).unwrap(),
+            Bad::Loop | Bad::HeadPastQueue => {
+                let header = Seg {
+                    addr: bufs.read,
+                    len: 16,
+                    writable: false,
+                };
+                let head = vq.add(mem, &[header]).unwrap().expect("descriptors");
+                make_loop(drv, head);
+                returned += 1;
+            }
+        }
+    }
+    drv.frontend().queue(0).0.notify();
+    (BATCH, returned)
+}
+
+/// Waits until `n` chains came back on queue 0.
+fn wait_returned(drv: &mut BlkDriver, n: usize) {
+    let mut used: Vec<Used> = Vec::new();
+    while used.len() < n {
+        let fe = drv.frontend();
+        let (vq, mem) = fe.queue(0);
+        let want = (n - used.len()) as u16;
+        vq.wait_used_batch(mem, TIMEOUT, &mut used, want)
+            .expect("malformed requests came back");
+    }
+}
+
+/// One valid request on queue 1: even `n` writes block `n / 2`'s pattern,
+/// odd `n` reads it back. Returns its latency; panics unless it succeeds
+/// with the right data.
+fn valid_request(drv: &mut BlkDriver, n: usize) -> Duration {
+    let block = (n / 2 % 512) as u64;
+    let data = pattern((n / 2) as u8, 4096);
+    let req = if n % 2 == 0 {
+        BlkReq {
+            kind: backends::frontend::blk::T_OUT,
+            sector: block * 8,
+            len: 4096,
+            data: Some(&data),
+            flags: 0,
+        }
+    } else {
+        BlkReq::read(block * 8, 4096)
+    };
+    let start = Instant::now();
+    let done: Done = drv.run(1, &req, TIMEOUT).expect("valid request served");
+    let latency = start.elapsed();
+    assert_eq!(done.status, S_OK, "valid request {n}");
+    if n % 2 == 1 {
+        assert_eq!(drv.slot_data(1, done.slot, 4096).unwrap(), data, "read {n}");
+    }
+    latency
+}
+
+#[test]
+fn malformed_flood_on_one_queue_leaves_log_memory_and_other_queue_intact() {
+    let dir = TempDir::new("flood");
+    let image = dir.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(DISK)
+        .unwrap();
+    let mut backend = Backend::spawn_with_stderr(
+        &dir.path("blk.sock"),
+        &["--image", image.to_str().unwrap(), "--queues", "2"],
+        Stdio::piped(),
+    );
+    let (lines, tail) = count_lines(backend.child.stderr.take().unwrap());
+    let pid = backend.child.id();
+    let cfg = FrontendConfig {
+        queue_size: 256,
+        ..config(2)
+    };
+    let mut fe = None;
+    let deadline = Instant::now() + TIMEOUT;
+    while fe.is_none() {
+        fe = SyntheticFrontend::connect(&backend.socket, cfg.clone()).ok();
+        assert!(Instant::now() < deadline, "backend socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut drv = BlkDriver::new(fe.unwrap(), 8, 4096).unwrap();
+    let bufs = Bufs::new(drv.frontend());
+
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    let (mut posted, mut rss_before, mut lines_before) = (0, 0, 0);
+    while posted < BAD_REQUESTS {
+        if posted >= WARM_UP && rss_before == 0 {
+            rss_before = rss_kib(pid);
+            lines_before = lines.load(Ordering::SeqCst);
+        }
+        let (n, returned) = post_batch(&mut drv, &bufs, posted);
+        latencies.push(valid_request(&mut drv, latencies.len()));
+        wait_returned(&mut drv, returned);
+        posted += n;
+    }
+    let elapsed = start.elapsed();
+    let rss_after = rss_kib(pid);
+    // A last valid request: the flood left queue 1 working.
+    latencies.push(valid_request(&mut drv, latencies.len() | 1));
+    std::thread::sleep(Duration::from_millis(200));
+    let logged = lines.load(Ordering::SeqCst);
+    let alive = backend.is_running();
+    drop(drv);
+
+    latencies.sort();
+    let pct = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+    let bound = LIMITERS * LINES_PER_SECOND * (elapsed.as_secs() as usize + 2) + OTHER_LINES;
+    eprintln!(
+        "flood: {posted} malformed requests in {elapsed:.1?}; {logged} log lines \
+         ({lines_before} before the warm-up point, bound {bound}); VmRSS {rss_before} KiB \
+         after {WARM_UP} requests, {rss_after} KiB at the end ({:+} KiB); {} valid \
+         requests on queue 1, latency min {:?} median {:?} p99 {:?} max {:?}; last lines: {:#?}",
+        rss_after - rss_before,
+        latencies.len(),
+        latencies[0],
+        pct(50),
+        pct(99),
+        latencies[latencies.len() - 1],
+        tail.lock().unwrap()
+    );
+    assert!(alive, "blk-backend died under the flood");
+    assert!(logged > 0, "the malformed requests were never logged");
+    assert!(
+        logged <= bound,
+        "{logged} log lines for {posted} bad requests"
+    );
+    assert!(
+        rss_after - rss_before <= RSS_BOUND_KIB,
+        "VmRSS grew from {rss_before} to {rss_after} KiB"
+    );
+    assert_eq!(latencies.len(), BAD_REQUESTS / BATCH + 1);
+}
