@@ -9,21 +9,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backends::frontend::blk::{BlkDriver, BlkReq, Done, S_OK, T_IN};
+use backends::frontend::flood::{percentiles, post, rss_kib, wait_returned, Bad, LogLines};
 use backends::frontend::{FrontendConfig, Seg, SyntheticFrontend};
-use backends::Used;
 use common::*;
 use vm_memory::{Bytes, GuestAddress};
 
 /// Malformed requests posted on queue 0.
 const BAD_REQUESTS: usize = 1_000_000;
-/// Malformed requests per kick; each batch ends with a chain that completes.
+/// Malformed requests per kick.
 const BATCH: usize = 64;
 /// Requests taken before the first memory reading (allocators warm).
 const WARM_UP: usize = 20_000;
@@ -37,34 +34,6 @@ const LIMITERS: usize = 2;
 const OTHER_LINES: usize = 20;
 /// Allowed growth of the daemon's resident memory over the flood.
 const RSS_BOUND_KIB: i64 = 1024;
-
-/// The daemon's resident set in KiB (`VmRSS` of /proc/PID/status).
-fn rss_kib(pid: u32) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
-/// Counts the lines `stderr` delivers and keeps the last few.
-fn count_lines(stderr: std::process::ChildStderr) -> (Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
-    let count = Arc::new(AtomicUsize::new(0));
-    let tail = Arc::new(Mutex::new(Vec::new()));
-    let (c, t) = (count.clone(), tail.clone());
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            c.fetch_add(1, Ordering::SeqCst);
-            let mut t = t.lock().unwrap();
-            if t.len() == 8 {
-                t.remove(0);
-            }
-            t.push(line);
-        }
-    });
-    (count, tail)
-}
 
 /// Guest buffers the malformed requests point at.
 struct Bufs {
@@ -138,73 +107,17 @@ impl Bufs {
                 status,
             ],
             8 => vec![header, seg(self.data, 100, true), status],
-            9 => return Bad::Loop,
+            9 => return Bad::Loop(header),
             _ => return Bad::HeadPastQueue,
         })
     }
 }
 
-/// A malformed request.
-enum Bad {
-    /// A chain that comes back in the used ring (with an error status where
-    /// it has a status byte).
-    Chain(Vec<Seg>),
-    /// One descriptor (a header) chained to itself.
-    Loop,
-    /// An available ring entry naming no descriptor: never comes back.
-    HeadPastQueue,
-}
-
-/// Descriptor loop: `head`'s descriptor chained to itself.
-fn make_loop(drv: &mut BlkDriver, head: u16) {
-    let fe = drv.frontend();
-    let (vq, mem) = fe.queue(0);
-    let at = vq.desc_addr(head);
-    mem.write_obj(1u16, GuestAddress(at.0 + 12)).unwrap();
-    mem.write_obj(head, GuestAddress(at.0 + 14)).unwrap();
-}
-
-/// Posts one batch of malformed requests on queue 0 and kicks; returns how
-/// many were posted and how many of them must come back in the used ring.
-fn post_batch(drv: &mut BlkDriver, bufs: &Bufs, first: usize) -> (usize, usize) {
-    let mut returned = 0;
-    for i in first..first + BATCH {
-        let last = i + 1 == first + BATCH;
-        let (vq, mem) = drv.frontend().queue(0);
-        match bufs.request(i) {
-            Bad::Chain(segs) => {
-                vq.add(mem, &segs).unwrap().expect("descriptors");
-                returned += 1;
-            }
-            // The last of a batch always comes back, so that the batch's
-            // end shows in the used ring.
-            Bad::HeadPastQueue if !last => vq.publish_raw(mem, vq.size() + 7).unwrap(),
-            Bad::Loop | Bad::HeadPastQueue => {
-                let header = Seg {
-                    addr: bufs.read,
-                    len: 16,
-                    writable: false,
-                };
-                let head = vq.add(mem, &[header]).unwrap().expect("descriptors");
-                make_loop(drv, head);
-                returned += 1;
-            }
-        }
-    }
-    drv.frontend().queue(0).0.notify();
-    (BATCH, returned)
-}
-
-/// Waits until `n` chains came back on queue 0.
-fn wait_returned(drv: &mut BlkDriver, n: usize) {
-    let mut used: Vec<Used> = Vec::new();
-    while used.len() < n {
-        let fe = drv.frontend();
-        let (vq, mem) = fe.queue(0);
-        let want = (n - used.len()) as u16;
-        vq.wait_used_batch(mem, TIMEOUT, &mut used, want)
-            .expect("malformed requests came back");
-    }
+/// Posts the malformed requests `first..first + BATCH` on queue 0; returns
+/// how many come back.
+fn post_batch(drv: &mut BlkDriver, bufs: &Bufs, first: usize) -> usize {
+    let batch: Vec<Bad> = (first..first + BATCH).map(|i| bufs.request(i)).collect();
+    post(drv.frontend(), 0, &batch).expect("malformed requests posted")
 }
 
 /// One valid request on queue 1: even `n` writes block `n / 2`'s pattern,
@@ -247,7 +160,7 @@ fn malformed_flood_on_one_queue_leaves_log_memory_and_other_queue_intact() {
         &["--image", image.to_str().unwrap(), "--queues", "2"],
         Stdio::piped(),
     );
-    let (lines, tail) = count_lines(backend.child.stderr.take().unwrap());
+    let lines = LogLines::watch(backend.child.stderr.take().unwrap());
     let pid = backend.child.id();
     let cfg = FrontendConfig {
         queue_size: 256,
@@ -268,25 +181,25 @@ fn malformed_flood_on_one_queue_leaves_log_memory_and_other_queue_intact() {
     let (mut posted, mut rss_before, mut lines_before) = (0, 0, 0);
     while posted < BAD_REQUESTS {
         if posted >= WARM_UP && rss_before == 0 {
-            rss_before = rss_kib(pid);
-            lines_before = lines.load(Ordering::SeqCst);
+            rss_before = rss_kib(pid).unwrap();
+            lines_before = lines.count();
         }
-        let (n, returned) = post_batch(&mut drv, &bufs, posted);
+        let returned = post_batch(&mut drv, &bufs, posted);
         latencies.push(valid_request(&mut drv, latencies.len()));
-        wait_returned(&mut drv, returned);
-        posted += n;
+        wait_returned(drv.frontend(), 0, returned, TIMEOUT).expect("malformed requests came back");
+        posted += BATCH;
     }
     let elapsed = start.elapsed();
-    let rss_after = rss_kib(pid);
+    let rss_after = rss_kib(pid).unwrap();
     // A last valid request: the flood left queue 1 working.
     latencies.push(valid_request(&mut drv, latencies.len() | 1));
     std::thread::sleep(Duration::from_millis(200));
-    let logged = lines.load(Ordering::SeqCst);
+    let logged = lines.count();
     let alive = backend.is_running();
     drop(drv);
 
-    latencies.sort();
-    let pct = |p: usize| latencies[(latencies.len() - 1) * p / 100];
+    let served = latencies.len();
+    let [min, median, p99, max] = percentiles(&mut latencies);
     let bound = LIMITERS * LINES_PER_SECOND * (elapsed.as_secs() as usize + 2) + OTHER_LINES;
     eprintln!(
         "flood: {posted} malformed requests in {elapsed:.1?}; {logged} log lines \
@@ -294,12 +207,12 @@ fn malformed_flood_on_one_queue_leaves_log_memory_and_other_queue_intact() {
          after {WARM_UP} requests, {rss_after} KiB at the end ({:+} KiB); {} valid \
          requests on queue 1, latency min {:?} median {:?} p99 {:?} max {:?}; last lines: {:#?}",
         rss_after - rss_before,
-        latencies.len(),
-        latencies[0],
-        pct(50),
-        pct(99),
-        latencies[latencies.len() - 1],
-        tail.lock().unwrap()
+        served,
+        min,
+        median,
+        p99,
+        max,
+        lines.tail()
     );
     assert!(alive, "blk-backend died under the flood");
     assert!(logged > 0, "the malformed requests were never logged");
@@ -311,5 +224,5 @@ fn malformed_flood_on_one_queue_leaves_log_memory_and_other_queue_intact() {
         rss_after - rss_before <= RSS_BOUND_KIB,
         "VmRSS grew from {rss_before} to {rss_after} KiB"
     );
-    assert_eq!(latencies.len(), BAD_REQUESTS / BATCH + 1);
+    assert_eq!(served, BAD_REQUESTS / BATCH + 1);
 }

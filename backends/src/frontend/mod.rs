@@ -6,6 +6,7 @@
 
 pub mod blk;
 mod dirty;
+pub mod flood;
 pub mod net;
 mod state;
 
