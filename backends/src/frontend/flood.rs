@@ -7,13 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress};
-
 use super::{FrontendError, Seg, SyntheticFrontend};
 use crate::device::Used;
-
-/// VRING_DESC_F_NEXT.
-const F_NEXT: u16 = 1;
 
 /// A malformed request.
 #[derive(Clone, Debug)]
@@ -41,20 +36,7 @@ pub fn post(fe: &mut SyntheticFrontend, q: usize, bad: &[Bad]) -> Result<usize, 
                 returned += 1;
             }
             Bad::Loop(seg) => {
-                let head = vq
-                    .add(mem, std::slice::from_ref(seg))?
-                    .ok_or(FrontendError::OutOfMemory)?;
-                // Published already: a device looking at the ring right now
-                // may take it before the rewrite, as a plain one-descriptor
-                // chain, malformed all the same.
-                let at = vq.desc_addr(head);
-                mem.write_obj(
-                    F_NEXT | u16::from(seg.writable) << 1,
-                    GuestAddress(at.0 + 12),
-                )
-                .map_err(FrontendError::Access)?;
-                mem.write_obj(head, GuestAddress(at.0 + 14))
-                    .map_err(FrontendError::Access)?;
+                vq.add_loop(mem, seg)?.ok_or(FrontendError::OutOfMemory)?;
                 returned += 1;
             }
             Bad::HeadPastQueue => vq.publish_raw(mem, vq.size().wrapping_add(7))?,
