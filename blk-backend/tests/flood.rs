@@ -13,27 +13,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use backends::frontend::blk::{BlkDriver, BlkReq, Done, S_OK, T_IN};
-use backends::frontend::flood::{percentiles, post, rss_kib, wait_returned, Bad, LogLines};
+use backends::frontend::flood::{Bad, Flood, LogLines};
 use backends::frontend::{FrontendConfig, Seg, SyntheticFrontend};
 use common::*;
 use vm_memory::{Bytes, GuestAddress};
-
-/// Malformed requests posted on queue 0.
-const BAD_REQUESTS: usize = 1_000_000;
-/// Malformed requests per kick.
-const BATCH: usize = 64;
-/// Requests taken before the first memory reading (allocators warm).
-const WARM_UP: usize = 20_000;
-/// Log lines one limiter lets through per second (`LogLimiter::default`),
-/// and the limiters a flooded blk queue has: its request processor's and
-/// its vring's.
-const LINES_PER_SECOND: usize = 5;
-const LIMITERS: usize = 2;
-/// Lines the daemon writes apart from the flood (start-up, the frontend
-/// going away), generously.
-const OTHER_LINES: usize = 20;
-/// Allowed growth of the daemon's resident memory over the flood.
-const RSS_BOUND_KIB: i64 = 1024;
 
 /// Guest buffers the malformed requests point at.
 struct Bufs {
@@ -113,13 +96,6 @@ impl Bufs {
     }
 }
 
-/// Posts the malformed requests `first..first + BATCH` on queue 0; returns
-/// how many come back.
-fn post_batch(drv: &mut BlkDriver, bufs: &Bufs, first: usize) -> usize {
-    let batch: Vec<Bad> = (first..first + BATCH).map(|i| bufs.request(i)).collect();
-    post(drv.frontend(), 0, &batch).expect("malformed requests posted")
-}
-
 /// One valid request on queue 1: even `n` writes block `n / 2`'s pattern,
 /// odd `n` reads it back. Returns its latency; panics unless it succeeds
 /// with the right data.
@@ -176,53 +152,33 @@ fn malformed_flood_on_one_queue_leaves_log_memory_and_other_queue_intact() {
     let mut drv = BlkDriver::new(fe.unwrap(), 8, 4096).unwrap();
     let bufs = Bufs::new(drv.frontend());
 
-    let start = Instant::now();
-    let mut latencies = Vec::new();
-    let (mut posted, mut rss_before, mut lines_before) = (0, 0, 0);
-    while posted < BAD_REQUESTS {
-        if posted >= WARM_UP && rss_before == 0 {
-            rss_before = rss_kib(pid).unwrap();
-            lines_before = lines.count();
-        }
-        let returned = post_batch(&mut drv, &bufs, posted);
-        latencies.push(valid_request(&mut drv, latencies.len()));
-        wait_returned(drv.frontend(), 0, returned, TIMEOUT).expect("malformed requests came back");
-        posted += BATCH;
-    }
-    let elapsed = start.elapsed();
-    let rss_after = rss_kib(pid).unwrap();
+    let flood = Flood::default();
+    let mut report = flood
+        .run(
+            &mut drv,
+            BlkDriver::frontend,
+            (pid, &lines),
+            |i| bufs.request(i),
+            valid_request,
+            TIMEOUT,
+        )
+        .expect("flood");
     // A last valid request: the flood left queue 1 working.
-    latencies.push(valid_request(&mut drv, latencies.len() | 1));
+    let n = report.latencies.len() | 1;
+    report.latencies.push(valid_request(&mut drv, n));
     std::thread::sleep(Duration::from_millis(200));
     let logged = lines.count();
     let alive = backend.is_running();
     drop(drv);
 
-    let served = latencies.len();
-    let [min, median, p99, max] = percentiles(&mut latencies);
-    let bound = LIMITERS * LINES_PER_SECOND * (elapsed.as_secs() as usize + 2) + OTHER_LINES;
+    let bound = flood.log_bound(&report);
     eprintln!(
-        "flood: {posted} malformed requests in {elapsed:.1?}; {logged} log lines \
-         ({lines_before} before the warm-up point, bound {bound}); VmRSS {rss_before} KiB \
-         after {WARM_UP} requests, {rss_after} KiB at the end ({:+} KiB); {} valid \
-         requests on queue 1, latency min {:?} median {:?} p99 {:?} max {:?}; last lines: {:#?}",
-        rss_after - rss_before,
-        served,
-        min,
-        median,
-        p99,
-        max,
+        "flood: {}, log bound {bound}; last lines: {:#?}",
+        report.summary(logged),
         lines.tail()
     );
     assert!(alive, "blk-backend died under the flood");
-    assert!(logged > 0, "the malformed requests were never logged");
-    assert!(
-        logged <= bound,
-        "{logged} log lines for {posted} bad requests"
-    );
-    assert!(
-        rss_after - rss_before <= RSS_BOUND_KIB,
-        "VmRSS grew from {rss_before} to {rss_after} KiB"
-    );
-    assert_eq!(served, BAD_REQUESTS / BATCH + 1);
+    assert_eq!(flood.uncontained(&report, logged), None);
+    let served = report.latencies.len();
+    assert_eq!(served, flood.total / flood.batch + 1);
 }

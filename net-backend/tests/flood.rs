@@ -14,7 +14,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use backends::frontend::flood::{percentiles, post, rss_kib, wait_returned, Bad, LogLines};
+use backends::frontend::flood::{Bad, Flood, LogLines};
 use backends::frontend::net::{NetDriver, HDR_LEN};
 use backends::frontend::{Seg, SyntheticFrontend};
 use backends::metrics_server::get;
@@ -22,19 +22,6 @@ use common::*;
 use net_backend::vnet::F_NEEDS_CSUM;
 use vm_memory::{Bytes, GuestAddress};
 
-/// Malformed chains posted on TX queue 0.
-const BAD_REQUESTS: usize = 1_000_000;
-/// Malformed chains per kick.
-const BATCH: usize = 64;
-/// Chains taken before the first memory reading (allocators warm).
-const WARM_UP: usize = 20_000;
-/// Log lines the TX queue's limiter and its vring's let through per second
-/// (`LogLimiter::default`, 5 each).
-const LINES_PER_SECOND: usize = 10;
-/// Lines the daemon writes apart from the flood, generously.
-const OTHER_LINES: usize = 20;
-/// Allowed growth of the daemon's resident memory over the flood.
-const RSS_BOUND_KIB: i64 = 1024;
 /// The frame pair 1 sends, and its size.
 const FRAME: usize = 1000;
 /// An oversize frame: more than the MTU plus the Ethernet header.
@@ -131,53 +118,39 @@ fn malformed_tx_flood_leaves_log_memory_and_other_pair_intact() {
     let mut drv = daemon.driver_pairs(2);
     let bufs = Bufs::new(drv.frontend());
 
-    let start = Instant::now();
-    let mut latencies = Vec::new();
-    let (mut posted, mut returned_total, mut rss_before, mut lines_before) = (0, 0, 0, 0);
-    while posted < BAD_REQUESTS {
-        if posted >= WARM_UP && rss_before == 0 {
-            rss_before = rss_kib(pid).unwrap();
-            lines_before = lines.count();
-        }
-        let batch: Vec<Bad> = (posted..posted + BATCH).map(|i| bufs.request(i)).collect();
-        let returned = post(drv.frontend(), 1, &batch).expect("malformed chains posted");
-        latencies.push(send_valid(&mut drv, latencies.len()));
-        wait_returned(drv.frontend(), 1, returned, TIMEOUT).expect("malformed chains came back");
-        posted += BATCH;
-        returned_total += returned;
-    }
-    let elapsed = start.elapsed();
-    let rss_after = rss_kib(pid).unwrap();
-    latencies.push(send_valid(&mut drv, latencies.len()));
+    let flood = Flood {
+        queue: 1,
+        ..Flood::default()
+    };
+    let mut report = flood
+        .run(
+            &mut drv,
+            NetDriver::frontend,
+            (pid, &lines),
+            |i| bufs.request(i),
+            send_valid,
+            TIMEOUT,
+        )
+        .expect("flood");
+    let n = report.latencies.len();
+    report.latencies.push(send_valid(&mut drv, n));
     std::thread::sleep(Duration::from_millis(200));
     let logged = lines.count();
     let alive = daemon.child.try_wait().unwrap().is_none();
     let sent_frames = counter(&daemon.metrics, "/queues/3/tx_frames");
     let flood_frames = counter(&daemon.metrics, "/queues/1/tx_frames");
 
-    let served = latencies.len();
-    let [min, median, p99, max] = percentiles(&mut latencies);
-    let bound = LINES_PER_SECOND * (elapsed.as_secs() as usize + 2) + OTHER_LINES;
+    let bound = flood.log_bound(&report);
     eprintln!(
-        "net flood: {posted} malformed TX chains ({returned_total} handed back) in \
-         {elapsed:.1?}; {logged} log lines ({lines_before} before the warm-up point, bound \
-         {bound}); VmRSS {rss_before} KiB after {WARM_UP} chains, {rss_after} KiB at the end \
-         ({:+} KiB); {served} frames sent on pair 1 ({sent_frames} written to the tap), \
-         latency min {min:?} median {median:?} p99 {p99:?} max {max:?}; last lines: {:#?}",
-        rss_after - rss_before,
+        "net flood: {}, log bound {bound}, {sent_frames} frames written to the tap \
+         from pair 1; last lines: {:#?}",
+        report.summary(logged),
         lines.tail()
     );
     assert!(alive, "net-backend died under the flood");
-    assert!(logged > 0, "the malformed chains were never logged");
-    assert!(
-        logged <= bound,
-        "{logged} log lines for {posted} bad chains"
-    );
-    assert!(
-        rss_after - rss_before <= RSS_BOUND_KIB,
-        "VmRSS grew from {rss_before} to {rss_after} KiB"
-    );
-    assert_eq!(served, BAD_REQUESTS / BATCH + 1);
+    assert_eq!(flood.uncontained(&report, logged), None);
+    let served = report.latencies.len();
+    assert_eq!(served, flood.total / flood.batch + 1);
     assert_eq!(sent_frames, served as u64);
     assert_eq!(flood_frames, 0, "a malformed chain reached the tap");
 }
