@@ -708,12 +708,20 @@ fn add_nic(xml: &Path, tap: &str) {
     std::fs::write(xml, with_nic).unwrap();
 }
 
+/// virtchd in a network namespace with the tap `tap` for its user, and
+/// the domain XML of the test guest with `cmdline`, a disk and a NIC on
+/// that tap (drop in this order: virtchd, then the namespace).
+fn with_nic(tag: &str, tap: &str, cmdline: &str) -> (common::Netns, Libvirt, PathBuf) {
+    let ns = netns_with_user_tap(tap);
+    let lv = Libvirt::start_in(tag, Some(&ns.0));
+    let xml = lv.domain_xml("tg", cmdline);
+    add_nic(&xml, tap);
+    (ns, lv, xml)
+}
+
 #[test]
 fn virsh_starts_a_guest_whose_nic_is_the_tap_libvirt_passes() {
-    let ns = netns_with_user_tap("vmtap9");
-    let lv = Libvirt::start_in("nic", Some(&ns.0));
-    let xml = lv.domain_xml("tg", "tg.virtio tg.netrx tg.hold");
-    add_nic(&xml, "vmtap9");
+    let (ns, lv, xml) = with_nic("nic", "vmtap9", "tg.virtio tg.netrx tg.hold");
     let script = lv.dir.join("peer.py");
     std::fs::write(&script, PEER).unwrap();
     let mut peer = ns
@@ -794,10 +802,7 @@ fn total(text: &str, metric: &str, name: &str) -> f64 {
 /// domain.
 #[test]
 fn virsh_domain_in_the_dashboard_is_watched_paused_and_stopped_leaving_nothing() {
-    let ns = netns_with_user_tap("vmtap8");
-    let lv = Libvirt::start_in("dashboard", Some(&ns.0));
-    let xml = lv.domain_xml("tg", "tg.virtio tg.blkcount tg.netcount");
-    add_nic(&xml, "vmtap8");
+    let (_ns, lv, xml) = with_nic("dashboard", "vmtap8", "tg.virtio tg.blkcount tg.netcount");
     let hostd_bin = lv.dir.join("vmm-hostd");
     std::fs::copy(common::workspace_bin("vmm-hostd"), &hostd_bin).unwrap();
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libvirt-dashboard.png");
