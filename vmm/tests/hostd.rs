@@ -6,75 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
+use common::hostd::*;
 use common::*;
-
-/// A running vmm-hostd, killed when dropped.
-struct Hostd {
-    child: Child,
-    addr: String,
-}
-
-impl Hostd {
-    /// Starts vmm-hostd on a free loopback port with `run` as its
-    /// `XDG_RUNTIME_DIR` (where it looks for vmm) and `args`.
-    fn start(run: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(workspace_bin("vmm-hostd"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("XDG_RUNTIME_DIR", run)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("vmm-hostd: serving http://")
-            .and_then(|a| a.strip_suffix('/'))
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Self { child, addr }
-    }
-
-    /// `GET path` with extra header lines; (status, body).
-    fn get(&self, path: &str, headers: &str) -> (u16, String) {
-        self.request("GET", path, headers)
-    }
-
-    fn request(&self, method: &str, path: &str, headers: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(API_LIMIT)).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
-        )
-        .unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        let status = reply[9..12].parse().unwrap();
-        let body = reply.split_once("\r\n\r\n").unwrap().1.to_string();
-        (status, body)
-    }
-}
-
-impl Drop for Hostd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A VM named `name` (its API socket `<name>.sock`) with `XDG_RUNTIME_DIR`
 /// `run`, in namespace `ns` with a NIC on tap `tg0` and then a disk image:
@@ -143,22 +82,6 @@ fn setup(tag: &str, name: &str) -> Setup {
         _ns: ns,
         run,
         dir,
-    }
-}
-
-/// The value of the sample `line_prefix ` in Prometheus `text`.
-fn sample(text: &str, line_prefix: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {line_prefix} in\n{text}"))
-}
-
-/// Polls `f` until it holds or [`API_LIMIT`] passes.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + API_LIMIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -333,25 +256,6 @@ fn a_page_of_another_host_name_is_refused_without_a_token() {
     assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
 }
 
-/// Where scripts/setup installs playwright-core.
-fn npm_modules() -> PathBuf {
-    let cache = std::env::var_os("VMM_NPM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-                .join("vmm-npm")
-        });
-    let modules = cache.join("node_modules");
-    assert!(
-        modules.join("playwright-core").is_dir(),
-        "playwright-core is not in {}: run scripts/setup",
-        modules.display()
-    );
-    modules
-}
-
 #[test]
 fn dashboard_in_chromium_pauses_and_resumes_a_vm() {
     let setup = setup("hostd-browser", "web");
@@ -360,11 +264,8 @@ fn dashboard_in_chromium_pauses_and_resumes_a_vm() {
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
 
-    let out = Command::new("node")
-        .arg(root().join("vmm/hostd/tests/dashboard.cjs"))
-        .arg(format!("http://{}/", hostd.addr))
-        .arg(&shot)
-        .env("NODE_PATH", npm_modules())
+    let out = hostd
+        .browser(&shot, &[])
         .stderr(Stdio::inherit())
         .output()
         .unwrap();

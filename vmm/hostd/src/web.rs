@@ -10,11 +10,19 @@
 //! | `GET /api/vms/NAME/console?from=N` | the VM's serial output from byte N (vmm's vm.console) |
 //! | `POST /api/vms/NAME/ACTION` | `pause`, `resume`, `reboot`, `shutdown` (ACPI power button), `power-off` (vm.shutdown: stops at once), `snapshot` (pauses if running, snapshots into a new directory below the snapshot directory, resumes) |
 //!
+//! Pause and resume of a VM that libvirt started (its API socket in one of
+//! libvirt's ch directories) go through libvirt (`virsh -c ch:///session
+//! suspend|resume NAME`, `ch:///system` for the system daemon's), as
+//! virt-manager's would: libvirt's ch driver does not follow a pause from
+//! vmm's events, so a pause behind its back would leave `virsh domstate`
+//! saying running. `virsh` must be in vmm-hostd's PATH then.
+//!
 //! Actions need the header `X-Vmm-Hostd: 1`: a page of another origin
 //! cannot send it without the browser asking first (and we never allow
 //! it), so a site the user visits cannot press the buttons.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 use thiserror::Error;
@@ -36,6 +44,10 @@ pub enum WebError {
     Vmm(String, #[source] CollectError),
     #[error("Cannot create the snapshot directory {0}")]
     SnapshotDir(String, #[source] std::io::Error),
+    #[error("Cannot run virsh")]
+    VirshRun(#[source] std::io::Error),
+    #[error("virsh {0} failed: {1}")]
+    Virsh(String, String),
 }
 
 impl WebError {
@@ -44,8 +56,8 @@ impl WebError {
         match self {
             Self::NoVm(_) | Self::UnknownAction(_) => 404,
             Self::Vmm(_, CollectError::Status(s, _)) => *s,
-            Self::Vmm(..) => 502,
-            Self::SnapshotDir(..) => 500,
+            Self::Vmm(..) | Self::Virsh(..) => 502,
+            Self::SnapshotDir(..) | Self::VirshRun(_) => 500,
         }
     }
 }
@@ -163,6 +175,17 @@ fn put(socket: &Path, endpoint: &str, body: &[u8]) -> Result<(), WebError> {
 /// `POST /api/vms/NAME/ACTION`: what was done, as JSON.
 pub fn action(name: &str, action: &str, snapshots: &Path) -> Result<Value, WebError> {
     let vm = find(name)?;
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+    let by_libvirt = match action {
+        "pause" => Some("suspend"),
+        "resume" => Some("resume"),
+        _ => None,
+    };
+    if let (Some(uri), Some(command)) = (libvirt_uri(&vm.socket, runtime.as_deref()), by_libvirt) {
+        virsh(uri, command, &vm.name)?;
+        tracing::info!(vm = name, action, uri, "done through libvirt");
+        return Ok(json!({"done": action}));
+    }
     let endpoint = match action {
         "pause" => "vm.pause",
         "resume" => "vm.resume",
@@ -175,6 +198,40 @@ pub fn action(name: &str, action: &str, snapshots: &Path) -> Result<Value, WebEr
     put(&vm.socket, endpoint, &[])?;
     tracing::info!(vm = name, action, "done");
     Ok(json!({"done": action}))
+}
+
+/// The libvirt connection that manages the vmm on `socket`, if libvirt's
+/// ch driver bound it: `ch:///session` below `runtime`
+/// (`$XDG_RUNTIME_DIR`), `ch:///system` below `/run/libvirt/ch`.
+fn libvirt_uri(socket: &Path, runtime: Option<&Path>) -> Option<&'static str> {
+    let file = socket.file_name()?.to_str()?;
+    if !file.ends_with("-socket") {
+        return None;
+    }
+    let dir = socket.parent()?;
+    if runtime.is_some_and(|r| dir == r.join("libvirt/ch/run")) {
+        Some("ch:///session")
+    } else if dir == Path::new("/run/libvirt/ch") {
+        Some("ch:///system")
+    } else {
+        None
+    }
+}
+
+/// `virsh -c uri command domain`.
+fn virsh(uri: &str, command: &str, domain: &str) -> Result<(), WebError> {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", uri, command, domain])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(WebError::VirshRun)?;
+    if !out.status.success() {
+        return Err(WebError::Virsh(
+            command.to_string(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// Pauses `vm` if it runs, snapshots it into a new directory and resumes
@@ -196,4 +253,27 @@ fn snapshot(vm: &Found, snapshots: &Path) -> Result<Value, WebError> {
     taken?;
     tracing::info!(vm = %vm.name, dir = %dir.display(), "snapshot taken");
     Ok(json!({"done": "snapshot", "path": dir}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_libvirts_sockets_are_managed_through_libvirt() {
+        let run = Path::new("/run/user/1000");
+
+        let uris = [
+            "/run/user/1000/libvirt/ch/run/web-socket",
+            "/run/libvirt/ch/web-socket",
+            "/run/user/1000/vmm/web.sock",
+            "/run/user/1000/libvirt/ch/run/web.sock",
+        ]
+        .map(|s| libvirt_uri(Path::new(s), Some(run)));
+
+        assert_eq!(
+            uris,
+            [Some("ch:///session"), Some("ch:///system"), None, None]
+        );
+    }
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hostd;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
