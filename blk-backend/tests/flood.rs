@@ -68,11 +68,7 @@ impl Bufs {
 
     /// The `i`th malformed request of the flood.
     fn request(&self, i: usize) -> Bad {
-        let seg = |addr: GuestAddress, len: u32, writable: bool| Seg {
-            addr,
-            len,
-            writable,
-        };
+        let seg = Seg::new;
         let status = seg(self.status, 1, true);
         let data_in = seg(self.data, 4096, true);
         let header = seg(self.read, 16, false);

@@ -66,11 +66,7 @@ impl Bufs {
 
     /// The `i`th malformed chain of the flood.
     fn request(&self, i: usize) -> Bad {
-        let seg = |addr: GuestAddress, len: u32, writable: bool| Seg {
-            addr,
-            len,
-            writable,
-        };
+        let seg = Seg::new;
         let hdr = |addr| seg(addr, HDR_LEN as u32, false);
         let frame = seg(self.frame, FRAME as u32, false);
         Bad::Chain(match i % 9 {

@@ -136,6 +136,16 @@ pub struct Seg {
     pub writable: bool,
 }
 
+impl Seg {
+    pub fn new(addr: GuestAddress, len: u32, writable: bool) -> Self {
+        Self {
+            addr,
+            len,
+            writable,
+        }
+    }
+}
+
 /// A split virtqueue driven from the guest side.
 pub struct VirtQueue {
     size: u16,
