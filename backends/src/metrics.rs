@@ -17,6 +17,18 @@ pub struct QueueMetrics {
     pub in_flight: AtomicU64,
     /// Used-ring notifications sent to the frontend.
     pub notifications: AtomicU64,
+    /// Read requests completed by storage.
+    pub read_requests: AtomicU64,
+    /// Write requests completed by storage.
+    pub write_requests: AtomicU64,
+    /// Flush requests completed by storage.
+    pub flush_requests: AtomicU64,
+    /// Time read requests spent from submission to completion, in nanoseconds.
+    pub read_time_ns: AtomicU64,
+    /// Time write requests spent from submission to completion, in nanoseconds.
+    pub write_time_ns: AtomicU64,
+    /// Time flush requests spent from submission to completion, in nanoseconds.
+    pub flush_time_ns: AtomicU64,
 }
 
 /// A plain copy of [`QueueMetrics`].
@@ -34,6 +46,18 @@ pub struct QueueMetricsSnapshot {
     pub in_flight: u64,
     /// See [`QueueMetrics::notifications`].
     pub notifications: u64,
+    /// See [`QueueMetrics::read_requests`].
+    pub read_requests: u64,
+    /// See [`QueueMetrics::write_requests`].
+    pub write_requests: u64,
+    /// See [`QueueMetrics::flush_requests`].
+    pub flush_requests: u64,
+    /// See [`QueueMetrics::read_time_ns`].
+    pub read_time_ns: u64,
+    /// See [`QueueMetrics::write_time_ns`].
+    pub write_time_ns: u64,
+    /// See [`QueueMetrics::flush_time_ns`].
+    pub flush_time_ns: u64,
 }
 
 impl QueueMetrics {
@@ -56,6 +80,12 @@ impl QueueMetrics {
             errors: self.errors.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             notifications: self.notifications.load(Ordering::Relaxed),
+            read_requests: self.read_requests.load(Ordering::Relaxed),
+            write_requests: self.write_requests.load(Ordering::Relaxed),
+            flush_requests: self.flush_requests.load(Ordering::Relaxed),
+            read_time_ns: self.read_time_ns.load(Ordering::Relaxed),
+            write_time_ns: self.write_time_ns.load(Ordering::Relaxed),
+            flush_time_ns: self.flush_time_ns.load(Ordering::Relaxed),
         }
     }
 }

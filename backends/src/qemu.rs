@@ -226,3 +226,32 @@ impl Drop for QemuGuest {
         let _ = self.child.wait();
     }
 }
+
+/// Random moments for a crash loop's kills: a xorshift generator seeded
+/// from the environment variable `env` (hex, to repeat a run) or else the
+/// clock. The seed is printed on stderr.
+pub struct KillMoments(u64);
+
+impl KillMoments {
+    /// A generator seeded from `env` or the clock.
+    pub fn new(env: &str) -> Self {
+        let seed = match std::env::var(env) {
+            Ok(s) => u64::from_str_radix(s.trim_start_matches("0x"), 16)
+                .unwrap_or_else(|e| panic!("{env}={s}: {e}")),
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1),
+        };
+        eprintln!("kill moments: seed {seed:#x} ({env} to repeat)");
+        KillMoments(seed | 1)
+    }
+
+    /// The next delay, below `max`.
+    pub fn below(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(self.0 % max.as_millis().max(1) as u64)
+    }
+}

@@ -41,9 +41,12 @@ impl LogLimiter {
     }
 }
 
+/// Lines a second a default limiter lets through.
+pub const DEFAULT_BURST: u32 = 5;
+
 impl Default for LogLimiter {
     fn default() -> Self {
-        LogLimiter::new(5)
+        LogLimiter::new(DEFAULT_BURST)
     }
 }
 

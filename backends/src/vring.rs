@@ -148,30 +148,47 @@ impl Vring {
     }
 
     /// Takes the next available chain head and marks it in flight.
+    /// Entries naming no descriptor (an index past the queue) are consumed
+    /// and dropped on the way, with a rate-limited warning: nothing can be
+    /// executed for them, and the used ring may not name them.
     pub fn pop(&mut self, mem: &GuestMem) -> Option<u16> {
-        // Checked here so that a bogus index costs one rate-limited warning,
-        // not an error line from the queue crate on every kick.
-        match self.pending(mem) {
-            Some(0) => return None,
-            Some(_) => {}
-            None => {
-                if self.log.allow() {
-                    tracing::warn!(
-                        next_avail = self.queue.next_avail(),
-                        suppressed = self.log.suppressed(),
-                        "invalid available index, queue stalled until the driver fixes it"
-                    );
+        loop {
+            // Checked here so that a bogus index costs one rate-limited
+            // warning, not an error line from the queue crate on every kick.
+            match self.pending(mem) {
+                Some(0) => return None,
+                Some(_) => {}
+                None => {
+                    if self.log.allow() {
+                        tracing::warn!(
+                            next_avail = self.queue.next_avail(),
+                            suppressed = self.log.suppressed(),
+                            "invalid available index, queue stalled until the driver fixes it"
+                        );
+                    }
+                    return None;
                 }
-                return None;
+            }
+            let head = self.queue.pop_descriptor_chain(mem)?.head_index();
+            QueueMetrics::add(&self.metrics.requests, 1);
+            if head < self.queue.size() {
+                if let Some(q) = self.inflight.as_mut() {
+                    q.start(head);
+                }
+                QueueMetrics::add(&self.metrics.in_flight, 1);
+                return Some(head);
+            }
+            // Completing it would make virtio-queue log an unlimited error
+            // line per entry.
+            QueueMetrics::add(&self.metrics.errors, 1);
+            if self.log.allow() {
+                tracing::warn!(
+                    head,
+                    suppressed = self.log.suppressed(),
+                    "available ring entry past the queue, dropped"
+                );
             }
         }
-        let head = self.queue.pop_descriptor_chain(mem)?.head_index();
-        if let Some(q) = self.inflight.as_mut() {
-            q.start(head);
-        }
-        QueueMetrics::add(&self.metrics.requests, 1);
-        QueueMetrics::add(&self.metrics.in_flight, 1);
-        Some(head)
     }
 
     /// Gives back the last `heads` taken (newest last) without using them:

@@ -11,6 +11,7 @@
 //! byte, each before the request is handed back for the used ring.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use backends::desc::{walk_chain, Descriptor};
 use backends::memory::GuestMemRef;
@@ -40,6 +41,8 @@ struct Pending {
     used_len: u32,
     kind: RequestType,
     bytes: u64,
+    /// When it went to storage.
+    started: Instant,
     /// The guest buffers a read fills, to mark dirty once it is reaped
     /// (empty for other requests).
     data: Vec<Descriptor>,
@@ -311,6 +314,7 @@ impl QueueHandler for BlkQueue {
                     used_len,
                     kind: req.kind,
                     bytes: req.data_len,
+                    started: Instant::now(),
                     data,
                 });
                 self.in_flight += 1;
@@ -346,9 +350,27 @@ impl QueueHandler for BlkQueue {
             if let Err(e) = &c.result {
                 self.warn(head, e);
             }
-            match (p.kind, ok) {
-                (RequestType::In, true) => QueueMetrics::add(&self.metrics.read_bytes, p.bytes),
-                (RequestType::Out, true) => QueueMetrics::add(&self.metrics.write_bytes, p.bytes),
+            let ns = u64::try_from(p.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let m = &self.metrics;
+            match p.kind {
+                RequestType::In => {
+                    QueueMetrics::add(&m.read_requests, 1);
+                    QueueMetrics::add(&m.read_time_ns, ns);
+                    if ok {
+                        QueueMetrics::add(&m.read_bytes, p.bytes);
+                    }
+                }
+                RequestType::Out => {
+                    QueueMetrics::add(&m.write_requests, 1);
+                    QueueMetrics::add(&m.write_time_ns, ns);
+                    if ok {
+                        QueueMetrics::add(&m.write_bytes, p.bytes);
+                    }
+                }
+                RequestType::Flush => {
+                    QueueMetrics::add(&m.flush_requests, 1);
+                    QueueMetrics::add(&m.flush_time_ns, ns);
+                }
                 _ => {}
             }
             let st = if ok { status::OK } else { status::IOERR };

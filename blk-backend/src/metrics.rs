@@ -17,6 +17,24 @@ static NOTIFICATIONS: Metric = Metric::counter(
     "notifications",
     "Used-ring notifications sent to the frontend.",
 );
+static READ_REQUESTS: Metric =
+    Metric::counter("read_requests", "Read requests completed by storage.");
+static WRITE_REQUESTS: Metric =
+    Metric::counter("write_requests", "Write requests completed by storage.");
+static FLUSH_REQUESTS: Metric =
+    Metric::counter("flush_requests", "Flush requests completed by storage.");
+static READ_TIME: Metric = Metric::counter(
+    "read_time_ns",
+    "Nanoseconds read requests spent in storage, summed.",
+);
+static WRITE_TIME: Metric = Metric::counter(
+    "write_time_ns",
+    "Nanoseconds write requests spent in storage, summed.",
+);
+static FLUSH_TIME: Metric = Metric::counter(
+    "flush_time_ns",
+    "Nanoseconds flush requests spent in storage, summed.",
+);
 static IN_FLIGHT: Metric = Metric::gauge("in_flight", "Requests taken and not yet completed.");
 
 /// Reads the server's per-queue counters (see
@@ -50,6 +68,12 @@ impl CounterSource for BlkCounters {
                         Sample::new(&ERRORS, s.errors),
                         Sample::new(&NOTIFICATIONS, s.notifications),
                         Sample::new(&IN_FLIGHT, s.in_flight),
+                        Sample::new(&READ_REQUESTS, s.read_requests),
+                        Sample::new(&WRITE_REQUESTS, s.write_requests),
+                        Sample::new(&FLUSH_REQUESTS, s.flush_requests),
+                        Sample::new(&READ_TIME, s.read_time_ns),
+                        Sample::new(&WRITE_TIME, s.write_time_ns),
+                        Sample::new(&FLUSH_TIME, s.flush_time_ns),
                     ],
                 }
             })
@@ -87,7 +111,13 @@ mod tests {
                 ("write_bytes", 4096),
                 ("errors", 0),
                 ("notifications", 0),
-                ("in_flight", 2)
+                ("in_flight", 2),
+                ("read_requests", 0),
+                ("write_requests", 0),
+                ("flush_requests", 0),
+                ("read_time_ns", 0),
+                ("write_time_ns", 0),
+                ("flush_time_ns", 0)
             ]
         );
     }

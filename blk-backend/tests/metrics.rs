@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use backends::frontend::blk::{S_IOERR, S_OK};
+use backends::frontend::blk::{BlkReq, S_IOERR, S_OK, T_FLUSH};
 use backends::server::Server;
 use blk_backend::storage::MemoryStorage;
 use blk_backend::{BlkDevice, BlkOptions};
@@ -24,9 +24,20 @@ fn counters_track_requests_bytes_errors_and_notifications() {
     let w = drv.write(0, 0, &pattern(1, 4096), TIMEOUT).unwrap();
     let (r, _) = drv.read(0, 0, 8192, TIMEOUT).unwrap();
     let (bad, _) = drv.read(0, 1 << 20, 512, TIMEOUT).unwrap();
+    let flush = BlkReq {
+        kind: T_FLUSH,
+        ..BlkReq::read(0, 0)
+    };
+    let f = drv.run(0, &flush, TIMEOUT).unwrap().status;
     let m = server.metrics()[0];
 
-    assert_eq!((w, r, bad), (S_OK, S_OK, S_IOERR));
+    assert_eq!((w, r, bad, f), (S_OK, S_OK, S_IOERR, S_OK));
+    // The request past the end never reaches storage: not a read.
+    assert_eq!(
+        (m.read_requests, m.write_requests, m.flush_requests),
+        (1, 1, 1)
+    );
+    assert!(m.read_time_ns > 0 && m.write_time_ns > 0 && m.flush_time_ns > 0);
     assert_eq!(
         (
             m.requests,
@@ -35,7 +46,7 @@ fn counters_track_requests_bytes_errors_and_notifications() {
             m.errors,
             m.in_flight
         ),
-        (3, 4096, 8192, 1, 0)
+        (4, 4096, 8192, 1, 0)
     );
     assert!(m.notifications >= 1);
 }

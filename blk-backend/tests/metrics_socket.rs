@@ -138,12 +138,13 @@ fn metrics_endpoint_serves_well_formed_prometheus_text() {
         "{}",
         reply.head
     );
-    assert_eq!(check_prometheus_text(&reply.body), Ok(12), "{}", reply.body);
+    assert_eq!(check_prometheus_text(&reply.body), Ok(24), "{}", reply.body);
     for line in [
         "# TYPE vmm_blk_requests_total counter",
         "vmm_blk_requests_total{queue=\"0\"} 0",
         "vmm_blk_requests_total{queue=\"1\"} 1",
         "vmm_blk_write_bytes_total{queue=\"1\"} 4096",
+        "vmm_blk_write_requests_total{queue=\"1\"} 1",
         "# TYPE vmm_blk_in_flight gauge",
         "vmm_blk_in_flight{queue=\"1\"} 0",
     ] {

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use backends::qemu::{have_qemu, sha256, value, QemuGuest};
+use backends::qemu::{have_qemu, sha256, value, KillMoments, QemuGuest};
 use common::*;
 
 const GUEST_SCRIPT: &str = r#"set -e
@@ -184,4 +184,211 @@ fn qemu_live_migrates_a_guest_reading_through_blk_backend() {
     );
     let expected = sha256(&data);
     assert!(sums.iter().all(|s| *s == expected), "{sums:?}");
+}
+
+/// Backend kills in [`qemu_guest_writes_on_through_a_crash_loop`].
+const CRASH_KILLS: usize = 50;
+/// Destination slots of 1 MiB at the start of the disk.
+const SLOTS: usize = 8;
+/// Source chunks of 1 MiB the host writes at [`SOURCE`] before boot. Seven
+/// chunks for eight slots: round `r` writes chunk `r % 7` into slot `r % 8`,
+/// so a slot's next round always brings another chunk and a lost write
+/// leaves the wrong one behind.
+const CHUNKS: usize = 7;
+const CHUNK: usize = 1 << 20;
+const SOURCE: usize = 32 << 20;
+const CRASH_DISK: usize = 64 << 20;
+
+/// The guest reads the source chunks (O_DIRECT), then writes them round after
+/// round into the slots with O_DIRECT 4 KiB writes and reads each slot back
+/// (O_DIRECT) against the chunk's SHA-256, until the host puts `STOP` in the
+/// disk's last sector; then it re-reads every slot and counts I/O errors.
+const CRASH_SCRIPT: &str = r#"for c in 0 1 2 3 4 5 6; do
+  dd if=/dev/vda of=/tmp/c$c bs=4k skip=$((8192 + c * 256)) count=256 iflag=direct 2>/dev/null || echo "READ-FAIL chunk $c"
+  sha256sum < /tmp/c$c | cut -d' ' -f1 > /tmp/c$c.sum
+  echo "CHUNK-$c=$(cat /tmp/c$c.sum)"
+done
+echo WRITING
+r=0
+while [ "$(dd if=/dev/vda bs=512 skip=131071 count=1 iflag=direct 2>/dev/null | tr -d '\000')" != STOP ]; do
+  s=$((r % 8)); c=$((r % 7))
+  echo "ROUND-START $r"
+  dd if=/tmp/c$c of=/dev/vda bs=4k seek=$((s * 256)) oflag=direct 2>/dev/null || echo "WRITE-FAIL $r"
+  got=$(dd if=/dev/vda bs=4k skip=$((s * 256)) count=256 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$(cat /tmp/c$c.sum)" ] || echo "VERIFY-FAIL $r"
+  echo $c > /tmp/slot$s
+  echo "ROUND-OK $r"
+  r=$((r + 1))
+done
+echo "ROUNDS=$r"
+bad=0
+for s in 0 1 2 3 4 5 6 7; do
+  [ -f /tmp/slot$s ] || continue
+  c=$(cat /tmp/slot$s)
+  got=$(dd if=/dev/vda bs=4k skip=$((s * 256)) count=256 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$(cat /tmp/c$c.sum)" ] || bad=$((bad + 1))
+  echo "SLOT-$s=$c"
+done
+echo "FINAL-BAD=$bad"
+echo "IOERRORS=$(dmesg | grep -c -i -e 'I/O error' -e 'blk_update_request')"
+"#;
+
+/// Chunk `c` of the source region: pseudo-random bytes (splitmix64 of the
+/// chunk and offset), so no two 4 KiB blocks are alike and a block written
+/// in the wrong place shows.
+fn source_chunk(c: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(c as u64 + 1);
+    (0..CHUNK / 8)
+        .flat_map(|_| {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)).to_le_bytes()
+        })
+        .collect()
+}
+
+/// The `requests` total of the backend's metrics endpoint at `metrics`, or
+/// None while it does not answer.
+fn requests(metrics: &std::path::Path) -> Option<u64> {
+    let reply = backends::metrics_server::get(metrics, "/counters", Duration::from_secs(2)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&reply.body).ok()?;
+    v.pointer("/totals/requests")
+        .and_then(serde_json::Value::as_u64)
+}
+
+/// Waits until the backend behind `metrics` has taken a request: QEMU has
+/// reconnected and the guest's I/O flows again. Panics after `timeout`.
+fn wait_for_requests(metrics: &std::path::Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while requests(metrics).unwrap_or(0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request reached the backend within {timeout:?}: QEMU did not reconnect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last `ROUND-` marker on the console is a start: the guest is writing
+/// or verifying a slot.
+fn mid_round(console: &str) -> bool {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("ROUND-"))
+        .is_some_and(|l| l.starts_with("START"))
+}
+
+/// Blocks of 4 KiB in `got` that differ from `want`.
+fn bad_blocks(got: &[u8], want: &[u8]) -> usize {
+    got.chunks(4096)
+        .zip(want.chunks(4096))
+        .filter(|(g, w)| g != w)
+        .count()
+}
+
+/// QEMU's `reconnect=1` through a crash loop: blk-backend is killed with
+/// SIGKILL 50 times, each time at a random moment (0–700 ms) after the
+/// restarted backend took the guest's first request, while the guest writes
+/// and verifies 1 MiB slots with O_DIRECT. Every restart serves the same
+/// image; QEMU hands back the inflight region and the guest goes on. The
+/// guest stops only when the host writes `STOP` after the last kill, so its
+/// work spans every kill. No I/O error in the guest, every round verified,
+/// and the host file holds, block by block, the chunk the guest last wrote
+/// in each slot.
+#[test]
+fn qemu_guest_writes_on_through_a_crash_loop() {
+    if qemu_missing() {
+        return;
+    }
+    let dir = TempDir::new("qemu-crash");
+    let image = dir.path("disk.img");
+    let chunks: Vec<Vec<u8>> = (0..CHUNKS).map(source_chunk).collect();
+    let mut disk = vec![0u8; CRASH_DISK];
+    for (c, data) in chunks.iter().enumerate() {
+        disk[SOURCE + c * CHUNK..SOURCE + (c + 1) * CHUNK].copy_from_slice(data);
+    }
+    std::fs::write(&image, &disk).unwrap();
+    let metrics = dir.path("metrics.sock");
+    let args = [
+        "--image",
+        image.to_str().unwrap(),
+        "--queues",
+        "2",
+        "--metrics-socket",
+        metrics.to_str().unwrap(),
+    ];
+    let socket = dir.path("blk.sock");
+    let mut backend = Backend::spawn(&socket, &args);
+    let qemu = boot(&socket, CRASH_SCRIPT);
+    let started = std::time::Instant::now();
+    let mut moments = KillMoments::new("BLK_CRASH_SEED");
+    let writing = qemu.wait_for("WRITING", GUEST_TIMEOUT);
+    assert!(
+        writing.contains("WRITING"),
+        "guest never started:\n{writing}"
+    );
+
+    let mut kills_mid_round = 0;
+    let mut reconnects = 0;
+    for _ in 0..CRASH_KILLS {
+        wait_for_requests(&metrics, Duration::from_secs(60));
+        reconnects += 1;
+        std::thread::sleep(moments.below(Duration::from_millis(700)));
+        kills_mid_round += usize::from(mid_round(&qemu.console()));
+        backend.child.kill().unwrap();
+        backend.child.wait().unwrap();
+        backend = Backend::spawn(&socket, &args);
+    }
+    wait_for_requests(&metrics, Duration::from_secs(60));
+    let rounds_at_last_kill = qemu.console().matches("ROUND-OK").count();
+    let kills_done = started.elapsed();
+    let mut stop = [0u8; 512];
+    stop[..4].copy_from_slice(b"STOP");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &stop, (CRASH_DISK - 512) as u64).unwrap();
+    let console = qemu.finish(GUEST_TIMEOUT);
+    drop(backend);
+
+    let rounds: usize = value(&console, "ROUNDS=").parse().unwrap();
+    let disk = std::fs::read(&image).unwrap();
+    let mut host_bad = bad_blocks(&disk[SOURCE..SOURCE + CHUNKS * CHUNK], &chunks.concat());
+    for s in 0..SLOTS.min(rounds) {
+        let c: usize = value(&console, &format!("SLOT-{s}=")).parse().unwrap();
+        host_bad += bad_blocks(&disk[s * CHUNK..(s + 1) * CHUNK], &chunks[c]);
+    }
+    eprintln!(
+        "crash loop: {CRASH_KILLS} kills ({kills_mid_round} mid-round) in {:.0?}, \
+         {reconnects} reconnects + 1, {rounds} rounds ({} after the last kill), \
+         {} blocks verified by the guest, {} on the host, total {:.0?}",
+        kills_done,
+        rounds - rounds_at_last_kill,
+        rounds * CHUNK / 4096,
+        (CHUNKS + SLOTS.min(rounds)) * CHUNK / 4096,
+        started.elapsed()
+    );
+    assert!(
+        console.contains("GUEST-RUN-END rc=0"),
+        "guest script failed:\n{console}"
+    );
+    for (c, chunk) in chunks.iter().enumerate() {
+        assert_eq!(value(&console, &format!("CHUNK-{c}=")), sha256(chunk));
+    }
+    for failure in ["READ-FAIL", "WRITE-FAIL", "VERIFY-FAIL"] {
+        assert!(!console.contains(failure), "{failure}:\n{console}");
+    }
+    assert_eq!(value(&console, "IOERRORS="), "0");
+    assert_eq!(value(&console, "FINAL-BAD="), "0");
+    assert_eq!(host_bad, 0);
+    assert!(rounds > rounds_at_last_kill, "no round after the last kill");
+    assert!(rounds >= SLOTS, "only {rounds} rounds");
+    assert!(
+        kills_mid_round * 2 >= CRASH_KILLS,
+        "only {kills_mid_round} of {CRASH_KILLS} kills hit a round"
+    );
 }

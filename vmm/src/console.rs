@@ -76,8 +76,64 @@ impl Write for Stdout {
     }
 }
 
-/// The writer for the guest's serial output.
+/// How much of the guest's recent serial output [`output_since`] keeps.
+pub const LOG_BYTES: usize = 64 << 10;
+
+/// The last [`LOG_BYTES`] of serial output, and how many bytes came in all.
+struct OutputLog {
+    data: std::collections::VecDeque<u8>,
+    total: u64,
+}
+
+static LOG: Mutex<OutputLog> = Mutex::new(OutputLog {
+    data: std::collections::VecDeque::new(),
+    total: 0,
+});
+
+/// The guest's serial output from byte `from` on (counted since vmm
+/// started, across reboots), as far as it is still kept: (offset of the
+/// first byte returned, the bytes, the total so far).
+pub fn output_since(from: u64) -> (u64, Vec<u8>, u64) {
+    let log = LOG.lock().unwrap_or_else(PoisonError::into_inner);
+    let first = log.total - log.data.len() as u64;
+    let start = from.clamp(first, log.total);
+    let skip = (start - first) as usize;
+    (
+        start,
+        log.data.iter().skip(skip).copied().collect(),
+        log.total,
+    )
+}
+
+/// Copies what the guest writes into the output log, then to `inner`.
+struct Logged(Box<dyn Write + Send>);
+
+impl Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        {
+            let mut log = LOG.lock().unwrap_or_else(PoisonError::into_inner);
+            let kept = log.data.len();
+            let over = (kept + buf.len()).saturating_sub(LOG_BYTES);
+            log.data.drain(..over.min(kept));
+            log.data.extend(&buf[buf.len().saturating_sub(LOG_BYTES)..]);
+            log.total += buf.len() as u64;
+        }
+        self.0.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The writer for the guest's serial output (kept in the output log too,
+/// see [`output_since`]).
 pub fn serial_sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, ConsoleError> {
+    Ok(Box::new(Logged(sink(cfg)?)))
+}
+
+fn sink(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, ConsoleError> {
     Ok(match cfg {
         SerialConfig::Stdio => Box::new(Stdout),
         SerialConfig::Off => Box::new(io::sink()),

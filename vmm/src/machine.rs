@@ -731,6 +731,8 @@ impl Machine {
             | ApiRequest::VmRestore
             | ApiRequest::VmReceiveMigration
             | ApiRequest::VmSendMigration
+            | ApiRequest::VmMetrics
+            | ApiRequest::VmConsole
             | ApiRequest::VmCounters => (
                 Err(ApiFailure::new(405, "Not a request for the running VM")),
                 None,

@@ -20,8 +20,17 @@
 //! controller's or the API's.
 //!
 //! The backends are looked up beside the vmm binary, then in `PATH`. The
-//! sockets live in a directory of this process's own (mode 0700) under
-//! `$XDG_RUNTIME_DIR`, or the temporary directory, removed by [`stop_all`].
+//! sockets (vhost-user and metrics) live in a directory of this process's
+//! own (mode 0700) under `$XDG_RUNTIME_DIR`, or the temporary directory,
+//! removed by [`stop_all`]. Each backend serves its counters on its
+//! metrics socket, so vm.counters and vm.metrics show them.
+//!
+//! Bad input is refused before anything starts, with the reason: an image
+//! that does not exist or cannot be opened, one another VM uses (vmm holds
+//! an advisory `flock` on each image for as long as its backend runs:
+//! exclusive, shared when read-only), a tap fd that is not a tap. A backend
+//! that exits before it serves is reported with the last line it wrote on
+//! stderr.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,7 +38,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -51,14 +60,20 @@ const RESTART_MAX: Duration = Duration::from_secs(5);
 pub enum SpawnError {
     #[error("Disk image {0} does not exist")]
     NoImage(String),
+    #[error("Cannot open disk image {0}")]
+    OpenImage(String, #[source] io::Error),
+    #[error("Disk image {0} is in use by another VM")]
+    InUse(String),
+    #[error("Fd {0} given for a tap is not a tap")]
+    NotTap(RawFd),
     #[error("Cannot find {0} beside vmm or in PATH")]
     NotFound(&'static str),
     #[error("Cannot create the backends' socket directory {0}")]
     Dir(String, #[source] io::Error),
     #[error("Cannot start {0}")]
     Start(&'static str, #[source] io::Error),
-    #[error("{0} for {1} exited before creating its socket")]
-    Exited(&'static str, String),
+    #[error("{0} for {1} exited before creating its socket: {2}")]
+    Exited(&'static str, String, String),
     #[error("{0} for {1} did not create its socket in time")]
     Timeout(&'static str, String),
     #[error("{0} tap fds given for {1} queue pairs: give one per pair")]
@@ -67,6 +82,7 @@ pub enum SpawnError {
 
 /// One supervised backend.
 struct Supervised {
+    socket: PathBuf,
     stop: Arc<AtomicBool>,
     pid: Arc<AtomicI32>,
     thread: JoinHandle<()>,
@@ -74,6 +90,8 @@ struct Supervised {
 
 static BACKENDS: Mutex<Vec<Supervised>> = Mutex::new(Vec::new());
 static DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The number in the next backend's socket names.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Work for the launcher thread: starting a supervisor thread.
 type Launch = Box<dyn FnOnce() + Send>;
@@ -182,17 +200,11 @@ pub fn tap(net: &TapNet, fds: &[RawFd]) -> Result<DeviceConfig, SpawnError> {
     if !fds.is_empty() && fds.len() != usize::from(net.queue_pairs) {
         return Err(SpawnError::TapFds(fds.len(), net.queue_pairs));
     }
-    let binary = find(NAME)?;
-    let n = BACKENDS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .len();
-    let socket = socket_dir()?.join(format!("net{n}.sock"));
-    let mut cmd = Command::new(binary);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--queue-pairs")
-        .arg(net.queue_pairs.to_string());
+    if let Some(&bad) = fds.iter().find(|&&fd| !is_tap(fd)) {
+        return Err(SpawnError::NotTap(bad));
+    }
+    let (mut cmd, socket, metrics) = command(NAME, "net")?;
+    cmd.arg("--queue-pairs").arg(net.queue_pairs.to_string());
     let mut keep = Vec::with_capacity(fds.len());
     for &fd in fds {
         // SAFETY: F_DUPFD_CLOEXEC only duplicates `fd`, which the caller
@@ -236,40 +248,86 @@ pub fn tap(net: &TapNet, fds: &[RawFd]) -> Result<DeviceConfig, SpawnError> {
         socket,
         queues: net.queue_pairs * 2,
         queue_size: net.queue_size,
-        metrics_socket: None,
+        metrics_socket: Some(metrics),
     })
+}
+
+/// The command for backend `name` on a new vhost-user socket and metrics
+/// socket in this process's directory, named `<kind><n>.sock` and
+/// `<kind><n>.metrics`.
+fn command(name: &'static str, kind: &str) -> Result<(Command, PathBuf, PathBuf), SpawnError> {
+    let binary = find(name)?;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = socket_dir()?;
+    let socket = dir.join(format!("{kind}{n}.sock"));
+    let metrics = dir.join(format!("{kind}{n}.metrics"));
+    let mut cmd = Command::new(binary);
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--metrics-socket")
+        .arg(&metrics);
+    Ok((cmd, socket, metrics))
+}
+
+/// Whether `fd` is a tap (or tun) queue: TUNGETIFF answers only on those.
+fn is_tap(fd: RawFd) -> bool {
+    // struct ifreq: 40 bytes on x86_64.
+    let mut ifreq = [0u8; 40];
+    // SAFETY: TUNGETIFF writes at most one `struct ifreq` (40 bytes) into
+    // the buffer, which is that large; any other fd only fails.
+    unsafe { libc::ioctl(fd, libc::TUNGETIFF, ifreq.as_mut_ptr()) == 0 }
+}
+
+/// Opens `disk`'s image as its backend will (read-write unless
+/// read-only) and takes the advisory lock that tells other VMs it is in
+/// use; the returned fd holds the lock.
+fn lock_image(disk: &ImageDisk) -> Result<OwnedFd, SpawnError> {
+    let shown = || disk.path.display().to_string();
+    if !disk.path.exists() {
+        return Err(SpawnError::NoImage(shown()));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!disk.readonly)
+        .open(&disk.path)
+        .map_err(|e| SpawnError::OpenImage(shown(), e))?;
+    let mode = if disk.readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a file we own; it changes no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            SpawnError::InUse(shown())
+        } else {
+            SpawnError::OpenImage(shown(), e)
+        });
+    }
+    Ok(file.into())
 }
 
 /// Starts a blk-backend serving `disk` and returns the vhost-user disk
 /// that connects to it.
 pub fn disk(disk: &ImageDisk) -> Result<DeviceConfig, SpawnError> {
     const NAME: &str = "blk-backend";
-    if !disk.path.exists() {
-        return Err(SpawnError::NoImage(disk.path.display().to_string()));
-    }
-    let binary = find(NAME)?;
-    let n = BACKENDS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .len();
-    let socket = socket_dir()?.join(format!("disk{n}.sock"));
-    let mut cmd = Command::new(binary);
-    cmd.arg("--socket")
-        .arg(&socket)
-        .arg("--image")
+    let lock = lock_image(disk)?;
+    let (mut cmd, socket, metrics) = command(NAME, "disk")?;
+    cmd.arg("--image")
         .arg(&disk.path)
         .arg("--queues")
         .arg(disk.queues.to_string());
     if disk.readonly {
         cmd.arg("--readonly");
     }
-    supervise(NAME, cmd, &socket, &disk.path, Vec::new())?;
+    supervise(NAME, cmd, &socket, &disk.path, vec![lock])?;
     Ok(DeviceConfig {
         kind: Kind::Block,
         socket,
         queues: disk.queues,
         queue_size: disk.queue_size,
-        metrics_socket: None,
+        metrics_socket: Some(metrics),
     })
 }
 
@@ -300,31 +358,46 @@ fn supervise(
             Ok(())
         });
     }
+    cmd.stderr(Stdio::piped());
     let stop = Arc::new(AtomicBool::new(false));
     let pid = Arc::new(AtomicI32::new(0));
+    let last_line = Arc::new(Mutex::new(String::new()));
     let (started_tx, started) = mpsc::channel();
     let (s, p, sock) = (stop.clone(), pid.clone(), socket.to_path_buf());
     let shown = what.display().to_string();
+    let last = last_line.clone();
     let thread = spawn_thread(format!("vmm-{name}"), move || {
         let _keep = keep;
-        run(name, cmd, &sock, &shown, &s, &p, started_tx)
+        run(name, cmd, &sock, &shown, &s, &p, &last, started_tx)
     })
     .map_err(|e| SpawnError::Start(name, e))?;
-    let supervised = Supervised { stop, pid, thread };
+    let supervised = Supervised {
+        socket: socket.to_path_buf(),
+        stop,
+        pid,
+        thread,
+    };
     let shown = what.display().to_string();
+    let exited = |supervised: Supervised| {
+        stop_one(supervised);
+        let said = last_line
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        SpawnError::Exited(name, shown.clone(), said)
+    };
     match started.recv() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             stop_one(supervised);
             return Err(SpawnError::Start(name, e));
         }
-        Err(_) => return Err(SpawnError::Exited(name, shown)),
+        Err(_) => return Err(exited(supervised)),
     }
     let deadline = Instant::now() + READY_WAIT;
     while !socket.exists() {
         if supervised.thread.is_finished() || supervised.pid.load(Ordering::SeqCst) == 0 {
-            stop_one(supervised);
-            return Err(SpawnError::Exited(name, shown));
+            return Err(exited(supervised));
         }
         if Instant::now() > deadline {
             stop_one(supervised);
@@ -339,9 +412,61 @@ fn supervise(
     Ok(())
 }
 
+/// Copies the backend's stderr to ours, keeping its last non-empty line
+/// in `last`, on a thread that ends at the pipe's end.
+fn forward_stderr(
+    from: std::process::ChildStderr,
+    last: Arc<Mutex<String>>,
+) -> Option<JoinHandle<()>> {
+    use std::io::BufRead;
+    let spawned = std::thread::Builder::new()
+        .name("vmm-backend-log".into())
+        .spawn(move || {
+            for line in io::BufReader::new(from).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let plain = strip_ansi(&line);
+                if !plain.trim().is_empty() {
+                    *last.lock().unwrap_or_else(PoisonError::into_inner) = plain;
+                }
+            }
+        });
+    spawned
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot forward a backend's stderr"))
+        .ok()
+}
+
+/// How long the last words of a backend that exited may take to arrive.
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// `line` without terminal escape sequences (`ESC [ ... letter`) and
+/// without the log prefix before a level word, so an error reads as one
+/// plain sentence.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    match out.find(" ERROR ") {
+        Some(i) => out[i + " ERROR ".len()..].trim().to_string(),
+        None => out.trim().to_string(),
+    }
+}
+
 /// The supervisor: (re)starts the backend until told to stop. The first
 /// start's result goes to `started`; a backend that dies before any start
-/// succeeded is not restarted.
+/// succeeded is not restarted. The backend's stderr goes to ours, its last
+/// line kept in `last`.
+#[allow(clippy::too_many_arguments)]
 fn run(
     name: &'static str,
     mut cmd: Command,
@@ -349,6 +474,7 @@ fn run(
     what: &str,
     stop: &AtomicBool,
     pid: &AtomicI32,
+    last: &Arc<Mutex<String>>,
     started: mpsc::Sender<io::Result<()>>,
 ) {
     let mut started = Some(started);
@@ -373,12 +499,24 @@ fn run(
             }
         };
         pid.store(child.id() as i32, Ordering::SeqCst);
+        let forwarder = child
+            .stderr
+            .take()
+            .and_then(|err| forward_stderr(err, last.clone()));
         let first = started.take();
         let up_since = Instant::now();
         if let Some(tx) = first.as_ref() {
             let _ = tx.send(Ok(()));
         }
         let status = child.wait();
+        // Its last line is read before anyone is told it exited.
+        let deadline = Instant::now() + LAST_WORDS;
+        while forwarder
+            .as_ref()
+            .is_some_and(|f| !f.is_finished() && Instant::now() < deadline)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         pid.store(0, Ordering::SeqCst);
         if stop.load(Ordering::SeqCst) || (first.is_some() && !socket.exists()) {
             return;
@@ -421,6 +559,18 @@ fn stop_one(b: Supervised) {
     let _ = b.thread.join();
 }
 
+/// Stops the backend serving `socket`, if vmm started one (a device that
+/// was refused after its backend started).
+pub fn stop(socket: &Path) {
+    let mut all = BACKENDS.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(i) = all.iter().position(|b| b.socket == socket) else {
+        return;
+    };
+    let b = all.remove(i);
+    drop(all);
+    stop_one(b);
+}
+
 /// Stops every backend started here and removes their sockets' directory.
 pub fn stop_all() {
     let all = std::mem::take(&mut *BACKENDS.lock().unwrap_or_else(PoisonError::into_inner));
@@ -441,4 +591,20 @@ pub fn pids() -> Vec<i32> {
         .map(|b| b.pid.load(Ordering::SeqCst))
         .filter(|p| *p > 0)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_log_line_becomes_its_message() {
+        let line = "\u{1b}[2m2026-01-01T00:00:00Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m \u{1b}[2mbackends::daemon\u{1b}[0m\u{1b}[2m:\u{1b}[0m Cannot set up the tap";
+
+        assert_eq!(strip_ansi(line), "backends::daemon: Cannot set up the tap");
+        assert_eq!(
+            strip_ansi("blk-backend: no such image"),
+            "blk-backend: no such image"
+        );
+    }
 }

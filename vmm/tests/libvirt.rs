@@ -14,6 +14,7 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::hostd::{eventually, Hostd};
 use vmm::api::client;
 
 /// The user virtchd runs as when the test runs as root.
@@ -98,6 +100,8 @@ struct Libvirt {
     /// Some((uid, gid)) when running as root: whom to run virtchd as.
     user: Option<(u32, u32)>,
     daemon: Option<Child>,
+    /// Every [`Self::virsh`] command with its output, as a terminal shows it.
+    transcript: RefCell<String>,
 }
 
 impl Libvirt {
@@ -145,6 +149,7 @@ impl Libvirt {
             prefix,
             user,
             daemon: None,
+            transcript: RefCell::default(),
         };
         let log = std::fs::File::create(lv.dir.join("virtchd.log")).unwrap();
         let mut daemon = lv.command(&lv.prefix.join("sbin/virtchd"));
@@ -214,6 +219,11 @@ impl Libvirt {
     /// Runs virsh; its stdout, or a panic with its stderr and vmm's log.
     fn virsh(&self, args: &[&str]) -> String {
         let out = self.virsh_output(args);
+        self.note(&format!(
+            "$ virsh -q -c ch:///session {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        ));
         assert!(
             out.status.success(),
             "virsh {args:?}: {}\nvmm log:\n{}\nvirtchd log:\n{}",
@@ -224,8 +234,24 @@ impl Libvirt {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Adds `text` to the transcript.
+    fn note(&self, text: &str) {
+        let mut t = self.transcript.borrow_mut();
+        t.push_str(text);
+        if !t.ends_with('\n') {
+            t.push('\n');
+        }
+    }
+
+    /// `virsh domstate` (polled, so kept out of the transcript).
     fn domstate(&self, name: &str) -> String {
-        self.virsh(&["domstate", name]).trim().to_string()
+        let out = self.virsh_output(&["domstate", name]);
+        assert!(
+            out.status.success(),
+            "virsh domstate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// What vmm printed for domain `name` (libvirt's per-domain log).
@@ -348,17 +374,26 @@ fn cmdline(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// Pids of the vmm processes started for this test's virtchd.
-fn vmms(lv: &Libvirt) -> Vec<i32> {
-    let prefix = format!("{}\0", lv.dir.join("bin/cloud-hypervisor").display());
+/// Pids and command lines of the processes run from this test's `bin`:
+/// vmm (as `cloud-hypervisor`) and the backends it started.
+fn processes(lv: &Libvirt) -> Vec<(i32, String)> {
+    let bin = format!("{}/", lv.dir.join("bin").display());
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| running(*pid))
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.starts_with(prefix.as_bytes()))
-        })
+        .map(|pid| (pid, cmdline(pid)))
+        .filter(|(_, c)| c.starts_with(&bin))
+        .collect()
+}
+
+/// Pids of the vmm processes started for this test's virtchd.
+fn vmms(lv: &Libvirt) -> Vec<i32> {
+    let vmm = format!("{} ", lv.dir.join("bin/cloud-hypervisor").display());
+    processes(lv)
+        .into_iter()
+        .filter(|(_, c)| c.starts_with(&vmm))
+        .map(|(pid, _)| pid)
         .collect()
 }
 
@@ -494,6 +529,19 @@ fn virsh_runs_the_guest_with_its_console_through_the_domain_lifecycle() {
     let vm = lv.vm_info("tg");
     assert_eq!(vm["state"], "Running");
     assert_eq!(vm["config"]["serial"]["mode"], "Pty");
+    // vmm made libvirt's socket owner-only and registered it for vmm-hostd.
+    let socket = lv.api_socket("tg");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let found = vmm::api::registry::discover_in(&lv.dir.join("run/vmm"), &[]);
+    assert_eq!(
+        found
+            .iter()
+            .map(|f| (f.name.as_str(), &f.socket))
+            .collect::<Vec<_>>(),
+        [("tg", &socket)]
+    );
     let pty = vm["config"]["serial"]["file"].as_str().unwrap().to_string();
     let xml_now = lv.virsh(&["dumpxml", "tg"]);
     assert!(
@@ -624,37 +672,60 @@ fn virsh_restore_of_libvirt_11_3_fails_and_leaves_no_vmm_behind() {
 /// libvirt opens it and sends its fd with vm.add-net; vmm starts a
 /// net-backend on it. A frame goes out of the guest onto the tap, and one
 /// comes back in. All of it in a network namespace of the test's own.
-#[test]
-fn virsh_starts_a_guest_whose_nic_is_the_tap_libvirt_passes() {
+/// The MAC of the domains' NIC.
+const MAC: &str = "52:54:00:aa:bb:cc";
+
+/// A network namespace of the test's own with the tap `tap` up in it,
+/// owned by virtchd's user: what a user who may not create taps is given
+/// (libvirt in session mode cannot create one).
+fn netns_with_user_tap(tap: &str) -> common::Netns {
     let ns = common::Netns::new().expect("cannot create a network namespace (needs root)");
     service_user();
     // Most distributions make /dev/net/tun 0666; this host has 0600.
     run_ok(Command::new("setfacl").args(["-m", &format!("u:{USER}:rw"), "/dev/net/tun"]));
     ns.run(&[
-        "ip", "tuntap", "add", "dev", "vmtap9", "mode", "tap", "vnet_hdr", "user", USER,
+        "ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", "user", USER,
     ]);
-    ns.quiet_link_up("vmtap9");
-    let lv = Libvirt::start_in("nic", Some(&ns.0));
-    let xml = lv.domain_xml("tg", "tg.virtio tg.netrx tg.hold");
-    let with_nic = std::fs::read_to_string(&xml).unwrap().replace(
+    ns.quiet_link_up(tap);
+    ns
+}
+
+/// Adds to the domain XML `xml` a virtio NIC with [`MAC`] on the existing
+/// tap `tap` (`<interface type='ethernet'>`, `managed='no'`): libvirt
+/// opens it and passes its fd with vm.add-net.
+fn add_nic(xml: &Path, tap: &str) {
+    let with_nic = std::fs::read_to_string(xml).unwrap().replace(
         "<serial type='pty'/>",
-        "<interface type='ethernet'>
-      <mac address='52:54:00:aa:bb:cc'/>
-      <target dev='vmtap9' managed='no'/>
+        &format!(
+            "<interface type='ethernet'>
+      <mac address='{MAC}'/>
+      <target dev='{tap}' managed='no'/>
       <model type='virtio'/>
     </interface>
-    <serial type='pty'/>",
+    <serial type='pty'/>"
+        ),
     );
-    std::fs::write(&xml, with_nic).unwrap();
+    std::fs::write(xml, with_nic).unwrap();
+}
+
+/// virtchd in a network namespace with the tap `tap` for its user, and
+/// the domain XML of the test guest with `cmdline`, a disk and a NIC on
+/// that tap (drop in this order: virtchd, then the namespace).
+fn with_nic(tag: &str, tap: &str, cmdline: &str) -> (common::Netns, Libvirt, PathBuf) {
+    let ns = netns_with_user_tap(tap);
+    let lv = Libvirt::start_in(tag, Some(&ns.0));
+    let xml = lv.domain_xml("tg", cmdline);
+    add_nic(&xml, tap);
+    (ns, lv, xml)
+}
+
+#[test]
+fn virsh_starts_a_guest_whose_nic_is_the_tap_libvirt_passes() {
+    let (ns, lv, xml) = with_nic("nic", "vmtap9", "tg.virtio tg.netrx tg.hold");
     let script = lv.dir.join("peer.py");
     std::fs::write(&script, PEER).unwrap();
     let mut peer = ns
-        .exec(&[
-            "python3",
-            script.to_str().unwrap(),
-            "vmtap9",
-            "52:54:00:aa:bb:cc",
-        ])
+        .exec(&["python3", script.to_str().unwrap(), "vmtap9", MAC])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -697,3 +768,173 @@ print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flu
 time.sleep(0.2)
 s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'hello from the tap side'.ljust(46, b'\0'))
 "#;
+
+/// The lines of Prometheus `text` about domain `name`.
+fn exported(text: &str, name: &str) -> String {
+    let label = format!("domain=\"{name}\"");
+    text.lines()
+        .filter(|l| l.contains(&label))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// The sum of `metric`'s samples for domain `name` (all its devices).
+fn total(text: &str, metric: &str, name: &str) -> f64 {
+    let prefix = format!("{metric}{{domain=\"{name}\"");
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(!values.is_empty(), "no {metric} for {name} in\n{text}");
+    values.iter().sum()
+}
+
+/// What a person does with vmm under libvirt, in one go: defines a domain
+/// with a disk file and a NIC in libvirt XML, starts it with virsh, reads
+/// its console, finds it in vmm-hostd (run as the same user, which
+/// discovers libvirt's vmm) with its disk and network counters moving,
+/// watches its disk and network plots in the dashboard in headless
+/// Chromium, pauses it there (libvirt agrees: `virsh domstate` says
+/// paused), resumes it, stops it with virsh, and finds no vmm or backend
+/// process of it left and the exporter without it. Prints the virsh
+/// transcript, the screenshot's path and the exporter's output for the
+/// domain.
+#[test]
+fn virsh_domain_in_the_dashboard_is_watched_paused_and_stopped_leaving_nothing() {
+    let (_ns, lv, xml) = with_nic("dashboard", "vmtap8", "tg.virtio tg.blkcount tg.netcount");
+    let hostd_bin = lv.dir.join("vmm-hostd");
+    std::fs::copy(common::workspace_bin("vmm-hostd"), &hostd_bin).unwrap();
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libvirt-dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+
+    // define, start, list, dominfo, console.
+    lv.virsh(&["define", xml.to_str().unwrap()]);
+    lv.virsh(&["start", "tg"]);
+    let listed = lv.virsh(&["list"]);
+    let info = lv.virsh(&["dominfo", "tg"]);
+    let mut console = Console::open(&lv, "tg");
+    console.expect("TG: net tx ok");
+    console.expect("TG: blkcount 1\n");
+    let seen = console.seen.replace("\r\n", "\n");
+    console.close();
+    let shown = seen.find("TG: blkcount 1\n").unwrap() + "TG: blkcount 1\n".len();
+    lv.note(&format!(
+        "$ virsh -q -c ch:///session console tg\n{}...\n^]",
+        &seen[..shown]
+    ));
+    let started = processes(&lv);
+
+    // vmm-hostd, as virtchd's user, finds the domain with I/O going on.
+    let hostd = Hostd::spawn(lv.command(&hostd_bin));
+    let before = hostd.get("/metrics", "").1;
+    std::thread::sleep(Duration::from_secs(1));
+    let after = hostd.get("/metrics", "").1;
+
+    // The dashboard: plots moving, Pause (libvirt sees it), Resume.
+    let mut browser = hostd
+        .browser(&shot, &["--vm", "tg", "--net", "--hold"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(browser.stdout.take().unwrap());
+    let mut steps = Vec::new();
+    let mut line = String::new();
+    while !line.starts_with("step: paused") && !line.starts_with("error") {
+        line.clear();
+        assert_ne!(
+            std::io::BufRead::read_line(&mut said, &mut line).unwrap(),
+            0
+        );
+        steps.push(line.trim().to_string());
+    }
+    lv.note("# the dashboard's Pause pressed");
+    let paused_state = lv.virsh(&["domstate", "tg"]);
+    let paused_vmm = lv.vm_info("tg")["state"].clone();
+    let paused_metrics = hostd.get("/metrics", "").1;
+    writeln!(browser.stdin.take().unwrap()).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
+    steps.extend(rest.lines().map(str::to_string));
+    let browsed = browser.wait().unwrap();
+    lv.note("# the dashboard's Resume pressed");
+    let resumed_state = lv.virsh(&["domstate", "tg"]);
+    let exporter = exported(&hostd.get("/metrics", "").1, "tg");
+
+    // Stop with virsh, forget it.
+    lv.virsh(&["shutdown", "tg"]);
+    lv.wait_for("shut off", || lv.domstate("tg") == "shut off");
+    let off = lv.virsh(&["domstate", "tg"]);
+    lv.wait_for("vmm and its backends to exit", || processes(&lv).is_empty());
+    lv.note(&format!(
+        "# process table: none of {:?} left",
+        started.iter().map(|(pid, _)| pid).collect::<Vec<_>>()
+    ));
+    eventually("the domain gone from /metrics", || {
+        !hostd.get("/metrics", "").1.contains("domain=\"tg\"")
+    });
+    lv.virsh(&["undefine", "tg"]);
+    let all = lv.virsh(&["list", "--all", "--name"]);
+
+    println!("virsh transcript:\n{}", lv.transcript.borrow());
+    println!("exporter output for the domain:\n{exporter}");
+    println!("browser:\n{}", steps.join("\n"));
+    println!("screenshot: {}", shot.display());
+    assert!(
+        listed.contains(" tg ") && listed.contains("running"),
+        "{listed}"
+    );
+    assert!(info.contains("State:          running"), "{info}");
+    let kinds: Vec<&str> = started
+        .iter()
+        .map(|(_, c)| {
+            let program = c.split(' ').next().unwrap();
+            program.rsplit('/').next().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        sorted(kinds),
+        ["blk-backend", "cloud-hypervisor", "net-backend"],
+        "{started:?}"
+    );
+    for metric in [
+        "libvirt_domain_block_stats_write_requests_total",
+        "libvirt_domain_block_stats_read_bytes_total",
+        "libvirt_domain_interface_stats_transmit_packets_total",
+        "libvirt_domain_interface_stats_transmit_bytes_total",
+    ] {
+        let (a, b) = (total(&before, metric, "tg"), total(&after, metric, "tg"));
+        assert!(b > a, "{metric} did not move: {a} then {b}");
+    }
+    assert_eq!(total(&after, "libvirt_domain_info_vstate", "tg"), 1.0);
+    assert!(browsed.success(), "the browser script failed:\n{steps:?}");
+    assert_eq!(
+        steps
+            .iter()
+            .filter_map(|l| l.strip_prefix("step: "))
+            .collect::<Vec<_>>(),
+        [
+            "running, disk and network busy",
+            "paused, disk and network idle",
+            "running, disk and network busy",
+            "console shows the guest"
+        ]
+    );
+    assert_eq!(paused_state.trim(), "paused");
+    assert_eq!(paused_vmm, "Paused");
+    assert_eq!(
+        total(&paused_metrics, "libvirt_domain_info_vstate", "tg"),
+        3.0
+    );
+    assert_eq!(resumed_state.trim(), "running");
+    assert_eq!(off.trim(), "shut off");
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    assert_eq!(all.trim(), "");
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort();
+    v
+}

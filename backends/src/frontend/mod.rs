@@ -6,6 +6,7 @@
 
 pub mod blk;
 mod dirty;
+pub mod flood;
 pub mod net;
 mod state;
 
@@ -135,6 +136,16 @@ pub struct Seg {
     pub writable: bool,
 }
 
+impl Seg {
+    pub fn new(addr: GuestAddress, len: u32, writable: bool) -> Self {
+        Self {
+            addr,
+            len,
+            writable,
+        }
+    }
+}
+
 /// A split virtqueue driven from the guest side.
 pub struct VirtQueue {
     size: u16,
@@ -207,23 +218,58 @@ impl VirtQueue {
         }
         let ids: Vec<u16> = (0..segs.len()).filter_map(|_| self.free.pop()).collect();
         for (i, (seg, id)) in segs.iter().zip(&ids).enumerate() {
-            let last = i + 1 == segs.len();
-            let mut flags = if seg.writable { F_WRITE } else { 0 };
-            let mut next = 0;
-            if !last {
-                flags |= F_NEXT;
-                next = ids[i + 1];
-            }
-            let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&seg.addr.0.to_le_bytes());
-            raw[8..12].copy_from_slice(&seg.len.to_le_bytes());
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&raw, GuestAddress(self.desc.0 + 16 * u64::from(*id)))
-                .map_err(FrontendError::Access)?;
+            self.write_desc(mem, *id, seg, ids.get(i + 1).copied())?;
         }
         let head = ids[0];
         self.chains[head as usize] = ids;
+        self.publish(mem, head)?;
+        self.outstanding += 1;
+        Ok(Some(head))
+    }
+
+    /// Publishes `head` in the available ring as is, whatever it names (an
+    /// index past the queue, say), as a broken or hostile driver would;
+    /// nothing is tracked for it. Without a kick.
+    pub fn publish_raw(&mut self, mem: &GuestMem, head: u16) -> Result<(), FrontendError> {
+        self.publish(mem, head)
+    }
+
+    /// Writes one descriptor chained to itself, as a hostile driver would,
+    /// and publishes it (without a kick). Returns its head, or `None` if no
+    /// descriptor is free.
+    pub fn add_loop(&mut self, mem: &GuestMem, seg: &Seg) -> Result<Option<u16>, FrontendError> {
+        let Some(id) = self.free.pop() else {
+            return Ok(None);
+        };
+        self.write_desc(mem, id, seg, Some(id))?;
+        self.chains[id as usize] = vec![id];
+        self.publish(mem, id)?;
+        self.outstanding += 1;
+        Ok(Some(id))
+    }
+
+    /// Writes descriptor `id` for `seg`, chained to `next` if given.
+    fn write_desc(
+        &self,
+        mem: &GuestMem,
+        id: u16,
+        seg: &Seg,
+        next: Option<u16>,
+    ) -> Result<(), FrontendError> {
+        let mut flags = if seg.writable { F_WRITE } else { 0 };
+        if next.is_some() {
+            flags |= F_NEXT;
+        }
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&seg.addr.0.to_le_bytes());
+        raw[8..12].copy_from_slice(&seg.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(self.desc.0 + 16 * u64::from(id)))
+            .map_err(FrontendError::Access)
+    }
+
+    fn publish(&mut self, mem: &GuestMem, head: u16) -> Result<(), FrontendError> {
         let slot = u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(self.avail.0 + 4 + 2 * slot))
             .map_err(FrontendError::Access)?;
@@ -234,9 +280,7 @@ impl VirtQueue {
             GuestAddress(self.avail.0 + 2),
             Ordering::Release,
         )
-        .map_err(FrontendError::Access)?;
-        self.outstanding += 1;
-        Ok(Some(head))
+        .map_err(FrontendError::Access)
     }
 
     /// Kicks the backend.

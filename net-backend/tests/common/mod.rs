@@ -296,6 +296,11 @@ impl Daemon {
 
     /// Like [`Self::start`], with more command-line arguments.
     pub fn start_with(ns: &NetNs, dir: &TempDir, args: &[&str]) -> Self {
+        Self::start_with_stderr(ns, dir, args, Stdio::inherit())
+    }
+
+    /// Like [`Self::start_with`], the daemon's log going to `stderr`.
+    pub fn start_with_stderr(ns: &NetNs, dir: &TempDir, args: &[&str], stderr: Stdio) -> Self {
         let tap = ns.tap("t");
         ns.ip(&["link", "set", &tap, "up"]);
         let socket = dir.path("net.sock");
@@ -310,6 +315,7 @@ impl Daemon {
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let daemon = Daemon {

@@ -19,6 +19,7 @@ pub mod blk;
 pub mod desc;
 pub mod input;
 pub mod mem;
+pub mod migration;
 pub mod net;
 pub mod pci;
 pub mod serial;
@@ -40,4 +41,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("net_tx", net::net_tx),
     ("net_ctrl", net::net_ctrl),
     ("vhost_user", vhost_user::vhost_user),
+    ("migration_stream", migration::migration_stream),
 ];

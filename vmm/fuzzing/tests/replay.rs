@@ -56,4 +56,5 @@ replay_tests!(
     net_tx,
     net_ctrl,
     vhost_user,
+    migration_stream,
 );

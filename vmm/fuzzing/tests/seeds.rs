@@ -204,6 +204,23 @@ fn state_seeds() {
     let payload = postcard::to_allocvec(&snapshot).unwrap();
     write("state_file", "snapshot-file", &file);
     write("state_file", "snapshot-payload", &payload);
+    // A destination checks that a disk's socket exists: "/" does
+    // wherever the target runs.
+    let mut moved = snapshot.clone();
+    moved.config.devices[0].socket = "/".into();
+    let start = vmm::migration::stream::Start {
+        config: moved.config.clone(),
+        vmm_version: "seed".into(),
+    };
+    let start = postcard::to_allocvec(&start).unwrap();
+    let moved = postcard::to_allocvec(&moved).unwrap();
+    for local in [false, true] {
+        write(
+            "migration_stream",
+            if local { "local" } else { "tcp" },
+            &fuzzing::migration::seed(&start, &moved, local),
+        );
+    }
     write(
         "state_file",
         "devices-payload",

@@ -512,6 +512,10 @@ impl Controller {
                 (Ok(ApiReply::Empty), self.exit_with_vm)
             }
             ApiRequest::VmAddDisk | ApiRequest::VmAddNet => (self.add_device(request, body), false),
+            ApiRequest::VmMetrics | ApiRequest::VmConsole => (
+                Err(ApiFailure::new(405, "Answered by the HTTP server")),
+                false,
+            ),
             ApiRequest::VmCounters => {
                 let (spec, live) = match &self.vm {
                     Vm::None => return Ok((no_vm(), false)),
@@ -785,13 +789,17 @@ impl Controller {
             Ok(n) => n,
             Err(e) => return fail(400, crate::error_chain(&e)),
         };
+        let socket = named.device.socket.clone();
         let mut next = spec.clone();
         next.cfg.devices.push(named.device);
-        if let Err(e) = next.push_id(named.id) {
+        let refused = match next.push_id(named.id) {
+            Err(e) => Some(e),
+            Ok(()) => next.cfg.validate().err().map(|e| crate::error_chain(&e)),
+        };
+        if let Some(e) = refused {
+            // A backend started for this device alone has nothing to serve.
+            crate::spawned::stop(&socket);
             return fail(400, e);
-        }
-        if let Err(e) = next.cfg.validate() {
-            return fail(400, crate::error_chain(&e));
         }
         let slot = next.cfg.devices.len();
         let id = next.ids[slot - 1].clone();

@@ -28,6 +28,7 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 
 use super::fd_stream::{attach_fds, FdStream, ReceivedFds};
+use super::registry::Registration;
 use super::{ApiReply, ApiRequest, ApiSender};
 
 /// Every served path is below this prefix.
@@ -51,6 +52,8 @@ pub const ROUTES: &[(&str, &str, ApiRequest)] = &[
     ("vm.add-disk", "PUT", ApiRequest::VmAddDisk),
     ("vm.add-net", "PUT", ApiRequest::VmAddNet),
     ("vm.counters", "GET", ApiRequest::VmCounters),
+    ("vm.metrics", "GET", ApiRequest::VmMetrics),
+    ("vm.console", "GET", ApiRequest::VmConsole),
     ("vm.send-migration", "PUT", ApiRequest::VmSendMigration),
     (
         "vm.receive-migration",
@@ -97,6 +100,17 @@ pub fn route_of(request: ApiRequest) -> (&'static str, &'static str) {
 pub struct ApiSocket {
     path: Option<PathBuf>,
     listener: Option<UnixListener>,
+    _registration: Option<Registration>,
+}
+
+/// Registers `path` for host-wide tools (see [`super::registry`]); a
+/// registry that cannot be written is logged, never fatal.
+fn register(path: &Path) -> Option<Registration> {
+    Registration::new(path)
+        .inspect_err(
+            |e| tracing::warn!(error = %crate::error_chain(e), "API socket not registered"),
+        )
+        .ok()
 }
 
 impl ApiSocket {
@@ -121,14 +135,26 @@ impl ApiSocket {
         Ok(Self {
             path: Some(path.into()),
             listener: Some(listener),
+            _registration: register(path),
         })
     }
 
-    /// Serves a socket someone else bound and listens on; its path stays.
+    /// Serves a socket someone else bound and listens on; its path stays,
+    /// made owner-only.
     pub fn adopt(listener: UnixListener) -> Self {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+        if let Some(p) = &path {
+            if let Err(e) = super::registry::restrict(p) {
+                tracing::warn!(error = %e, path = %p.display(), "cannot make the API socket owner-only");
+            }
+        }
         Self {
             path: None,
             listener: Some(listener),
+            _registration: path.as_deref().and_then(register),
         }
     }
 
@@ -266,6 +292,7 @@ async fn handle(
     api: Arc<ApiSender>,
     fds: ReceivedFds,
 ) -> Result<Reply, Infallible> {
+    let query = req.uri().query().map(str::to_string);
     let request = match route(req.uri().path(), req.method()) {
         Ok(r) => r,
         Err(StatusCode::NOT_FOUND) => return Ok(text(StatusCode::NOT_FOUND, "Unknown path")),
@@ -302,6 +329,11 @@ async fn handle(
         Err(msg) => return Ok(text(StatusCode::BAD_REQUEST, &msg)),
     };
     tracing::debug!(?request, "API request");
+    match request {
+        ApiRequest::VmMetrics => return Ok(metrics(&api).await),
+        ApiRequest::VmConsole => return Ok(console(query.as_deref())),
+        _ => {}
+    }
     Ok(match api.call(request, body).await {
         Ok(Ok(ApiReply::Empty)) => {
             let mut r = Response::new(Full::new(Bytes::new()));
@@ -309,25 +341,86 @@ async fn handle(
             r
         }
         Ok(Ok(ApiReply::Json(body))) => json(body),
-        Ok(Ok(ApiReply::Counters(plan))) => {
-            // Backends are asked on the blocking pool, never on this loop.
-            match tokio::task::spawn_blocking(move || plan.resolve()).await {
-                Ok(map) => match serde_json::to_string(&map) {
-                    Ok(body) => json(body),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-                },
-                Err(_) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Cannot collect the counters",
-                ),
-            }
-        }
+        Ok(Ok(ApiReply::Counters(plan))) => match resolve(plan).await {
+            Ok(map) => match serde_json::to_string(&map) {
+                Ok(body) => json(body),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            },
+            Err(r) => r,
+        },
         Ok(Err(f)) => text(
             StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &f.message,
         ),
         Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     })
+}
+
+/// Resolves a counters plan: backends are asked on the blocking pool,
+/// never on this loop.
+async fn resolve(
+    plan: super::counters::CountersPlan,
+) -> Result<std::collections::BTreeMap<String, super::counters::Counters>, Reply> {
+    tokio::task::spawn_blocking(move || plan.resolve())
+        .await
+        .map_err(|_| {
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Cannot collect the counters",
+            )
+        })
+}
+
+/// vm.metrics: vm.info's state and vm.counters as Prometheus text.
+async fn metrics(api: &ApiSender) -> Reply {
+    let state = match api.call(ApiRequest::VmInfo, Vec::new()).await {
+        Ok(Ok(ApiReply::Json(body))) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| Some(v.get("state")?.as_str()?.to_string())),
+        _ => None,
+    };
+    let map = match api.call(ApiRequest::VmCounters, Vec::new()).await {
+        Ok(Ok(ApiReply::Counters(plan))) => match resolve(plan).await {
+            Ok(map) => map,
+            Err(r) => return r,
+        },
+        Ok(Err(f)) => {
+            return text(
+                StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                &f.message,
+            )
+        }
+        Ok(Ok(_)) => Default::default(),
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(super::metrics::render(
+        state.as_deref(),
+        &map,
+    ))));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}
+
+/// vm.console?from=N: the serial output kept from byte N on, as JSON
+/// `{"from": first byte's offset, "total": bytes so far, "data": text}`.
+fn console(query: Option<&str>) -> Reply {
+    let from = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("from=")?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let (start, data, total) = crate::console::output_since(from);
+    json(
+        serde_json::json!({
+            "from": start,
+            "total": total,
+            "data": String::from_utf8_lossy(&data),
+        })
+        .to_string(),
+    )
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ pub mod counters;
 pub mod fd_stream;
 pub mod http;
 pub mod manager;
+pub mod metrics;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc};
@@ -71,6 +73,11 @@ pub enum ApiRequest {
     VmAddDisk,
     VmAddNet,
     VmCounters,
+    /// vm.counters and vm.info as Prometheus text (ours; answered by the
+    /// HTTP server from those two).
+    VmMetrics,
+    /// The guest's recent serial output (ours; answered by the HTTP server).
+    VmConsole,
     VmSendMigration,
     VmReceiveMigration,
     VmSwapBackend,

@@ -14,6 +14,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::stream::{self, Kind, Start};
 use super::{Conn, MigrationError, Url};
+use crate::config::VmConfig;
 use crate::machine::Prepared;
 use crate::memory::Memory;
 use crate::snapshot::SnapshotState;
@@ -97,12 +98,30 @@ fn wait_readable(fd: RawFd, stop: RawFd) -> Result<()> {
     }
 }
 
+/// What the destination builds as soon as the config arrives, and
+/// receives guest memory into: the KVM VM with its RAM registered
+/// ([`Prepared`], so that none of it falls in the downtime), or for the
+/// stream's fuzz target only the memory.
+pub trait Target: Sized {
+    fn prepare(cfg: &VmConfig, memory: Memory) -> Result<Self>;
+    fn memory(&self) -> &Memory;
+}
+
+impl Target for Prepared {
+    fn prepare(cfg: &VmConfig, memory: Memory) -> Result<Self> {
+        Prepared::new(cfg, memory).map_err(|e| MigrationError::Vm(crate::error_chain(&e)))
+    }
+
+    fn memory(&self) -> &Memory {
+        Prepared::memory(self)
+    }
+}
+
 /// What a complete migration delivered.
-pub struct Received {
+pub struct Received<T = Prepared> {
     pub state: SnapshotState,
-    /// The KVM VM with guest RAM registered, made as soon as the config
-    /// arrived so that none of it falls in the downtime.
-    pub prepared: Prepared,
+    /// What [`Target::prepare`] made when the config arrived.
+    pub prepared: T,
     /// Whether the VM ran on the source (it runs here once built).
     pub resume: bool,
     pub memory_bytes: u64,
@@ -111,7 +130,10 @@ pub struct Received {
 
 /// Receives one migration up to `Complete`; the source hears about any
 /// refusal before this returns it.
-pub fn receive(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result<Received> {
+pub fn receive<T: Target>(
+    conn: &mut Conn,
+    sockets: &BTreeMap<String, PathBuf>,
+) -> Result<Received<T>> {
     let r = receive_inner(conn, sockets);
     if let Err(e) = &r {
         if !matches!(e, MigrationError::Io(_) | MigrationError::Abandoned) {
@@ -121,7 +143,10 @@ pub fn receive(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result<R
     r
 }
 
-fn receive_inner(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result<Received> {
+fn receive_inner<T: Target>(
+    conn: &mut Conn,
+    sockets: &BTreeMap<String, PathBuf>,
+) -> Result<Received<T>> {
     let local = stream::read_hello(conn)?;
     let memfd = if local {
         let unix = conn.unix().ok_or(MigrationError::LocalNeedsUnix)?;
@@ -145,8 +170,7 @@ fn receive_inner(conn: &mut Conn, sockets: &BTreeMap<String, PathBuf>) -> Result
         Some(f) => local_memory(f, start.config.memory)?,
         None => Memory::new(start.config.memory, start.config.hugepages)?,
     };
-    let prepared = Prepared::new(&start.config, memory)
-        .map_err(|e| MigrationError::Vm(crate::error_chain(&e)))?;
+    let prepared = T::prepare(&start.config, memory)?;
     let memory = prepared.memory();
     tracing::info!(local, from = %start.vmm_version, memory = start.config.memory, "receiving a migration");
     stream::write_frame(conn, Kind::Ok, &[])?;

@@ -110,6 +110,7 @@ extern "C" fn tg_main(proto: u64, info: u64) -> ! {
             netrx: has(b"tg.netrx"),
             keep: has(b"tg.keepdev"),
             blkcount: has(b"tg.blkcount"),
+            netcount: has(b"tg.netcount"),
             msixmask: has(b"tg.msixmask"),
             ecam: param(b"tg.ecam="),
             barbase: param(b"tg.barbase="),

@@ -255,7 +255,8 @@ fn blk_latency(q: &mut Vq, t: &Transport, n: u64) {
         .nl();
 }
 
-pub fn blk(t: &Transport, o: &Opts) {
+/// Checks the disk; with `tg.blkcount` returns its queue to go on with.
+pub fn blk(t: &Transport, o: &Opts) -> Option<Vq> {
     let (feats, mut q) = blk_setup(t);
     let irq0 = q.irqs();
     let cap = t.cfg_read64(0);
@@ -330,18 +331,28 @@ pub fn blk(t: &Transport, o: &Opts) {
     blk_read_check(&mut q, t, o.seed, BLK_SECTOR, "blk reinit read");
     line("TG: blk reinit ok");
 
-    if o.blkcount {
-        // Forever: write a block whose pattern is the round, read it
-        // back, check it. A VM restored from a snapshot must go on from
-        // the saved round, with its rings and the disk where they were.
-        let mut round: u64 = 1;
-        loop {
-            blk_write(&mut q, t, round, BURST_SECTOR);
+    // tg.blkcount goes on in count_forever with this queue.
+    o.blkcount.then_some(q)
+}
+
+/// `tg.blkcount` and `tg.netcount`, once every device is checked: forever,
+/// write a block whose pattern is the round, read it back, check it and
+/// print `TG: blkcount N` (a VM restored from a snapshot must go on from
+/// the saved round, with its rings and the disk where they were), and send
+/// the NIC's frame again, so the host sees steady disk and network I/O.
+pub fn count_forever(mut blk: Option<(Transport, Vq)>, mut net: Option<(Transport, Vq)>) -> ! {
+    let mut round: u64 = 1;
+    loop {
+        if let Some((t, q)) = blk.as_mut() {
+            blk_write(q, t, round, BURST_SECTOR);
             zero(buf(OFF_RBUF), u64::from(BLK_LEN));
-            blk_read_check(&mut q, t, round, BURST_SECTOR, "blk count read");
+            blk_read_check(q, t, round, BURST_SECTOR, "blk count read");
             out().s("TG: blkcount ").dec(round).nl();
-            round += 1;
         }
+        if let Some((t, tx)) = net.as_mut() {
+            net_send(tx, t, "net count tx");
+        }
+        round += 1;
     }
 }
 
@@ -387,7 +398,8 @@ const MIN_FRAME: u64 = 60;
 /// `tg.netrx` waits up to this many 10 ms halts (~5 s).
 const RX_NAPS: u32 = 500;
 
-pub fn net(t: &Transport, o: &Opts) {
+/// Checks the NIC; with `tg.netcount` returns its TX queue to go on with.
+pub fn net(t: &Transport, o: &Opts) -> Option<Vq> {
     let feats = t.init(NET_F_MAC, 2);
     let mut rx = t.setup_queue(0);
     let mut tx = t.setup_queue(1);
@@ -435,17 +447,11 @@ pub fn net(t: &Transport, o: &Opts) {
     for (i, b) in PAYLOAD.iter().enumerate() {
         mmio_write8(f + 14 + i as u64, *b);
     }
-    tx.sync_irqs();
-    let head = tx.push(&[(p, (VNET_HDR + MIN_FRAME) as u32, false)]);
-    tx.kick();
-    let (id, _) = tx.wait("net tx", WAIT_NAPS);
-    if id != u32::from(head) {
-        fail_dev("net tx used id != head", t.bdf);
-    }
+    net_send(&mut tx, t, "net tx");
     line("TG: net tx ok");
 
     if !o.netrx {
-        return;
+        return o.netcount.then_some(tx);
     }
     let (id, len) = rx.wait("net rx", RX_NAPS);
     let Some(i) = heads.iter().position(|&h| u32::from(h) == id) else {
@@ -482,6 +488,18 @@ pub fn net(t: &Transport, o: &Opts) {
             .dec(flen - 14)
             .s(" bytes)")
             .nl();
+    }
+    o.netcount.then_some(tx)
+}
+
+/// Sends the frame at `OFF_NET_TX` and waits for its completion.
+fn net_send(tx: &mut Vq, t: &Transport, what: &str) {
+    tx.sync_irqs();
+    let head = tx.push(&[(buf(OFF_NET_TX), (VNET_HDR + MIN_FRAME) as u32, false)]);
+    tx.kick();
+    let (id, _) = tx.wait(what, WAIT_NAPS);
+    if id != u32::from(head) {
+        fail_dev("net tx used id != head", t.bdf);
     }
 }
 

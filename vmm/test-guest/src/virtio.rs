@@ -81,9 +81,12 @@ pub struct Opts {
     /// `tg.keepdev`: leave the devices running after their checks (no
     /// reset), so the host sees active queues while the guest idles.
     pub keep: bool,
-    /// `tg.blkcount`: after the checks, write and read back a block per
-    /// round forever, printing `TG: blkcount N`.
+    /// `tg.blkcount`: after every device's checks, write and read back a
+    /// block per round forever, printing `TG: blkcount N`.
     pub blkcount: bool,
+    /// `tg.netcount`: after every device's checks, send the TX frame again
+    /// per round forever (with `tg.blkcount`: one frame per block round).
+    pub netcount: bool,
     /// `tg.msixmask`: virtio-blk MSI-X per-vector mask test.
     pub msixmask: bool,
     /// `tg.ecam=ADDR`: ECAM base of bus 0 when there is no MCFG.
@@ -618,6 +621,9 @@ pub fn run(opts: &Opts, rsdp_hint: u64) {
     let ecam = pci::find_ecam(rsdp_hint).or(opts.ecam.map(|b| (b, 256 << 20)));
     let bus: Bus = pci::scan(ecam);
     let mut slot = 0;
+    // The devices that go on after the checks (tg.blkcount, tg.netcount).
+    let mut counting_blk = None;
+    let mut counting_net = None;
     for f in &bus.funcs[..bus.n] {
         if f.vendor != VENDOR_VIRTIO || !(0x1000..=0x107F).contains(&f.device) {
             continue;
@@ -658,19 +664,32 @@ pub fn run(opts: &Opts, rsdp_hint: u64) {
         }
         let t = Transport::new(f.bdf, slot, opts);
         slot += 1;
-        match dtype {
-            1 => vdev::net(&t, opts),
-            2 => vdev::blk(&t, opts),
-            26 => vdev::fs(&t),
-            _ => vdev::rng(&t),
-        }
-        // Quiesce: no more DMA into the shared buffers. A kept device has
-        // nothing left in its queues, so the host has nothing to write.
-        if !opts.keep {
-            t.reset();
+        let counting = match dtype {
+            1 => vdev::net(&t, opts).filter(|_| counting_net.is_none()),
+            2 => vdev::blk(&t, opts).filter(|_| counting_blk.is_none()),
+            26 => {
+                vdev::fs(&t);
+                None
+            }
+            _ => {
+                vdev::rng(&t);
+                None
+            }
+        };
+        match counting {
+            Some(q) if dtype == 1 => counting_net = Some((t, q)),
+            Some(q) => counting_blk = Some((t, q)),
+            // Quiesce: no more DMA into the shared buffers. A kept device
+            // has nothing left in its queues, so the host has nothing to
+            // write.
+            None if !opts.keep => t.reset(),
+            None => {}
         }
     }
     if slot == 0 {
         line("TG: virtio none");
+    }
+    if counting_blk.is_some() || counting_net.is_some() {
+        vdev::count_forever(counting_blk, counting_net);
     }
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hostd;
+
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -411,10 +413,19 @@ pub struct ApiVmm {
 
 impl ApiVmm {
     pub fn start(dir: &Scratch, name: &str) -> Self {
+        Self::start_with(dir, name, vmm())
+    }
+
+    /// As [`Self::start`], running `cmd` (the vmm binary, perhaps under
+    /// `ip netns exec` or with its own environment).
+    pub fn start_with(dir: &Scratch, name: &str, mut cmd: Command) -> Self {
         let socket = dir.path(&format!("{name}.sock"));
         let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
-        let mut cmd = vmm();
-        cmd.arg("--api-socket").arg(&socket).stderr(err);
+        cmd.arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(err);
         let (child, console) = serve(cmd, &socket);
         Self {
             child,
