@@ -362,6 +362,8 @@ const WATCH: &[i64] = &[libc::SYS_read, libc::SYS_statx, libc::SYS_getpid];
 const SPAWN: &[i64] = &[
     libc::SYS_clone,
     libc::SYS_socketpair,
+    // The pipe the backend's stderr comes through.
+    libc::SYS_pipe2,
     libc::SYS_dup2,
     libc::SYS_execve,
     libc::SYS_wait4,
@@ -478,6 +480,8 @@ const BUILD: &[i64] = &[
     libc::SYS_listen,
     libc::SYS_accept4,
     libc::SYS_recvfrom,
+    // A disk image given by path is locked while its backend runs.
+    libc::SYS_flock,
 ];
 
 /// `ioctl`s of building a VM: the system fd (version, capabilities, CPUID,
@@ -524,6 +528,8 @@ const BUILD_IOCTLS: &[u64] = &[
     libc::TIOCGPTN,
     libc::TIOCSPTLCK,
     libc::FIONBIO,
+    // A tap fd given with vm.add-net is checked to be one.
+    libc::TUNGETIFF,
 ];
 
 /// `fcntl` commands: std's check that an fd is still open before it

@@ -36,6 +36,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
@@ -436,6 +437,11 @@ fn forward_stderr(
         .ok()
 }
 
+/// Why a backend killed by SIGSYS died: a backend vmm starts runs under
+/// the filter of vmm's launcher thread, which allows what blk-backend and
+/// net-backend do, not what any other program may.
+pub const SIGSYS_REASON: &str = "killed by SIGSYS: a system call outside the seccomp filter it inherits from vmm (start vmm with --seccomp false to run other backends)";
+
 /// How long the last words of a backend that exited may take to arrive.
 const LAST_WORDS: Duration = Duration::from_secs(1);
 
@@ -516,6 +522,14 @@ fn run(
             .is_some_and(|f| !f.is_finished() && Instant::now() < deadline)
         {
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if status
+            .as_ref()
+            .is_ok_and(|s| s.signal() == Some(libc::SIGSYS))
+        {
+            // It inherited vmm's seccomp filter (that of the launcher
+            // thread) and made a call outside it: say so, not nothing.
+            *last.lock().unwrap_or_else(PoisonError::into_inner) = SIGSYS_REASON.into();
         }
         pid.store(0, Ordering::SeqCst);
         if stop.load(Ordering::SeqCst) || (first.is_some() && !socket.exists()) {

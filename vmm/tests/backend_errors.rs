@@ -160,10 +160,22 @@ fn backend_that_cannot_start_is_a_400_with_its_reason() {
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = image(&dir, "disk.img");
+    // Under vmm's filters (the default) the shell dies of SIGSYS at its
+    // first call outside them, and the error says so.
     let mut cmd = std::process::Command::new(&vmm_copy);
     cmd.env_remove("PATH");
+    let filtered = ApiVmm::start_with(&dir, "filtered", cmd);
+    assert_create_refused(
+        &filtered,
+        serde_json::json!([{ "path": path }]),
+        vmm::spawned::SIGSYS_REASON,
+    );
+    drop(filtered);
+    // A shell script runs as a backend once vmm's filters are off.
+    let mut cmd = std::process::Command::new(&vmm_copy);
+    cmd.env_remove("PATH").args(["--seccomp", "false"]);
     let vm = ApiVmm::start_with(&dir, "vm", cmd);
-    let path = image(&dir, "disk.img");
 
     assert_create_refused(
         &vm,

@@ -322,19 +322,25 @@ fn a_backend_vmm_starts_and_its_supervisor_run_filtered() {
         "vcpu0",
         "vhost-user-2",
         "vmm",
+        // Forwards the backend's stderr; started by its supervisor.
+        "vmm-backend-log",
         "vmm-blk-backend",
         "vmm-spawn",
     ];
 
     let modes = settled(child.id(), &want, &[]);
     let backends = children(child.id());
-    let backend_modes = settled(backends[0], &["blk-backend", "queue0"], &[]);
+    // The backend serves its counters on a metrics socket (thread metrics).
+    let backend_modes = settled(backends[0], &["blk-backend", "metrics", "queue0"], &[]);
     let _ = child.kill();
     let _ = child.wait();
 
     assert_eq!(names(&modes, &[]), want);
     assert_eq!(not_in_mode(&modes, 2), Vec::<&(String, u32)>::new());
     assert_eq!(backends.len(), 1, "{backends:?}");
-    assert_eq!(names(&backend_modes, &[]), ["blk-backend", "queue0"]);
+    assert_eq!(
+        names(&backend_modes, &[]),
+        ["blk-backend", "metrics", "queue0"]
+    );
     assert_eq!(not_in_mode(&backend_modes, 2), Vec::<&(String, u32)>::new());
 }
