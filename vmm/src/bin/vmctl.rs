@@ -86,7 +86,7 @@ enum Command {
     /// (vm.send-migration); prints pre-copy progress on stderr. This vmm
     /// exits once the destination runs the VM.
     SendMigration {
-        /// unix:/PATH or tcp:HOST:PORT
+        /// unix:/PATH or tcp:IP:PORT
         destination: String,
         /// Same host: hand guest memory over instead of copying it
         /// (live upgrade; unix: only).
@@ -113,7 +113,7 @@ enum Command {
     /// Wait for a migration and run the VM it brings; this vmm must have
     /// no VM (vm.receive-migration).
     ReceiveMigration {
-        /// unix:/PATH or tcp:HOST:PORT to listen on.
+        /// unix:/PATH or tcp:IP:PORT to listen on.
         receiver: String,
         /// A backend listening elsewhere here: DEVICE_ID=SOCKET (repeat).
         #[arg(long = "vhost-socket")]

@@ -47,7 +47,7 @@ use thiserror::Error;
 /// Errors of a migration, on either side.
 #[derive(Debug, Error)]
 pub enum MigrationError {
-    #[error("Migration URL must be unix:/path or tcp:host:port, not '{0}'")]
+    #[error("Migration URL must be unix:/path or tcp:IP:port, not '{0}'")]
     Url(String),
     #[error("A local migration needs a unix: URL")]
     LocalNeedsUnix,
@@ -102,7 +102,10 @@ pub enum MigrationError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Url {
     Unix(PathBuf),
-    Tcp(String),
+    /// An IP address: a host name is refused rather than resolved (vmm's
+    /// seccomp lists allow no resolver, and a migration should not depend
+    /// on one).
+    Tcp(std::net::SocketAddr),
 }
 
 impl std::str::FromStr for Url {
@@ -115,10 +118,8 @@ impl std::str::FromStr for Url {
             }
         }
         if let Some(a) = s.strip_prefix("tcp:") {
-            if a.rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-            {
-                return Ok(Self::Tcp(a.to_string()));
+            if let Ok(a) = a.parse() {
+                return Ok(Self::Tcp(a));
             }
         }
         Err(MigrationError::Url(s.to_string()))
@@ -229,11 +230,16 @@ mod tests {
         );
         assert_eq!(
             "tcp:127.0.0.1:6000".parse::<Url>().unwrap(),
-            Url::Tcp("127.0.0.1:6000".into())
+            Url::Tcp(([127, 0, 0, 1], 6000).into())
+        );
+        assert_eq!(
+            "tcp:[::1]:7".parse::<Url>().unwrap().to_string(),
+            "tcp:[::1]:7"
         );
         for bad in [
             "unix:",
             "tcp:host",
+            "tcp:localhost:6000",
             "tcp::80",
             "tcp:h:99999",
             "file:///x",
