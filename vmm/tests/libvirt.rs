@@ -722,17 +722,7 @@ fn with_nic(tag: &str, tap: &str, cmdline: &str) -> (common::Netns, Libvirt, Pat
 #[test]
 fn virsh_starts_a_guest_whose_nic_is_the_tap_libvirt_passes() {
     let (ns, lv, xml) = with_nic("nic", "vmtap9", "tg.virtio tg.netrx tg.hold");
-    let script = lv.dir.join("peer.py");
-    std::fs::write(&script, PEER).unwrap();
-    let mut peer = ns
-        .exec(&["python3", script.to_str().unwrap(), "vmtap9", MAC])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut peer_out = std::io::BufReader::new(peer.stdout.take().unwrap());
-    let mut ready = String::new();
-    std::io::BufRead::read_line(&mut peer_out, &mut ready).unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let (mut peer, mut peer_out) = ns.tap_peer(&lv.dir, "vmtap9", MAC);
     lv.virsh(&["define", xml.to_str().unwrap()]);
 
     lv.virsh(&["start", "tg"]);
@@ -753,21 +743,6 @@ fn virsh_starts_a_guest_whose_nic_is_the_tap_libvirt_passes() {
     lv.virsh(&["destroy", "tg"]);
     lv.wait_for("vmm to exit after destroy", || !running(pid));
 }
-
-/// The guest's frame is awaited on the tap, then answered (as in
-/// `virtio_net.rs`).
-const PEER: &str = r#"
-import socket, sys, time
-iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
-s.bind((iface, 0))
-print("ready", flush=True)
-s.settimeout(60)
-f = s.recv(2048)
-print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flush=True)
-time.sleep(0.2)
-s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'hello from the tap side'.ljust(46, b'\0'))
-"#;
 
 /// The lines of Prometheus `text` about domain `name`.
 fn exported(text: &str, name: &str) -> String {

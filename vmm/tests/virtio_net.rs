@@ -17,20 +17,6 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const GUEST_MAC: &str = "52:54:00:aa:bb:cc";
 
-/// Waits for the guest's frame on the tap, then answers with one of its own.
-const PEER: &str = r#"
-import socket, sys, time
-iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
-s.bind((iface, 0))
-print("ready", flush=True)
-s.settimeout(60)
-f = s.recv(2048)
-print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flush=True)
-time.sleep(0.2)
-s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'hello from the tap side'.ljust(46, b'\0'))
-"#;
-
 #[test]
 fn frames_cross_between_guest_and_tap_through_net_backend() {
     if !std::path::Path::new("/dev/net/tun").exists() {
@@ -41,18 +27,8 @@ fn frames_cross_between_guest_and_tap_through_net_backend() {
     let s = Scratch::new("virtio-net");
     let sock = s.path("net.sock");
     let _nb = ns.net_backend(&sock, "vmtap0");
-    let script = s.path("peer.py");
-    std::fs::write(&script, PEER).unwrap();
-    let mut peer = ns
-        .exec(&["python3", script.to_str().unwrap(), "vmtap0", GUEST_MAC])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // The guest sends its frame once: the peer must be listening first.
-    let mut out = std::io::BufReader::new(peer.stdout.take().unwrap());
-    let mut ready = String::new();
-    std::io::BufRead::read_line(&mut out, &mut ready).unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let (mut peer, mut out) = ns.tap_peer(&s.0, "vmtap0", GUEST_MAC);
 
     let mut c = vmm();
     c.arg("--kernel")
@@ -119,17 +95,7 @@ fn nic_given_as_a_tap_is_served_by_a_net_backend_vmm_starts() {
     let s = Scratch::new("virtio-net-tap");
     persistent_tap(&ns, "vmtap1");
     workspace_bin("net-backend");
-    let script = s.path("peer.py");
-    std::fs::write(&script, PEER).unwrap();
-    let mut peer = ns
-        .exec(&["python3", script.to_str().unwrap(), "vmtap1", GUEST_MAC])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(peer.stdout.take().unwrap());
-    let mut ready = String::new();
-    std::io::BufRead::read_line(&mut out, &mut ready).unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let (mut peer, mut out) = ns.tap_peer(&s.0, "vmtap1", GUEST_MAC);
     let mut c = ns.exec(&[env!("CARGO_BIN_EXE_vmm")]);
     c.arg("--kernel")
         .arg(test_guest())
@@ -223,17 +189,7 @@ fn nic_given_as_a_tap_fd_over_the_api_is_served_by_a_net_backend() {
     let tap = open_tap_in(&ns, "vmtap2");
     ns.quiet_link_up("vmtap2");
     workspace_bin("net-backend");
-    let script = s.path("peer.py");
-    std::fs::write(&script, PEER).unwrap();
-    let mut peer = ns
-        .exec(&["python3", script.to_str().unwrap(), "vmtap2", GUEST_MAC])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut peer_out = std::io::BufReader::new(peer.stdout.take().unwrap());
-    let mut ready = String::new();
-    std::io::BufRead::read_line(&mut peer_out, &mut ready).unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let (mut peer, mut peer_out) = ns.tap_peer(&s.0, "vmtap2", GUEST_MAC);
     let api = s.path("api.sock");
     let mut c = vmm();
     c.arg("--api-socket").arg(&api).env("VMM_LOG", "info");

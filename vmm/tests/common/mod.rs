@@ -336,10 +336,49 @@ pub fn stat(stderr: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// A peer on a tap in a namespace: waits for the guest's frame (EtherType
+/// 0x88b5), prints it, then answers with one of its own to `mac`.
+const TAP_PEER: &str = r#"
+import socket, sys, time
+iface, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88b5))
+s.bind((iface, 0))
+print("ready", flush=True)
+s.settimeout(60)
+f = s.recv(2048)
+print("seen", f[:6].hex(), f[6:12].hex(), f[12:14].hex(), f[14:33].decode(), flush=True)
+time.sleep(0.2)
+s.send(mac + bytes.fromhex('020000000099') + b'\x88\xb5' + b'hello from the tap side'.ljust(46, b'\0'))
+"#;
+
 /// A network namespace, deleted (with everything in it) on drop.
 pub struct Netns(pub String);
 
 impl Netns {
+    /// Starts [`TAP_PEER`] on `tap` (its script written in `dir`) and
+    /// waits until it listens: the guest sends its frame once. Its output
+    /// (the `seen` line) is read from the returned reader.
+    #[allow(dead_code)]
+    pub fn tap_peer(
+        &self,
+        dir: &Path,
+        tap: &str,
+        mac: &str,
+    ) -> (Child, BufReader<std::process::ChildStdout>) {
+        let script = dir.join("peer.py");
+        std::fs::write(&script, TAP_PEER).unwrap();
+        let mut peer = self
+            .exec(&["python3", script.to_str().unwrap(), tap, mac])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(peer.stdout.take().unwrap());
+        let mut ready = String::new();
+        out.read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready");
+        (peer, out)
+    }
+
     pub fn new() -> Option<Self> {
         // One per test: tests of one binary run in parallel.
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
