@@ -334,6 +334,8 @@ impl QueueHandler for BlkQueue {
     fn reap(&mut self, done: &mut Vec<Used>) {
         let mut completions = std::mem::take(&mut self.completions);
         self.storage.reap(&mut completions);
+        // One clock read per batch, not per request.
+        let now = Instant::now();
         for c in completions.drain(..) {
             let head = c.token as u16;
             let Some(mut p) = self.pending.get_mut(head as usize).and_then(Option::take) else {
@@ -350,7 +352,8 @@ impl QueueHandler for BlkQueue {
             if let Err(e) = &c.result {
                 self.warn(head, e);
             }
-            let ns = u64::try_from(p.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let ns = u64::try_from(now.saturating_duration_since(p.started).as_nanos())
+                .unwrap_or(u64::MAX);
             let m = &self.metrics;
             match p.kind {
                 RequestType::In => {
