@@ -74,8 +74,10 @@ fn last_count(vm: &Vmm, prefix: &str) -> Option<u64> {
     let mut last = None;
     while let Ok(l) = vm.console.recv_timeout(Duration::from_millis(300)) {
         assert!(!l.contains("FAIL"), "{l}");
-        if let Some(n) = l.strip_prefix(prefix) {
-            last = n.trim().parse().ok();
+        // A count only grows: a smaller one is the first half of a line
+        // the hand-over split ("... 7" on the source of "... 757").
+        if let Some(n) = l.strip_prefix(prefix).and_then(|n| n.trim().parse().ok()) {
+            last = last.max(Some(n));
         }
     }
     last
