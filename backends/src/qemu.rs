@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -80,7 +80,16 @@ pub struct QemuGuest {
     console: Arc<Mutex<String>>,
     reader: Option<JoinHandle<()>>,
     monitor: Option<PathBuf>,
+    /// Held while the guest lives: see [`ONE_GUEST`].
+    _slot: MutexGuard<'static, ()>,
 }
+
+/// One QEMU TCG guest at a time per test process. Two of them (2 vCPU
+/// threads each) on a 2-core machine slow each other's boots beyond any
+/// sane limit: MTTCG vCPUs spin on each other's IPIs when descheduled, and
+/// one CI run saw a guest still short of userspace after 5 minutes. A test
+/// that panicked leaves the lock poisoned; the next one takes it anyway.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 impl QemuGuest {
     /// Boots the guest (512 MiB of shared memfd memory, 2 vCPUs) with the
@@ -102,6 +111,7 @@ impl QemuGuest {
     }
 
     fn spawn(socket: &Path, device: &[&str], script: &str, monitor: Option<&Path>) -> QemuGuest {
+        let slot = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
         let guest = guest_image();
         let monitor_arg = match monitor {
             Some(path) => format!("unix:{},server=on,wait=off", path.display()),
@@ -151,6 +161,7 @@ impl QemuGuest {
             console,
             reader: Some(reader),
             monitor: monitor.map(Path::to_path_buf),
+            _slot: slot,
         }
     }
 

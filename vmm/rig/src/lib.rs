@@ -178,7 +178,8 @@ if [ -c /dev/kvm ]; then echo RIG-READY; else echo "RIG-ERROR no /dev/kvm in L1"
 # about 1 of 10 boots with 4 L2 vCPUs here, mostly in kernel init with no
 # device active yet, once in userspace during disk I/O. Not yet shown to be
 # QEMU TCG's nested SVM rather than vmm (QEMU's own microvm guest in L1 hung
-# in 1 of 4 boots): every retry in the output needs a look.
+# in 1 of 4 boots): every retry in the output needs a look. With
+# L2_NO_RETRY set the caller retries a whole scenario itself.
 l2() {
     name=$1; shift
     # A boot without a script of its own (a restore) gets the plain image.
@@ -187,7 +188,7 @@ l2() {
     for try in 1 2; do
         { timeout -s KILL ${L2_TIMEOUT:-600} vmm --initramfs /tmp/l2-$name.initrd "$@" 2>&1
           echo $? >/tmp/l2-$name.rc; } | tee /tmp/l2-$name.log
-        grep -q "guest triple fault" /tmp/l2-$name.log && [ $try = 1 ] || break
+        grep -q "guest triple fault" /tmp/l2-$name.log && [ $try = 1 ] && [ -z "$L2_NO_RETRY" ] || break
         echo "RIG-L2-RETRY $name: triple fault, booting once more"
     done
     echo "RIG-L2-END $name rc=$(cat /tmp/l2-$name.rc)"
@@ -444,17 +445,20 @@ impl Console {
         self.lines.iter().any(|l| l.contains("GUEST-RUN-END rc="))
     }
 
-    /// The lines between `RIG-L2-BEGIN name` and its end marker.
-    /// After a `RIG-L2-RETRY`, only the last boot's lines.
+    /// The lines between the last `RIG-L2-BEGIN name` and its end marker
+    /// (a scenario run once more prints its sections again). After a
+    /// `RIG-L2-RETRY` inside the section, only the last boot's lines.
     pub fn l2(&self, name: &str) -> Vec<&str> {
         let begin = format!("RIG-L2-BEGIN {name}");
         let retry = format!("RIG-L2-RETRY {name}:");
         let end = format!("RIG-L2-END {name} ");
-        let all: Vec<&str> = self
+        let start = self
             .lines
             .iter()
-            .skip_while(|l| !l.ends_with(&begin))
-            .skip(1)
+            .rposition(|l| l.ends_with(&begin))
+            .map_or(self.lines.len(), |i| i + 1);
+        let all: Vec<&str> = self.lines[start..]
+            .iter()
             .take_while(|l| !l.contains(&end))
             .map(String::as_str)
             .collect();
@@ -464,11 +468,12 @@ impl Console {
         }
     }
 
-    /// The exit status of `vmm` for the L2 boot `name`.
+    /// The exit status of `vmm` for the L2 boot `name` (its last run).
     pub fn l2_status(&self, name: &str) -> Option<i32> {
         let end = format!("RIG-L2-END {name} rc=");
         self.lines
             .iter()
+            .rev()
             .find_map(|l| l.find(&end).map(|i| &l[i + end.len()..]))
             .and_then(|v| v.trim().parse().ok())
     }
