@@ -486,10 +486,25 @@ impl<D: Device> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostUserResult<()> {
         let slot = self.slot(u32::from(index))?;
-        *slot
+        let call = fd.map(eventfd_from);
+        // A running queue may have published completions while it had no
+        // call eventfd, or the frontend's previous one: QEMU sends
+        // SET_VRING_CALL after SET_VRING_KICK, which starts the queue, and
+        // a reconnected queue resubmits its inflight requests at once. A
+        // completion signalled nowhere leaves the driver waiting forever,
+        // so the new eventfd is signalled once (a spurious interrupt is
+        // harmless to a virtio driver).
+        // Signalled after it is in place: a completion published meanwhile
+        // already uses it.
+        let running = slot.worker.is_some();
+        let mut current = slot
             .call
             .lock()
-            .map_err(|_| invalid("call lock poisoned"))? = fd.map(eventfd_from);
+            .map_err(|_| invalid("call lock poisoned"))?;
+        *current = call;
+        if let (Some(c), true) = (current.as_ref(), running) {
+            let _ = c.write(1);
+        }
         Ok(())
     }
 

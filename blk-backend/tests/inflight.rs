@@ -133,3 +133,55 @@ fn requests_marked_in_flight_by_a_dead_backend_run_exactly_once() {
         );
     }
 }
+
+/// QEMU sends SET_VRING_CALL after SET_VRING_KICK, and a reconnected queue
+/// starts on the kick: requests resubmitted from the inflight region (or
+/// already in the available ring) can complete before the queue has a call
+/// eventfd. The backend signals the call eventfd once it arrives, or the
+/// driver would wait forever for a completion it was never told of (a QEMU
+/// guest in the crash loop stalled that way).
+#[test]
+fn completions_before_the_call_eventfd_arrives_are_signalled_on_it() {
+    let dir = TempDir::new("late-call");
+    let (mut first, image) = Backend::with_image(&dir, 8 << 20, &[]);
+    let cfg = FrontendConfig {
+        inflight: true,
+        call_after_kick: Some(std::time::Duration::from_millis(300)),
+        ..config(1)
+    };
+    let mut drv = driver(&first.socket, cfg);
+    drv.frontend().disconnect();
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let (info, file) = drv.frontend().inflight().unwrap();
+    let region =
+        InflightRegion::map(file, info.mmap_offset, info.mmap_size, 1, info.queue_size).unwrap();
+    let mut tracked = std::sync::Arc::new(region).queue(0).unwrap();
+    let data = pattern(7, 4096);
+    let req = BlkReq {
+        kind: T_OUT,
+        sector: 0,
+        len: 4096,
+        data: Some(&data),
+        flags: 0,
+    };
+    drv.submit(0, &req).unwrap().unwrap();
+    tracked.start(0);
+    while drv.frontend().queue(0).0.call_signalled(std::time::Duration::ZERO) {}
+
+    let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
+    drv.frontend().reconnect(&second.socket).unwrap();
+
+    // The write was done well before the call eventfd came (300 ms later).
+    let (q, mem) = drv.frontend().queue(0);
+    assert_eq!(q.used_idx(mem).unwrap(), 1);
+    assert!(
+        q.call_signalled(TIMEOUT),
+        "a completion published before SET_VRING_CALL was never signalled"
+    );
+    let mut done = Vec::new();
+    drv.poll(0, &mut done).unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].status, S_OK);
+    assert_eq!(&std::fs::read(&image).unwrap()[..4096], &data[..]);
+}

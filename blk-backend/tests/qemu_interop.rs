@@ -259,14 +259,20 @@ fn requests(metrics: &std::path::Path) -> Option<u64> {
 }
 
 /// Waits until the backend behind `metrics` has taken a request: QEMU has
-/// reconnected and the guest's I/O flows again. Panics after `timeout`.
-fn wait_for_requests(metrics: &std::path::Path, timeout: Duration) {
+/// reconnected and the guest's I/O flows again. Panics after `timeout`,
+/// with the kills so far and the end of the guest's console.
+fn wait_for_requests(metrics: &std::path::Path, timeout: Duration, qemu: &QemuGuest, kills: usize) {
     let deadline = std::time::Instant::now() + timeout;
     while requests(metrics).unwrap_or(0) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no request reached the backend within {timeout:?}: QEMU did not reconnect"
-        );
+        if std::time::Instant::now() >= deadline {
+            let console = qemu.console();
+            let tail: Vec<&str> = console.lines().rev().take(15).collect();
+            panic!(
+                "no request reached the backend within {timeout:?} after {kills} kills: \
+                 QEMU did not reconnect, or the guest's I/O stalled; console ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -333,8 +339,8 @@ fn qemu_guest_writes_on_through_a_crash_loop() {
 
     let mut kills_mid_round = 0;
     let mut reconnects = 0;
-    for _ in 0..CRASH_KILLS {
-        wait_for_requests(&metrics, Duration::from_secs(60));
+    for kills in 0..CRASH_KILLS {
+        wait_for_requests(&metrics, Duration::from_secs(60), &qemu, kills);
         reconnects += 1;
         std::thread::sleep(moments.below(Duration::from_millis(700)));
         kills_mid_round += usize::from(mid_round(&qemu.console()));
@@ -342,7 +348,7 @@ fn qemu_guest_writes_on_through_a_crash_loop() {
         backend.child.wait().unwrap();
         backend = Backend::spawn(&socket, &args);
     }
-    wait_for_requests(&metrics, Duration::from_secs(60));
+    wait_for_requests(&metrics, Duration::from_secs(60), &qemu, CRASH_KILLS);
     let rounds_at_last_kill = qemu.console().matches("ROUND-OK").count();
     let kills_done = started.elapsed();
     let mut stop = [0u8; 512];

@@ -107,6 +107,10 @@ pub struct FrontendConfig {
     /// never acked at set-up, whatever `features` says, only by
     /// [`SyntheticFrontend::set_logging`].
     pub dirty_log: bool,
+    /// Send SET_VRING_CALL after SET_VRING_KICK (and SET_VRING_ENABLE),
+    /// this long after them, as QEMU orders them, instead of before: a
+    /// queue then runs for a while with no call eventfd.
+    pub call_after_kick: Option<std::time::Duration>,
 }
 
 impl Default for FrontendConfig {
@@ -121,6 +125,7 @@ impl Default for FrontendConfig {
             inflight: false,
             mem_slots: false,
             dirty_log: false,
+            call_after_kick: None,
         }
     }
 }
@@ -198,6 +203,20 @@ impl VirtQueue {
     /// Chains added and not yet returned.
     pub fn outstanding(&self) -> usize {
         self.outstanding
+    }
+
+    /// Waits up to `timeout` for the device to signal the call eventfd;
+    /// true if it did (the signal is consumed).
+    pub fn call_signalled(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        n == 1 && self.call.read().is_ok()
     }
 
     /// Used entries naming a chain that was not outstanding (a device bug).
@@ -598,10 +617,16 @@ impl SyntheticFrontend {
             vu.set_vring_base(i, base).map_err(vh)?;
             vu.set_vring_addr(i, &self.ring_config(i)?).map_err(vh)?;
             let q = &self.queues[i];
-            vu.set_vring_call(i, &q.call).map_err(vh)?;
+            if self.cfg.call_after_kick.is_none() {
+                vu.set_vring_call(i, &q.call).map_err(vh)?;
+            }
             vu.set_vring_kick(i, &q.kick).map_err(vh)?;
             if self.acked & PROTOCOL_FEATURES != 0 {
                 vu.set_vring_enable(i, true).map_err(vh)?;
+            }
+            if let Some(pause) = self.cfg.call_after_kick {
+                std::thread::sleep(pause);
+                vu.set_vring_call(i, &q.call).map_err(vh)?;
             }
         }
         self.vu = Some(vu);
