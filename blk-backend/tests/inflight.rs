@@ -167,7 +167,12 @@ fn completions_before_the_call_eventfd_arrives_are_signalled_on_it() {
     };
     drv.submit(0, &req).unwrap().unwrap();
     tracked.start(0);
-    while drv.frontend().queue(0).0.call_signalled(std::time::Duration::ZERO) {}
+    while drv
+        .frontend()
+        .queue(0)
+        .0
+        .call_signalled(std::time::Duration::ZERO)
+    {}
 
     let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
     drv.frontend().reconnect(&second.socket).unwrap();
