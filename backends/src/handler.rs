@@ -245,7 +245,7 @@ impl<D: Device> Handler<D> {
             mem: self.mem.clone(),
             handler,
             resubmit,
-            poll: self.poll,
+            poll: worker::PollWindow::new(self.poll),
         };
         let handle = worker::spawn(format!("queue{index}"), worker).map_err(internal)?;
         tracing::debug!(queue = index, size = cfg.size, "queue started");

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::Used;
@@ -58,6 +58,8 @@ pub struct Vring {
     used_log: UsedRingLog,
     /// Bytes of the used ring: flags, idx, the elements, avail_event.
     used_len: u64,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    event_idx: bool,
 }
 
 impl Vring {
@@ -110,6 +112,7 @@ impl Vring {
                 dirty,
                 used_log,
                 used_len: 6 + 8 * u64::from(cfg.size),
+                event_idx: cfg.event_idx,
             },
             resubmit,
         ))
@@ -211,6 +214,27 @@ impl Vring {
     pub fn disable_notification(&mut self, mem: &GuestMem) {
         let _ = self.queue.disable_notification(mem);
         // Without EVENT_IDX this wrote the used ring's flags.
+        self.log_used();
+    }
+
+    /// Asks the driver not to kick at all while the worker polls the
+    /// available ring; [`Self::enable_notification`] ends it. With
+    /// EVENT_IDX, [`Self::disable_notification`] leaves `avail_event` where
+    /// the last enable put it, so the next chain still kicks: here it is
+    /// set one behind the next available index, which no chain published
+    /// from now on crosses.
+    pub fn suppress_kicks(&mut self, mem: &GuestMem) {
+        if !self.event_idx {
+            self.disable_notification(mem);
+            return;
+        }
+        let at = self.queue.used_ring() + 4 + 8 * u64::from(self.queue.size());
+        let behind = self.queue.next_avail().wrapping_sub(1);
+        let _ = mem.store(
+            behind.to_le(),
+            GuestAddress(at),
+            std::sync::atomic::Ordering::Release,
+        );
         self.log_used();
     }
 

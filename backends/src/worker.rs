@@ -9,10 +9,15 @@
 //! Completion: reap, publish in the used ring, notify once.
 //! Stop: drain what is in flight, then return the next available index.
 //!
-//! While requests are in flight, the worker busy-polls the completion queue
-//! and the available ring for up to [`Worker::poll`] after the last piece of
-//! work before sleeping in epoll again (as QEMU's adaptive polling does): a
-//! completion or a new request found by polling costs no wake-up.
+//! Adaptive polling (as QEMU's iothreads do), up to [`Worker::poll`]: after
+//! the last piece of work the worker busy-polls the completion queue and
+//! the available ring for a window before it sleeps; a completion or a new
+//! request found by polling costs no wake-up, on either side, since the
+//! driver is told (notifications disabled) that it need not kick a queue
+//! being polled. The window follows how long the worker really slept: it
+//! grows (doubling from [`POLL_START`]) while sleeps were short enough for a
+//! longer window to have caught their work, and shrinks when a sleep was
+//! longer than the largest window (an idle queue polls not at all).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +66,48 @@ impl Token {
 /// finished is published.
 const PUBLISH_EVERY: usize = 32;
 
+/// The first polling window once sleeps turn out short.
+pub const POLL_START: Duration = Duration::from_micros(4);
+
+/// The adaptive busy-poll window of one worker.
+#[derive(Clone, Copy, Debug)]
+pub struct PollWindow {
+    max: Duration,
+    now: Duration,
+}
+
+impl PollWindow {
+    /// A window that may grow up to `max` (zero: never poll).
+    pub fn new(max: Duration) -> Self {
+        PollWindow {
+            max,
+            now: Duration::ZERO,
+        }
+    }
+
+    /// How long to poll after the last work found.
+    pub fn get(&self) -> Duration {
+        self.now
+    }
+
+    /// Adapts the window to a sleep of `slept` that followed it.
+    pub fn slept(&mut self, slept: Duration) {
+        if self.max.is_zero() {
+            return;
+        }
+        if slept > self.max {
+            // Nothing came for longer than any window: polling was waste.
+            self.now /= 2;
+            if self.now < POLL_START {
+                self.now = Duration::ZERO;
+            }
+        } else if self.now < slept {
+            // A longer window would have caught it without a wake-up.
+            self.now = (self.now * 2).max(POLL_START).min(self.max);
+        }
+    }
+}
+
 /// The bits of the kick and stop watches in [`Uring::take_fired`].
 #[derive(Clone, Copy)]
 struct RingWatches {
@@ -96,8 +143,8 @@ pub struct Worker {
     pub handler: Box<dyn QueueHandler>,
     /// Heads recovered from the inflight region, to start first.
     pub resubmit: Vec<u16>,
-    /// How long to keep polling after the last work found (zero: never poll).
-    pub poll: Duration,
+    /// The adaptive polling window (see the module documentation).
+    pub poll: PollWindow,
 }
 
 /// Starts a worker thread named `name`.
@@ -187,7 +234,12 @@ impl Worker {
                 // A reap while we were busy may have seen a kick or a stop:
                 // handle it now, it will not wake the ring again.
                 Some(ring) if ring.has_fired() => Ok(()),
-                Some(ring) => ring.wait(),
+                Some(ring) => {
+                    let before = Instant::now();
+                    let r = ring.wait();
+                    self.poll.slept(before.elapsed());
+                    r
+                }
                 None => return self.drain(done),
             };
             if let Err(e) = waited {
@@ -211,7 +263,10 @@ impl Worker {
     fn run_epoll(&mut self, epoll: &Epoll, done: &mut Vec<Used>, stopping: &AtomicBool) -> u16 {
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let before = Instant::now();
+            let waited = epoll.wait(-1, &mut events);
+            self.poll.slept(before.elapsed());
+            let n = match waited {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -234,10 +289,14 @@ impl Worker {
     }
 
     /// Picks up completions and requests that arrived meanwhile without
-    /// waiting for their eventfd wake-up; keeps spinning for `poll` after the
-    /// last one found.
+    /// waiting for their wake-up; keeps spinning for the polling window
+    /// after the last one found. While nothing is in flight it polls the
+    /// available ring only, with the driver's notifications disabled, and
+    /// enables them again (taking what slipped in) before it sleeps.
     fn busy_poll(&mut self, done: &mut Vec<Used>, stopping: &AtomicBool) {
-        let mut until = Instant::now() + self.poll;
+        let window = self.poll.get();
+        let mut until = Instant::now() + window;
+        let mut quiet = false;
         // A busy guest must not keep a stop request waiting.
         while !stopping.load(Ordering::Acquire) {
             let mut worked = false;
@@ -249,18 +308,34 @@ impl Worker {
             if self.vring.has_avail(&mem) {
                 drop(mem);
                 // A bogus available index pops nothing: do not spin on it.
+                // Popping enables notifications again.
+                quiet = false;
                 worked |= self.process_avail(done) > 0;
-            }
-            if !worked && (self.poll.is_zero() || self.handler.in_flight() == 0) {
-                return;
+            } else if !worked && !window.is_zero() && !quiet && self.handler.in_flight() == 0 {
+                self.vring.suppress_kicks(&mem);
+                quiet = true;
             }
             let now = Instant::now();
             if worked {
-                until = now + self.poll;
-            } else if now >= until {
-                return;
+                until = now + window;
+            } else if window.is_zero() || now >= until {
+                if !quiet {
+                    return;
+                }
+                quiet = false;
+                let mem = self.mem.memory();
+                if !self.vring.enable_notification(&mem) {
+                    return;
+                }
+                // Chains came after the last look: take them and go on.
+                until = now + window;
+                continue;
             }
             std::hint::spin_loop();
+        }
+        if quiet {
+            let mem = self.mem.memory();
+            self.vring.enable_notification(&mem);
         }
     }
 
@@ -343,5 +418,57 @@ impl Worker {
             self.vring.unpop(&unused);
         }
         self.vring.next_avail()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn window_grows_while_sleeps_are_short_up_to_its_max() {
+        let mut w = PollWindow::new(50 * US);
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            w.slept(40 * US);
+            seen.push(w.get().as_micros());
+        }
+
+        assert_eq!(seen, [4, 8, 16, 32, 50, 50]);
+    }
+
+    #[test]
+    fn window_stays_once_it_covers_the_sleeps() {
+        let mut w = PollWindow::new(50 * US);
+        for _ in 0..3 {
+            w.slept(10 * US);
+        }
+
+        assert_eq!(w.get(), 16 * US);
+    }
+
+    #[test]
+    fn long_sleeps_shrink_the_window_to_nothing() {
+        let mut w = PollWindow::new(50 * US);
+        for _ in 0..5 {
+            w.slept(40 * US);
+        }
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            w.slept(1000 * US);
+            seen.push(w.get().as_micros());
+        }
+
+        assert_eq!(seen, [25, 12, 6, 0, 0]);
+    }
+
+    #[test]
+    fn a_zero_max_never_polls() {
+        let mut w = PollWindow::new(Duration::ZERO);
+        w.slept(US);
+
+        assert_eq!(w.get(), Duration::ZERO);
     }
 }

@@ -210,7 +210,7 @@ mod tests {
     #[test]
     fn config_reports_capacity_in_sectors_and_queues() {
         let dev = BlkDevice::new(
-            Arc::new(MemoryStorage::new(1 << 20)),
+            Arc::new(MemoryStorage::new(1 << 20).unwrap()),
             BlkOptions {
                 queues: 3,
                 ..Default::default()
@@ -226,7 +226,7 @@ mod tests {
     #[test]
     fn read_only_device_advertises_ro_and_no_discard() {
         let dev = BlkDevice::new(
-            Arc::new(MemoryStorage::new(4096)),
+            Arc::new(MemoryStorage::new(4096).unwrap()),
             BlkOptions {
                 read_only: true,
                 ..Default::default()
@@ -240,7 +240,10 @@ mod tests {
 
     #[test]
     fn config_read_past_the_end_is_zero_padded() {
-        let dev = BlkDevice::new(Arc::new(MemoryStorage::new(4096)), BlkOptions::default());
+        let dev = BlkDevice::new(
+            Arc::new(MemoryStorage::new(4096).unwrap()),
+            BlkOptions::default(),
+        );
         let mut buf = [0xffu8; 8];
 
         dev.read_config(56, &mut buf);

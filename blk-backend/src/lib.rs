@@ -55,11 +55,13 @@ pub enum Error {
 pub fn open_storage(cfg: &BlkConfig) -> Result<Arc<dyn storage::Storage>, Error> {
     cfg.validate()?;
     Ok(match (&cfg.storage, &cfg.image) {
-        (StorageKind::Memory(size), _) => Arc::new(storage::MemoryStorage::new(*size)),
-        (StorageKind::File, Some(path)) => Arc::new(
-            storage::FileStorage::open(path, cfg.read_only, cfg.direct, u32::from(cfg.queue_size))
-                .map_err(Error::Open)?,
-        ),
+        (StorageKind::Memory(size), _) => {
+            Arc::new(storage::MemoryStorage::new(*size).map_err(Error::Open)?)
+        }
+        (StorageKind::File, Some(path)) => {
+            storage::open_image(path, cfg.read_only, cfg.direct, u32::from(cfg.queue_size))
+                .map_err(Error::Open)?
+        }
         (StorageKind::File, None) => return Err(config::ConfigError::NoImage.into()),
     })
 }

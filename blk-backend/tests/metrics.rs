@@ -14,7 +14,10 @@ use common::*;
 fn counters_track_requests_bytes_errors_and_notifications() {
     let dir = TempDir::new("metrics");
     let socket = dir.path("blk.sock");
-    let device = BlkDevice::new(Arc::new(MemoryStorage::new(1 << 20)), BlkOptions::default());
+    let device = BlkDevice::new(
+        Arc::new(MemoryStorage::new(1 << 20).unwrap()),
+        BlkOptions::default(),
+    );
     let server = Arc::new(Server::new(Arc::new(device)));
     let listener = Server::<BlkDevice>::bind(&socket).unwrap();
     let s = server.clone();

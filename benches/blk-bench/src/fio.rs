@@ -1,4 +1,5 @@
-//! Host fio with io_uring and O_DIRECT: the limit the backends are compared to.
+//! Host fio with io_uring, O_DIRECT or through the page cache: the limit the
+//! backends are compared to.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,8 +23,14 @@ pub enum FioError {
     Parse,
 }
 
-/// Runs one workload with fio on `file`.
-pub fn run(file: &Path, w: &Workload, label: &str, runtime: u64) -> Result<Sample, FioError> {
+/// Runs one workload with fio on `file`, with O_DIRECT if `direct`.
+pub fn run(
+    file: &Path,
+    w: &Workload,
+    label: &str,
+    runtime: u64,
+    direct: bool,
+) -> Result<Sample, FioError> {
     let rw = match (w.write, w.random) {
         (false, true) => "randread",
         (true, true) => "randwrite",
@@ -33,9 +40,9 @@ pub fn run(file: &Path, w: &Workload, label: &str, runtime: u64) -> Result<Sampl
     let out = Command::new("fio")
         .arg("--name=bench")
         .arg(format!("--filename={}", file.display()))
+        .arg(format!("--direct={}", u8::from(direct)))
         .args([
             "--ioengine=io_uring",
-            "--direct=1",
             "--time_based",
             "--output-format=json",
         ])

@@ -1,7 +1,7 @@
 //! blk-bench: the block benchmark driver.
 //!
 //! - `vhost`: drive any vhost-user-blk socket through the synthetic frontend.
-//! - `fio`: run host fio (io_uring, O_DIRECT) on a file with the same workloads.
+//! - `fio`: run host fio (io_uring, O_DIRECT or buffered) on a file with the same workloads.
 //! - `report`: read result lines and print min/median/max plus ratio tables.
 //!
 //! Results are tab-separated lines: `label workload iops mbps p50_us p99_us cpu_s_per_mio`.
@@ -57,11 +57,14 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Run host fio with io_uring and O_DIRECT on a file.
+    /// Run host fio with io_uring (and O_DIRECT unless --buffered) on a file.
     Fio {
         /// File to benchmark.
         #[arg(long)]
         file: PathBuf,
+        /// Through the page cache, for files on tmpfs (no O_DIRECT there).
+        #[arg(long)]
+        buffered: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -69,9 +72,10 @@ enum Cmd {
     Report {
         /// Results file.
         results: PathBuf,
-        /// Label the others are compared against, e.g. blk-backend.
+        /// Label the others are compared against, e.g. blk-backend; may be
+        /// given more than once, for one ratio table each.
         #[arg(long, default_value = "blk-backend")]
-        subject: String,
+        subject: Vec<String>,
         /// Also write a bar chart (IOPS relative to the first label) here.
         #[arg(long)]
         svg: Option<PathBuf>,
@@ -138,10 +142,14 @@ pub fn main(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
-        Cmd::Fio { file, common } => {
+        Cmd::Fio {
+            file,
+            buffered,
+            common,
+        } => {
             for _ in 0..common.repeat {
                 for w in workloads(&common.workloads)? {
-                    let s = fio::run(&file, &w, &common.label, common.runtime)?;
+                    let s = fio::run(&file, &w, &common.label, common.runtime, !buffered)?;
                     emit(&common.out, &s)?;
                 }
             }

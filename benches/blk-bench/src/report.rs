@@ -87,8 +87,9 @@ pub fn svg(text: &str) -> String {
     out + "</svg>\n"
 }
 
-/// Renders the tables for the samples in `text`.
-pub fn render(text: &str, subject: &str) -> String {
+/// Renders the tables for the samples in `text`: one row per label and
+/// workload, then a ratio table for each of `subjects`.
+pub fn render(text: &str, subjects: &[String]) -> String {
     let (labels, groups) = group(text);
     let order: Vec<&str> = Workload::all().iter().map(|w| w.name).collect();
     let mut out = String::new();
@@ -127,25 +128,27 @@ pub fn render(text: &str, subject: &str) -> String {
             );
         }
     }
-    let others: Vec<&String> = labels.iter().filter(|l| l.as_str() != subject).collect();
-    let _ = writeln!(out, "\nmedian IOPS of {subject} relative to:");
-    let _ = write!(out, "{:<20}", "workload");
-    for o in &others {
-        let _ = write!(out, " {:>22}", o);
-    }
-    let _ = writeln!(out);
-    for w in &order {
-        let Some(mine) = med_iops.get(&(w.to_string(), subject.to_string())) else {
-            continue;
-        };
-        let _ = write!(out, "{:<20}", w);
+    for subject in subjects {
+        let others: Vec<&String> = labels.iter().filter(|l| *l != subject).collect();
+        let _ = writeln!(out, "\nmedian IOPS of {subject} relative to:");
+        let _ = write!(out, "{:<20}", "workload");
         for o in &others {
-            let cell = med_iops
-                .get(&(w.to_string(), o.to_string()))
-                .map_or("-".to_string(), |theirs| format!("{:.2}x", mine / theirs));
-            let _ = write!(out, " {:>22}", cell);
+            let _ = write!(out, " {:>22}", o);
         }
         let _ = writeln!(out);
+        for w in &order {
+            let Some(mine) = med_iops.get(&(w.to_string(), subject.to_string())) else {
+                continue;
+            };
+            let _ = write!(out, "{:<20}", w);
+            for o in &others {
+                let cell = med_iops
+                    .get(&(w.to_string(), o.to_string()))
+                    .map_or("-".to_string(), |theirs| format!("{:.2}x", mine / theirs));
+                let _ = write!(out, " {:>22}", cell);
+            }
+            let _ = writeln!(out);
+        }
     }
     out
 }
@@ -168,9 +171,10 @@ mod tests {
     fn ratio_uses_median_iops() {
         let text = "a\trandread-4k-qd32\t100\t0\t0\t0\t0\na\trandread-4k-qd32\t300\t0\t0\t0\t0\na\trandread-4k-qd32\t200\t0\t0\t0\t0\nb\trandread-4k-qd32\t100\t0\t0\t0\t0\n";
 
-        let table = render(text, "a");
+        let table = render(text, &["a".to_string(), "b".to_string()]);
 
         assert!(table.contains("100/200/300"));
         assert!(table.contains("2.00x"));
+        assert!(table.contains("0.50x"));
     }
 }

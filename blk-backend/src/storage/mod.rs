@@ -22,11 +22,41 @@
 pub mod file;
 pub mod memory;
 
+use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::Arc;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+
+/// Opens the image at `path`. A file on a memory filesystem (tmpfs, ramfs,
+/// hugetlbfs) is served from its mapping ([`MemoryStorage::map_file`]:
+/// io_uring would hand each of its requests to a worker thread) unless
+/// `direct` asks for O_DIRECT, which those filesystems refuse anyway;
+/// anything else goes through io_uring ([`FileStorage`]) with
+/// `ring_entries` per queue ring.
+pub fn open_image(
+    path: &Path,
+    read_only: bool,
+    direct: bool,
+    ring_entries: u32,
+) -> io::Result<Arc<dyn Storage>> {
+    if !direct {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        if memory::on_memory_fs(&file)? && file.metadata()?.len() >= 512 {
+            tracing::info!(image = %path.display(), "image on a memory filesystem: served from its mapping");
+            return Ok(Arc::new(MemoryStorage::map_file(file, read_only)?));
+        }
+    }
+    Ok(Arc::new(FileStorage::open(
+        path,
+        read_only,
+        direct,
+        ring_entries,
+    )?))
+}
 
 /// A finished operation.
 #[derive(Debug)]

@@ -27,7 +27,7 @@ pub fn blk_request(data: &[u8]) {
     let n = usize::from(inp.u8() & 0xf);
     let heads: Vec<u16> = (0..n).map(|_| inp.u16()).collect();
     let mem = guest_memory(inp.rest());
-    let storage = MemoryStorage::new(sectors * 512);
+    let storage = MemoryStorage::new(sectors * 512).unwrap();
     let disk = Arc::new(DiskInfo {
         capacity: storage.capacity(),
         read_only: flags & 1 != 0,

@@ -52,7 +52,7 @@ pub fn vhost_user(data: &[u8]) {
     let ram = memfd_create("fuzz-ram").expect("memfd");
     ram.set_len(RAM_LEN).expect("memfd size");
     let device = Arc::new(BlkDevice::new(
-        Arc::new(MemoryStorage::new(64 * 512)),
+        Arc::new(MemoryStorage::new(64 * 512).unwrap()),
         BlkOptions {
             queues: 2,
             queue_size: 256,
