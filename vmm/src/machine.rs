@@ -144,8 +144,7 @@ pub struct Prepared {
 impl Prepared {
     pub fn new(cfg: &VmConfig, memory: Memory) -> Result<Self> {
         let kvm = Arc::new(vm::open_kvm()?);
-        let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus)?);
-        vm::register_memory(&vm, &memory.guest)?;
+        let vm = Arc::new(vm::create_vm(&kvm, cfg.cpus, &memory.guest)?);
         Ok(Self { kvm, vm, memory })
     }
 
