@@ -170,9 +170,16 @@ fn main() -> ExitCode {
         eprintln!("vmm: {}", vmm::error_chain(&e));
         return ExitCode::FAILURE;
     }
-    if let Err(e) = vmm::spawned::start_launcher() {
-        eprintln!("vmm: cannot start the backend launcher thread: {e}");
-        return ExitCode::FAILURE;
+    // Backends are started from the command line (an image or a tap) or
+    // through the API; otherwise no thread would ever use the launcher.
+    let launches = cli.api_socket.is_some()
+        || cli.disk.iter().any(|d| matches!(d, DiskArg::Image(_)))
+        || cli.net.iter().any(|n| matches!(n, NetArg::Tap(_)));
+    if launches {
+        if let Err(e) = vmm::spawned::start_launcher() {
+            eprintln!("vmm: cannot start the backend launcher thread: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     // Before the event monitor, whose FIFO blocks until a reader comes:
     // if the manager gives up first, its socket's removal ends us there.

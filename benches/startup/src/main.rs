@@ -7,8 +7,9 @@
 //! for guest RAM here), read once the guest has printed its last line and
 //! is idle (`tg.hold` on its command line).
 //!
-//! `--baseline OLD_VMM` adds another vmm binary to the same interleaved
-//! rounds (an A/B comparison of a change, with the ratio new/old);
+//! `--baseline OLD_VMM` (repeatable) adds another vmm binary to the same
+//! interleaved rounds (an A/B comparison of a change, with the ratio
+//! new/old);
 //! `--no-qemu` leaves QEMU out (A/B rounds only).
 
 use std::io::{BufRead, BufReader, Read};
@@ -39,9 +40,10 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     memory: u64,
     /// Another vmm binary run in the same rounds, e.g. the one before a
-    /// change: its row and the ratio vmm/baseline are printed too.
+    /// change (repeatable): its row (named by its file) and the ratio
+    /// vmm/it are printed too.
     #[arg(long)]
-    baseline: Option<PathBuf>,
+    baseline: Vec<PathBuf>,
     /// Leave QEMU out (with --baseline: A/B rounds only).
     #[arg(long)]
     no_qemu: bool,
@@ -49,6 +51,8 @@ struct Args {
 
 /// Start-up goal: vmm's median at most this fraction of QEMU microvm's.
 const STARTUP_GOAL: f64 = 0.12;
+/// The peer's row.
+const QEMU: &str = "qemu microvm";
 /// RSS overhead goal for vmm, MiB.
 const RSS_GOAL_MIB: f64 = 3.3;
 
@@ -158,13 +162,14 @@ fn main() {
         .args(["-append", "tg.hold"]);
         c
     };
-    let mut contenders: Vec<(&str, Box<dyn Fn() -> Command>)> =
-        vec![("vmm", Box::new(|| vmm(&a.vmm)))];
-    if let Some(old) = &a.baseline {
-        contenders.push(("vmm baseline", Box::new(move || vmm(old))));
+    let mut contenders: Vec<(String, Box<dyn Fn() -> Command>)> =
+        vec![("vmm".into(), Box::new(|| vmm(&a.vmm)))];
+    for old in &a.baseline {
+        let name = old.file_name().unwrap_or_default().to_string_lossy();
+        contenders.push((name.into_owned(), Box::new(move || vmm(old))));
     }
     if !a.no_qemu {
-        contenders.push(("qemu microvm", Box::new(qemu)));
+        contenders.push((QEMU.into(), Box::new(qemu)));
     }
     let mut results: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
     for round in 0..a.runs {
@@ -191,11 +196,11 @@ fn main() {
             "{name:<14} {:>9.2} {:>9.2} {:>9.2}   {:>10.0} {:>10.0} {:>10.0}",
             t.0, t.1, t.2, r.0, r.1, r.2
         );
-        medians.push((*name, t.1, r.1));
+        medians.push((name.as_str(), t.1, r.1));
     }
     let (_, vmm_ms, vmm_kib) = medians[0];
     for &(name, ms, kib) in &medians[1..] {
-        let goal = if name == "qemu microvm" {
+        let goal = if name == QEMU {
             format!(" (goal <= {STARTUP_GOAL}x)")
         } else {
             String::new()
