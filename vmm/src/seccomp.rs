@@ -7,9 +7,11 @@
 //! Install order. A thread inherits its creator's filter and filters stack,
 //! so a list only has to hold what its thread does once it is installed,
 //! but a thread's list must also hold everything the threads it spawns do:
-//! 1. `main` parses the command line, calls [`enable`] (filters compiled,
-//!    SIGSYS handler installed) and starts the backends' launcher
-//!    (`vmm-spawn`, [`ThreadKind::Spawn`]); with `--api-socket fd=` the
+//! 1. `main` parses the command line, calls [`enable`] (SIGSYS handler
+//!    installed; each kind's filter is compiled by the first thread of that
+//!    kind to confine itself) and, if any backend may be started (an
+//!    image or a tap on the command line, or the API), the backends'
+//!    launcher (`vmm-spawn`, [`ThreadKind::Spawn`]); with `--api-socket fd=` the
 //!    watch on the socket's path (`vmm-api-watch`, [`ThreadKind::Watch`]);
 //!    the event monitor thread (`vmm-events`, [`ThreadKind::Events`]); and
 //!    binds and serves the API socket (`vmm-api`, [`ThreadKind::Api`]).

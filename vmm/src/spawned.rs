@@ -13,7 +13,9 @@
 //! behind; [`stop_all`] stops them on a clean exit or vm.delete.
 //!
 //! Supervisor threads are started by one launcher thread (`vmm-spawn`,
-//! [`start_launcher`]) that `main` starts before it confines itself: a
+//! [`start_launcher`]) that `main` starts before it confines itself, when
+//! any backend may be started (an image or a tap on the command line, or
+//! the API; a VM with neither has no launcher thread at all): a
 //! process inherits the seccomp filters of the thread that forks it, across
 //! `execve`, so the backends run under the launcher's list
 //! ([`crate::seccomp::ThreadKind::Spawn`]) and their own, never under the

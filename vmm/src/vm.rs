@@ -67,8 +67,15 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
-/// Creates the VM with its in-kernel irqchip and PIT.
-pub fn create_vm(kvm: &Kvm, cpus: u8) -> Result<VmFd, VmError> {
+/// Creates the VM with guest RAM `mem` registered as its memory slots,
+/// then its in-kernel irqchip and PIT.
+///
+/// The slots go in before the irqchip: a memory slot change waits for an
+/// SRCU grace period on the VM (`synchronize_srcu_expedited`), and once
+/// the irqchip's devices are on the VM's I/O bus that wait queues behind
+/// the normal grace period their registration started, a few jiffies
+/// (4-12 ms at HZ=250 here, against ~0.1 ms before it).
+pub fn create_vm(kvm: &Kvm, cpus: u8, mem: &GuestMemory) -> Result<VmFd, VmError> {
     let max = kvm.get_max_vcpus();
     if usize::from(cpus) > max {
         return Err(VmError::TooManyCpus { max, wanted: cpus });
@@ -78,6 +85,7 @@ pub fn create_vm(kvm: &Kvm, cpus: u8) -> Result<VmFd, VmError> {
         .map_err(|e| VmError::Kvm("set TSS address", e))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
         .map_err(|e| VmError::Kvm("set identity map address", e))?;
+    register_memory(&vm, mem)?;
     vm.create_irq_chip()
         .map_err(|e| VmError::Kvm("create irqchip", e))?;
     let pit = kvm_pit_config {

@@ -73,9 +73,8 @@ struct TestVm {
 
 /// A VM like the VMM's (irqchip, PIT), 2 MiB of RAM, one vCPU with `cpuid`.
 fn new_vm(kvm: &Kvm, cpuid: &CpuId) -> TestVm {
-    let vm = vmm::vm::create_vm(kvm, 1).unwrap();
     let mem = Memory::new(MEM_SIZE, false).unwrap();
-    vmm::vm::register_memory(&vm, &mem.guest).unwrap();
+    let vm = vmm::vm::create_vm(kvm, 1, &mem.guest).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
     vcpu.set_cpuid2(cpuid).unwrap();
     TestVm { vm, vcpu, mem }

@@ -99,7 +99,8 @@ impl FromStr for SeccompMode {
 
 /// A program's kinds of thread, each with its own list.
 pub trait ThreadKind: Copy + Eq + Debug + Send + Sync + 'static {
-    /// Every kind, each compiled by [`enable`].
+    /// Every kind, each compiled when a thread of it first confines
+    /// itself ([`apply`]).
     const ALL: &'static [Self];
 
     /// The kind's name, in errors and for a probe.
@@ -363,45 +364,56 @@ fn compile(
 pub fn filters<K: ThreadKind>(mode: SeccompMode) -> Result<Vec<BpfProgram>, SeccompError> {
     K::ALL
         .iter()
-        .map(|&k| {
-            let rules = k.rules().map_err(|e| SeccompError::Build(k.name(), e))?;
-            if rules.allows(PROBE_CALL) {
-                return Err(SeccompError::ProbeAllowed(k.name()));
-            }
-            compile(k.name(), rules, mode).map(Option::unwrap_or_default)
-        })
+        .map(|&k| checked_filter(k, mode).map(Option::unwrap_or_default))
         .collect()
+}
+
+/// `kind`'s compiled filter in `mode`, refused if its list allows
+/// [`PROBE_CALL`].
+fn checked_filter<K: ThreadKind>(
+    kind: K,
+    mode: SeccompMode,
+) -> Result<Option<BpfProgram>, SeccompError> {
+    let rules = kind
+        .rules()
+        .map_err(|e| SeccompError::Build(kind.name(), e))?;
+    if rules.allows(PROBE_CALL) {
+        return Err(SeccompError::ProbeAllowed(kind.name()));
+    }
+    compile(kind.name(), rules, mode)
 }
 
 struct Enabled {
     mode: SeccompMode,
     kinds: TypeId,
-    /// In the order of [`ThreadKind::ALL`].
-    filters: Vec<BpfProgram>,
+    /// Each kind's compiled filter, in the order of [`ThreadKind::ALL`],
+    /// compiled by the first thread of that kind that confines itself:
+    /// a process starts only some kinds of thread, and each compiles its
+    /// own list off the others' way.
+    filters: Vec<OnceLock<BpfProgram>>,
     probe: Option<&'static str>,
 }
 
 static ENABLED: OnceLock<Enabled> = OnceLock::new();
 
-/// Turns seccomp on for this process in `mode`: compiles every kind's
-/// filter, settles what glibc would otherwise read from files later
-/// ([`settle_malloc`]) and installs the SIGSYS handler. Call it before any
-/// thread is confined. From then on [`apply`] confines
-/// the calling thread; before, it does nothing (so tests serving in-process
-/// run unconfined). A thread of kind `probe`, if given, makes
-/// [`PROBE_CALL`] once confined.
+/// Turns seccomp on for this process in `mode`: settles what glibc would
+/// otherwise read from files later ([`settle_malloc`]) and installs the
+/// SIGSYS handler. Call it before any thread is confined. From then on
+/// [`apply`] confines the calling thread (compiling its kind's filter the
+/// first time); before, it does nothing (so tests serving in-process run
+/// unconfined). A thread of kind `probe`, if given, makes [`PROBE_CALL`]
+/// once confined.
 pub fn enable<K: ThreadKind>(mode: SeccompMode, probe: Option<K>) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
-    let filters = filters::<K>(mode)?;
     settle_malloc();
     install_sigsys_handler()?;
     let kinds = TypeId::of::<K>();
     let enabled = ENABLED.get_or_init(|| Enabled {
         mode,
         kinds,
-        filters,
+        filters: K::ALL.iter().map(|_| OnceLock::new()).collect(),
         probe: probe.map(K::name),
     });
     if enabled.mode != mode || enabled.kinds != kinds {
@@ -423,9 +435,22 @@ pub fn apply<K: ThreadKind>(kind: K) -> Result<(), SeccompError> {
     if enabled.kinds != TypeId::of::<K>() {
         return Err(SeccompError::OtherKinds(kind.name()));
     }
-    let at = K::ALL.iter().position(|&k| k == kind);
-    let Some(prog) = at.and_then(|i| enabled.filters.get(i)) else {
+    let Some(slot) = K::ALL
+        .iter()
+        .position(|&k| k == kind)
+        .and_then(|i| enabled.filters.get(i))
+    else {
         return Ok(());
+    };
+    let prog = match slot.get() {
+        Some(prog) => prog,
+        None => {
+            let Some(compiled) = checked_filter(kind, enabled.mode)? else {
+                return Ok(());
+            };
+            // Two threads of a kind may both compile it: the same program.
+            slot.get_or_init(|| compiled)
+        }
     };
     seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply(kind.name(), e))?;
     if enabled.probe == Some(kind.name()) {
