@@ -35,11 +35,14 @@ struct Args {
     /// Device id returned to GET_ID (20 bytes max).
     #[arg(long, default_value = "blk-backend")]
     serial: String,
-    /// Busy-poll window of queue workers in microseconds after the last work
-    /// found (0: never poll, sleep in epoll). Helps only with a spare CPU per queue.
+    /// Largest adaptive busy-poll window of queue workers in microseconds
+    /// after the last work found; it grows while sleeps are short and
+    /// shrinks on an idle queue (0: never poll). Helps only with a spare CPU
+    /// per queue.
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
-    /// `file` (io_uring on --image) or `memory:SIZE` (e.g. memory:1G).
+    /// `file` (io_uring on --image; an image on tmpfs, ramfs or hugetlbfs is
+    /// mapped) or `memory:SIZE` (e.g. memory:1G).
     #[arg(long, default_value = "file")]
     storage: StorageKind,
     /// Serve per-queue counters over HTTP on this unix socket

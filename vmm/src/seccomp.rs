@@ -381,6 +381,8 @@ const SPAWN: &[i64] = &[
     libc::SYS_statx,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
+    // blk-backend asks whether its image is on a memory filesystem.
+    libc::SYS_fstatfs,
     libc::SYS_rename,
     libc::SYS_chmod,
     libc::SYS_socket,
