@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Measured seconds per fio run.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 8)]
     runtime: u32,
     /// Seconds each fio run goes before it measures.
     #[arg(long, default_value_t = 1)]
@@ -175,7 +175,7 @@ fn run(a: Args) -> Result<(), BenchError> {
         }
     );
     println!(
-        "fio in L2: libaio, direct=1, bs=4k, 1 job, {} s measured after {} s ramp per run; {} rounds, disks alternating, first disk rotating per round; {} s warm-up per disk",
+        "fio in L2: libaio, direct=1, bs=4k, 1 job, {} s measured after {} s ramp per run; {} round(s), disks alternating, first disk rotating per round; {} s warm-up per disk",
         plan.runtime_s, plan.ramp_s, plan.rounds, plan.warmup_s
     );
     println!();
