@@ -19,12 +19,12 @@ mod report;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use rig::{build_release, guest_image, which, workspace_root, Payload, Rig, RigError};
+use rig::{build_release, guest_image, which, workspace_root, Console, Payload, Rig, RigError};
 use thiserror::Error;
 
 use plan::{Plan, Workload};
@@ -59,6 +59,10 @@ struct Args {
     /// Where L1's whole console goes (default: target/rig-fio-console.log).
     #[arg(long)]
     console_log: Option<PathBuf>,
+    /// Run nothing: report from the console log of an earlier run, given
+    /// the same --rounds, --warmup and --workloads as that run.
+    #[arg(long, value_name = "LOG")]
+    from_console: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -69,6 +73,8 @@ enum BenchError {
     Rig(#[from] RigError),
     #[error("Cannot write the console log {0}")]
     Log(PathBuf, #[source] io::Error),
+    #[error("Cannot read the console log {0}")]
+    ReadLog(PathBuf, #[source] io::Error),
     #[error("{0} problem(s) with the run, listed above")]
     Problems(usize),
 }
@@ -106,6 +112,39 @@ fn run(a: Args) -> Result<(), BenchError> {
         size_mib: a.size_mib,
         workloads,
     };
+    let (console, elapsed, log_path) = match &a.from_console {
+        Some(p) => (read_console(p)?, None, p.clone()),
+        None => measure(&plan, a.console_log.clone())?,
+    };
+    report(&plan, &console, elapsed, &log_path)
+}
+
+/// A console log written by an earlier run, as the rig returned it.
+fn read_console(path: &Path) -> Result<Console, BenchError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| BenchError::ReadLog(path.to_path_buf(), e))?;
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let qemu_ok = lines.iter().any(|l| l == "RIG-QEMU-EXIT exit status: 0");
+    let stalled = lines
+        .iter()
+        .any(|l| l == "RIG-QEMU-KILLED after a silent stall");
+    let timed_out = lines
+        .iter()
+        .any(|l| l == "RIG-QEMU-KILLED at the time limit");
+    Ok(Console {
+        lines,
+        qemu_ok,
+        timed_out,
+        stalled,
+    })
+}
+
+/// Boots the rig and runs the plan; returns L1's console, the wall time
+/// and where the console was written.
+fn measure(
+    plan: &Plan,
+    console_log: Option<PathBuf>,
+) -> Result<(Console, Option<Duration>, PathBuf), BenchError> {
     let root = workspace_root();
     let image = guest_image(&root)?;
     let release = build_release(&root)?;
@@ -117,7 +156,7 @@ fn run(a: Args) -> Result<(), BenchError> {
         script: plan.l1_script(),
     };
     let rig = Rig::build(&image, &release, &payload)?;
-    let log_path = a.console_log.clone().unwrap_or_else(|| {
+    let log_path = console_log.unwrap_or_else(|| {
         std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"))
@@ -148,7 +187,17 @@ fn run(a: Args) -> Result<(), BenchError> {
     if let Some(e) = log_err {
         return Err(BenchError::Log(log_path, e));
     }
+    Ok((console, Some(elapsed), log_path))
+}
 
+/// Prints the set-up, the table and the caveats; fails on any problem
+/// with the run.
+fn report(
+    plan: &Plan,
+    console: &Console,
+    elapsed: Option<Duration>,
+    log_path: &Path,
+) -> Result<(), BenchError> {
     let l2 = console.l2("fio");
     let runs: Vec<report::Run> = l2.iter().filter_map(|l| report::parse_run(l)).collect();
     let all: Vec<&str> = console.lines.iter().map(String::as_str).collect();
@@ -158,9 +207,9 @@ fn run(a: Args) -> Result<(), BenchError> {
 
     println!(
         "rig fio: Debian {} as L2 (2 vCPUs, 512 MiB) under vmm in the nested rig (L1: QEMU TCG, -cpu max)",
-        std::fs::read_to_string(image.join("kernel-version"))
-            .unwrap_or_default()
-            .trim()
+        l2.iter()
+            .find_map(|l| l.split("Linux version ").nth(1)?.split_whitespace().next())
+            .unwrap_or("Linux")
     );
     println!(
         "two virtio-blk disks, 1 queue each, each a {} MiB file in L1's /tmp (tmpfs: storage at RAM speed, so the daemons' own cost shows):",
@@ -179,18 +228,21 @@ fn run(a: Args) -> Result<(), BenchError> {
         plan.runtime_s, plan.ramp_s, plan.rounds, plan.warmup_s
     );
     println!();
-    print!("{}", report::table(&plan, &runs));
+    print!("{}", report::table(plan, &runs));
     println!();
     println!(
         "Absolute figures mean little: L2 runs inside a QEMU TCG guest, every instruction emulated; the ratio is the figure."
     );
-    println!(
-        "wall time: {:.0} s (L1 boot, L2 boot, warm-up and {} runs)",
-        elapsed.as_secs_f64(),
-        plan.steps().len()
-    );
+    match elapsed {
+        Some(t) => println!(
+            "wall time: {:.0} s (L1 boot, L2 boot, warm-up and {} runs)",
+            t.as_secs_f64(),
+            plan.steps().len()
+        ),
+        None => println!("reported from {}", log_path.display()),
+    }
 
-    let mut problems = report::problems(&plan, &runs);
+    let mut problems = report::problems(plan, &runs);
     if console.stalled || console.timed_out || !console.finished() {
         problems.push(format!(
             "L1 did not run its script to the end (stalled: {}, timed out: {})",
@@ -204,10 +256,10 @@ fn run(a: Args) -> Result<(), BenchError> {
     if !l2.iter().any(|l| l.contains("RIGFIO-DONE")) {
         problems.push("L2 did not reach the end of its script".to_string());
     }
-    if rig::Console::value(&l2, "nproc") != Some("2") {
+    if Console::value(&l2, "nproc") != Some("2") {
         problems.push("L2 does not show 2 CPUs (RIGFIO-L2 nproc=)".to_string());
     }
-    match rig::Console::value(&l2, "RIGFIO-IOERRORS") {
+    match Console::value(&l2, "RIGFIO-IOERRORS") {
         Some("0") => {}
         n => problems.push(format!("I/O errors in L2's kernel log: {n:?}")),
     }

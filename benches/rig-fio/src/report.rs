@@ -140,18 +140,42 @@ fn samples<'a>(
         .filter_map(|r| r.result.as_ref().ok().copied())
 }
 
-/// The median-IOPS ratio blk-backend / qemu-storage-daemon per workload.
-pub fn ratios(plan: &Plan, runs: &[Run]) -> Vec<(String, Option<f64>)> {
+/// The IOPS ratios blk-backend / qemu-storage-daemon of one workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ratio {
+    pub workload: String,
+    /// Of the two medians over all good runs.
+    pub of_medians: Option<f64>,
+    /// Per round whose two runs (back to back) are both good: min, median,
+    /// max. Less exposed to a load change on the machine between rounds.
+    pub paired: Option<(f64, f64, f64)>,
+}
+
+/// The ratios blk-backend / qemu-storage-daemon per workload.
+pub fn ratios(plan: &Plan, runs: &[Run]) -> Vec<Ratio> {
     plan.workloads
         .iter()
         .map(|w| {
             let med =
                 |d| summary(samples(runs, d, w.name()).map(|s| s.iops).collect()).map(|s| s.1);
-            let ratio = match (med(Disk::Blk), med(Disk::Qsd)) {
+            let of_medians = match (med(Disk::Blk), med(Disk::Qsd)) {
                 (Some(b), Some(q)) if q > 0.0 => Some(b / q),
                 _ => None,
             };
-            (w.name().to_string(), ratio)
+            let iops = |round: u32, disk: Disk| {
+                runs.iter()
+                    .find(|r| r.round == round && r.disk == disk && r.workload == w.name())
+                    .and_then(|r| r.result.as_ref().ok())
+                    .map(|s| s.iops)
+            };
+            let pairs = (1..=plan.rounds)
+                .filter_map(|r| Some(iops(r, Disk::Blk)? / iops(r, Disk::Qsd)?))
+                .collect();
+            Ratio {
+                workload: w.name().to_string(),
+                of_medians,
+                paired: summary(pairs),
+            }
         })
         .collect()
 }
@@ -189,12 +213,15 @@ pub fn table(plan: &Plan, runs: &[Run]) -> String {
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "| workload | blk-backend / qemu-storage-daemon (median IOPS) |"
+        "| workload | blk-backend / qemu-storage-daemon: ratio of median IOPS | per-round ratio min / median / max |"
     );
-    let _ = writeln!(t, "|---|---:|");
-    for (w, r) in ratios(plan, runs) {
-        let r = r.map_or("-".to_string(), |r| format!("{r:.2}x"));
-        let _ = writeln!(t, "| {w} | {r} |");
+    let _ = writeln!(t, "|---|---:|---:|");
+    for r in ratios(plan, runs) {
+        let m = r.of_medians.map_or("-".to_string(), |r| format!("{r:.2}x"));
+        let p = r.paired.map_or("-".to_string(), |(a, m, b)| {
+            format!("{a:.2}x / {m:.2}x / {b:.2}x")
+        });
+        let _ = writeln!(t, "| {} | {m} | {p} |", r.workload);
     }
     t
 }
@@ -308,7 +335,7 @@ mod tests {
         .collect();
 
         let problems = problems(&plan(3), &runs);
-        let ratio = ratios(&plan(3), &runs)[0].1.unwrap();
+        let ratio = ratios(&plan(3), &runs)[0].of_medians.unwrap();
 
         assert_eq!(
             problems,
@@ -319,6 +346,25 @@ mod tests {
         );
         // blk: median of 100 and 300; qsd: median of 50 and 60.
         assert!((ratio - 200.0 / 55.0).abs() < 1e-9, "{ratio}");
+    }
+
+    #[test]
+    fn per_round_ratios_pair_the_two_disks_of_the_same_round() {
+        let runs: Vec<Run> = [
+            line(1, "blk", 100),
+            line(1, "qsd", 50),
+            line(2, "qsd", 400),
+            line(2, "blk", 200),
+            line(3, "blk", 300),
+        ]
+        .iter()
+        .filter_map(|l| parse_run(l))
+        .collect();
+
+        let paired = ratios(&plan(3), &runs)[0].paired;
+
+        // Rounds 1 and 2 only: round 3 has no qemu-storage-daemon run.
+        assert_eq!(paired, Some((0.5, 1.25, 2.0)));
     }
 
     #[test]
