@@ -74,8 +74,9 @@ pub struct BlkConfig {
     pub queue_size: u16,
     /// GET_ID answer.
     pub serial: String,
-    /// Busy-poll window of queue workers in microseconds (0: never poll).
-    pub poll_us: u64,
+    /// Largest adaptive busy-poll window of queue workers in microseconds
+    /// (0: never poll; None: [`crate::storage::Storage::default_poll_us`]).
+    pub poll_us: Option<u64>,
     /// Unix socket of the HTTP metrics endpoint (none: no endpoint).
     pub metrics_socket: Option<PathBuf>,
     /// seccomp and `--user`, applied once the image and sockets are open.

@@ -83,8 +83,9 @@ pub fn run(cfg: &BlkConfig) -> Result<(), Error> {
         serial: cfg.serial.clone(),
     };
     tracing::info!(capacity = storage.capacity(), queues = cfg.queues, socket = %cfg.socket.display(), "blk-backend starting");
+    let poll_us = cfg.poll_us.unwrap_or_else(|| storage.default_poll_us());
     let server = Server::new(Arc::new(BlkDevice::new(storage, opts)))
-        .with_poll(std::time::Duration::from_micros(cfg.poll_us));
+        .with_poll(std::time::Duration::from_micros(poll_us));
     let listener = match cfg.client {
         true => None,
         false => Some(Server::<BlkDevice>::bind(&cfg.socket)?),

@@ -38,9 +38,10 @@ struct Args {
     /// Largest adaptive busy-poll window of queue workers in microseconds
     /// after the last work found; it grows while sleeps are short and
     /// shrinks on an idle queue (0: never poll). Helps only with a spare CPU
-    /// per queue.
-    #[arg(long, default_value_t = 0)]
-    poll_us: u64,
+    /// per queue. Default: 32 on storage at RAM speed (memory, an image on
+    /// tmpfs), 0 on anything else.
+    #[arg(long)]
+    poll_us: Option<u64>,
     /// `file` (io_uring on --image; an image on tmpfs, ramfs or hugetlbfs is
     /// mapped) or `memory:SIZE` (e.g. memory:1G).
     #[arg(long, default_value = "file")]

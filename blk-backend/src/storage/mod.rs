@@ -77,6 +77,15 @@ pub trait Storage: Send + Sync {
     fn supports_discard(&self) -> bool {
         true
     }
+    /// The largest adaptive polling window of its queue workers, in µs,
+    /// unless `--poll-us` says otherwise. The default, 0, suits storage
+    /// with a device behind it: polling takes the CPU its completions and
+    /// the driver need (measured on a virtio disk: 0.84x at 4k randread
+    /// QD32). Storage that completes inside the submitting call can catch
+    /// the driver's next request by polling instead of a wake-up.
+    fn default_poll_us(&self) -> u64 {
+        0
+    }
 }
 
 /// One worker's view of a disk. Operations complete asynchronously.
