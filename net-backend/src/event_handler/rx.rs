@@ -326,6 +326,12 @@ impl RxQueue {
             self.net.dropped(Why::BadHeader);
             return;
         }
+        // The tap reports a frame's whole length even when it cut the frame
+        // to fit the buffer: one longer than the buffer is not all there.
+        if res as usize > BOUNCE_LEN {
+            self.drop_frame(Why::Oversize, res as usize);
+            return;
+        }
         self.slots[slot] = Slot::Full;
         self.full.push_back((slot, res as usize));
     }
