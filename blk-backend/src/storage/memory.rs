@@ -58,11 +58,12 @@ struct Mapping {
     writable: bool,
 }
 
-// SAFETY: the mapping is plain memory owned by this value until drop; it is
-// only reached through raw-pointer copies, from any thread. Concurrent
-// requests on overlapping ranges race on its bytes as they would on a real
-// disk (the result is one of the writes, or a mix, which virtio-blk allows
-// for requests a driver did not order).
+// The mapping is plain memory owned by this value until drop, only reached
+// through raw-pointer copies, from any thread. Concurrent requests on
+// overlapping ranges race on its bytes as they would on a real disk (the
+// result is one of the writes, or a mix, which virtio-blk allows for
+// requests a driver did not order).
+// SAFETY: see above: no Rust reference to the bytes, owned until drop.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
@@ -239,12 +240,13 @@ impl MemoryQueue {
         } else {
             libc::MADV_DONTNEED
         };
-        // SAFETY: `start + first .. + whole` is page aligned and inside the
-        // checked range of the mapping; the advice only drops its contents,
-        // which read back as zeroes.
-        let freed = unmap
-            && whole > 0
-            && unsafe { libc::madvise(start.add(first).cast(), whole, advice) } == 0;
+        let mut freed = false;
+        if unmap && whole > 0 {
+            // SAFETY: `start + first .. + whole` is page aligned and inside
+            // the checked range of the mapping; the advice only drops its
+            // contents, which read back as zeroes.
+            freed = unsafe { libc::madvise(start.add(first).cast(), whole, advice) } == 0;
+        }
         // SAFETY: every range written is inside the checked range.
         unsafe {
             if freed {
