@@ -16,7 +16,12 @@
 //! - `RIG-L2-BEGIN <name>` / `RIG-L2-END <name> rc=<vmm exit status>`
 //!   around each L2 boot made with the shell function `l2` (below);
 //! - `GUEST-RUN-END rc=<n>` when the L1 script ends (from the guest image's
-//!   `/init`), after which L1 reboots and QEMU exits (`-no-reboot`).
+//!   `/init`), after which L1 reboots and QEMU exits (`-no-reboot`);
+//! - `RIG-GROUP-BEGIN <name>` / `RIG-GROUP-END <name>` around a group of
+//!   steps that `group NAME && { ...; group_end NAME; }` runs, and
+//!   `RIG-GROUP-SKIP <name>` instead when [`Rig::skip_groups`] named it:
+//!   a caller whose L1 died boots it again and skips what is done
+//!   ([`Console::done_groups`], [`Console::splice`]).
 //!
 //! Inside the L1 script, `l2 NAME VMM-ARGS...` boots L2 with `vmm` and the
 //! initramfs extended by the L2 script registered as NAME (run as `/init`'s
@@ -171,6 +176,14 @@ for m in $(cat $RIG/kvm/load-order); do
     insmod $RIG/kvm/$m.ko || echo "RIG-NOTE cannot load $m"
 done
 if [ -c /dev/kvm ]; then echo RIG-READY; else echo "RIG-ERROR no /dev/kvm in L1"; exit 1; fi
+# group NAME: whether to run the group NAME (false when the host's
+# rig.skip=A,B,... names it, as done in an earlier L1 boot); says which.
+RIG_SKIP=" $(sed -n 's/.* rig\.skip=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ') "
+group() {
+    case "$RIG_SKIP" in *" $1 "*) echo "RIG-GROUP-SKIP $1"; return 1 ;; esac
+    echo "RIG-GROUP-BEGIN $1"
+}
+group_end() { echo "RIG-GROUP-END $1"; }
 # l2 NAME VMM-ARGS...: boots L2 under vmm with the L2 script NAME as its
 # run= command; L2's console is also kept in /tmp/l2-NAME.log.
 # A boot that dies of a triple fault is made once more, and said so
@@ -207,6 +220,8 @@ wait_for() {
 pub struct Rig {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// Groups the L1 script skips (see the module's protocol).
+    skip: Vec<String>,
     _dir: TempDir,
 }
 
@@ -282,8 +297,14 @@ impl Rig {
         Ok(Self {
             kernel: image.join("vmlinuz"),
             initramfs,
+            skip: Vec::new(),
             _dir: dir,
         })
+    }
+
+    /// From the next run on, the L1 script's `group` skips these groups.
+    pub fn skip_groups(&mut self, names: &[String]) {
+        self.skip = names.to_vec();
     }
 
     /// The QEMU command that boots L1; `disks` become L1's `/dev/vda`,
@@ -306,10 +327,15 @@ impl Rig {
         .arg(&self.kernel)
         .arg("-initrd")
         .arg(&self.initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 loglevel=4 panic=-1 reboot=k run=/rig/run.sh",
-        ]);
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 loglevel=4 panic=-1 reboot=k run=/rig/run.sh{}",
+            if self.skip.is_empty() {
+                String::new()
+            } else {
+                format!(" rig.skip={}", self.skip.join(","))
+            }
+        ));
         for (i, d) in disks.iter().enumerate() {
             c.arg("-drive")
                 .arg(format!(
@@ -478,6 +504,48 @@ impl Console {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// The groups this run completed (`RIG-GROUP-END`), in order.
+    pub fn done_groups(&self) -> Vec<String> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("RIG-GROUP-END "))
+            .map(|g| g.trim().to_string())
+            .collect()
+    }
+
+    /// One console from the runs of a script that each skipped the groups
+    /// the runs before it completed: every earlier run's completed groups,
+    /// then the whole last run (in which those groups are skipped). A group
+    /// an L1 died in is thus read from the run that completed it, and
+    /// every group's lines appear once. The run flags are the last run's.
+    pub fn splice(runs: Vec<Console>) -> Option<Console> {
+        let n = runs.len();
+        let mut lines = Vec::new();
+        let mut last = None;
+        for (i, mut run) in runs.into_iter().enumerate() {
+            if i + 1 == n {
+                lines.append(&mut run.lines);
+                last = Some(run);
+                break;
+            }
+            let mut block: Option<Vec<String>> = None;
+            for l in run.lines {
+                let t = l.trim();
+                if t.starts_with("RIG-GROUP-BEGIN ") {
+                    block = Some(Vec::new());
+                }
+                if let Some(b) = block.as_mut() {
+                    b.push(l.clone());
+                }
+                if t.starts_with("RIG-GROUP-END ") {
+                    lines.extend(block.take().unwrap_or_default());
+                }
+            }
+            lines.push(format!("RIG-L1-RUN-ENDED {}", i + 1));
+        }
+        last.map(|c| Console { lines, ..c })
+    }
+
     /// The value of the first `key=value` token on a line of `lines`.
     pub fn value<'a>(lines: &[&'a str], key: &str) -> Option<&'a str> {
         let pat = format!("{key}=");
@@ -512,5 +580,78 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(text: &str, finished: bool) -> Console {
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        if finished {
+            lines.push("GUEST-RUN-END rc=0".into());
+        }
+        Console {
+            lines,
+            qemu_ok: finished,
+            timed_out: false,
+            stalled: false,
+        }
+    }
+
+    #[test]
+    fn splice_takes_each_group_from_the_run_that_completed_it() {
+        // The first L1 completed `a` and died in `b`; the second skipped
+        // `a` and ran `b` to its end.
+        let first = console(
+            "RIG-READY\nRIG-GROUP-BEGIN a\nRIG-L2-BEGIN a\nx=1\nRIG-L2-END a rc=0\nL1-A=1\n\
+             RIG-GROUP-END a\nRIG-GROUP-BEGIN b\nRIG-L2-BEGIN b\ny=1\nKernel panic",
+            false,
+        );
+        assert_eq!(first.done_groups(), ["a"]);
+        let second = console(
+            "RIG-READY\nRIG-GROUP-SKIP a\nRIG-GROUP-BEGIN b\nRIG-L2-BEGIN b\ny=2\n\
+             RIG-L2-END b rc=0\nRIG-GROUP-END b",
+            true,
+        );
+        assert_eq!(second.done_groups(), ["b"]);
+        let c = Console::splice(vec![first, second]).unwrap();
+        assert!(c.finished() && c.qemu_ok);
+        assert_eq!(c.l2("a"), ["x=1"]);
+        assert_eq!(c.l2("b"), ["y=2"]);
+        assert_eq!(c.l2_status("b"), Some(0));
+        // The dead run's partial group is gone, its completed one kept once.
+        assert_eq!(c.lines.iter().filter(|l| l.as_str() == "y=1").count(), 0);
+        assert_eq!(c.lines.iter().filter(|l| l.as_str() == "L1-A=1").count(), 1);
+        assert!(c.lines.iter().any(|l| l == "RIG-L1-RUN-ENDED 1"));
+    }
+
+    #[test]
+    fn splice_of_one_run_is_that_run() {
+        let c = Console::splice(vec![console("RIG-GROUP-BEGIN a\nz\n", false)]).unwrap();
+        assert_eq!(c.lines, ["RIG-GROUP-BEGIN a", "z"]);
+        assert!(!c.finished());
+        assert!(Console::splice(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn skipped_groups_reach_the_l1_command_line() {
+        let dir = TempDir::new("rig-test").unwrap();
+        let mut rig = Rig {
+            kernel: dir.0.join("k"),
+            initramfs: dir.0.join("i"),
+            skip: Vec::new(),
+            _dir: dir,
+        };
+        let append = |rig: &Rig| {
+            let c = rig.command(&[]);
+            let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into()).collect();
+            let i = args.iter().position(|a| a == "-append").unwrap();
+            args[i + 1].clone()
+        };
+        assert!(!append(&rig).contains("rig.skip"));
+        rig.skip_groups(&["main".into(), "qsd".into()]);
+        assert!(append(&rig).ends_with(" rig.skip=main,qsd"));
     }
 }
