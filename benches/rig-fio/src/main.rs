@@ -56,6 +56,9 @@ struct Args {
         default_value = "randread-4k-qd1,randread-4k-qd32,randwrite-4k-qd32"
     )]
     workloads: Vec<Workload>,
+    /// More blk-backend arguments, e.g. "--poll-us 0".
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    blk_args: String,
     /// Where L1's whole console goes (default: target/rig-fio-console.log).
     #[arg(long)]
     console_log: Option<PathBuf>,
@@ -93,6 +96,16 @@ fn check(a: &Args) -> Result<(), BenchError> {
     if !(16..=1024).contains(&a.size_mib) {
         return Err(BenchError::Args("--size-mib must be within 16..=1024"));
     }
+    // They go into L1's shell script as they are.
+    if !a
+        .blk_args
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c.is_ascii_whitespace() || "_.,:=/-".contains(c))
+    {
+        return Err(BenchError::Args(
+            "--blk-args takes words of letters, digits and _.,:=/- only",
+        ));
+    }
     Ok(())
 }
 
@@ -111,6 +124,7 @@ fn run(a: Args) -> Result<(), BenchError> {
         warmup_s: a.warmup,
         size_mib: a.size_mib,
         workloads,
+        blk_args: a.blk_args.split_whitespace().collect::<Vec<_>>().join(" "),
     };
     let (console, elapsed, log_path) = match &a.from_console {
         Some(p) => (read_console(p)?, None, p.clone()),
@@ -216,7 +230,12 @@ fn report(
         plan.size_mib
     );
     println!(
-        "  blk-backend --queues 1 ({}); qemu-storage-daemon vhost-user-blk, aio=io_uring, cache.direct=off (tmpfs has no O_DIRECT on this kernel)",
+        "  blk-backend --queues 1{} ({}); qemu-storage-daemon vhost-user-blk, aio=io_uring, cache.direct=off (tmpfs has no O_DIRECT on this kernel)",
+        if plan.blk_args.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", plan.blk_args)
+        },
         if mapped {
             "image on tmpfs: served from its mapping"
         } else {

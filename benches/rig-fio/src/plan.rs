@@ -103,6 +103,9 @@ pub struct Plan {
     /// Size of each disk's file in MiB.
     pub size_mib: u32,
     pub workloads: Vec<Workload>,
+    /// More blk-backend arguments (checked by `main`: words of
+    /// `[A-Za-z0-9_.,:=/-]` only, as they go into a shell script).
+    pub blk_args: String,
 }
 
 impl Plan {
@@ -183,7 +186,7 @@ for d in blk qsd; do
     printf 'rigfio-disk=%s\n' $d | dd of=/tmp/$d.img conv=notrunc 2>/dev/null
 done
 echo "L1-TMP $(grep ' /tmp ' /proc/mounts | cut -d' ' -f1-3) blk.img=$(wc -c </tmp/blk.img) qsd.img=$(wc -c </tmp/qsd.img)"
-NO_COLOR=1 RUST_LOG=info blk-backend --socket /tmp/blk.sock --image /tmp/blk.img --queues 1 >/tmp/blk.log 2>&1 &
+NO_COLOR=1 RUST_LOG=info blk-backend --socket /tmp/blk.sock --image /tmp/blk.img --queues 1 {blk_args}>/tmp/blk.log 2>&1 &
 # tmpfs has no O_DIRECT on this kernel: the page cache is the storage.
 qemu-storage-daemon \
     --blockdev driver=file,node-name=f,filename=/tmp/qsd.img,aio=io_uring,cache.direct=off \
@@ -204,6 +207,11 @@ sleep 1
 "#,
             timeout = self.l2_limit().as_secs(),
             size = self.size_mib,
+            blk_args = if self.blk_args.is_empty() {
+                String::new()
+            } else {
+                format!("{} ", self.blk_args)
+            },
         )
     }
 }
@@ -266,6 +274,7 @@ mod tests {
             ramp_s: 1,
             warmup_s: 3,
             size_mib: 256,
+            blk_args: String::new(),
             workloads: vec![Workload::RandRead4kQd1, Workload::RandWrite4kQd32],
         }
     }

@@ -238,6 +238,7 @@ mod tests {
             ramp_s: 1,
             warmup_s: 0,
             size_mib: 256,
+            blk_args: String::new(),
             workloads: vec![Workload::RandRead4kQd32],
         }
     }
