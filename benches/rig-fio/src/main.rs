@@ -153,6 +153,9 @@ fn read_console(path: &Path) -> Result<Console, BenchError> {
     })
 }
 
+/// L1 boots at most for one run of the plan.
+const L1_BOOTS: u32 = 3;
+
 /// Boots the rig and runs the plan; returns L1's console, the wall time
 /// and where the console was written.
 fn measure(
@@ -176,7 +179,6 @@ fn measure(
             .unwrap_or_else(|| root.join("target"))
             .join("rig-fio-console.log")
     });
-    let mut log = File::create(&log_path).map_err(|e| BenchError::Log(log_path.clone(), e))?;
     eprintln!(
         "rig-fio: L1 boots under QEMU TCG, then one L2 runs {} fio runs of {} s (+{} s ramp) and a warm-up; console in {}",
         plan.steps().len(),
@@ -185,22 +187,42 @@ fn measure(
         log_path.display()
     );
     let t0 = Instant::now();
-    let mut log_err = None;
     // Whole-run limit: L1's boot plus the L2's own limit; a silent stall
     // of 5 minutes (no step is silent that long) ends it early.
     let limit = plan.l2_limit() + Duration::from_secs(900);
-    let console = rig.run_watched(&[], limit, Duration::from_secs(300), |l| {
-        if let Err(e) = writeln!(log, "{l}") {
-            log_err.get_or_insert(e);
+    // L1's own kernel dies now and then under QEMU TCG's nested SVM (see
+    // vmm/tests/linux_rig.rs), most often under heavy I/O: then the whole
+    // plan runs again in a new L1, up to L1_BOOTS times. The log keeps the
+    // last boot (what the report reads); a dead boot's console is kept
+    // beside it.
+    let mut attempt = 1;
+    let console = loop {
+        let mut log = File::create(&log_path).map_err(|e| BenchError::Log(log_path.clone(), e))?;
+        let mut log_err = None;
+        let console = rig.run_watched(&[], limit, Duration::from_secs(300), |l| {
+            if let Err(e) = writeln!(log, "{l}") {
+                log_err.get_or_insert(e);
+            }
+            if ["RIG-", "RIGFIO-", "L1-"].iter().any(|p| l.contains(p)) {
+                eprintln!("rig-fio: [{:5.0} s] {l}", t0.elapsed().as_secs_f64());
+            }
+        })?;
+        if let Some(e) = log_err {
+            return Err(BenchError::Log(log_path, e));
         }
-        if ["RIG-", "RIGFIO-", "L1-"].iter().any(|p| l.contains(p)) {
-            eprintln!("rig-fio: [{:5.0} s] {l}", t0.elapsed().as_secs_f64());
+        if console.finished() || console.timed_out || attempt == L1_BOOTS {
+            break console;
         }
-    })?;
+        let dead = log_path.with_extension(format!("l1-died-{attempt}.log"));
+        std::fs::copy(&log_path, &dead).map_err(|e| BenchError::Log(dead.clone(), e))?;
+        eprintln!(
+            "rig-fio: L1 ended before its script (stalled: {}; its console: {}); booting it again",
+            console.stalled,
+            dead.display()
+        );
+        attempt += 1;
+    };
     let elapsed = t0.elapsed();
-    if let Some(e) = log_err {
-        return Err(BenchError::Log(log_path, e));
-    }
     Ok((console, Some(elapsed), log_path))
 }
 
