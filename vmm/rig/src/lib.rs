@@ -186,7 +186,7 @@ group() {
 group_end() { echo "RIG-GROUP-END $1"; }
 # l2 NAME VMM-ARGS...: boots L2 under vmm with the L2 script NAME as its
 # run= command; L2's console is also kept in /tmp/l2-NAME.log.
-# A boot that dies of a triple fault is made once more, and said so
+# A boot that dies of a triple fault is made again (up to three boots), and said so
 # (RIG-L2-RETRY; Console::l2 then gives the last boot's lines): seen in
 # about 1 of 10 boots with 4 L2 vCPUs here, mostly in kernel init with no
 # device active yet, once in userspace during disk I/O. Not yet shown to be
@@ -198,10 +198,10 @@ l2() {
     # A boot without a script of its own (a restore) gets the plain image.
     cat $L2_INITRD $(ls $RIG/l2/$name.cpio 2>/dev/null) >/tmp/l2-$name.initrd
     echo "RIG-L2-BEGIN $name"
-    for try in 1 2; do
+    for try in 1 2 3; do
         { timeout -s KILL ${L2_TIMEOUT:-600} vmm --initramfs /tmp/l2-$name.initrd "$@" 2>&1
           echo $? >/tmp/l2-$name.rc; } | tee /tmp/l2-$name.log
-        grep -q "guest triple fault" /tmp/l2-$name.log && [ $try = 1 ] && [ -z "$L2_NO_RETRY" ] || break
+        grep -q "guest triple fault" /tmp/l2-$name.log && [ $try -lt 3 ] && [ -z "$L2_NO_RETRY" ] || break
         echo "RIG-L2-RETRY $name: triple fault, booting once more"
     done
     echo "RIG-L2-END $name rc=$(cat /tmp/l2-$name.rc)"
