@@ -78,6 +78,9 @@ pub fn value<'a>(console: &'a str, key: &str) -> &'a str {
 pub struct QemuGuest {
     child: Child,
     console: Arc<Mutex<String>>,
+    /// QEMU's own messages (its stderr), e.g. why a vhost-user reconnect
+    /// failed.
+    stderr: Arc<Mutex<String>>,
     reader: Option<JoinHandle<()>>,
     monitor: Option<PathBuf>,
     /// Held while the guest lives: see [`ONE_GUEST`].
@@ -139,26 +142,21 @@ impl QemuGuest {
             .arg(append)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start qemu");
-        let mut stdout = child.stdout.take().expect("qemu stdout");
         let console = Arc::new(Mutex::new(String::new()));
-        let sink = console.clone();
-        let reader = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut c) = sink.lock() {
-                    c.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let reader = collect(child.stdout.take().expect("qemu stdout"), console.clone());
+        // Joined by nobody: it ends when QEMU does.
+        drop(collect(
+            child.stderr.take().expect("qemu stderr"),
+            stderr.clone(),
+        ));
         QemuGuest {
             child,
             console,
+            stderr,
             reader: Some(reader),
             monitor: monitor.map(Path::to_path_buf),
             _slot: slot,
@@ -203,6 +201,11 @@ impl QemuGuest {
         self.console.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
+    /// What QEMU printed on its stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
     /// Waits up to `timeout` for the console to show `text`; returns the
     /// console, which may lack `text` if the time ran out.
     pub fn wait_for(&self, text: &str, timeout: Duration) -> String {
@@ -236,6 +239,21 @@ impl Drop for QemuGuest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A thread appending what `from` yields to `sink` until its end.
+fn collect(mut from: impl Read + Send + 'static, sink: Arc<Mutex<String>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut c) = sink.lock() {
+                c.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    })
 }
 
 /// Random moments for a crash loop's kills: a xorshift generator seeded

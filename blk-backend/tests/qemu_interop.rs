@@ -258,19 +258,43 @@ fn requests(metrics: &std::path::Path) -> Option<u64> {
         .and_then(serde_json::Value::as_u64)
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Waits until the backend behind `metrics` has taken a request: QEMU has
 /// reconnected and the guest's I/O flows again. Panics after `timeout`,
-/// with the kills so far and the end of the guest's console.
-fn wait_for_requests(metrics: &std::path::Path, timeout: Duration, qemu: &QemuGuest, kills: usize) {
+/// with the kills so far, whether the backend still runs, and the ends of
+/// its log (every restart's, in `backend_log`), QEMU's stderr and the
+/// guest's console.
+fn wait_for_requests(
+    metrics: &std::path::Path,
+    timeout: Duration,
+    qemu: &QemuGuest,
+    backend: &mut Backend,
+    backend_log: &std::path::Path,
+    kills: usize,
+) {
     let deadline = std::time::Instant::now() + timeout;
     while requests(metrics).unwrap_or(0) == 0 {
         if std::time::Instant::now() >= deadline {
-            let console = qemu.console();
-            let tail: Vec<&str> = console.lines().rev().take(15).collect();
+            let alive = match backend.child.try_wait() {
+                Ok(None) => "still runs".to_string(),
+                Ok(Some(status)) => format!("exited ({status})"),
+                Err(e) => format!("cannot be waited for ({e})"),
+            };
             panic!(
                 "no request reached the backend within {timeout:?} after {kills} kills: \
-                 QEMU did not reconnect, or the guest's I/O stalled; console ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                 QEMU did not reconnect, or the guest's I/O stalled; the backend {alive}\n\
+                 --- backend log ends:\n{}\n--- QEMU stderr ends:\n{}\n--- console ends:\n{}",
+                tail(
+                    &std::fs::read_to_string(backend_log).unwrap_or_default(),
+                    15
+                ),
+                tail(&qemu.stderr(), 15),
+                tail(&qemu.console(), 15),
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -327,7 +351,17 @@ fn qemu_guest_writes_on_through_a_crash_loop() {
         metrics.to_str().unwrap(),
     ];
     let socket = dir.path("blk.sock");
-    let mut backend = Backend::spawn(&socket, &args);
+    // Every restart's log, kept for a failure's report.
+    let backend_log = dir.path("backend.log");
+    let spawn = || {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&backend_log)
+            .unwrap();
+        Backend::spawn_with_stderr(&socket, &args, log.into())
+    };
+    let mut backend = spawn();
     let qemu = boot(&socket, CRASH_SCRIPT);
     let started = std::time::Instant::now();
     let mut moments = KillMoments::new("BLK_CRASH_SEED");
@@ -340,15 +374,29 @@ fn qemu_guest_writes_on_through_a_crash_loop() {
     let mut kills_mid_round = 0;
     let mut reconnects = 0;
     for kills in 0..CRASH_KILLS {
-        wait_for_requests(&metrics, Duration::from_secs(60), &qemu, kills);
+        wait_for_requests(
+            &metrics,
+            Duration::from_secs(60),
+            &qemu,
+            &mut backend,
+            &backend_log,
+            kills,
+        );
         reconnects += 1;
         std::thread::sleep(moments.below(Duration::from_millis(700)));
         kills_mid_round += usize::from(mid_round(&qemu.console()));
         backend.child.kill().unwrap();
         backend.child.wait().unwrap();
-        backend = Backend::spawn(&socket, &args);
+        backend = spawn();
     }
-    wait_for_requests(&metrics, Duration::from_secs(60), &qemu, CRASH_KILLS);
+    wait_for_requests(
+        &metrics,
+        Duration::from_secs(60),
+        &qemu,
+        &mut backend,
+        &backend_log,
+        CRASH_KILLS,
+    );
     let rounds_at_last_kill = qemu.console().matches("ROUND-OK").count();
     let kills_done = started.elapsed();
     let mut stop = [0u8; 512];

@@ -561,7 +561,7 @@ fn outcome() -> &'static Outcome {
 fn l2(name: &str) -> Vec<&'static str> {
     let o = outcome();
     let lines = o.console.l2(name);
-    if !o.console.finished() || lines.is_empty() {
+    if !o.console.l2_done(name) || lines.is_empty() {
         panic!(
             "L1 did not run L2 boot {name} to the end: {}",
             failure_report(&o.console)

@@ -504,6 +504,26 @@ impl Console {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// Whether the L2 boot `name` ran to its end inside a group that L1
+    /// completed: its last `RIG-L2-END` is followed by a `RIG-GROUP-END`
+    /// before any other group begins or the run ends. A test can trust
+    /// such a boot even when L1 died in a later group.
+    pub fn l2_done(&self, name: &str) -> bool {
+        let end = format!("RIG-L2-END {name} ");
+        let Some(i) = self.lines.iter().rposition(|l| l.contains(&end)) else {
+            return false;
+        };
+        self.lines[i + 1..]
+            .iter()
+            .map(|l| l.trim())
+            .find(|l| {
+                l.starts_with("RIG-GROUP-END ")
+                    || l.starts_with("RIG-GROUP-BEGIN ")
+                    || l.starts_with("RIG-L1-RUN-ENDED ")
+            })
+            .is_some_and(|l| l.starts_with("RIG-GROUP-END "))
+    }
+
     /// The groups this run completed (`RIG-GROUP-END`), in order.
     pub fn done_groups(&self) -> Vec<String> {
         self.lines
@@ -625,6 +645,30 @@ mod tests {
         assert_eq!(c.lines.iter().filter(|l| l.as_str() == "y=1").count(), 0);
         assert_eq!(c.lines.iter().filter(|l| l.as_str() == "L1-A=1").count(), 1);
         assert!(c.lines.iter().any(|l| l == "RIG-L1-RUN-ENDED 1"));
+    }
+
+    #[test]
+    fn a_boot_counts_as_done_only_inside_a_completed_group() {
+        // `a` completed; `b`'s L2 ended but L1 died before its group did;
+        // `c` never ended.
+        let first = console(
+            "RIG-GROUP-BEGIN a\nRIG-L2-BEGIN a\nRIG-L2-END a rc=0\nRIG-GROUP-END a\n\
+             RIG-GROUP-BEGIN b\nRIG-L2-BEGIN b\nRIG-L2-END b rc=0\nRIG-L2-BEGIN c\nKernel panic",
+            false,
+        );
+        assert!(first.l2_done("a"));
+        assert!(!first.l2_done("b"));
+        assert!(!first.l2_done("c"));
+        let c = Console::splice(vec![
+            first,
+            console(
+                "RIG-GROUP-SKIP a\nRIG-GROUP-BEGIN b\nRIG-L2-BEGIN b\n",
+                false,
+            ),
+        ])
+        .unwrap();
+        assert!(c.l2_done("a"));
+        assert!(!c.l2_done("b"));
     }
 
     #[test]
