@@ -426,8 +426,32 @@ fn make_disk(path: &PathBuf, seed: u32) {
 /// L1 boots at most, when one dies before its script ends.
 const ATTEMPTS: u32 = 5;
 /// No L1 boot starts after this long into the rig (a whole run takes
-/// 15 minutes on a quiet machine), so CI ends in its time.
+/// 8 to 15 minutes on a quiet machine), so CI ends in its time.
 const RETRY_BUDGET: Duration = Duration::from_secs(40 * 60);
+/// Every L1 boot ends by this long into the rig, and none runs longer
+/// than [`BOOT_LIMIT`].
+const RIG_DEADLINE: Duration = Duration::from_secs(55 * 60);
+const BOOT_LIMIT: Duration = Duration::from_secs(1500);
+
+/// The host's load average and its busiest processes, for a line that
+/// says a nested guest died: such deaths come more often on a loaded host.
+fn host_load() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let busiest = std::process::Command::new("ps")
+        .args(["-eo", "pcpu=,comm=", "--sort=-pcpu"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .take(4)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    format!("host load {}; busiest (%CPU): {busiest}", load.join(" "))
+}
 
 fn console_log() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("linux-rig-console.log")
@@ -490,7 +514,8 @@ fn run_rig() -> Result<Outcome, String> {
     // tests read each group from the boot that completed it
     // (`Console::splice`). The disk checks only compare what each run
     // wrote with the file afterwards, so running a group again is sound.
-    // Up to ATTEMPTS boots, none started after RETRY_BUDGET.
+    // Up to ATTEMPTS boots, none started after RETRY_BUDGET, all ended by
+    // RIG_DEADLINE.
     let started = Instant::now();
     let mut runs = Vec::new();
     // VMM_RIG_SKIP=main,qsd,... skips groups from the start, for a person
@@ -506,7 +531,7 @@ fn run_rig() -> Result<Outcome, String> {
         let c = rig
             .run_watched(
                 &[main_disk.clone(), qsd_disk.clone()],
-                Duration::from_secs(1500),
+                BOOT_LIMIT.min(RIG_DEADLINE.saturating_sub(started.elapsed())),
                 Duration::from_secs(300),
                 |l| {
                     let _ = writeln!(log_file, "{l}");
@@ -515,14 +540,20 @@ fn run_rig() -> Result<Outcome, String> {
                     }
                     if l.contains("RIG-L2-RETRY") {
                         println!("linux_rig: {l}");
+                        eprintln!("linux_rig: {}", host_load());
                     }
                 },
             )
             .map_err(|e| e.to_string())?;
-        let died = !c.finished() && !c.timed_out;
+        // A boot cut at its time limit is retried too: the groups it
+        // completed are skipped, so the next boot does only the rest.
+        let died = !c.finished();
         if c.stalled {
             println!("linux_rig: RIG-L1-STALLED: L1 printed nothing for 5 minutes");
             let _ = writeln!(log_file, "RIG-L1-STALLED");
+        }
+        if died {
+            eprintln!("linux_rig: {}", host_load());
         }
         done.extend(c.done_groups());
         runs.push(c);
