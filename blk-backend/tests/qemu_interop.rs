@@ -37,12 +37,14 @@ echo "READ-B=$(dd if=/dev/vda bs=64k skip=48 count=16 2>/dev/null | sha256sum | 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Boots the guest with `script` on a 2-queue vhost-user-blk device at `socket`.
+/// QEMU's vhost-user-blk device on the chardev `c0`, with two queues.
+const BLK_DEVICE: [&str; 2] = [
+    "-device",
+    "vhost-user-blk-pci,chardev=c0,num-queues=2,romfile=",
+];
+
 fn boot(socket: &std::path::Path, script: &str) -> QemuGuest {
-    let device = [
-        "-device",
-        "vhost-user-blk-pci,chardev=c0,num-queues=2,romfile=",
-    ];
-    QemuGuest::boot(socket, &device, script)
+    QemuGuest::boot(socket, &BLK_DEVICE, script)
 }
 
 fn qemu_missing() -> bool {
@@ -288,7 +290,9 @@ fn wait_for_requests(
             panic!(
                 "no request reached the backend within {timeout:?} after {kills} kills: \
                  QEMU did not reconnect, or the guest's I/O stalled; the backend {alive}\n\
+                 --- QEMU's info cpus:\n{}\n\
                  --- backend log ends:\n{}\n--- QEMU stderr ends:\n{}\n--- console ends:\n{}",
+                qemu.hmp("info cpus"),
                 tail(
                     &std::fs::read_to_string(backend_log).unwrap_or_default(),
                     15
@@ -362,7 +366,14 @@ fn qemu_guest_writes_on_through_a_crash_loop() {
         Backend::spawn_with_stderr(&socket, &args, log.into())
     };
     let mut backend = spawn();
-    let qemu = boot(&socket, CRASH_SCRIPT);
+    // The monitor tells a stalled guest's state (`info cpus`: halted or
+    // running) in a failure's report.
+    let qemu = QemuGuest::boot_with_monitor(
+        &socket,
+        &BLK_DEVICE,
+        CRASH_SCRIPT,
+        &dir.path("monitor.sock"),
+    );
     let started = std::time::Instant::now();
     let mut moments = KillMoments::new("BLK_CRASH_SEED");
     let writing = qemu.wait_for("WRITING", GUEST_TIMEOUT);

@@ -485,6 +485,9 @@ fn run_rig() -> Result<Outcome, String> {
         script: L1_SCRIPT.to_string(),
     };
     let mut rig = Rig::build(&image, &release, &payload).map_err(|e| e.to_string())?;
+    // See `Rig::l1_arg`: cargo runs no other test binary beside this
+    // one, so the two cores its polling vCPUs take are there to take.
+    rig.l1_arg("idle=poll");
     // The console as it arrives, for a person watching a slow run.
     let log = console_log();
     let mut log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
@@ -498,7 +501,9 @@ fn run_rig() -> Result<Outcome, String> {
     // went silent at the start of an L2 boot with QEMU still busy, past the
     // L2's own timeout in L1 (1 in 5 runs, with the host loaded). No step is
     // silent for minutes (every L2 prints within a minute of its start), so
-    // 5 minutes of silence is a stall.
+    // 5 minutes of silence is a stall. One such stall, caught on a host
+    // with a busy loop beside the rig, had QEMU idle: both L1 vCPUs halted
+    // and never woken. L1 now polls instead of halting (`Rig::l1_arg`).
     //
     // L1's own kernel panics too, inside its KVM: a reschedule IPI taken
     // right after VMRUN returns, before the host's GS base is back

@@ -222,6 +222,8 @@ pub struct Rig {
     pub initramfs: PathBuf,
     /// Groups the L1 script skips (see the module's protocol).
     skip: Vec<String>,
+    /// More arguments for L1's kernel command line.
+    l1_args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -298,8 +300,19 @@ impl Rig {
             kernel: image.join("vmlinuz"),
             initramfs,
             skip: Vec::new(),
+            l1_args: Vec::new(),
             _dir: dir,
         })
+    }
+
+    /// Adds `arg` to L1's kernel command line, e.g. `idle=poll`: L1's
+    /// vCPUs then never halt. Under QEMU 7.2 TCG, an L1 on a loaded host
+    /// was seen halted on both vCPUs for good (a wake-up lost: QEMU's
+    /// vCPU threads waiting in `qemu_wait_io_event`, no CPU used for
+    /// minutes); a vCPU that polls cannot wait for a wake-up. It costs
+    /// two host cores while L1 runs.
+    pub fn l1_arg(&mut self, arg: &str) {
+        self.l1_args.push(arg.to_string());
     }
 
     /// From the next run on, the L1 script's `group` skips these groups.
@@ -329,12 +342,16 @@ impl Rig {
         .arg(&self.initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 loglevel=4 panic=-1 reboot=k run=/rig/run.sh{}",
+            "console=ttyS0 loglevel=4 panic=-1 reboot=k run=/rig/run.sh{}{}",
             if self.skip.is_empty() {
                 String::new()
             } else {
                 format!(" rig.skip={}", self.skip.join(","))
-            }
+            },
+            self.l1_args
+                .iter()
+                .map(|a| format!(" {a}"))
+                .collect::<String>()
         ));
         for (i, d) in disks.iter().enumerate() {
             c.arg("-drive")
@@ -686,6 +703,7 @@ mod tests {
             kernel: dir.0.join("k"),
             initramfs: dir.0.join("i"),
             skip: Vec::new(),
+            l1_args: vec!["idle=poll".into()],
             _dir: dir,
         };
         let append = |rig: &Rig| {
@@ -695,7 +713,10 @@ mod tests {
             args[i + 1].clone()
         };
         assert!(!append(&rig).contains("rig.skip"));
+        assert!(append(&rig).ends_with(" run=/rig/run.sh idle=poll"));
         rig.skip_groups(&["main".into(), "qsd".into()]);
-        assert!(append(&rig).ends_with(" rig.skip=main,qsd"));
+        assert!(append(&rig).ends_with(" rig.skip=main,qsd idle=poll"));
+        rig.l1_arg("x=1");
+        assert!(append(&rig).ends_with(" idle=poll x=1"));
     }
 }

@@ -25,6 +25,9 @@ struct Args {
     /// More host files to copy into L1 at the same path (e.g. QEMU firmware).
     #[arg(long = "file")]
     files: Vec<PathBuf>,
+    /// More arguments for L1's kernel command line (e.g. idle=poll).
+    #[arg(long = "l1-arg")]
+    l1_args: Vec<String>,
     /// An L2 script: NAME=FILE, booted in L1 by `l2 NAME VMM-ARGS...`.
     #[arg(long = "l2")]
     l2: Vec<String>,
@@ -48,7 +51,10 @@ fn run(a: Args) -> Result<i32, RigError> {
         l2_scripts,
         script: read(&a.script)?,
     };
-    let rig = Rig::build(&image, &release, &payload)?;
+    let mut rig = Rig::build(&image, &release, &payload)?;
+    for arg in &a.l1_args {
+        rig.l1_arg(arg);
+    }
     eprintln!("rig: booting L1 (QEMU TCG, -cpu max)");
     let console = rig.run(&a.disks, Duration::from_secs(a.timeout), |l| {
         println!("{l}")
