@@ -266,6 +266,21 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Each vCPU's instruction pointer and halt state (`HLT=1`) from QEMU's
+/// `info registers -a` answer; the whole answer if it has none.
+fn cpu_states(answer: &str) -> String {
+    let cpus: Vec<&str> = answer
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CPU#") || l.contains("HLT="))
+        .collect();
+    if cpus.is_empty() {
+        answer.to_string()
+    } else {
+        cpus.join("\n")
+    }
+}
+
 /// Waits until the backend behind `metrics` has taken a request: QEMU has
 /// reconnected and the guest's I/O flows again. Panics after `timeout`,
 /// with the kills so far, whether the backend still runs, and the ends of
@@ -290,9 +305,9 @@ fn wait_for_requests(
             panic!(
                 "no request reached the backend within {timeout:?} after {kills} kills: \
                  QEMU did not reconnect, or the guest's I/O stalled; the backend {alive}\n\
-                 --- QEMU's info cpus:\n{}\n\
+                 --- QEMU's vCPUs:\n{}\n\
                  --- backend log ends:\n{}\n--- QEMU stderr ends:\n{}\n--- console ends:\n{}",
-                qemu.hmp("info cpus"),
+                cpu_states(&qemu.hmp("info registers -a")),
                 tail(
                     &std::fs::read_to_string(backend_log).unwrap_or_default(),
                     15
@@ -366,8 +381,8 @@ fn qemu_guest_writes_on_through_a_crash_loop() {
         Backend::spawn_with_stderr(&socket, &args, log.into())
     };
     let mut backend = spawn();
-    // The monitor tells a stalled guest's state (`info cpus`: halted or
-    // running) in a failure's report.
+    // The monitor tells a stalled guest's state (each vCPU halted or
+    // running, and where) in a failure's report.
     let qemu = QemuGuest::boot_with_monitor(
         &socket,
         &BLK_DEVICE,
