@@ -33,7 +33,8 @@ use vhost::vhost_user::{
 };
 use vhost::VhostUserMemoryRegionBase;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+    GuestRegionMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -247,9 +248,25 @@ impl<D: Device> Handler<D> {
             resubmit,
             poll: worker::PollWindow::new(self.poll),
         };
+        // A ring that already has completions (a restart: the used index
+        // is not 0) may hold one the driver was never told of: the
+        // previous backend published it and died before signalling. QEMU
+        // can send SET_VRING_CALL before SET_VRING_KICK (when it unmasks
+        // the vectors first), so the call eventfd is already here and
+        // `set_vring_call` does not signal it. It is signalled once now;
+        // a spurious interrupt is harmless to a virtio driver.
+        let restarted = mem
+            .read_obj::<u16>(used.checked_add(2).unwrap_or(used))
+            .is_ok_and(|idx| idx != 0);
         let handle = worker::spawn(format!("queue{index}"), worker).map_err(internal)?;
         tracing::debug!(queue = index, size = cfg.size, "queue started");
-        self.vrings[index].worker = Some(handle);
+        let slot = &mut self.vrings[index];
+        slot.worker = Some(handle);
+        if restarted {
+            if let Some(call) = slot.call.lock().ok().as_ref().and_then(|c| c.as_ref()) {
+                let _ = call.write(1);
+            }
+        }
         Ok(())
     }
 

@@ -190,3 +190,67 @@ fn completions_before_the_call_eventfd_arrives_are_signalled_on_it() {
     assert_eq!(done[0].status, S_OK);
     assert_eq!(&std::fs::read(&image).unwrap()[..4096], &data[..]);
 }
+
+/// A completion the previous backend published in the used ring but never
+/// signalled (it died between the two) is signalled by the next backend as
+/// soon as its queue starts, although the call eventfd came before the
+/// kick, as QEMU can send them. Without it the driver (O_DIRECT, queue
+/// depth 1) waits forever: a QEMU guest of the crash loop was seen halted
+/// on both vCPUs with its read pending and the new backend idle.
+#[test]
+fn a_completion_never_signalled_is_signalled_when_the_restarted_queue_starts() {
+    let dir = TempDir::new("unsignalled");
+    let (mut first, image) = Backend::with_image(&dir, 8 << 20, &[]);
+    let cfg = FrontendConfig {
+        inflight: true,
+        ..config(1)
+    };
+    let mut drv = driver(&first.socket, cfg);
+    let data = pattern(9, 4096);
+    let req = BlkReq {
+        kind: T_OUT,
+        sector: 0,
+        len: 4096,
+        data: Some(&data),
+        flags: 0,
+    };
+    drv.submit(0, &req).unwrap().unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let (q, mem) = drv.frontend().queue(0);
+        if q.used_idx(mem).unwrap() == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The signal is taken and the used entry left unread: to the driver,
+    // a completion nobody told it of.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    while drv
+        .frontend()
+        .queue(0)
+        .0
+        .call_signalled(std::time::Duration::ZERO)
+    {}
+    drv.frontend().disconnect();
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
+    drv.frontend().reconnect(&second.socket).unwrap();
+    let (q, mem) = drv.frontend().queue(0);
+    assert_eq!(q.used_idx(mem).unwrap(), 1);
+    assert!(
+        q.call_signalled(TIMEOUT),
+        "a completion published but never signalled stayed unsignalled after the restart"
+    );
+    let mut done = Vec::new();
+    drv.poll(0, &mut done).unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].status, S_OK);
+    assert_eq!(&std::fs::read(&image).unwrap()[..4096], &data[..]);
+}
