@@ -395,10 +395,11 @@ for try in 1 2 3; do
         --cmdline "$CMDLINE run=/l2/crash.sh" </tmp/in2 2>&1
       echo $? >/tmp/l2-crash.rc; } | tee /tmp/l2-crash.log
     grep -q "guest triple fault" /tmp/l2-crash.log && [ $try -lt 3 ] || break
-    echo "RIG-L2-RETRY crash: triple fault, booting once more"
     touch /tmp/crash.stop; kill $KILLERS $NC 2>/dev/null
     n=0; until { [ -e /tmp/cblk.done ] && [ -e /tmp/cnet.done ]; } || [ $n -gt 60 ]; do sleep 1; n=$((n + 1)); done
     kill -9 $(cat /tmp/cblk.pid) $(cat /tmp/cnet.pid) 2>/dev/null; sleep 1
+    # Said once the old killers are done: their last lines belong before it.
+    echo "RIG-L2-RETRY crash: triple fault, booting once more"
 done
 echo "RIG-L2-END crash rc=$(cat /tmp/l2-crash.rc)"
 unset VMM_LOG
