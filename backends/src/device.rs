@@ -106,6 +106,9 @@ pub trait QueueHandler: Send {
     fn reap(&mut self, done: &mut Vec<Used>);
     /// True if [`Self::reap`] would find something, checked without a system
     /// call. The default, false, leaves completions to the eventfd wake-up.
+    /// The worker asks after every [`Self::submit`], before it sleeps, so a
+    /// request finished inside `start` or `submit` and reported here needs
+    /// no eventfd write.
     fn has_completions(&mut self) -> bool {
         false
     }

@@ -347,8 +347,7 @@ impl Worker {
                 done.push(Used { head, len });
             }
         }
-        self.handler.submit();
-        self.publish(done);
+        self.submit_and_publish(done);
     }
 
     fn process_avail(&mut self, done: &mut Vec<Used>) -> usize {
@@ -368,11 +367,7 @@ impl Worker {
                     // A long batch: let storage start on what we have and
                     // hand back what finished, so the driver refills the
                     // ring while we go on instead of after the whole batch.
-                    self.handler.submit();
-                    if self.handler.has_completions() {
-                        self.handler.reap(done);
-                    }
-                    self.publish(done);
+                    self.submit_and_publish(done);
                 }
             }
             let more = self.vring.enable_notification(&mem);
@@ -386,9 +381,19 @@ impl Worker {
             }
             first_pass = false;
         }
-        self.handler.submit();
-        self.publish(done);
+        self.submit_and_publish(done);
         popped
+    }
+
+    /// Submits the batch started, takes what already finished (synchronous
+    /// storage finishes inside `start` and reports it only through
+    /// `has_completions`) and publishes it all with one notification.
+    fn submit_and_publish(&mut self, done: &mut Vec<Used>) {
+        self.handler.submit();
+        if self.handler.has_completions() {
+            self.handler.reap(done);
+        }
+        self.publish(done);
     }
 
     fn reap(&mut self, done: &mut Vec<Used>) {

@@ -84,7 +84,18 @@ fn writes_in_flight_at_kill_9_complete_after_restart() {
 /// must run each of them exactly once.
 #[test]
 fn requests_marked_in_flight_by_a_dead_backend_run_exactly_once() {
-    let dir = TempDir::new("inflight-det");
+    marked_in_flight_run_exactly_once(TempDir::new("inflight-det"));
+}
+
+/// The same on an image in tmpfs, served from its mapping: the resubmitted
+/// requests finish inside their start, with no eventfd, and must still be
+/// published without waiting for a kick that never comes.
+#[test]
+fn requests_marked_in_flight_on_a_tmpfs_image_run_exactly_once() {
+    marked_in_flight_run_exactly_once(TempDir::on_tmpfs("inflight-det-shm"));
+}
+
+fn marked_in_flight_run_exactly_once(dir: TempDir) {
     let (mut first, image) = Backend::with_image(&dir, 8 << 20, &[]);
     let mut drv = driver(
         &first.socket,

@@ -14,7 +14,9 @@
 //!    completions; reading it back is optional.
 //!
 //! A synchronous implementation may finish operations inside the submitting
-//! call: it queues the completion and writes its eventfd (see
+//! call: it queues the completion and either writes its eventfd or, with no
+//! system call, reports it from [`StorageQueue::has_completions`], which the
+//! worker asks after every [`StorageQueue::submit`] before it sleeps (see
 //! [`memory::MemoryStorage`]). To plug in your own storage, implement both
 //! traits and pass an `Arc<dyn Storage>` to [`crate::BlkDevice::new`]; see
 //! `examples/cow_overlay.rs`.
@@ -120,6 +122,8 @@ pub trait StorageQueue: Send {
 
     /// True if [`Self::reap`] would return something, checked without a
     /// system call. The default, false, leaves completions to the notifier.
+    /// Asked after every [`Self::submit`]: a completion reported here needs
+    /// no notifier write.
     fn has_completions(&mut self) -> bool {
         false
     }

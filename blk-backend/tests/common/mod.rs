@@ -23,6 +23,20 @@ impl TempDir {
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
+    /// A scratch directory in /dev/shm, where blk-backend serves an image
+    /// from its mapping (`MemoryStorage`) instead of through io_uring.
+    pub fn on_tmpfs(tag: &str) -> Self {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            mounts.lines().any(|l| l.starts_with("tmpfs /dev/shm ")
+                || l.split_whitespace().nth(1) == Some("/dev/shm")
+                    && l.split_whitespace().nth(2) == Some("tmpfs")),
+            "/dev/shm is not a tmpfs here"
+        );
+        let p = Path::new("/dev/shm").join(format!("blk-it-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
     pub fn path(&self, name: &str) -> PathBuf {
         self.0.join(name)
     }
