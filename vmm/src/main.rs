@@ -87,7 +87,8 @@ struct Cli {
     restore: Option<Restore>,
     /// seccomp filters per thread: `true` (a forbidden system call ends
     /// vmm with status 159 and one line on stderr), `log` (allowed, logged
-    /// by the kernel) or `false` (none).
+    /// by the kernel) or `false` (none); the backends vmm starts get the
+    /// same mode.
     #[arg(long, default_value = "true")]
     seccomp: SeccompMode,
     /// Tests: a thread of this kind makes a forbidden system call once

@@ -59,6 +59,7 @@
 //! creator's (with `Rules::spawn_threads` there).
 
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd,
@@ -129,10 +130,21 @@ impl FromStr for ThreadKind {
     }
 }
 
+/// The mode `--seccomp` chose, for the backends vmm starts.
+static MODE: OnceLock<SeccompMode> = OnceLock::new();
+
 /// Turns seccomp on for this process in `mode`; a thread of kind `probe`
 /// makes a forbidden call once confined (tests: `--seccomp-probe`).
 pub fn enable(mode: SeccompMode, probe: Option<ThreadKind>) -> Result<(), SeccompError> {
-    thread_seccomp::enable(mode, probe)
+    thread_seccomp::enable(mode, probe)?;
+    let _ = MODE.set(mode);
+    Ok(())
+}
+
+/// The mode [`enable`] was called with (`false` included), if it was:
+/// the backends vmm starts are given the same (`--seccomp`).
+pub fn mode() -> Option<SeccompMode> {
+    MODE.get().copied()
 }
 
 /// Confines the calling thread to `kind`'s list (when seccomp is enabled).

@@ -19,7 +19,8 @@
 //! process inherits the seccomp filters of the thread that forks it, across
 //! `execve`, so the backends run under the launcher's list
 //! ([`crate::seccomp::ThreadKind::Spawn`]) and their own, never under the
-//! controller's or the API's.
+//! controller's or the API's. They are started with vmm's `--seccomp` mode
+//! ([`crate::seccomp::mode`]), so `log` or `false` reaches them too.
 //!
 //! The backends are looked up beside the vmm binary, then in `PATH`. The
 //! sockets (vhost-user and metrics) live in a directory of this process's
@@ -269,6 +270,11 @@ fn command(name: &'static str, kind: &str) -> Result<(Command, PathBuf, PathBuf)
         .arg(&socket)
         .arg("--metrics-socket")
         .arg(&metrics);
+    // vmm's own --seccomp reaches its backends: `log` or `false` for
+    // debugging a VM should not stop at their filters.
+    if let Some(mode) = crate::seccomp::mode() {
+        cmd.arg("--seccomp").arg(mode.as_arg());
+    }
     Ok((cmd, socket, metrics))
 }
 

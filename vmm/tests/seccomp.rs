@@ -307,41 +307,68 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn a_backend_vmm_starts_and_its_supervisor_run_filtered() {
-    let dir = Scratch::new("seccomp-spawned");
+/// The threads of vmm serving a disk image with its own blk-backend.
+const SPAWNING: [&str; 6] = [
+    "vcpu0",
+    "vhost-user-2",
+    "vmm",
+    // Forwards the backend's stderr; started by its supervisor.
+    "vmm-backend-log",
+    "vmm-blk-backend",
+    "vmm-spawn",
+];
+/// The backend's: it serves its counters on a metrics socket.
+const BACKEND: [&str; 3] = ["blk-backend", "metrics", "queue0"];
+
+/// Starts vmm with `args` and a disk image, which it serves with a
+/// blk-backend of its own; returns the (name, Seccomp mode) of vmm's
+/// threads and of each backend's.
+fn with_a_spawned_backend(tag: &str, args: &[&str]) -> (Modes, Vec<Modes>) {
+    let dir = Scratch::new(tag);
     let image = blank_image(&dir, "disk.img");
     workspace_bin("blk-backend");
     let mut c = vmm();
     c.arg("--kernel")
         .arg(test_guest())
         .args(["--cmdline", "tg.virtio tg.seed=3 tg.keepdev tg.hold"])
+        .args(args)
         .arg(format!("--disk=path={}", image.display()));
     let mut child = c.spawn().unwrap();
     read_until(&mut child, "TG: HOLD");
-    let want = [
-        "vcpu0",
-        "vhost-user-2",
-        "vmm",
-        // Forwards the backend's stderr; started by its supervisor.
-        "vmm-backend-log",
-        "vmm-blk-backend",
-        "vmm-spawn",
-    ];
 
-    let modes = settled(child.id(), &want, &[]);
-    let backends = children(child.id());
-    // The backend serves its counters on a metrics socket (thread metrics).
-    let backend_modes = settled(backends[0], &["blk-backend", "metrics", "queue0"], &[]);
+    let modes = settled(child.id(), &SPAWNING, &[]);
+    let backends = children(child.id())
+        .into_iter()
+        .map(|pid| settled(pid, &BACKEND, &[]))
+        .collect();
     let _ = child.kill();
     let _ = child.wait();
+    (modes, backends)
+}
 
-    assert_eq!(names(&modes, &[]), want);
+type Modes = Vec<(String, u32)>;
+
+#[test]
+fn a_backend_vmm_starts_and_its_supervisor_run_filtered() {
+    let (modes, backends) = with_a_spawned_backend("seccomp-spawned", &[]);
+
+    assert_eq!(names(&modes, &[]), SPAWNING);
     assert_eq!(not_in_mode(&modes, 2), Vec::<&(String, u32)>::new());
     assert_eq!(backends.len(), 1, "{backends:?}");
-    assert_eq!(
-        names(&backend_modes, &[]),
-        ["blk-backend", "metrics", "queue0"]
-    );
-    assert_eq!(not_in_mode(&backend_modes, 2), Vec::<&(String, u32)>::new());
+    assert_eq!(names(&backends[0], &[]), BACKEND);
+    assert_eq!(not_in_mode(&backends[0], 2), Vec::<&(String, u32)>::new());
+}
+
+/// `--seccomp false` reaches the backend vmm starts: without it, the
+/// backend would install its own filters, and debugging a VM with other
+/// system calls would stop there.
+#[test]
+fn seccomp_false_reaches_the_backends_vmm_starts() {
+    let (modes, backends) = with_a_spawned_backend("seccomp-spawned-off", &["--seccomp", "false"]);
+
+    assert_eq!(names(&modes, &[]), SPAWNING);
+    assert_eq!(not_in_mode(&modes, 0), Vec::<&(String, u32)>::new());
+    assert_eq!(backends.len(), 1, "{backends:?}");
+    assert_eq!(names(&backends[0], &[]), BACKEND);
+    assert_eq!(not_in_mode(&backends[0], 0), Vec::<&(String, u32)>::new());
 }

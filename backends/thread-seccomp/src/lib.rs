@@ -97,6 +97,17 @@ impl FromStr for SeccompMode {
     }
 }
 
+impl SeccompMode {
+    /// The command-line word for the mode, as [`FromStr`] reads it.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            SeccompMode::Enforce => "true",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "false",
+        }
+    }
+}
+
 /// A program's kinds of thread, each with its own list.
 pub trait ThreadKind: Copy + Eq + Debug + Send + Sync + 'static {
     /// Every kind, each compiled when a thread of it first confines
@@ -605,6 +616,13 @@ mod tests {
             modes,
             [SeccompMode::Enforce, SeccompMode::Log, SeccompMode::Off]
         );
+    }
+
+    #[test]
+    fn a_mode_written_as_an_argument_parses_back_to_itself() {
+        for mode in [SeccompMode::Enforce, SeccompMode::Log, SeccompMode::Off] {
+            assert_eq!(mode.as_arg().parse::<SeccompMode>().unwrap(), mode);
+        }
     }
 
     #[test]
