@@ -181,8 +181,8 @@ struct MemoryQueue {
 impl MemoryQueue {
     fn finish(&mut self, token: u64, result: io::Result<u32>) -> io::Result<()> {
         // No eventfd write: the worker asks `has_completions` after every
-        // batch it submits. The write, and the wake-up and read it caused,
-        // were three system calls per batch for nothing.
+        // batch it submits. The write, the extra epoll wake-up it caused
+        // and the reads were four system calls per batch for nothing.
         self.done.push(Completion { token, result });
         Ok(())
     }
