@@ -245,28 +245,47 @@ for s in /tmp/blk.sock /tmp/net.sock /tmp/qsd.sock; do
 done
 ip addr add 10.77.0.1/24 dev vmtap0 && ip link set vmtap0 up
 mkfifo /tmp/hold
+# The main boot talks to L1 (TCP both ways, the API while it waits for
+# input): an L2 that triple-faults (the rig's nested KVM, see `l2`) is
+# booted once more with its L1 side armed afresh, said with RIG-L2-RETRY.
+# L1's lines go to a file and are printed once, for the last boot.
+main_once() {
+    rm -f /tmp/main-l1.txt /tmp/tcp.bin /tmp/l2-main.log
+    nc -l -p 5001 <>/tmp/hold >/tmp/tcp.bin &
+    NC1=$!
+    nc -l -p 5002 </tmp/l1.bin >/dev/null &
+    NC2=$!
+    # While L2 waits for input: pause it through the API (vmctl), read its
+    # state, resume it, then type the line it waits for.
+    ( wait_for /tmp/l2-main.log L2-WANTS-INPUT &&
+      echo "L1-COUNTERS=$(vmctl --api-socket /tmp/api.sock --json counters | tr -d '\n ')" >>/tmp/main-l1.txt &&
+      vmctl --api-socket /tmp/api.sock pause && echo "L1-PAUSED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" >>/tmp/main-l1.txt &&
+      sleep 3 && vmctl --api-socket /tmp/api.sock resume &&
+      echo "L1-RESUMED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" >>/tmp/main-l1.txt &&
+      echo typed-by-the-host >&5 ) &
+    WATCH=$!
+    echo "L1-DATE-BEFORE=$(date +%s)" >>/tmp/main-l1.txt
+    L2_NO_RETRY=1 l2 main --kernel $L2_KERNEL --memory 512M --cpus 2 --api-socket /tmp/api.sock \
+        --disk socket=/tmp/blk.sock,queues=2,metrics-socket=/tmp/blk.metrics \
+        --net socket=/tmp/net.sock,mac=52:54:00:12:34:56,metrics-socket=/tmp/net.metrics \
+        --cmdline "$CMDLINE run=/l2/main.sh" </tmp/in
+    echo "L1-DATE-AFTER=$(date +%s)" >>/tmp/main-l1.txt
+    # A dead L2 leaves its peers waiting: they go with its boot.
+    kill $NC1 $NC2 $WATCH 2>/dev/null
+    wait $NC1 $NC2 $WATCH 2>/dev/null
+}
 # Each group below is skipped in a second L1 boot if the first one (an L1
 # that died: see `run_rig`) completed it.
 group main && {
-nc -l -p 5001 <>/tmp/hold >/tmp/tcp.bin &
 dd if=/dev/urandom of=/tmp/l1.bin bs=64k count=64 2>/dev/null
-nc -l -p 5002 </tmp/l1.bin >/dev/null &
 mkfifo /tmp/in
 exec 5<>/tmp/in
-# While L2 waits for input: pause it through the API (vmctl), read its
-# state, resume it, then type the line it waits for.
-( wait_for /tmp/l2-main.log L2-WANTS-INPUT &&
-  echo "L1-COUNTERS=$(vmctl --api-socket /tmp/api.sock --json counters | tr -d '\n ')" &&
-  vmctl --api-socket /tmp/api.sock pause && echo "L1-PAUSED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" &&
-  sleep 3 && vmctl --api-socket /tmp/api.sock resume &&
-  echo "L1-RESUMED-STATE=$(vmctl --api-socket /tmp/api.sock info | awk '/^state:/ {print $2}')" &&
-  echo typed-by-the-host >&5 ) &
-echo "L1-DATE-BEFORE=$(date +%s)"
-l2 main --kernel $L2_KERNEL --memory 512M --cpus 2 --api-socket /tmp/api.sock \
-    --disk socket=/tmp/blk.sock,queues=2,metrics-socket=/tmp/blk.metrics \
-    --net socket=/tmp/net.sock,mac=52:54:00:12:34:56,metrics-socket=/tmp/net.metrics \
-    --cmdline "$CMDLINE run=/l2/main.sh" </tmp/in
-echo "L1-DATE-AFTER=$(date +%s)"
+for try in 1 2 3; do
+    main_once
+    grep -q "guest triple fault" /tmp/l2-main.log && [ $try -lt 3 ] || break
+    echo "RIG-L2-RETRY main: triple fault, booting once more"
+done
+cat /tmp/main-l1.txt
 echo "L1-TCP-RECEIVED-SHA=$(sha256sum </tmp/tcp.bin | cut -d' ' -f1) L1-TCP-SENT-SHA=$(sha256sum </tmp/l1.bin | cut -d' ' -f1)"
 group_end main; }
 group qsd && {

@@ -198,10 +198,11 @@ l2() {
     # A boot without a script of its own (a restore) gets the plain image.
     cat $L2_INITRD $(ls $RIG/l2/$name.cpio 2>/dev/null) >/tmp/l2-$name.initrd
     echo "RIG-L2-BEGIN $name"
-    for try in 1 2 3; do
+    # Its own loop variable: sh has no locals, and callers loop on `try`.
+    for l2_try in 1 2 3; do
         { timeout -s KILL ${L2_TIMEOUT:-600} vmm --initramfs /tmp/l2-$name.initrd "$@" 2>&1
           echo $? >/tmp/l2-$name.rc; } | tee /tmp/l2-$name.log
-        grep -q "guest triple fault" /tmp/l2-$name.log && [ $try -lt 3 ] && [ -z "$L2_NO_RETRY" ] || break
+        grep -q "guest triple fault" /tmp/l2-$name.log && [ $l2_try -lt 3 ] && [ -z "$L2_NO_RETRY" ] || break
         echo "RIG-L2-RETRY $name: triple fault, booting once more"
     done
     echo "RIG-L2-END $name rc=$(cat /tmp/l2-$name.rc)"
