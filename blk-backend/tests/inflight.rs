@@ -168,38 +168,20 @@ fn completions_before_the_call_eventfd_arrives_are_signalled_on_it() {
     let region =
         InflightRegion::map(file, info.mmap_offset, info.mmap_size, 1, info.queue_size).unwrap();
     let mut tracked = std::sync::Arc::new(region).queue(0).unwrap();
-    let data = pattern(7, 4096);
-    let req = BlkReq {
-        kind: T_OUT,
-        sector: 0,
-        len: 4096,
-        data: Some(&data),
-        flags: 0,
-    };
-    drv.submit(0, &req).unwrap().unwrap();
+    let data = submit_block_0(&mut drv, 7);
     tracked.start(0);
-    while drv
-        .frontend()
-        .queue(0)
-        .0
-        .call_signalled(std::time::Duration::ZERO)
-    {}
+    take_signals(&mut drv);
 
     let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
     drv.frontend().reconnect(&second.socket).unwrap();
 
     // The write was done well before the call eventfd came (300 ms later).
-    let (q, mem) = drv.frontend().queue(0);
-    assert_eq!(q.used_idx(mem).unwrap(), 1);
-    assert!(
-        q.call_signalled(TIMEOUT),
-        "a completion published before SET_VRING_CALL was never signalled"
+    assert_signalled_and_written(
+        &mut drv,
+        &image,
+        &data,
+        "a completion published before SET_VRING_CALL was never signalled",
     );
-    let mut done = Vec::new();
-    drv.poll(0, &mut done).unwrap();
-    assert_eq!(done.len(), 1);
-    assert_eq!(done[0].status, S_OK);
-    assert_eq!(&std::fs::read(&image).unwrap()[..4096], &data[..]);
 }
 
 /// A completion the previous backend published in the used ring but never
@@ -217,15 +199,7 @@ fn a_completion_never_signalled_is_signalled_when_the_restarted_queue_starts() {
         ..config(1)
     };
     let mut drv = driver(&first.socket, cfg);
-    let data = pattern(9, 4096);
-    let req = BlkReq {
-        kind: T_OUT,
-        sector: 0,
-        len: 4096,
-        data: Some(&data),
-        flags: 0,
-    };
-    drv.submit(0, &req).unwrap().unwrap();
+    let data = submit_block_0(&mut drv, 9);
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         let (q, mem) = drv.frontend().queue(0);
@@ -241,27 +215,59 @@ fn a_completion_never_signalled_is_signalled_when_the_restarted_queue_starts() {
     // The signal is taken and the used entry left unread: to the driver,
     // a completion nobody told it of.
     std::thread::sleep(std::time::Duration::from_millis(100));
-    while drv
-        .frontend()
-        .queue(0)
-        .0
-        .call_signalled(std::time::Duration::ZERO)
-    {}
+    take_signals(&mut drv);
     drv.frontend().disconnect();
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
     let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
     drv.frontend().reconnect(&second.socket).unwrap();
+    assert_signalled_and_written(
+        &mut drv,
+        &image,
+        &data,
+        "a completion published but never signalled stayed unsignalled after the restart",
+    );
+}
+
+/// Submits a 4 KiB write of `pattern(seed)` at sector 0 (no kick); returns the data.
+fn submit_block_0(drv: &mut backends::frontend::blk::BlkDriver, seed: u8) -> Vec<u8> {
+    let data = pattern(seed, 4096);
+    let req = BlkReq {
+        kind: T_OUT,
+        sector: 0,
+        len: 4096,
+        data: Some(&data),
+        flags: 0,
+    };
+    drv.submit(0, &req).unwrap().unwrap();
+    data
+}
+
+/// Consumes every signal already on queue 0's call eventfd.
+fn take_signals(drv: &mut backends::frontend::blk::BlkDriver) {
+    while drv
+        .frontend()
+        .queue(0)
+        .0
+        .call_signalled(std::time::Duration::ZERO)
+    {}
+}
+
+/// The one write of [`submit_block_0`] is in the used ring, its call
+/// eventfd is signalled (`why` if not), it completed OK and `data` is on disk.
+fn assert_signalled_and_written(
+    drv: &mut backends::frontend::blk::BlkDriver,
+    image: &std::path::Path,
+    data: &[u8],
+    why: &str,
+) {
     let (q, mem) = drv.frontend().queue(0);
     assert_eq!(q.used_idx(mem).unwrap(), 1);
-    assert!(
-        q.call_signalled(TIMEOUT),
-        "a completion published but never signalled stayed unsignalled after the restart"
-    );
+    assert!(q.call_signalled(TIMEOUT), "{why}");
     let mut done = Vec::new();
     drv.poll(0, &mut done).unwrap();
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].status, S_OK);
-    assert_eq!(&std::fs::read(&image).unwrap()[..4096], &data[..]);
+    assert_eq!(&std::fs::read(image).unwrap()[..4096], data);
 }
