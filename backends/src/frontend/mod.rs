@@ -339,10 +339,15 @@ impl VirtQueue {
                 .read_obj(GuestAddress(elem.0 + 4))
                 .map_err(FrontendError::Access)?;
             self.last_used = self.last_used.wrapping_add(1);
-            if let Some(chain) = self.chains.get_mut(id as usize) {
-                self.free.append(chain);
+            match self.chains.get_mut(id as usize) {
+                Some(chain) if !chain.is_empty() => {
+                    self.free.append(chain);
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                }
+                // Linux would log "id N is not a head!" and mark the queue
+                // broken.
+                _ => self.spurious += 1,
             }
-            self.outstanding = self.outstanding.saturating_sub(1);
             out.push(Used {
                 head: id as u16,
                 len,

@@ -286,6 +286,7 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub metrics: PathBuf,
+    pub tap: String,
 }
 
 impl Daemon {
@@ -303,6 +304,21 @@ impl Daemon {
     pub fn start_with_stderr(ns: &NetNs, dir: &TempDir, args: &[&str], stderr: Stdio) -> Self {
         let tap = ns.tap("t");
         ns.ip(&["link", "set", &tap, "up"]);
+        Self::spawn(ns, dir, tap, args, stderr)
+    }
+
+    /// Kills the daemon (`kill -9`) and starts a new one on the same tap
+    /// and sockets, as a supervisor restarting a crashed backend would.
+    pub fn restart(&mut self, ns: &NetNs, dir: &TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.metrics);
+        let fresh = Self::spawn(ns, dir, self.tap.clone(), &[], Stdio::inherit());
+        *self = fresh;
+    }
+
+    fn spawn(ns: &NetNs, dir: &TempDir, tap: String, args: &[&str], stderr: Stdio) -> Self {
         let socket = dir.path("net.sock");
         let metrics = dir.path("metrics.sock");
         let child = Command::new("ip")
@@ -322,6 +338,7 @@ impl Daemon {
             child,
             socket,
             metrics,
+            tap,
         };
         wait_for_socket(&daemon.metrics);
         daemon
