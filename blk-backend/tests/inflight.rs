@@ -230,7 +230,9 @@ fn a_completion_never_signalled_is_signalled_when_the_restarted_queue_starts() {
     );
 }
 
-/// Submits a 4 KiB write of `pattern(seed)` at sector 0 (no kick); returns the data.
+/// Submits a 4 KiB write of `pattern(seed)` at sector 0 and kicks, as a
+/// driver must (a running worker past its polling window sleeps until
+/// kicked); returns the data.
 fn submit_block_0(drv: &mut backends::frontend::blk::BlkDriver, seed: u8) -> Vec<u8> {
     let data = pattern(seed, 4096);
     let req = BlkReq {
@@ -241,6 +243,7 @@ fn submit_block_0(drv: &mut backends::frontend::blk::BlkDriver, seed: u8) -> Vec
         flags: 0,
     };
     drv.submit(0, &req).unwrap().unwrap();
+    drv.kick(0);
     data
 }
 
