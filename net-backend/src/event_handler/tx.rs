@@ -1,9 +1,17 @@
 //! Transmit: each chain (virtio-net header + frame, device-readable) is
 //! checked, turned into iovecs pointing straight into guest memory and
 //! written to the tap queue with io_uring; the header goes to the tap as is
-//! (its vnet header size is the guest's). Malformed chains complete at once
-//! and are counted.
+//! (its vnet header size is the guest's). Malformed chains are counted and
+//! complete with nothing written.
+//!
+//! Chains are handed back in the order they were taken, a malformed one
+//! too: a backend without inflight tracking that is restarted starts at the
+//! used index (vmm and QEMU do so), which is only right if every chain
+//! before that index in the available ring is done. Published out of order,
+//! a chain still being written would be skipped for good and a finished one
+//! taken twice (Linux: "id N is not a head!", and the queue is dead).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -24,7 +32,8 @@ const MAX_IOVS: usize = 1024;
 const TAP: types::Fixed = types::Fixed(0);
 
 struct Pending {
-    head: u16,
+    /// Its place in [`TxQueue::order`], counted from the first chain taken.
+    seq: u64,
     iovs: Vec<libc::iovec>,
     frame_len: usize,
     _mem: GuestMemRef,
@@ -55,7 +64,11 @@ pub struct TxQueue {
     spare: Vec<Vec<libc::iovec>>,
     descs: Vec<Descriptor>,
     cqes: Vec<(usize, i32)>,
-    in_flight: usize,
+    /// Every chain taken and not handed back, oldest first: its head and
+    /// whether it is done.
+    order: VecDeque<(u16, bool)>,
+    /// The sequence number of `order`'s front.
+    first_seq: u64,
     net: Arc<NetQueueMetrics>,
     metrics: Arc<QueueMetrics>,
     log: LogLimiter,
@@ -92,7 +105,8 @@ impl TxQueue {
             spare: Vec::new(),
             descs: Vec::new(),
             cqes: Vec::new(),
-            in_flight: 0,
+            order: VecDeque::new(),
+            first_seq: 0,
             net,
             metrics,
             log: LogLimiter::default(),
@@ -105,7 +119,21 @@ impl TxQueue {
         if self.log.allow() {
             tracing::warn!(?why, head, "TX frame dropped");
         }
-        Some(0)
+        if self.order.is_empty() {
+            return Some(0);
+        }
+        // Behind frames still being written: handed back after them.
+        self.order.push_back((head, true));
+        None
+    }
+
+    /// Hands back, in order, the chains at the front that are done.
+    fn release(&mut self, done: &mut Vec<Used>) {
+        while let Some(&(head, true)) = self.order.front() {
+            self.order.pop_front();
+            self.first_seq += 1;
+            done.push(Used { head, len: 0 });
+        }
     }
 
     /// Reads the header from the start of the chain.
@@ -188,8 +216,9 @@ impl QueueHandler for TxQueue {
             _ => opcode::Writev::new(TAP, iovs.as_ptr(), iovs.len() as u32).build(),
         }
         .user_data(token as u64);
+        let seq = self.first_seq + self.order.len() as u64;
         self.pending[token] = Some(Pending {
-            head,
+            seq,
             iovs,
             frame_len,
             _mem: mem.clone(),
@@ -206,7 +235,7 @@ impl QueueHandler for TxQueue {
             }
             return self.reject(Why::TapError, head);
         }
-        self.in_flight += 1;
+        self.order.push_back((head, false));
         None
     }
 
@@ -224,7 +253,12 @@ impl QueueHandler for TxQueue {
                 continue;
             };
             self.free.push(token);
-            self.in_flight -= 1;
+            if let Some(slot) = usize::try_from(p.seq - self.first_seq)
+                .ok()
+                .and_then(|i| self.order.get_mut(i))
+            {
+                slot.1 = true;
+            }
             if res < 0 {
                 self.net.dropped(Why::TapError);
                 QueueMetrics::add(&self.metrics.errors, 1);
@@ -237,12 +271,9 @@ impl QueueHandler for TxQueue {
             }
             p.iovs.clear();
             self.spare.push(p.iovs);
-            done.push(Used {
-                head: p.head,
-                len: 0,
-            });
         }
         self.cqes = cqes;
+        self.release(done);
     }
 
     fn has_completions(&mut self) -> bool {
@@ -254,7 +285,7 @@ impl QueueHandler for TxQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.order.len()
     }
 
     fn wait(&mut self) {

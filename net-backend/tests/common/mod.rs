@@ -308,13 +308,14 @@ impl Daemon {
     }
 
     /// Kills the daemon (`kill -9`) and starts a new one on the same tap
-    /// and sockets, as a supervisor restarting a crashed backend would.
+    /// and sockets, as a supervisor restarting a crashed backend would; its
+    /// log is dropped.
     pub fn restart(&mut self, ns: &NetNs, dir: &TempDir) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
         let _ = std::fs::remove_file(&self.metrics);
-        let fresh = Self::spawn(ns, dir, self.tap.clone(), &[], Stdio::inherit());
+        let fresh = Self::spawn(ns, dir, self.tap.clone(), &[], Stdio::null());
         *self = fresh;
     }
 
