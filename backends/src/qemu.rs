@@ -278,9 +278,14 @@ impl KillMoments {
 
     /// The next delay, below `max`.
     pub fn below(&mut self, max: Duration) -> Duration {
+        Duration::from_millis(self.next_u64() % max.as_millis().max(1) as u64)
+    }
+
+    /// The next raw number, for the other random choices of a crash loop.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        Duration::from_millis(self.0 % max.as_millis().max(1) as u64)
+        self.0
     }
 }

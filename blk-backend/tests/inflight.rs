@@ -127,8 +127,7 @@ fn marked_in_flight_run_exactly_once(dir: TempDir) {
         tracked.start(head);
     }
 
-    let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
-    drv.frontend().reconnect(&second.socket).unwrap();
+    let _second = restart(&mut drv, &first.socket, &image);
     let mut done = Vec::new();
     while done.len() < 8 {
         drv.wait(0, TIMEOUT, &mut done).unwrap();
@@ -172,8 +171,7 @@ fn completions_before_the_call_eventfd_arrives_are_signalled_on_it() {
     tracked.start(0);
     take_signals(&mut drv);
 
-    let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
-    drv.frontend().reconnect(&second.socket).unwrap();
+    let _second = restart(&mut drv, &first.socket, &image);
 
     // The write was done well before the call eventfd came (300 ms later).
     assert_signalled_and_written(
@@ -220,8 +218,7 @@ fn a_completion_never_signalled_is_signalled_when_the_restarted_queue_starts() {
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
-    let second = Backend::spawn(&first.socket, &["--image", image.to_str().unwrap()]);
-    drv.frontend().reconnect(&second.socket).unwrap();
+    let _second = restart(&mut drv, &first.socket, &image);
     assert_signalled_and_written(
         &mut drv,
         &image,
@@ -245,6 +242,18 @@ fn submit_block_0(drv: &mut backends::frontend::blk::BlkDriver, seed: u8) -> Vec
     drv.submit(0, &req).unwrap().unwrap();
     drv.kick(0);
     data
+}
+
+/// Starts a new backend on `image` at `socket` and reconnects the driver
+/// to it; the backend runs until the returned value is dropped.
+fn restart(
+    drv: &mut backends::frontend::blk::BlkDriver,
+    socket: &std::path::Path,
+    image: &std::path::Path,
+) -> Backend {
+    let backend = Backend::spawn(socket, &["--image", image.to_str().unwrap()]);
+    drv.frontend().reconnect(&backend.socket).unwrap();
+    backend
 }
 
 /// Consumes every signal already on queue 0's call eventfd.

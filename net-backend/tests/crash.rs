@@ -5,7 +5,9 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use backends::qemu::KillMoments;
 
 use common::*;
 
@@ -30,32 +32,20 @@ fn a_backend_killed_30_times_under_traffic_never_returns_a_chain_twice() {
     let mut daemon = Daemon::start_with_stderr(&ns, &dir, &[], Stdio::null());
     let sock = PacketSocket::open(&ns, &daemon.tap, false);
     let mut d = daemon.driver();
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-        | 1;
-    println!("kill moments: seed {seed:#x}");
-    let mut rng = seed;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut moments = KillMoments::new("NET_KILL_SEED");
     let mut sent = 0u64;
     let mut received = 0u64;
     for kill in 0..KILLS {
-        let until = Instant::now() + Duration::from_micros(next() % 30_000);
+        let until = Instant::now() + moments.below(Duration::from_millis(30));
         let mut seq = 0u8;
         loop {
             // Both directions, with odd lengths so that the TX ring holds
             // chains of different sizes when the kill lands.
-            let len = 60 + (next() % 1400) as usize;
+            let len = 60 + (moments.next_u64() % 1400) as usize;
             // Now and then a frame too short to be Ethernet, which the
             // backend drops at once while the frames before it are still
             // being written.
-            let frame = match next() % 8 {
+            let frame = match moments.next_u64() % 8 {
                 0 => vec![0u8; 5],
                 _ => test_frame(PEER_MAC, GUEST_MAC, len, seq),
             };

@@ -196,8 +196,8 @@ group_end() { echo "RIG-GROUP-END $1"; }
 # rather than vmm (QEMU's own microvm guest in L1 hung in 1 of 4 boots):
 # every retry in the output needs a look. With L2_NO_RETRY set the caller
 # retries a whole scenario itself, looping `for try in $L2_TRY_LIST`.
-L2_TRIES=5
 L2_TRY_LIST="1 2 3 4 5"
+L2_TRIES=${L2_TRY_LIST##* }
 l2() {
     name=$1; shift
     # A boot without a script of its own (a restore) gets the plain image.
