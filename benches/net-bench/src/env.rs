@@ -23,8 +23,10 @@ impl PacketSocket {
         self.0.send(frame)
     }
 
-    /// Counts incoming frames of exactly `len` bytes until `stop`; returns (frames, bytes).
-    pub fn count(&self, len: usize, stop: &AtomicBool) -> (u64, u64) {
+    /// Counts incoming frames of exactly `len` bytes until `stop`; returns
+    /// (frames, bytes, the CPU nanoseconds it used).
+    pub fn count(&self, len: usize, stop: &AtomicBool) -> (u64, u64, u64) {
+        let cpu = crate::cpu::thread_ns();
         let mut buf = vec![0u8; 128 << 10];
         let (mut frames, mut bytes) = (0u64, 0u64);
         while !stop.load(Ordering::Relaxed) {
@@ -33,14 +35,14 @@ impl PacketSocket {
                 bytes += len as u64;
             }
         }
-        (frames, bytes)
+        (frames, bytes, crate::cpu::thread_ns() - cpu)
     }
 }
 
 /// A thread counting frames on a packet socket until stopped.
 pub struct Sink {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<(u64, u64)>,
+    thread: JoinHandle<(u64, u64, u64)>,
 }
 
 impl Sink {
@@ -52,8 +54,8 @@ impl Sink {
         Sink { stop, thread }
     }
 
-    /// Stops and returns (frames, bytes).
-    pub fn finish(self) -> (u64, u64) {
+    /// Stops and returns (frames, bytes, the counting thread's CPU ns).
+    pub fn finish(self) -> (u64, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }

@@ -16,6 +16,7 @@
 //! subject and the limit back to back; the table gives min/median/max and
 //! the ratio per repetition.
 
+pub mod cpu;
 pub mod env;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -71,6 +72,12 @@ pub struct Cli {
     /// large frames posts 4096-byte buffers, which is the default here.
     #[arg(long, default_value_t = 4096)]
     pub rx_buf_len: u32,
+    /// Frame buffers the raw tap writer cycles through on TX. One (the
+    /// default) is always in cache; the driver's ring holds up to 256
+    /// frames in guest memory, so 128 or more makes the writer's kernel
+    /// copy read from memory as the backend's does.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub raw_tx_buffers: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,21 +133,54 @@ const WORKLOADS: [Workload; 6] = [
     },
 ];
 
-/// Frames and bytes over a duration.
+/// CPU nanoseconds one measurement used, by role.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    /// net-backend's queue workers (0 for the raw tap).
+    worker: u64,
+    /// The main thread: the driver, or the raw tap's reader or writer.
+    main: u64,
+    /// The thread on the namespace's packet socket (source or sink).
+    traffic: u64,
+}
+
+/// Frames and bytes over a duration, and the CPU they took.
 #[derive(Clone, Copy, Debug, Default)]
 struct Rate {
     pps: f64,
     gbps: f64,
+    frames: u64,
+    secs: f64,
+    cpu: Cpu,
 }
 
 impl Rate {
-    fn new(frames: u64, bytes: u64, secs: f64) -> Self {
+    fn new(frames: u64, bytes: u64, secs: f64, cpu: Cpu) -> Self {
         Rate {
             pps: frames as f64 / secs,
             gbps: bytes as f64 * 8.0 / secs / 1e9,
+            frames,
+            secs,
+            cpu,
         }
     }
+
+    /// Microseconds of CPU per frame that `ns` stands for.
+    fn us_per_frame(&self, ns: u64) -> f64 {
+        if self.frames == 0 {
+            return 0.0;
+        }
+        ns as f64 / 1e3 / self.frames as f64
+    }
+
+    /// Cores kept busy on average by the three roles together.
+    fn cores(&self) -> f64 {
+        (self.cpu.worker + self.cpu.main + self.cpu.traffic) as f64 / 1e9 / self.secs
+    }
 }
+
+/// Name prefix of net-backend's queue worker threads.
+const WORKER: &str = "queue";
 
 struct Setup {
     ns: NetNs,
@@ -207,6 +247,7 @@ fn tx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
     let d = &mut s.driver;
     while d.reclaim_tx(0)? > 0 {}
     d.prefill_tx(0, &hdr, &f)?;
+    let (workers, main) = (cpu::threads_named(WORKER), cpu::thread_ns());
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < secs {
         while d.tx_free(0) > 0 {
@@ -218,34 +259,51 @@ fn tx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
         let _ = d.wait_tx(0, Duration::from_millis(10));
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let main = cpu::thread_ns() - main;
     std::thread::sleep(Duration::from_millis(150));
+    let worker = cpu::used_since(&workers, &cpu::threads_named(WORKER));
     while d.reclaim_tx(0)? > 0 {}
-    let (frames, bytes) = sink.finish();
-    Ok(Rate::new(frames, bytes, elapsed))
+    let (frames, bytes, traffic) = sink.finish();
+    let cpu = Cpu {
+        worker,
+        main,
+        traffic,
+    };
+    Ok(Rate::new(frames, bytes, elapsed, cpu))
 }
 
-fn tx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
+fn tx_limit(s: &Setup, w: Workload, secs: f64, buffers: u32) -> Rate {
     let f = [&vnet_hdr(w.tso)[..], &frame(NOBODY, GUEST, w.len, w.tso)].concat();
+    let bufs = vec![f; buffers as usize];
+    let mut next = bufs.iter().cycle();
     let sink = Sink::start(s.raw_plain.clone(), w.len);
+    let main = cpu::thread_ns();
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < secs {
-        for _ in 0..64 {
+        for f in next.by_ref().take(64) {
             // SAFETY: `f` is valid for its length; the fd is the raw tap's.
             unsafe { libc::write(s.raw.as_raw_fd(), f.as_ptr().cast(), f.len()) };
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let main = cpu::thread_ns() - main;
     std::thread::sleep(Duration::from_millis(150));
-    let (frames, bytes) = sink.finish();
-    Rate::new(frames, bytes, elapsed)
+    let (frames, bytes, traffic) = sink.finish();
+    let cpu = Cpu {
+        worker: 0,
+        main,
+        traffic,
+    };
+    Rate::new(frames, bytes, elapsed, cpu)
 }
 
-/// Sends `w`'s frames out of a tap from the namespace until stopped.
+/// Sends `w`'s frames out of a tap from the namespace until stopped; the
+/// thread returns the CPU nanoseconds it used.
 fn source(
     sock: Arc<PacketSocket>,
     w: Workload,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+) -> std::thread::JoinHandle<u64> {
     let f = frame(GUEST, NOBODY, w.len, w.tso);
     let msg = if w.tso {
         [&vnet_hdr(true)[..10], &f[..]].concat()
@@ -253,11 +311,13 @@ fn source(
         f
     };
     std::thread::spawn(move || {
+        let cpu = cpu::thread_ns();
         while !stop.load(Ordering::Relaxed) {
             if !sock.send(&msg) {
                 std::thread::yield_now();
             }
         }
+        cpu::thread_ns() - cpu
     })
 }
 
@@ -266,6 +326,7 @@ fn rx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
     let d = &mut s.driver;
     while d.poll_rx(0, None)?.frames > 0 {}
     let stop = Arc::new(AtomicBool::new(false));
+    let (workers, main) = (cpu::threads_named(WORKER), cpu::thread_ns());
     let src = source(sock.clone(), w, stop.clone());
     let (mut frames, mut bytes) = (0u64, 0u64);
     let start = Instant::now();
@@ -276,11 +337,20 @@ fn rx_subject(s: &mut Setup, w: Workload, secs: f64) -> Result<Rate, Error> {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let (main, worker) = (
+        cpu::thread_ns() - main,
+        cpu::used_since(&workers, &cpu::threads_named(WORKER)),
+    );
     stop.store(true, Ordering::Relaxed);
-    let _ = src.join();
+    let traffic = src.join().unwrap_or_default();
     std::thread::sleep(Duration::from_millis(100));
     while d.poll_rx(0, None)?.frames > 0 {}
-    Ok(Rate::new(frames, bytes, elapsed))
+    let cpu = Cpu {
+        worker,
+        main,
+        traffic,
+    };
+    Ok(Rate::new(frames, bytes, elapsed, cpu))
 }
 
 fn rx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
@@ -291,6 +361,7 @@ fn rx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
     let src = source(sock.clone(), w, stop.clone());
     let want = w.len + 12;
     let (mut frames, mut bytes) = (0u64, 0u64);
+    let main = cpu::thread_ns();
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < secs {
         if read_within(fd, &mut buf, 20) == Some(want) {
@@ -299,11 +370,17 @@ fn rx_limit(s: &Setup, w: Workload, secs: f64) -> Rate {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let main = cpu::thread_ns() - main;
     stop.store(true, Ordering::Relaxed);
-    let _ = src.join();
+    let traffic = src.join().unwrap_or_default();
     // Drain what is left so the next run starts empty.
     while read_within(fd, &mut buf, 50).is_some() {}
-    Rate::new(frames, bytes, elapsed)
+    let cpu = Cpu {
+        worker: 0,
+        main,
+        traffic,
+    };
+    Rate::new(frames, bytes, elapsed, cpu)
 }
 
 /// Reads one frame from `fd` if one arrives within `ms` milliseconds.
@@ -331,25 +408,46 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (s[0], s[s.len() / 2], s[s.len() - 1])
 }
 
+/// One row of the CPU table: what a frame cost each thread, both sides.
+fn cpu_row(w: &Workload, sub: &[Rate], lim: &[Rate]) -> String {
+    let med = |rates: &[Rate], f: &dyn Fn(&Rate) -> f64| {
+        stats(&rates.iter().map(f).collect::<Vec<_>>()).1
+    };
+    let worker = med(sub, &|r| r.us_per_frame(r.cpu.worker));
+    let driver = med(sub, &|r| r.us_per_frame(r.cpu.main));
+    let both = med(sub, &|r| r.us_per_frame(r.cpu.worker + r.cpu.main));
+    let raw = med(lim, &|r| r.us_per_frame(r.cpu.main));
+    format!(
+        "| {} | {worker:.2} | {driver:.2} | {:.2} | {both:.2} | {:.2} | {raw:.2} | {:.2} | {:.2} | {:.2}x |",
+        w.name,
+        med(sub, &|r| r.us_per_frame(r.cpu.traffic)),
+        med(sub, &Rate::cores),
+        med(lim, &|r| r.us_per_frame(r.cpu.traffic)),
+        med(lim, &Rate::cores),
+        if raw > 0.0 { both / raw } else { 0.0 },
+    )
+}
+
 /// Runs the benchmark and prints the table.
 pub fn run(cli: &Cli) -> Result<(), Error> {
     let mut s = setup(cli.rx_buf_len)?;
     let wanted: Vec<&str> = cli.workloads.split(',').map(str::trim).collect();
     println!(
-        "net-bench: {} s per run, {} repetitions, RX buffers of {} bytes, namespace {}",
-        cli.seconds, cli.repeat, cli.rx_buf_len, s.ns.name
+        "net-bench: {} s per run, {} repetitions, RX buffers of {} bytes, raw TX buffers: {}, namespace {}",
+        cli.seconds, cli.repeat, cli.rx_buf_len, cli.raw_tx_buffers, s.ns.name
     );
     println!(
         "| workload | net-backend Mpps min/med/max | net-backend Gbit/s med | raw tap Mpps min/med/max | raw tap Gbit/s med | ratio min/med/max |"
     );
     println!("|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
     for w in WORKLOADS.iter().filter(|w| wanted.contains(&w.name)) {
         let (mut sub, mut lim, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..cli.repeat {
             let (a, b) = match w.dir {
                 Dir::Tx => (
                     tx_subject(&mut s, *w, cli.seconds)?,
-                    tx_limit(&s, *w, cli.seconds),
+                    tx_limit(&s, *w, cli.seconds, cli.raw_tx_buffers),
                 ),
                 Dir::Rx => (
                     rx_subject(&mut s, *w, cli.seconds)?,
@@ -369,6 +467,16 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
             "| {} | {:.3}/{:.3}/{:.3} | {:.2} | {:.3}/{:.3}/{:.3} | {:.2} | {:.2}/{:.2}/{:.2} |",
             w.name, sp.0, sp.1, sp.2, sg.1, lp.0, lp.1, lp.2, lg.1, r.0, r.1, r.2
         );
+        cpu_rows.push(cpu_row(w, &sub, &lim));
+    }
+    println!();
+    println!("CPU per frame, µs (medians over the repetitions); cores: the three threads' CPU over the run's length");
+    println!(
+        "| workload | net-backend worker | driver | socket thread | worker + driver | cores | raw tap reader/writer | socket thread | cores | (worker + driver) / raw |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
     }
     Ok(())
 }
