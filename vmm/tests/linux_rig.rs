@@ -282,7 +282,7 @@ mkfifo /tmp/in
 exec 5<>/tmp/in
 for try in $L2_TRY_LIST; do
     main_once
-    grep -q "guest triple fault" /tmp/l2-main.log && [ $try -lt $L2_TRIES ] || break
+    triple_faulted /tmp/l2-main.log && [ $try -lt $L2_TRIES ] || break
     echo "RIG-L2-RETRY main: triple fault, booting once more"
 done
 cat /tmp/main-l1.txt
@@ -364,7 +364,7 @@ group mig && {
 export VMM_LOG=info
 for try in $L2_TRY_LIST; do
     mig_once
-    cat /tmp/l2-mig.log /tmp/l2-mig2.log /tmp/l2-mig3.log | grep -q "guest triple fault" && [ $try -lt $L2_TRIES ] || break
+    triple_faulted /tmp/l2-mig.log /tmp/l2-mig2.log /tmp/l2-mig3.log && [ $try -lt $L2_TRIES ] || break
     echo "RIG-L2-RETRY mig: triple fault, migrating once more"
 done
 unset VMM_LOG
@@ -413,7 +413,7 @@ for try in $L2_TRY_LIST; do
         --disk socket=/tmp/cblk.sock,queues=2 --net socket=/tmp/cnet.sock,mac=52:54:00:12:34:59 \
         --cmdline "$CMDLINE run=/l2/crash.sh" </tmp/in2 2>&1
       echo $? >/tmp/l2-crash.rc; } | tee /tmp/l2-crash.log
-    grep -q "guest triple fault" /tmp/l2-crash.log && [ $try -lt $L2_TRIES ] || break
+    triple_faulted /tmp/l2-crash.log && [ $try -lt $L2_TRIES ] || break
     touch /tmp/crash.stop; kill $KILLERS $NC 2>/dev/null
     n=0; until { [ -e /tmp/cblk.done ] && [ -e /tmp/cnet.done ]; } || [ $n -gt 60 ]; do sleep 1; n=$((n + 1)); done
     kill -9 $(cat /tmp/cblk.pid) $(cat /tmp/cnet.pid) 2>/dev/null; sleep 1

@@ -21,7 +21,10 @@
 //!   steps that `group NAME && { ...; group_end NAME; }` runs, and
 //!   `RIG-GROUP-SKIP <name>` instead when [`Rig::skip_groups`] named it:
 //!   a caller whose L1 died boots it again and skips what is done
-//!   ([`Console::done_groups`], [`Console::splice`]).
+//!   ([`Console::done_groups`], [`Console::splice`]);
+//! - `RIG-L2-SHUTDOWN <L1 trace record>` for each L2 triple fault that
+//!   `triple_faulted` found: L1's KVM's `kvm_exit` record of it (RIP, and
+//!   the event being delivered).
 //!
 //! Inside the L1 script, `l2 NAME VMM-ARGS...` boots L2 with `vmm` and the
 //! initramfs extended by the L2 script registered as NAME (run as `/init`'s
@@ -176,6 +179,21 @@ for m in $(cat $RIG/kvm/load-order); do
     insmod $RIG/kvm/$m.ko || echo "RIG-NOTE cannot load $m"
 done
 if [ -c /dev/kvm ]; then echo RIG-READY; else echo "RIG-ERROR no /dev/kvm in L1"; exit 1; fi
+# L1's KVM keeps a trace record of every SVM SHUTDOWN exit (code 127, an
+# L2 triple fault) with the guest's RIP and the event it was delivering
+# (EXITINTINFO: intr_info, error_code); nothing else is traced.
+# triple_faulted LOG...: whether an L2 of these logs died of a triple
+# fault; if so it prints those records (RIG-L2-SHUTDOWN) and clears them.
+TRACE=/sys/kernel/tracing
+mount -t tracefs nodev $TRACE 2>/dev/null
+{ echo 'exit_reason == 127' >$TRACE/events/kvm/kvm_exit/filter &&
+  echo 1 >$TRACE/events/kvm/kvm_exit/enable; } 2>/dev/null || echo "RIG-NOTE no kvm_exit trace in L1"
+triple_faulted() {
+    cat "$@" 2>/dev/null | grep -q "guest triple fault" || return 1
+    grep 'reason shutdown' $TRACE/trace 2>/dev/null | sed 's/^ */RIG-L2-SHUTDOWN /'
+    echo >$TRACE/trace 2>/dev/null
+    return 0
+}
 # group NAME: whether to run the group NAME (false when the host's
 # rig.skip=A,B,... names it, as done in an earlier L1 boot); says which.
 RIG_SKIP=" $(sed -n 's/.* rig\.skip=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ') "
@@ -192,9 +210,16 @@ group_end() { echo "RIG-GROUP-END $1"; }
 # with no device active yet, sometimes in userspace during disk I/O, and in
 # up to half the boots of the crash loop on a busy CI host. L1 migrated,
 # compacted and reclaimed no page in such a run (/proc/vmstat), so it is
-# not L1 moving L2's memory. Not yet shown to be QEMU TCG's nested SVM
-# rather than vmm (QEMU's own microvm guest in L1 hung in 1 of 4 boots):
-# every retry in the output needs a look. With L2_NO_RETRY set the caller
+# not L1 moving L2's memory. One traced in L1's KVM (an L2 10 s after a
+# local migration, whose memory is the very memfd it ran on before): the
+# SHUTDOWN came while the CPU delivered a #PF with error code 0x10 (an
+# instruction fetch from a page not present) at a kernel-text RIP, right
+# after an interrupt exit in the middle of delivering IRQ 0xfd; kernel
+# text is always present in Linux's page tables. L1's own kernel dies the
+# same way under load (recursive page faults in a vCPU thread, "stack
+# guard page was hit"). That points at QEMU TCG's nested SVM, but it is
+# not proven: every retry's RIG-L2-SHUTDOWN lines need a look (QEMU's own
+# microvm guest in L1 hung in 1 of 4 boots). With L2_NO_RETRY set the caller
 # retries a whole scenario itself, looping `for try in $L2_TRY_LIST`.
 L2_TRY_LIST="1 2 3 4 5"
 L2_TRIES=${L2_TRY_LIST##* }
@@ -207,7 +232,7 @@ l2() {
     for l2_try in $L2_TRY_LIST; do
         { timeout -s KILL ${L2_TIMEOUT:-600} vmm --initramfs /tmp/l2-$name.initrd "$@" 2>&1
           echo $? >/tmp/l2-$name.rc; } | tee /tmp/l2-$name.log
-        grep -q "guest triple fault" /tmp/l2-$name.log && [ $l2_try -lt $L2_TRIES ] && [ -z "$L2_NO_RETRY" ] || break
+        triple_faulted /tmp/l2-$name.log && [ $l2_try -lt $L2_TRIES ] && [ -z "$L2_NO_RETRY" ] || break
         echo "RIG-L2-RETRY $name: triple fault, booting once more"
     done
     echo "RIG-L2-END $name rc=$(cat /tmp/l2-$name.rc)"
