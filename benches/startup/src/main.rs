@@ -94,15 +94,15 @@ fn parse_smaps(smaps: &str) -> Resident {
     for line in smaps.lines() {
         let mut f = line.split_whitespace();
         let first = f.next();
-        let kib = || -> u64 { f.clone().next().and_then(|v| v.parse().ok()).unwrap_or(0) };
+        let kib: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
         match first {
             Some("Rss:") => {
-                r.total += kib();
+                r.total += kib;
                 if in_guest {
-                    r.guest += kib();
+                    r.guest += kib;
                 }
             }
-            Some("Anonymous:") if !in_guest => r.anon += kib(),
+            Some("Anonymous:") if !in_guest => r.anon += kib,
             Some(first) if first.contains('-') && line.split_whitespace().count() >= 5 => {
                 in_guest = line.contains("/memfd:");
             }
