@@ -206,13 +206,17 @@ impl QemuGuest {
         self.stderr.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
-    /// Waits up to `timeout` for the console to show `text`; returns the
-    /// console, which may lack `text` if the time ran out.
+    /// Waits up to `timeout` for the console to show `text` and the end of
+    /// the line it is on (a value printed after it is then whole); returns
+    /// the console, which may lack `text` if the time ran out.
     pub fn wait_for(&self, text: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let console = self.console();
-            if console.contains(text) || Instant::now() >= deadline {
+            let line_done = console
+                .find(text)
+                .is_some_and(|at| console[at + text.len()..].contains('\n'));
+            if line_done || Instant::now() >= deadline {
                 return console;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -125,9 +125,11 @@ while true; do
 done
 "#;
 
-/// The sums the guest printed (`READ-n=...`), in order.
+/// The sums the guest printed (`READ-n=...`), in order. Only whole lines
+/// count: the console may end in the middle of one.
 fn read_sums(console: &str) -> Vec<String> {
-    console
+    let whole = console.rsplit_once('\n').map_or("", |(lines, _)| lines);
+    whole
         .lines()
         .filter_map(|l| l.trim().strip_prefix("READ-"))
         .filter_map(|l| l.split_once('=').map(|(_, sum)| sum.to_string()))
