@@ -559,9 +559,12 @@ fn run_rig() -> Result<Outcome, String> {
                 BOOT_LIMIT.min(RIG_DEADLINE.saturating_sub(started.elapsed())),
                 Duration::from_secs(300),
                 |l| {
-                    let _ = writeln!(log_file, "{l}");
+                    // Seconds since the first L1 boot began, to show
+                    // where the rig's time goes.
+                    let at = started.elapsed().as_secs();
+                    let _ = writeln!(log_file, "{at:>5} {l}");
                     if l.contains("RIG-") {
-                        eprintln!("linux_rig: {l}");
+                        eprintln!("linux_rig: {at:>5} s {l}");
                     }
                     if l.contains("RIG-L2-RETRY") {
                         println!("linux_rig: {l}");

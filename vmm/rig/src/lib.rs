@@ -217,8 +217,11 @@ group_end() { echo "RIG-GROUP-END $1"; }
 # after an interrupt exit in the middle of delivering IRQ 0xfd; kernel
 # text is always present in Linux's page tables. L1's own kernel dies the
 # same way under load (recursive page faults in a vCPU thread, "stack
-# guard page was hit"). That points at QEMU TCG's nested SVM, but it is
-# not proven: every retry's RIG-L2-SHUTDOWN lines need a look (QEMU's own
+# guard page was hit"). Later records show a #PF for a fetch whose walk
+# hit a reserved bit (error code 0x18), and external interrupts whose
+# delivery shut the vCPU down (intr_info 0x800000ec, the local timer; and
+# 0x80000024 with QEMU 10.0 as L0 too). That points at QEMU TCG's nested
+# SVM, but it is not proven: every retry's RIG-L2-SHUTDOWN lines need a look (QEMU's own
 # microvm guest in L1 hung in 1 of 4 boots). With L2_NO_RETRY set the caller
 # retries a whole scenario itself, looping `for try in $L2_TRY_LIST`.
 L2_TRY_LIST="1 2 3 4 5"
