@@ -562,10 +562,7 @@ fn run_rig() -> Result<Outcome, String> {
                 BOOT_LIMIT.min(RIG_DEADLINE.saturating_sub(started.elapsed())),
                 Duration::from_secs(300),
                 |l| {
-                    // Seconds since the first L1 boot began, to show
-                    // where the rig's time goes.
-                    let at = started.elapsed().as_secs();
-                    let _ = writeln!(log_file, "{at:>5} {l}");
+                    let at = log_line(&mut log_file, started, l);
                     if l.contains("RIG-") {
                         eprintln!("linux_rig: {at:>5} s {l}");
                     }
@@ -581,7 +578,7 @@ fn run_rig() -> Result<Outcome, String> {
         let died = !c.finished();
         if c.stalled {
             println!("linux_rig: RIG-L1-STALLED: L1 printed nothing for 5 minutes");
-            let _ = writeln!(log_file, "RIG-L1-STALLED");
+            log_line(&mut log_file, started, "RIG-L1-STALLED");
         }
         if died {
             eprintln!("linux_rig: {}", host_load());
@@ -600,7 +597,7 @@ fn run_rig() -> Result<Outcome, String> {
             }
         );
         println!("linux_rig: {line}");
-        let _ = writeln!(log_file, "{line}");
+        log_line(&mut log_file, started, &line);
     }
     let console = Console::splice(runs).expect("at least one run");
     Ok(Outcome {
@@ -609,6 +606,15 @@ fn run_rig() -> Result<Outcome, String> {
         qsd_disk,
         _dir: dir,
     })
+}
+
+/// Writes `line` to the console log after the seconds since the first L1
+/// boot began (`started`), to show where the rig's time goes; returns
+/// those seconds.
+fn log_line(log: &mut std::fs::File, started: Instant, line: &str) -> u64 {
+    let at = started.elapsed().as_secs();
+    let _ = writeln!(log, "{at:>5} {line}");
+    at
 }
 
 fn outcome() -> &'static Outcome {

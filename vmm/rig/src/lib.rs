@@ -221,9 +221,10 @@ group_end() { echo "RIG-GROUP-END $1"; }
 # hit a reserved bit (error code 0x18), and external interrupts whose
 # delivery shut the vCPU down (intr_info 0x800000ec, the local timer; and
 # 0x80000024 with QEMU 10.0 as L0 too). That points at QEMU TCG's nested
-# SVM, but it is not proven: every retry's RIG-L2-SHUTDOWN lines need a look (QEMU's own
-# microvm guest in L1 hung in 1 of 4 boots). With L2_NO_RETRY set the caller
-# retries a whole scenario itself, looping `for try in $L2_TRY_LIST`.
+# SVM, but it is not proven: every retry's RIG-L2-SHUTDOWN lines need a
+# look (QEMU's own microvm guest in L1 hung in 1 of 4 boots). With
+# L2_NO_RETRY set the caller retries a whole scenario itself, looping
+# `for try in $L2_TRY_LIST`.
 L2_TRY_LIST="1 2 3 4 5"
 L2_TRIES=${L2_TRY_LIST##* }
 l2() {
