@@ -449,8 +449,9 @@ fn make_disk(path: &PathBuf, seed: u32) {
 /// [`RETRY_BUDGET`] bounds the retries more than this count does.
 const ATTEMPTS: u32 = 8;
 /// No L1 boot starts after this long into the rig (a whole run takes
-/// 8 to 15 minutes on a quiet machine), so CI ends in its time.
-const RETRY_BUDGET: Duration = Duration::from_secs(40 * 60);
+/// 8 to 15 minutes on a quiet machine), so CI ends in its time: the test
+/// binaries before this one take about 13 minutes there, and CI has 90.
+const RETRY_BUDGET: Duration = Duration::from_secs(45 * 60);
 /// Every L1 boot ends by this long into the rig, and none runs longer
 /// than [`BOOT_LIMIT`].
 const RIG_DEADLINE: Duration = Duration::from_secs(55 * 60);
@@ -589,7 +590,11 @@ fn run_rig() -> Result<Outcome, String> {
             break;
         }
         let line = format!(
-            "RIG-L1-RETRY: L1 ended before its script did; booting it once more, skipping {}",
+            "RIG-L1-RETRY: L1 ended after {} s, before its script did ({}); booting it once more, skipping {}",
+            runs.last().map_or(0, |r: &Console| r.secs),
+            runs.last()
+                .and_then(|r: &Console| r.lines.last())
+                .map_or("no output", String::as_str),
             if done.is_empty() {
                 "nothing".to_string()
             } else {
@@ -654,9 +659,23 @@ fn failure_report(console: &Console) -> String {
         .map(String::as_str)
         .collect();
     let tail = &console.lines[console.lines.len().saturating_sub(60)..];
+    // Each earlier boot that ended early: how, and its last lines (its
+    // unfinished group's lines are not in the spliced console).
+    let ended: String = console
+        .ended
+        .iter()
+        .map(|b| {
+            format!(
+                "--- {}; its last lines:\n{}\n",
+                b.summary(),
+                b.tail.join("\n")
+            )
+        })
+        .collect();
     format!(
-        "the whole console is in {}\n--- the rig's lines:\n{}\n--- the console's last {} lines:\n{}",
+        "the whole console is in {}\n--- the rig's lines (the last boot took {} s):\n{}\n{ended}--- the console's last {} lines:\n{}",
         log.display(),
+        console.secs,
         rig.join("\n"),
         tail.len(),
         tail.join("\n")

@@ -137,20 +137,9 @@ fn run(a: Args) -> Result<(), BenchError> {
 fn read_console(path: &Path) -> Result<Console, BenchError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| BenchError::ReadLog(path.to_path_buf(), e))?;
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let qemu_ok = lines.iter().any(|l| l == "RIG-QEMU-EXIT exit status: 0");
-    let stalled = lines
-        .iter()
-        .any(|l| l == "RIG-QEMU-KILLED after a silent stall");
-    let timed_out = lines
-        .iter()
-        .any(|l| l == "RIG-QEMU-KILLED at the time limit");
-    Ok(Console {
-        lines,
-        qemu_ok,
-        timed_out,
-        stalled,
-    })
+    Ok(Console::from_lines(
+        text.lines().map(str::to_string).collect(),
+    ))
 }
 
 /// L1 boots at most for one run of the plan.

@@ -413,83 +413,129 @@ impl Rig {
     }
 
     /// Like [`Self::run`], and also gives up (QEMU killed, the console
-    /// marked `stalled`) when L1 prints nothing for `stall`: under TCG an
-    /// L1 (or the L2 inside it) can stop dead, still using CPU, with nothing
-    /// on its console.
+    /// marked `stalled`) when L1 prints nothing but kernel messages for
+    /// `stall`: under TCG an L1 (or the L2 inside it) can stop dead, still
+    /// using CPU, with nothing on its console, or wedge inside its kernel
+    /// and report soft lockups and RCU stalls for as long as it is let.
     pub fn run_watched(
         &self,
         disks: &[PathBuf],
         limit: Duration,
         stall: Duration,
-        mut progress: impl FnMut(&str),
+        progress: impl FnMut(&str),
     ) -> Result<Console> {
-        let mut cmd = self.command(disks);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RigError::Spawn("qemu-system-x86_64".into(), e))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).split(b'\n') {
-                let Ok(line) = line else { break };
-                let s = String::from_utf8_lossy(&line);
-                if tx.send(s.trim_end_matches('\r').to_string()).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + limit;
-        let mut lines = Vec::new();
-        let guard = KillOnDrop(child);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left.min(stall)) {
-                Ok(l) => {
-                    progress(&l);
-                    lines.push(l);
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let timed_out = Instant::now() >= deadline;
-                    let line = format!(
-                        "RIG-QEMU-KILLED {}",
-                        if timed_out {
-                            "at the time limit"
-                        } else {
-                            "after a silent stall"
-                        }
-                    );
-                    progress(&line);
-                    lines.push(line);
-                    return Ok(Console {
-                        lines,
-                        qemu_ok: false,
-                        timed_out,
-                        stalled: !timed_out,
-                    });
-                }
+        watch(self.command(disks), limit, stall, progress)
+    }
+}
+
+/// Runs `cmd` (L1's QEMU) and collects its output lines as a console: see
+/// [`Rig::run_watched`].
+fn watch(
+    mut cmd: Command,
+    limit: Duration,
+    stall: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<Console> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RigError::Spawn(cmd.get_program().to_string_lossy().into_owned(), e))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let s = String::from_utf8_lossy(&line);
+            if tx.send(s.trim_end_matches('\r').to_string()).is_err() {
+                break;
             }
         }
-        let mut guard = guard;
-        let status = guard.0.wait().ok();
-        // For the reader of a failed run: how QEMU ended (an L1 that resets
-        // ends it with status 0 under -no-reboot, printing nothing).
-        let line = match status {
-            Some(s) => format!("RIG-QEMU-EXIT {s}"),
-            None => "RIG-QEMU-EXIT unknown".to_string(),
-        };
-        progress(&line);
-        lines.push(line);
-        Ok(Console {
-            lines,
-            qemu_ok: status.is_some_and(|s| s.success()),
-            timed_out: false,
-            stalled: false,
-        })
+    });
+    let begun = Instant::now();
+    let deadline = begun + limit;
+    let mut lines = Vec::new();
+    let guard = KillOnDrop(child);
+    // The stall clock restarts on a line that is not a kernel message:
+    // a wedged L1 (or L2) can print soft-lockup and RCU-stall reports
+    // for as long as it is let, and one such boot once ran to its
+    // time limit.
+    let mut progress_at = begun;
+    let mut line_at = begun;
+    loop {
+        let until = deadline.min(progress_at + stall);
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(l) => {
+                line_at = Instant::now();
+                if !is_kernel_message(&l) {
+                    progress_at = line_at;
+                }
+                progress(&l);
+                lines.push(l);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                if now < until {
+                    continue;
+                }
+                let timed_out = now >= deadline;
+                let line = if timed_out {
+                    KILLED_AT_LIMIT
+                } else if line_at > progress_at {
+                    KILLED_KERNEL_ONLY
+                } else {
+                    KILLED_SILENT
+                };
+                progress(line);
+                lines.push(line.to_string());
+                return Ok(Console {
+                    lines,
+                    qemu_ok: false,
+                    timed_out,
+                    stalled: !timed_out,
+                    secs: begun.elapsed().as_secs(),
+                    ended: Vec::new(),
+                });
+            }
+        }
     }
+    let mut guard = guard;
+    let status = guard.0.wait().ok();
+    // For the reader of a failed run: how QEMU ended (an L1 that resets
+    // ends it with status 0 under -no-reboot, printing nothing).
+    let line = match status {
+        Some(s) => format!("RIG-QEMU-EXIT {s}"),
+        None => "RIG-QEMU-EXIT unknown".to_string(),
+    };
+    progress(&line);
+    lines.push(line);
+    Ok(Console {
+        lines,
+        qemu_ok: status.is_some_and(|s| s.success()),
+        timed_out: false,
+        stalled: false,
+        secs: begun.elapsed().as_secs(),
+        ended: Vec::new(),
+    })
+}
+
+/// The console's last line when L1 was killed at its time limit.
+pub const KILLED_AT_LIMIT: &str = "RIG-QEMU-KILLED at the time limit";
+/// ... when it printed nothing for the stall limit.
+pub const KILLED_SILENT: &str = "RIG-QEMU-KILLED after a silent stall";
+/// ... when it printed only kernel messages for the stall limit.
+pub const KILLED_KERNEL_ONLY: &str = "RIG-QEMU-KILLED after a stall with kernel messages only";
+
+/// Whether `line` is a kernel message (L1's own or an L2's passed on):
+/// `[  12.345678] ...`.
+pub fn is_kernel_message(line: &str) -> bool {
+    line.trim_start()
+        .strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .map(|(stamp, _)| stamp.trim())
+        .is_some_and(|s| s.contains('.') && s.chars().all(|c| c.is_ascii_digit() || c == '.'))
 }
 
 struct KillOnDrop(Child);
@@ -508,11 +554,59 @@ pub struct Console {
     pub qemu_ok: bool,
     /// L1 was killed at the time limit; `lines` is what it printed until then.
     pub timed_out: bool,
-    /// L1 was killed after printing nothing for the stall limit.
+    /// L1 was killed after printing nothing but kernel messages for the
+    /// stall limit.
     pub stalled: bool,
+    /// How long the boot took (for a spliced console, the last boot).
+    pub secs: u64,
+    /// The boots before the last that ended early (`Console::splice`).
+    pub ended: Vec<EndedBoot>,
+}
+
+/// An L1 boot that ended before its script did, as `Console::splice` keeps
+/// it for a person reading a failed run: its groups completed are in the
+/// spliced console, the rest is summed up here.
+pub struct EndedBoot {
+    /// 1 for the first boot.
+    pub n: usize,
+    pub secs: u64,
+    /// The group it was in when it ended (`None`: between groups).
+    pub group: Option<String>,
+    /// Its console's last lines, with how QEMU ended last.
+    pub tail: Vec<String>,
+}
+
+impl EndedBoot {
+    /// One line: which boot, after how long, where, and how it ended.
+    pub fn summary(&self) -> String {
+        format!(
+            "RIG-L1-RUN-ENDED {} after {} s in group {}: {}",
+            self.n,
+            self.secs,
+            self.group.as_deref().unwrap_or("-"),
+            self.tail.last().map_or("no output", String::as_str)
+        )
+    }
 }
 
 impl Console {
+    /// A console read back from its lines (a log the rig wrote earlier):
+    /// the flags come from the rig's own last lines.
+    pub fn from_lines(lines: Vec<String>) -> Self {
+        let has = |m: &str| lines.iter().any(|l| l == m);
+        let qemu_ok = has("RIG-QEMU-EXIT exit status: 0");
+        let timed_out = has(KILLED_AT_LIMIT);
+        let stalled = has(KILLED_SILENT) || has(KILLED_KERNEL_ONLY);
+        Console {
+            lines,
+            qemu_ok,
+            timed_out,
+            stalled,
+            secs: 0,
+            ended: Vec::new(),
+        }
+    }
+
     /// The whole console as text.
     pub fn text(&self) -> String {
         self.lines.join("\n")
@@ -593,6 +687,7 @@ impl Console {
     pub fn splice(runs: Vec<Console>) -> Option<Console> {
         let n = runs.len();
         let mut lines = Vec::new();
+        let mut ended = Vec::new();
         let mut last = None;
         for (i, mut run) in runs.into_iter().enumerate() {
             if i + 1 == n {
@@ -601,21 +696,32 @@ impl Console {
                 break;
             }
             let mut block: Option<Vec<String>> = None;
+            let mut group = None;
+            let tail = run.lines[run.lines.len().saturating_sub(TAIL)..].to_vec();
             for l in run.lines {
                 let t = l.trim();
-                if t.starts_with("RIG-GROUP-BEGIN ") {
+                if let Some(g) = t.strip_prefix("RIG-GROUP-BEGIN ") {
                     block = Some(Vec::new());
+                    group = Some(g.trim().to_string());
                 }
                 if let Some(b) = block.as_mut() {
                     b.push(l.clone());
                 }
                 if t.starts_with("RIG-GROUP-END ") {
                     lines.extend(block.take().unwrap_or_default());
+                    group = None;
                 }
             }
-            lines.push(format!("RIG-L1-RUN-ENDED {}", i + 1));
+            let boot = EndedBoot {
+                n: i + 1,
+                secs: run.secs,
+                group,
+                tail,
+            };
+            lines.push(boot.summary());
+            ended.push(boot);
         }
-        last.map(|c| Console { lines, ..c })
+        last.map(|c| Console { lines, ended, ..c })
     }
 
     /// The value of the first `key=value` token on a line of `lines`.
@@ -627,6 +733,9 @@ impl Console {
         })
     }
 }
+
+/// Lines of an ended boot kept for the report.
+const TAIL: usize = 12;
 
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -669,6 +778,8 @@ mod tests {
             qemu_ok: finished,
             timed_out: false,
             stalled: false,
+            secs: 7,
+            ended: Vec::new(),
         }
     }
 
@@ -696,7 +807,12 @@ mod tests {
         // The dead run's partial group is gone, its completed one kept once.
         assert_eq!(c.lines.iter().filter(|l| l.as_str() == "y=1").count(), 0);
         assert_eq!(c.lines.iter().filter(|l| l.as_str() == "L1-A=1").count(), 1);
-        assert!(c.lines.iter().any(|l| l == "RIG-L1-RUN-ENDED 1"));
+        assert!(c
+            .lines
+            .iter()
+            .any(|l| l == "RIG-L1-RUN-ENDED 1 after 7 s in group b: Kernel panic"));
+        assert_eq!(c.ended.len(), 1);
+        assert_eq!(c.ended[0].tail.last().unwrap(), "Kernel panic");
     }
 
     #[test]
@@ -721,6 +837,71 @@ mod tests {
         .unwrap();
         assert!(c.l2_done("a"));
         assert!(!c.l2_done("b"));
+    }
+
+    #[test]
+    fn kernel_messages_are_told_from_other_lines() {
+        assert!(is_kernel_message(
+            "[  354.769094] Kernel panic - not syncing"
+        ));
+        assert!(is_kernel_message("[    0.000000] Linux version 6.1"));
+        assert!(!is_kernel_message("RIG-L2-BEGIN main"));
+        assert!(!is_kernel_message("L2-NPROC=2"));
+        assert!(!is_kernel_message("[ ok ] started"));
+        assert!(!is_kernel_message("[]"));
+        assert!(!is_kernel_message(
+            "2026-12-03T10:00:00Z  INFO vmm: [1.5] ready"
+        ));
+    }
+
+    /// The console of `sh -c script` watched with these limits in seconds.
+    fn watch_sh(script: &str, limit: u64, stall: u64) -> Console {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        watch(
+            c,
+            Duration::from_secs(limit),
+            Duration::from_secs(stall),
+            |_| {},
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_console_of_kernel_messages_only_is_a_stall() {
+        // A wedged kernel's reports, ten a second, restart no stall clock.
+        let t = Instant::now();
+        let c = watch_sh("echo RIG-READY; while :; do echo '[  12.000001] rcu: INFO: rcu_preempt detected stalls'; sleep 0.1; done", 60, 2);
+        assert!(c.stalled && !c.timed_out && !c.qemu_ok);
+        assert_eq!(c.lines.first().unwrap(), "RIG-READY");
+        assert_eq!(c.lines.last().unwrap(), KILLED_KERNEL_ONLY);
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn lines_other_than_kernel_messages_keep_a_boot_going() {
+        // 4 s of output, each line within the 2 s stall limit, mixed.
+        let c = watch_sh(
+            "for i in 1 2 3 4 5 6 7 8; do echo \"[   1.0] x\"; echo L1-STEP=$i; sleep 0.5; done",
+            60,
+            2,
+        );
+        assert!(c.qemu_ok && !c.stalled && !c.timed_out);
+        assert_eq!(c.lines.last().unwrap(), "RIG-QEMU-EXIT exit status: 0");
+        assert_eq!(c.lines.len(), 17);
+    }
+
+    #[test]
+    fn silence_is_a_stall_and_the_limit_ends_a_busy_boot() {
+        let c = watch_sh("echo a; exec sleep 60", 60, 1);
+        assert!(c.stalled && !c.timed_out);
+        assert_eq!(c.lines, ["a", KILLED_SILENT]);
+        let c = watch_sh("while :; do echo L1-BUSY; sleep 0.1; done", 2, 1);
+        assert!(c.timed_out && !c.stalled);
+        assert_eq!(c.lines.last().unwrap(), KILLED_AT_LIMIT);
+        // Read back from its lines, a console keeps its flags.
+        let back = Console::from_lines(c.lines.clone());
+        assert!(back.timed_out && !back.stalled && !back.qemu_ok);
     }
 
     #[test]
