@@ -578,23 +578,26 @@ fn run_rig() -> Result<Outcome, String> {
         // completed are skipped, so the next boot does only the rest.
         let died = !c.finished();
         if c.stalled {
-            println!("linux_rig: RIG-L1-STALLED: L1 printed nothing for 5 minutes");
+            println!(
+                "linux_rig: RIG-L1-STALLED: L1 printed nothing but kernel messages for 5 minutes"
+            );
             log_line(&mut log_file, started, "RIG-L1-STALLED");
         }
         if died {
             eprintln!("linux_rig: {}", host_load());
         }
         done.extend(c.done_groups());
+        let how = format!(
+            "after {} s, before its script did ({})",
+            c.secs,
+            c.lines.last().map_or("no output", String::as_str)
+        );
         runs.push(c);
         if !died || attempt == ATTEMPTS || started.elapsed() > RETRY_BUDGET {
             break;
         }
         let line = format!(
-            "RIG-L1-RETRY: L1 ended after {} s, before its script did ({}); booting it once more, skipping {}",
-            runs.last().map_or(0, |r: &Console| r.secs),
-            runs.last()
-                .and_then(|r: &Console| r.lines.last())
-                .map_or("no output", String::as_str),
+            "RIG-L1-RETRY: L1 ended {how}; booting it once more, skipping {}",
             if done.is_empty() {
                 "nothing".to_string()
             } else {

@@ -476,11 +476,7 @@ fn watch(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let now = Instant::now();
-                if now < until {
-                    continue;
-                }
-                let timed_out = now >= deadline;
+                let timed_out = Instant::now() >= deadline;
                 let line = if timed_out {
                     KILLED_AT_LIMIT
                 } else if line_at > progress_at {
