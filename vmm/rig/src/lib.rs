@@ -448,8 +448,10 @@ fn watch(
         for line in BufReader::new(stdout).split(b'\n') {
             let Ok(line) = line else { break };
             let s = String::from_utf8_lossy(&line);
-            if tx.send(s.trim_end_matches('\r').to_string()).is_err() {
-                break;
+            for part in split_kernel_messages(s.trim_end_matches('\r')) {
+                if tx.send(part.to_string()).is_err() {
+                    return;
+                }
             }
         }
     });
@@ -527,11 +529,35 @@ pub const KILLED_KERNEL_ONLY: &str = "RIG-QEMU-KILLED after a stall with kernel 
 /// Whether `line` is a kernel message (L1's own or an L2's passed on):
 /// `[  12.345678] ...`.
 pub fn is_kernel_message(line: &str) -> bool {
-    line.trim_start()
-        .strip_prefix('[')
+    starts_with_kernel_stamp(line.trim_start())
+}
+
+fn starts_with_kernel_stamp(s: &str) -> bool {
+    s.strip_prefix('[')
         .and_then(|r| r.split_once(']'))
         .map(|(stamp, _)| stamp.trim())
         .is_some_and(|s| s.contains('.') && s.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
+/// `line` cut before every kernel message that starts inside it. A
+/// guest's kernel writes the console synchronously while its userspace
+/// output waits for the UART's transmit interrupt, so a kernel message can
+/// land on the end of a userspace line whose newline is still queued
+/// (CI saw `... sha=896b...4294[   85.399899] ACPI: PM: Preparing to
+/// enter system sleep state S5`).
+fn split_kernel_messages(line: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut rest = line;
+    while let Some(i) = rest
+        .match_indices('[')
+        .map(|(i, _)| i)
+        .find(|&i| i > 0 && !rest[..i].trim().is_empty() && starts_with_kernel_stamp(&rest[i..]))
+    {
+        parts.push(&rest[..i]);
+        rest = &rest[i..];
+    }
+    parts.push(rest);
+    parts
 }
 
 struct KillOnDrop(Child);
@@ -848,6 +874,28 @@ mod tests {
         assert!(!is_kernel_message(
             "2026-12-03T10:00:00Z  INFO vmm: [1.5] ready"
         ));
+    }
+
+    #[test]
+    fn a_kernel_message_glued_to_a_line_is_cut_off_it() {
+        assert_eq!(
+            split_kernel_messages("L2-X sha=896b[   85.399899] ACPI: PM: S5"),
+            ["L2-X sha=896b", "[   85.399899] ACPI: PM: S5"]
+        );
+        assert_eq!(
+            split_kernel_messages("a=1[ 1.5] k1[ 2.5] k2"),
+            ["a=1", "[ 1.5] k1", "[ 2.5] k2"]
+        );
+        assert_eq!(
+            split_kernel_messages("[   1.000000] x"),
+            ["[   1.000000] x"]
+        );
+        assert_eq!(split_kernel_messages("  [ 1.0] x"), ["  [ 1.0] x"]);
+        assert_eq!(split_kernel_messages("a [ok] b [x.y]"), ["a [ok] b [x.y]"]);
+        assert_eq!(split_kernel_messages(""), [""]);
+        // Through the watchdog, as the rig reads L1's console.
+        let c = watch_sh("echo 'L2-T sha=ab[  8.1] ACPI: down'", 60, 10);
+        assert_eq!(c.lines[..2], ["L2-T sha=ab", "[  8.1] ACPI: down"]);
     }
 
     /// The console of `sh -c script` watched with these limits in seconds.
