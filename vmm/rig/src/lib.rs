@@ -539,7 +539,8 @@ fn starts_with_kernel_stamp(s: &str) -> bool {
         .is_some_and(|s| s.contains('.') && s.chars().all(|c| c.is_ascii_digit() || c == '.'))
 }
 
-/// `line` cut before every kernel message that starts inside it. A
+/// `line` cut before every kernel message glued to the text before it
+/// (a message after a space is quoted on purpose: `L2-KERNEL-WARNING [...]`). A
 /// guest's kernel writes the console synchronously while its userspace
 /// output waits for the UART's transmit interrupt, so a kernel message can
 /// land on the end of a userspace line whose newline is still queued
@@ -548,11 +549,9 @@ fn starts_with_kernel_stamp(s: &str) -> bool {
 fn split_kernel_messages(line: &str) -> Vec<&str> {
     let mut parts = Vec::new();
     let mut rest = line;
-    while let Some(i) = rest
-        .match_indices('[')
-        .map(|(i, _)| i)
-        .find(|&i| i > 0 && !rest[..i].trim().is_empty() && starts_with_kernel_stamp(&rest[i..]))
-    {
+    while let Some(i) = rest.match_indices('[').map(|(i, _)| i).find(|&i| {
+        i > 0 && !rest[..i].ends_with(char::is_whitespace) && starts_with_kernel_stamp(&rest[i..])
+    }) {
         parts.push(&rest[..i]);
         rest = &rest[i..];
     }
@@ -893,6 +892,10 @@ mod tests {
         assert_eq!(split_kernel_messages("  [ 1.0] x"), ["  [ 1.0] x"]);
         assert_eq!(split_kernel_messages("a [ok] b [x.y]"), ["a [ok] b [x.y]"]);
         assert_eq!(split_kernel_messages(""), [""]);
+        assert_eq!(
+            split_kernel_messages("L2-KERNEL-WARNING [   1.5] x"),
+            ["L2-KERNEL-WARNING [   1.5] x"]
+        );
         // Through the watchdog, as the rig reads L1's console.
         let c = watch_sh("echo 'L2-T sha=ab[  8.1] ACPI: down'", 60, 10);
         assert_eq!(c.lines[..2], ["L2-T sha=ab", "[  8.1] ACPI: down"]);
